@@ -98,8 +98,11 @@ class WeightingConfig(_Strict):
 
 
 class TrainSettings(_Strict):
-    lr: float = Field(default=5e-4, gt=0)
-    head_lr: float | None = None
+    lr: float = Field(default=5e-4, gt=0)  # LoRA adapters
+    head_lr: float | None = None  # encoder task heads (default: lr)
+    full_lr: float = Field(default=5e-5, gt=0)  # all weights, strategy `full`
+    max_grad_norm: float = 1.0
+    val_examples: int = Field(default=256, gt=0)  # per task, for validation loss
     weight_decay: float = 0.0
     batch_size: int = Field(default=32, gt=0)
     max_tokens: int = Field(default=2048, gt=0)  # packing budget per row for causal LMs

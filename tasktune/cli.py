@@ -1,0 +1,143 @@
+"""The `tasktune` command: parse, call the library, print. Nothing here is needed from Python."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from tasktune.errors import TasktuneError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune one base model for many tasks; compare strategies; serve adapters.")
+data_app = typer.Typer(no_args_is_help=True, help="Inspect task data: counts, labels, lengths, rendered prompts.")
+app.add_typer(data_app, name="data")
+console = Console()
+err = Console(stderr=True)
+
+
+def friendly(fn):
+    """User errors become one clear message and exit code 2, never a traceback."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except TasktuneError as exc:
+            err.print(f"[bold red]error:[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(2) from None
+
+    return wrapper
+
+
+@data_app.command("stats")
+@friendly
+def data_stats_cmd(
+    config: Path = typer.Argument(..., help="project YAML"),
+    as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid", help="skip bad rows (listed in the summary)"),
+):
+    """Per task and split: records, label distribution, token lengths, mixing rates."""
+    from tasktune.config import load_config
+    from tasktune.data.stats import data_stats, format_stats
+    from tasktune.model.load import load_tokenizer
+
+    cfg = load_config(config)
+    stats = data_stats(cfg, load_tokenizer(cfg.model), skip_invalid=skip_invalid)
+    if as_json:
+        sys.stdout.write(json.dumps(stats, indent=2) + "\n")
+    else:
+        format_stats(stats, console)
+
+
+@data_app.command("preview")
+@friendly
+def data_preview_cmd(
+    config: Path = typer.Argument(...),
+    task: str = typer.Option(..., "--task", help="task name"),
+    n: int = typer.Option(3, "-n", help="how many examples"),
+    seed: Optional[int] = typer.Option(None, "--seed", help="template seed (default: the config's)"),
+):
+    """Show rendered prompts and targets exactly as training sees them."""
+    from tasktune.config import load_config
+    from tasktune.data.stats import preview
+
+    cfg = load_config(config)
+    for example, rendered in preview(cfg, task, n, cfg.seed if seed is None else seed):
+        console.rule(f"{example.uid}  ({example.origin})  template {rendered.template_index}")
+        console.print("[bold]prompt[/]", markup=True)
+        console.print(rendered.prompt, markup=False, highlight=False)
+        console.print("[bold]target[/]", markup=True)
+        console.print(rendered.target, markup=False, highlight=False)
+
+
+@app.command()
+@friendly
+def train(
+    config: Path = typer.Argument(...),
+    strategy: str = typer.Option("single", "--strategy", help="single | multi | full"),
+    out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<config>-<strategy>)"),
+    resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+):
+    """Train one strategy; writes PEFT adapters, heads, metrics and run.json."""
+    from tasktune.config import load_config
+    from tasktune.train.run import train_strategy
+
+    cfg = load_config(config)
+    out = out or Path("runs") / f"{config.stem}-{strategy}"
+    _, result, data = train_strategy(cfg, strategy, out, resume=resume, skip_invalid=skip_invalid)
+    for task, why in data.skipped_tasks.items():
+        err.print(f"skipped task {task}: {why}", highlight=False)
+    console.print(f"trained {strategy}: {result.steps} steps in {result.seconds:.0f}s -> {out}", highlight=False)
+
+
+@app.command("eval")
+@friendly
+def eval_cmd(
+    run_dir: Path = typer.Argument(..., help="a folder written by `tasktune train`"),
+    mode: str = typer.Option("auto", "--mode", help="causal LMs: auto | likelihood | generate"),
+):
+    """Score a trained run on every task's test split, with 95% bootstrap CIs."""
+    from tasktune.eval.evaluate import evaluate_run, print_scores
+
+    scores = evaluate_run(run_dir, mode=mode)
+    print_scores(scores, console)
+
+
+@app.command()
+@friendly
+def compare(
+    config: Path = typer.Argument(...),
+    strategies: str = typer.Option("single,multi", "--strategies"),
+    out: Optional[Path] = typer.Option(None, "--out"),
+    skip_invalid: bool = typer.Option(False, "--skip-invalid"),
+):
+    """Train every strategy, evaluate all on the same test sets, write report/."""
+    from tasktune.compare import run_compare
+    from tasktune.config import load_config
+
+    cfg = load_config(config)
+    out = out or Path("runs") / f"{config.stem}-compare"
+    run_compare(cfg, [s.strip() for s in strategies.split(",") if s.strip()], out, skip_invalid=skip_invalid, console=console)
+
+
+@app.command()
+@friendly
+def demo(out: Path = typer.Option(Path("runs/demo"), "--out")):
+    """CPU demo: MiniLM-L6, CLINC150 + SNIPS subsets, `single` vs `multi`, verdict + report."""
+    from tasktune.compare import run_demo
+
+    run_demo(out, console=console)
+
+
+def main() -> None:  # pragma: no cover - entry point
+    app()
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

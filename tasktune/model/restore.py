@@ -1,0 +1,45 @@
+"""Rebuild a trained runner from a run folder (what `eval`, `export` and `serve` read)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasktune.config import ProjectConfig
+from tasktune.errors import TasktuneError
+from tasktune.lora.peft_io import load_adapter_into
+from tasktune.model.heads import load_head
+from tasktune.model.load import load_model
+from tasktune.model.plan import plan_for
+from tasktune.model.runner import Runner
+from tasktune.tasks.from_config import build_tasks
+
+
+def read_run(run_dir: Path) -> tuple[ProjectConfig, dict]:
+    run_dir = Path(run_dir)
+    for name in ("run.json", "config.json"):
+        if not (run_dir / name).is_file():
+            raise TasktuneError(f"{run_dir}: not a tasktune run folder (no {name}); run `tasktune train` first")
+    cfg = ProjectConfig.model_validate_json((run_dir / "config.json").read_text())
+    return cfg, json.loads((run_dir / "run.json").read_text())
+
+
+def restore_runner(run_dir: Path) -> Runner:
+    run_dir = Path(run_dir)
+    cfg, record = read_run(run_dir)
+    strategy = record["strategy"]
+    if strategy == "full":
+        loaded = load_model(str(run_dir / "model"))
+    else:
+        loaded = load_model(cfg.model)
+    tasks = [t for t in build_tasks(cfg) if t.name in record["tasks"]]
+    plan = plan_for(strategy, [t.name for t in tasks], record.get("groups"))
+    max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
+    runner = Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed)
+    if runner.handle is not None:
+        for name in plan.adapters:
+            load_adapter_into(runner.handle, name, run_dir / "adapters" / name)
+    for task in list(runner.heads.keys()):
+        runner.heads[task] = load_head(run_dir / "heads", task)
+    runner.eval()
+    return runner

@@ -1,0 +1,199 @@
+"""The training loop: a plain loop on top of accelerate, shared by every strategy.
+
+All strategies draw the same example stream from one seeded mixture sampler; they differ
+only in which adapter each row is routed to (`AdapterPlan`) and, for `multi`, in how task
+losses are weighted. A resumed run restores adapters, heads, optimizer, scheduler,
+sampler, weighter and RNG state, so it ends exactly where an uninterrupted run would.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs
+from tqdm.auto import tqdm
+
+from tasktune.config import MixingConfig, TrainSettings, WeightingConfig
+from tasktune.data.sampler import MixtureSampler
+from tasktune.model.runner import Runner
+from tasktune.tasks.spec import Example
+from tasktune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tasktune.train.schedule import make_scheduler
+from tasktune.train.validation import validation_losses
+from tasktune.train.weighting import make_weighter
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    seconds: float
+    peak_memory_mb: float
+    final_task_loss: dict[str, float]
+    best_val_loss: dict[str, float] = field(default_factory=dict)
+    stopped_early: bool = False
+
+
+def total_steps(settings: TrainSettings, train_sizes: dict[str, int]) -> int:
+    if settings.max_steps:
+        return settings.max_steps
+    per_step = settings.batch_size * settings.grad_accum
+    return max(1, math.ceil(settings.epochs * sum(train_sizes.values()) / per_step))
+
+
+def _optimizer(runner: Runner, settings: TrainSettings, extra_params: list) -> torch.optim.Optimizer:
+    body = [p for p in runner.model.parameters() if p.requires_grad]
+    lr = settings.full_lr if runner.handle is None else settings.lr
+    groups = [{"params": body, "lr": lr, "weight_decay": settings.weight_decay}]
+    if len(runner.heads):
+        groups.append({"params": list(runner.heads.parameters()), "lr": settings.head_lr or settings.lr, "weight_decay": 0.0})
+    if extra_params:
+        groups.append({"params": extra_params, "lr": settings.lr, "weight_decay": 0.0})
+    return torch.optim.AdamW(groups)
+
+
+def _trainable_state(runner: Runner) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in runner.named_parameters() if p.requires_grad}
+
+
+def _load_trainable(runner: Runner, tensors: dict[str, torch.Tensor]) -> None:
+    params = dict(runner.named_parameters())
+    with torch.no_grad():
+        for name, value in tensors.items():
+            params[name].copy_(value)
+
+
+def train(
+    runner: Runner,
+    train_data: dict[str, list[Example]],
+    val_data: dict[str, list[Example]],
+    settings: TrainSettings,
+    mixing: MixingConfig,
+    out_dir: Path,
+    *,
+    seed: int = 0,
+    resume: bool = False,
+    progress: bool = True,
+) -> TrainResult:
+    """Train `runner` in place; writes metrics.jsonl, TensorBoard events and checkpoints
+    under out_dir. Returns what the report needs (steps, time, peak memory, losses)."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(seed)
+    accelerator = Accelerator(
+        mixed_precision="bf16" if settings.precision == "bf16" else "no",
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    tasks = [t for t in train_data if train_data[t]]
+    sizes = {t: len(train_data[t]) for t in tasks}
+    steps = total_steps(settings, sizes)
+    # Loss weighting is a multi-task device: single-task adapters each see one loss.
+    weighting = settings.weighting if runner.plan.strategy != "single" else WeightingConfig(method="static")
+    weighter = make_weighter(weighting, tasks)
+    optimizer = _optimizer(runner, settings, list(weighter.parameters()))
+    scheduler = make_scheduler(optimizer, settings.schedule, int(settings.warmup_ratio * steps), steps)
+    sampler = MixtureSampler(sizes, mixing, seed)
+    model, optimizer = accelerator.prepare(runner, optimizer)
+    start = 0
+    if resume and (ckpt := latest_checkpoint(out_dir / "checkpoints")):
+        loaded = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler)
+        _load_trainable(runner, loaded.tensors)
+        sampler.load_state_dict(loaded.extra["sampler"])
+        weighter.load_state_dict(loaded.extra["weighter"])
+        start = loaded.step
+    shared = [p for p in runner.model.parameters() if p.requires_grad]
+    world, rank = accelerator.num_processes, accelerator.process_index
+    log_path = out_dir / "metrics.jsonl"
+    log = log_path.open("a" if start else "w")
+    writer = _tensorboard(out_dir / "tb") if accelerator.is_main_process else None
+    best_val, best_state, bad_evals, stopped = math.inf, None, 0, False
+    best_task_val: dict[str, float] = {}
+    last: dict[str, float] = {}
+    t0 = time.perf_counter()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
+    bar = tqdm(total=steps, initial=start, desc=f"train {runner.plan.strategy}", disable=not progress or not accelerator.is_main_process)
+    runner.train()
+    for step in range(start, steps):
+        sampler.set_step(step)
+        window: dict[str, float] = {}
+        weights: dict[str, float] = {}
+        for _ in range(settings.grad_accum):
+            # Every rank draws the same global batch and takes its slice: the example
+            # stream is the same for any number of GPUs.
+            draws = [next(sampler) for _ in range(settings.batch_size)]
+            mine = draws[rank::world] if world > 1 else draws
+            batch = runner.collate([train_data[t][i] for t, i in mine])
+            with accelerator.autocast():
+                losses = model(batch)
+            losses = {t: l / settings.grad_accum for t, l in losses.items()}
+            weights = weighter.backward(losses, shared)
+            for t, l in losses.items():
+                window[t] = window.get(t, 0.0) + float(l.detach()) * settings.grad_accum
+        if settings.max_grad_norm:
+            accelerator.clip_grad_norm_(runner.trainable_parameters(), settings.max_grad_norm)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        last.update(window)
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "loss": sum(window.values()), "task_loss": window, "weights": weights}
+        if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            if writer:
+                writer.add_scalar("loss/total", record["loss"], step + 1)
+                for t, v in window.items():
+                    writer.add_scalar(f"loss/{t}", v, step + 1)
+                for t, w in weights.items():
+                    writer.add_scalar(f"weight/{t}", w, step + 1)
+        bar.update(1)
+        bar.set_postfix({t[:10]: f"{v:.3f}" for t, v in list(window.items())[:4]})
+        if settings.eval_every and (step + 1) % settings.eval_every == 0 and val_data:
+            val = validation_losses(runner, val_data, settings.val_examples, settings.batch_size)
+            sampler.update_losses(val)
+            mean_val = sum(val.values()) / max(len(val), 1)
+            log.write(json.dumps({"step": step + 1, "val_loss": val}) + "\n")
+            runner.train()
+            if mean_val < best_val:
+                best_val, best_task_val, bad_evals = mean_val, val, 0
+                if settings.early_stopping_patience:
+                    best_state = _trainable_state(runner)
+            else:
+                bad_evals += 1
+                if settings.early_stopping_patience and bad_evals >= settings.early_stopping_patience:
+                    stopped = True
+                    break
+        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and accelerator.is_main_process:
+            save_checkpoint(
+                out_dir / "checkpoints", step + 1, tensors=_trainable_state(runner), optimizer=optimizer,
+                scheduler=scheduler, extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict()},
+            )
+    bar.close()
+    log.close()
+    if writer:
+        writer.close()
+    if best_state is not None:
+        _load_trainable(runner, best_state)
+    runner.eval()
+    peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
+    done = step + 1 if steps > start else start
+    return TrainResult(done, time.perf_counter() - t0, peak, last, best_task_val, stopped)
+
+
+def _tensorboard(folder: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:  # tensorboard is a declared dependency; stay usable without it
+        return None
+    return SummaryWriter(str(folder))
+
+
+def _rss_mb() -> float:
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024

@@ -1,0 +1,124 @@
+"""One training run of one strategy, from a config to a run folder.
+
+The run folder is what every later step reads:
+    run.json               strategy, tasks, seeds, versions, timings, losses
+    config.json            the resolved config
+    metrics.jsonl, tb/     per-step losses and weights
+    adapters/<name>/       PEFT adapters (adapter_config.json + adapter_model.safetensors)
+    heads/<task>.*         encoder heads
+    model/                 strategy `full`: the whole model
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+
+from tasktune.config import ProjectConfig
+from tasktune.data.load import load_tasks
+from tasktune.errors import TasktuneError
+from tasktune.model.load import LoadedModel, load_model
+from tasktune.model.plan import plan_for
+from tasktune.model.runner import Runner
+from tasktune.tasks.from_config import build_tasks
+from tasktune.tasks.spec import Example, Task
+from tasktune.train.loop import TrainResult, train
+
+
+@dataclass
+class PreparedData:
+    tasks: list[Task]
+    train: dict[str, list[Example]]
+    validation: dict[str, list[Example]]
+    test: dict[str, list[Example]]
+    skipped_tasks: dict[str, str]  # task -> why it cannot be trained on this model
+    skipped_rows: int
+
+
+def versions() -> dict[str, str]:
+    import accelerate
+    import peft
+    import transformers
+
+    import tasktune
+
+    return {
+        "tasktune": tasktune.__version__, "python": platform.python_version(), "torch": torch.__version__,
+        "transformers": transformers.__version__, "peft": peft.__version__, "accelerate": accelerate.__version__,
+        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else f"cpu ({platform.machine()})",
+    }
+
+
+def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False) -> PreparedData:
+    """Load every task's splits; drop (loudly) tasks the model family cannot train."""
+    tasks = build_tasks(cfg)
+    skipped: dict[str, str] = {}
+    if family == "encoder":
+        for t in tasks:
+            if t.kind == "generation":
+                skipped[t.name] = "generation needs a causal LM; the encoder model has no decoder"
+        tasks = [t for t in tasks if t.name not in skipped]
+    if not tasks:
+        raise TasktuneError("no trainable task left for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
+    max_examples = {e.task_name: e.max_examples for e in cfg.tasks if e.max_examples is not None}
+    loaded = load_tasks(tasks, skip_invalid=skip_invalid, max_examples=max_examples or None)
+    split = lambda name: {t.name: loaded[t.name][name].examples for t in tasks if name in loaded[t.name]}  # noqa: E731
+    n_skipped = sum(len(s.skipped) for per_task in loaded.values() for s in per_task.values())
+    return PreparedData(tasks, split("train"), split("validation"), split("test"), skipped, n_skipped)
+
+
+def build_runner(cfg: ProjectConfig, loaded: LoadedModel, tasks: list[Task], strategy: str, groups=None) -> Runner:
+    plan = plan_for(strategy, [t.name for t in tasks], groups)
+    max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
+    return Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed)
+
+
+def train_strategy(
+    cfg: ProjectConfig,
+    strategy: str,
+    out_dir: Path,
+    *,
+    resume: bool = False,
+    skip_invalid: bool = False,
+    data: PreparedData | None = None,
+    groups: list[list[str]] | None = None,
+    progress: bool = True,
+) -> tuple[Runner, TrainResult, PreparedData]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    loaded = load_model(cfg.model)
+    data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid)
+    runner = build_runner(cfg, loaded, data.tasks, strategy, groups)
+    started = time.time()
+    result = train(
+        runner, data.train, data.validation, cfg.train, cfg.mixing, out_dir,
+        seed=cfg.seed, resume=resume, progress=progress,
+    )
+    runner.save(out_dir)
+    (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
+    record = {
+        "strategy": strategy,
+        "model": cfg.model,
+        "model_path": loaded.path,
+        "family": loaded.family,
+        "tasks": [t.name for t in data.tasks],
+        "task_adapter": runner.plan.task_adapter,
+        "skipped_tasks": data.skipped_tasks,
+        "skipped_rows": data.skipped_rows,
+        "train_examples": {t: len(v) for t, v in data.train.items()},
+        "seed": cfg.seed,
+        "started": started,
+        "trainable_parameters": runner.trainable_count(),
+        "trainable_per_task": {t.name: runner.trainable_count(t.name) for t in data.tasks},
+        "result": asdict(result),
+        "versions": versions(),
+        "groups": groups,
+    }
+    (out_dir / "run.json").write_text(json.dumps(record, indent=2))
+    return runner, result, data
