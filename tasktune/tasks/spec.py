@@ -97,7 +97,8 @@ class Task:
     """A task declaration. `labels` is the closed label set of classification / yesno
     tasks and the slot-type set of tagging tasks (without B-/I- prefixes); None for
     generation. `label_map` maps raw labels to a coarser set for a relaxed metric
-    (e.g. Circa strict -> relaxed)."""
+    (e.g. Circa strict -> relaxed). `reference_fields` names extra reference fields of
+    generation tasks (multi-reference test sets); each present one joins Example.references."""
 
     name: str
     kind: TaskKind
@@ -110,6 +111,7 @@ class Task:
     label_map: dict[str, str] | None = None
     description: str = ""
     licence: str = ""
+    reference_fields: tuple[str, ...] = ()
 
     def template_for(self, example: Example, seed: int) -> int:
         """Deterministic template choice: same seed + same example -> same template,
