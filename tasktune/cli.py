@@ -68,7 +68,7 @@ def data_preview_cmd(
 
     cfg = load_config(config)
     for example, rendered in preview(cfg, task, n, cfg.seed if seed is None else seed):
-        console.rule(f"{example.uid}  ({example.origin})  template {rendered.template_index}")
+        console.rule(f"{example.uid}  ({example.origin})  template {rendered.template_index}", style="dim")
         console.print("[bold]prompt[/]", markup=True)
         console.print(rendered.prompt, markup=False, highlight=False)
         console.print("[bold]target[/]", markup=True)

@@ -94,6 +94,7 @@ class WeightingConfig(_Strict):
     method: Literal["static", "uncertainty", "dwa", "gradnorm", "pcgrad"] = "static"
     weights: dict[str, float] | None = None
     dwa_temperature: float = 2.0
+    dwa_window: int = Field(default=50, ge=0)  # steps per DWA period (0: per epoch)
     gradnorm_alpha: float = 1.5
 
 

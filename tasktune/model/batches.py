@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tasktune.data.packing import pack_examples
 from tasktune.data.tokenize import encode_causal, encode_encoder
 from tasktune.tasks.render import render
 from tasktune.tasks.spec import Example, Task
@@ -28,6 +29,11 @@ class Batch:
     labels: torch.Tensor | None = None  # causal: [B, T] next-token targets (IGNORE on prompt/pad)
     seq_labels: torch.Tensor | None = None  # encoder: [B] class index, IGNORE for token-level rows
     tok_labels: torch.Tensor | None = None  # encoder: [B, T] tag index on first sub-tokens
+    # Packed causal batches: several examples per row, each attending only to itself.
+    position_ids: torch.Tensor | None = None  # [B, T], restarting per example
+    attention_4d: torch.Tensor | None = None  # [B, 1, T, T] additive block-causal mask
+    token_task: torch.Tensor | None = None  # [B, T] index into task_names; -1 = padding
+    task_names: list[str] | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
@@ -97,6 +103,31 @@ def collate_causal(
         attention_mask=_pad([[1] * len(r) for r in ids], 0),
         adapter_ids=torch.tensor([adapter_index.get(ex.task, -1) for ex in examples], dtype=torch.long),
         labels=_pad(labels, IGNORE),
+    )
+
+
+def collate_causal_packed(
+    tokenizer, tasks: dict[str, Task], examples: list[Example], adapter_index: dict[str, int], max_length: int,
+    seed: int, max_tokens: int,
+) -> Batch:
+    """Pack the batch's examples into rows of at most max_tokens; every token carries its
+    task (for the per-task loss) and its adapter (for routing)."""
+    names = list(dict.fromkeys(ex.task for ex in examples))
+    encoded = [encode_causal(tokenizer, render(tasks[ex.task], ex, seed), max_length) for ex in examples]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    packed = pack_examples(encoded, max(max_tokens, max(len(e) for e in encoded)), task_ids=[names.index(ex.task) for ex in examples], pad_id=pad)
+    adapters = torch.tensor([adapter_index.get(n, -1) for n in names] + [-1], dtype=torch.long)
+    token_adapter = adapters[packed.token_task]  # -1 (padding) indexes the trailing -1
+    return Batch(
+        row_tasks=[ex.task for ex in examples],
+        input_ids=packed.input_ids,
+        attention_mask=(packed.segment_ids >= 0).long(),
+        adapter_ids=token_adapter,
+        labels=packed.labels,
+        position_ids=packed.position_ids,
+        attention_4d=packed.attention_mask(torch.float32),
+        token_task=packed.token_task,
+        task_names=names,
     )
 
 

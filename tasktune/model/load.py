@@ -182,3 +182,13 @@ def load_model(name_or_path: str = DEFAULT_MODEL, *, dtype: torch.dtype = torch.
         path=where,
         max_length=max_length_of(tokenizer, config),
     )
+
+
+def model_family(name_or_path: str = DEFAULT_MODEL) -> Family:
+    """"causal" or "encoder" from config.json alone (no weights loaded)."""
+    where, local = resolve(name_or_path)
+    config = _read_config(where, local, name_or_path)
+    family = detect_family(config)
+    if family is None:
+        raise TasktuneError(f"model '{name_or_path}': cannot tell from config.json whether it is a causal LM or an encoder")
+    return family

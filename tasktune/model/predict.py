@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 import torch
 import torch.nn.functional as F
 
+from tasktune.data.tokenize import encode_prompt
 from tasktune.model.batches import collate_prompts
 from tasktune.model.runner import Runner
 from tasktune.tasks.parsers import parse_output
@@ -96,10 +97,7 @@ def generate(
     for chunk in _chunks(examples, batch_size):
         prompts = []
         for ex in chunk:
-            ids = tok(render(task, ex, runner.seed).prompt, add_special_tokens=False).input_ids
-            if tok.bos_token_id is not None and getattr(tok, "add_bos_token", True):
-                ids = [tok.bos_token_id] + ids
-            prompts.append(ids)
+            prompts.append(encode_prompt(tok, render(task, ex, runner.seed).prompt))
         input_ids, mask = collate_prompts(tok, prompts)
         ids = torch.full((len(chunk),), adapter, dtype=torch.long, device=runner.device)
         with runner._routing(ids):

@@ -17,16 +17,27 @@ from torch import nn
 
 from tasktune.config import LoRASettings
 from tasktune.lora.inject import inject_lora, use_adapters
-from tasktune.model.batches import IGNORE, Batch, collate_causal, collate_encoder, tagging_labels
+from tasktune.model.batches import IGNORE, Batch, collate_causal, collate_causal_packed, collate_encoder, tagging_labels
 from tasktune.model.heads import HeadSpec, TaskHead, save_head
 from tasktune.model.load import LoadedModel
 from tasktune.model.plan import AdapterPlan
 from tasktune.tasks.spec import Example, Task
 
 
+def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor, chunk: int = 4096) -> torch.Tensor:
+    """Per-token cross-entropy without materialising [N, vocab] fp32 logits at once.
+    hidden: [N, H], labels: [N] -> [N]"""
+    losses = []
+    for i in range(0, hidden.shape[0], chunk):
+        logits = head(hidden[i : i + chunk]).float()
+        losses.append(F.cross_entropy(logits, labels[i : i + chunk], reduction="none"))
+    return torch.cat(losses) if losses else hidden.new_zeros(0)
+
+
 class Runner(nn.Module):
     def __init__(
-        self, loaded: LoadedModel, tasks: list[Task], plan: AdapterPlan, lora: LoRASettings, *, max_length: int, seed: int = 0
+        self, loaded: LoadedModel, tasks: list[Task], plan: AdapterPlan, lora: LoRASettings, *, max_length: int, seed: int = 0,
+        pack_tokens: int = 2048,
     ):
         super().__init__()
         self.loaded = loaded
@@ -38,6 +49,7 @@ class Runner(nn.Module):
         self.max_length = max_length
         self.seed = seed
         self.lora_settings = lora
+        self.pack_tokens = max(max_length, pack_tokens)
         self.handle = None
         if plan.uses_lora:
             for p in self.model.parameters():
@@ -46,6 +58,7 @@ class Runner(nn.Module):
                 self.model, list(plan.adapters), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
                 target_modules=lora.target_modules,
             )
+        self.last_shares: dict[str, float] = {}  # each task's share of the last batch's rows/tokens
         self.heads = nn.ModuleDict()
         if self.family == "encoder":
             hidden = self.model.config.hidden_size
@@ -71,9 +84,14 @@ class Runner(nn.Module):
         return next(self.model.parameters()).device
 
     # --- batches and losses ------------------------------------------------------------
-    def collate(self, examples: list[Example]) -> Batch:
+    def collate(self, examples: list[Example], *, pack: bool = False) -> Batch:
+        """pack=True (causal training): examples packed into rows of `pack_tokens`."""
         if self.family == "encoder":
             return collate_encoder(self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length)
+        if pack:
+            return collate_causal_packed(
+                self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length, self.seed, self.pack_tokens
+            )
         return collate_causal(self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length, self.seed)
 
     def encode_hidden(self, batch: Batch) -> torch.Tensor:
@@ -87,7 +105,8 @@ class Runner(nn.Module):
     def task_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
         """Each task's contribution to the batch-mean loss: sum of its rows' (tokens')
         losses over the batch's rows (tokens). Their sum is the plain mixture loss; loss
-        weighting rescales them per task."""
+        weighting rescales them per task. A task's own mean loss is its contribution
+        divided by `self.last_shares[task]`."""
         batch = batch.to(self.device)
         if self.family == "encoder":
             return self._encoder_losses(batch)
@@ -113,24 +132,36 @@ class Runner(nn.Module):
         # Token tasks count tokens, sequence tasks count rows: normalise each by its own
         # unit, then weight by its share of the batch's rows so the sum is a batch mean.
         n_rows = len(batch.row_tasks)
-        share = {t: batch.row_tasks.count(t) / n_rows for t in sums}
-        return {t: sums[t] / max(counts[t], 1) * share[t] for t in sums}
+        self.last_shares = {t: batch.row_tasks.count(t) / n_rows for t in sums}
+        return {t: sums[t] / max(counts[t], 1) * self.last_shares[t] for t in sums}
 
     def _causal_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
+        packed = batch.attention_4d is not None
         with self._routing(batch.adapter_ids):
-            logits = self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
-        # logits: [B, T, V]; predict token t+1 from position t
-        shift_logits = logits[:, :-1].float()
-        shift_labels = batch.labels[:, 1:]
-        tok_loss = F.cross_entropy(
-            shift_logits.flatten(0, 1), shift_labels.flatten(), ignore_index=IGNORE, reduction="none"
-        ).view(shift_labels.shape)
-        row_sum = tok_loss.sum(1)  # [B]
-        total_tokens = (shift_labels != IGNORE).sum().clamp(min=1)
+            hidden = self.model.base_model(
+                input_ids=batch.input_ids,
+                attention_mask=batch.attention_4d.to(self.model.dtype) if packed else batch.attention_mask,
+                position_ids=batch.position_ids,
+                use_cache=False,
+            ).last_hidden_state
+        # predict token t+1 from position t; only target positions reach the LM head
+        labels = batch.labels[:, 1:]  # [B, T-1]
+        keep = labels != IGNORE
+        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], labels[keep])  # [N]
+        if packed:
+            owner = batch.token_task[:, 1:][keep]  # [N] index into task_names
+            names = batch.task_names
+        else:
+            names = list(dict.fromkeys(batch.row_tasks))
+            owner = torch.tensor([names.index(t) for t in batch.row_tasks], device=hidden.device)
+            owner = owner.unsqueeze(1).expand_as(labels)[keep]
+        total = max(int(keep.sum()), 1)
         out: dict[str, torch.Tensor] = {}
-        for name in dict.fromkeys(batch.row_tasks):
-            rows = torch.tensor([i for i, t in enumerate(batch.row_tasks) if t == name], device=logits.device)
-            out[name] = row_sum[rows].sum() / total_tokens
+        self.last_shares = {}
+        for k in sorted(set(owner.tolist())):
+            mine = owner == k
+            out[names[k]] = tok_loss[mine].sum() / total
+            self.last_shares[names[k]] = int(mine.sum()) / total
         return out
 
     # --- parameters and saving ---------------------------------------------------------

@@ -24,7 +24,7 @@ from tasktune.data.sampler import MixtureSampler
 from tasktune.model.runner import Runner
 from tasktune.tasks.spec import Example
 from tasktune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
-from tasktune.train.schedule import make_scheduler
+from tasktune.train.schedule import make_scheduler, warmup_steps_from_ratio
 from tasktune.train.validation import validation_losses
 from tasktune.train.weighting import make_weighter
 
@@ -46,14 +46,13 @@ def total_steps(settings: TrainSettings, train_sizes: dict[str, int]) -> int:
     return max(1, math.ceil(settings.epochs * sum(train_sizes.values()) / per_step))
 
 
-def _optimizer(runner: Runner, settings: TrainSettings, extra_params: list) -> torch.optim.Optimizer:
+def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]) -> torch.optim.Optimizer:
     body = [p for p in runner.model.parameters() if p.requires_grad]
     lr = settings.full_lr if runner.handle is None else settings.lr
     groups = [{"params": body, "lr": lr, "weight_decay": settings.weight_decay}]
     if len(runner.heads):
         groups.append({"params": list(runner.heads.parameters()), "lr": settings.head_lr or settings.lr, "weight_decay": 0.0})
-    if extra_params:
-        groups.append({"params": extra_params, "lr": settings.lr, "weight_decay": 0.0})
+    groups += extra_groups
     return torch.optim.AdamW(groups)
 
 
@@ -79,6 +78,7 @@ def train(
     seed: int = 0,
     resume: bool = False,
     progress: bool = True,
+    task_weights: dict[str, float] | None = None,
 ) -> TrainResult:
     """Train `runner` in place; writes metrics.jsonl, TensorBoard events and checkpoints
     under out_dir. Returns what the report needs (steps, time, peak memory, losses)."""
@@ -94,9 +94,9 @@ def train(
     steps = total_steps(settings, sizes)
     # Loss weighting is a multi-task device: single-task adapters each see one loss.
     weighting = settings.weighting if runner.plan.strategy != "single" else WeightingConfig(method="static")
-    weighter = make_weighter(weighting, tasks)
-    optimizer = _optimizer(runner, settings, list(weighter.parameters()))
-    scheduler = make_scheduler(optimizer, settings.schedule, int(settings.warmup_ratio * steps), steps)
+    weighter = make_weighter(weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window)
+    optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups())
+    scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
     sampler = MixtureSampler(sizes, mixing, seed)
     model, optimizer = accelerator.prepare(runner, optimizer)
     start = 0
@@ -128,25 +128,24 @@ def train(
             # stream is the same for any number of GPUs.
             draws = [next(sampler) for _ in range(settings.batch_size)]
             mine = draws[rank::world] if world > 1 else draws
-            batch = runner.collate([train_data[t][i] for t, i in mine])
+            batch = runner.collate([train_data[t][i] for t, i in mine], pack=runner.family == "causal")
             with accelerator.autocast():
                 losses = model(batch)
-            losses = {t: l / settings.grad_accum for t, l in losses.items()}
-            weights = weighter.backward(losses, shared)
-            for t, l in losses.items():
-                window[t] = window.get(t, 0.0) + float(l.detach()) * settings.grad_accum
+            weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
+            for t, l in losses.items():  # log each task's own mean loss
+                mean = float(l.detach()) / max(runner.last_shares.get(t, 1.0), 1e-12)
+                window[t] = window.get(t, 0.0) + mean / settings.grad_accum
         if settings.max_grad_norm:
             accelerator.clip_grad_norm_(runner.trainable_parameters(), settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         last.update(window)
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "loss": sum(window.values()), "task_loss": window, "weights": weights}
+        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "task_loss": window, "weights": weights}
         if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
             log.write(json.dumps(record) + "\n")
             log.flush()
             if writer:
-                writer.add_scalar("loss/total", record["loss"], step + 1)
                 for t, v in window.items():
                     writer.add_scalar(f"loss/{t}", v, step + 1)
                 for t, w in weights.items():

@@ -20,12 +20,12 @@ from pathlib import Path
 import torch
 
 from tasktune.config import ProjectConfig
-from tasktune.data.load import load_tasks
-from tasktune.errors import TasktuneError
+from tasktune.data.load import load_project
+from tasktune.data.validate import check_lengths
+from tasktune.errors import DataError, TasktuneError
 from tasktune.model.load import LoadedModel, load_model
 from tasktune.model.plan import plan_for
 from tasktune.model.runner import Runner
-from tasktune.tasks.from_config import build_tasks
 from tasktune.tasks.spec import Example, Task
 from tasktune.train.loop import TrainResult, train
 
@@ -54,9 +54,11 @@ def versions() -> dict[str, str]:
     }
 
 
-def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False) -> PreparedData:
-    """Load every task's splits; drop (loudly) tasks the model family cannot train."""
-    tasks = build_tasks(cfg)
+def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False, tokenizer=None) -> PreparedData:
+    """Load every task's splits, check lengths against the model's tokenizer, and drop
+    (loudly) tasks the model family cannot train. Bad rows raise a DataError naming
+    file, line and field, or with skip_invalid are skipped and counted."""
+    tasks, loaded = load_project(cfg, skip_invalid=skip_invalid)
     skipped: dict[str, str] = {}
     if family == "encoder":
         for t in tasks:
@@ -65,17 +67,27 @@ def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False)
         tasks = [t for t in tasks if t.name not in skipped]
     if not tasks:
         raise TasktuneError("no trainable task left for this model: " + "; ".join(f"{k}: {v}" for k, v in skipped.items()))
-    max_examples = {e.task_name: e.max_examples for e in cfg.tasks if e.max_examples is not None}
-    loaded = load_tasks(tasks, skip_invalid=skip_invalid, max_examples=max_examples or None)
-    split = lambda name: {t.name: loaded[t.name][name].examples for t in tasks if name in loaded[t.name]}  # noqa: E731
-    n_skipped = sum(len(s.skipped) for per_task in loaded.values() for s in per_task.values())
-    return PreparedData(tasks, split("train"), split("validation"), split("test"), skipped, n_skipped)
+    n_skipped = sum(len(s.skipped) for t in tasks for s in loaded[t.name].values())
+    splits: dict[str, dict[str, list[Example]]] = {"train": {}, "validation": {}, "test": {}}
+    issues = []
+    for t in tasks:
+        for name, part in loaded[t.name].items():
+            examples = part.examples
+            if tokenizer is not None:
+                too_long = check_lengths(examples, t, tokenizer, cfg.max_length, cfg.seed, causal=family == "causal")
+                issues += too_long
+                bad = {(i.path, i.line) for i in too_long}
+                examples = [ex for ex in examples if (ex.origin.path, ex.origin.line) not in bad]
+            splits[name][t.name] = examples
+    if issues and not skip_invalid:
+        raise DataError(issues, hint="raise max_length, shorten these rows, or use --skip-invalid to skip them")
+    return PreparedData(tasks, splits["train"], splits["validation"], splits["test"], skipped, n_skipped + len(issues))
 
 
 def build_runner(cfg: ProjectConfig, loaded: LoadedModel, tasks: list[Task], strategy: str, groups=None) -> Runner:
     plan = plan_for(strategy, [t.name for t in tasks], groups)
     max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
-    return Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed)
+    return Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed, pack_tokens=cfg.train.max_tokens)
 
 
 def train_strategy(
@@ -93,12 +105,13 @@ def train_strategy(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     loaded = load_model(cfg.model)
-    data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid)
+    data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid, tokenizer=loaded.tokenizer)
     runner = build_runner(cfg, loaded, data.tasks, strategy, groups)
     started = time.time()
     result = train(
         runner, data.train, data.validation, cfg.train, cfg.mixing, out_dir,
         seed=cfg.seed, resume=resume, progress=progress,
+        task_weights={e.task_name: e.weight for e in cfg.tasks if e.task_name in data.train},
     )
     runner.save(out_dir)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))

@@ -1,0 +1,314 @@
+"""The HTTP API: OpenAI-compatible completions and chat over one base and many adapters.
+
+`model` is an adapter name or the base model's name. Errors are JSON
+`{"error": {"message", "type", "code"}}`: unknown model or adapter 404, invalid body 422,
+bad prompt 400, wrong API key 401, full queue 429. Bodies are bounded in schemas.py so
+that no input reaches the engine in a shape it cannot handle.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hmac
+import json
+import time
+import uuid
+from contextlib import asynccontextmanager
+from typing import Any, AsyncIterator, Callable, Protocol
+
+from fastapi import Depends, FastAPI, Request as HTTPRequest
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from tasktune.errors import TasktuneError
+from tasktune.serve import schemas as s
+from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
+from tasktune.serve.engine import AsyncEngine, Completion, Engine, PromptTooLong, Request
+from tasktune.serve.metrics import Metrics
+from tasktune.serve.sampling import SamplingParams
+from tasktune.serve.scheduler import QueueFull
+
+
+class TaskPredictor(Protocol):
+    """(task name, inputs) -> (prompt, parse), where parse(text) -> (value, valid).
+    Raises LookupError for an unknown task and ValueError for unusable inputs."""
+
+    def __call__(self, task: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]: ...
+
+
+def registry_predictor(task_name: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
+    """The default TaskPredictor: the registered task's first template and its parser."""
+    from tasktune.tasks.parsers import parse_output
+    from tasktune.tasks.registry import get_task
+    from tasktune.tasks.render import render
+    from tasktune.tasks.spec import Example, Origin
+
+    try:
+        task = get_task(task_name)
+    except TasktuneError as e:
+        raise LookupError(str(e)) from None
+    task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
+    inputs = dict(inputs)
+    if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
+        inputs["tokens"] = str(inputs.get("tokens", inputs.get("text"))).split()
+    missing = [f for f in task.input_fields if f not in inputs]
+    if missing:
+        raise ValueError(f"task {task.name!r} needs input field(s) {missing}")
+    target = ["O"] * len(inputs["tokens"]) if task.kind == "tagging" else ""
+    example = Example(task=task.name, uid="api", inputs=inputs, target=target, origin=Origin("api", 0))
+    try:
+        prompt = render(task, example, 0).prompt
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot render task {task.name!r} with these inputs: {e}") from None
+
+    def parse(text: str) -> tuple[Any, bool]:
+        parsed = parse_output(task, text, example)
+        return parsed.value, parsed.valid
+
+    return prompt, parse
+
+
+class APIError(Exception):
+    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
+        super().__init__(message)
+        self.status, self.message, self.kind = status, message, kind
+
+
+def error_response(status: int, message: str, kind: str) -> JSONResponse:
+    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
+
+
+def status_of(e: TasktuneError) -> tuple[int, str]:
+    if isinstance(e, AdapterError):
+        return e.status, "not_found_error" if isinstance(e, AdapterNotFound) else "adapter_error"
+    if isinstance(e, QueueFull):
+        return 429, "rate_limit_error"
+    return 400, "invalid_request_error"
+
+
+def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
+    """The tokenizer's chat template when it has one, else "role: content" lines."""
+    msgs = [{"role": m.role, "content": m.content or ""} for m in messages]
+    if getattr(tokenizer, "chat_template", None):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        except Exception as e:  # a template may reject role orders (e.g. two system messages)
+            raise APIError(400, f"the chat template rejected these messages: {e}") from None
+    return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
+
+
+def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str | None = None,
+               tasks: TaskPredictor | None = None) -> FastAPI:
+    pool = pool or engine.pool
+    runner = AsyncEngine(engine)
+    predictor = tasks or registry_predictor
+    metrics = Metrics(lambda: len(engine.scheduler.waiting), lambda: len(engine.scheduler.running),
+                      lambda: len(pool.resident()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        yield
+        runner.stop()
+
+    app = FastAPI(title="tasktune serve", version="0.1.0", lifespan=lifespan,
+                  responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 422, 429)})
+    app.state.runner, app.state.metrics = runner, metrics
+
+    def check_key(request: HTTPRequest) -> None:
+        if api_key is None:
+            return
+        given = request.headers.get("authorization", "")
+        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {api_key}".encode()):
+            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
+
+    auth = [Depends(check_key)]
+
+    @app.middleware("http")
+    async def count_requests(request: HTTPRequest, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        metrics.count(getattr(route, "path", "unmatched"), response.status_code)
+        return response
+
+    @app.exception_handler(APIError)
+    async def _api_error(_, e: APIError):
+        return error_response(e.status, e.message, e.kind)
+
+    @app.exception_handler(TasktuneError)
+    async def _tasktune_error(_, e: TasktuneError):
+        return error_response(*_swap(status_of(e), str(e)))
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(_, e: RequestValidationError):
+        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', '')}" for err in e.errors()[:5]]
+        return error_response(422, "invalid request: " + "; ".join(parts), "invalid_request_error")
+
+    @app.exception_handler(HTTPException)
+    async def _http(_, e: HTTPException):
+        return error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+    def resolve(model: str) -> str | None:
+        if model == engine.base_name:
+            return None
+        if model in pool:
+            return model
+        raise APIError(404, f"model {model!r} not found; GET /v1/models lists the base and adapters", "not_found_error")
+
+    def params_of(body: s._Sampling, max_tokens: int | None) -> SamplingParams:
+        stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        return SamplingParams(max_tokens=max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
+                              seed=body.seed, stop=stop)
+
+    def submit_all(reqs: list[Request]) -> list:
+        handles = []
+        try:
+            for r in reqs:
+                handles.append(runner.submit(r))
+        except BaseException:
+            for seq, _ in handles:
+                engine.cancel(seq)
+            raise
+        return handles
+
+    async def finish(handle, endpoint: str, model: str, started: float) -> Completion:
+        seq, queue = handle
+        async for _ in runner.stream(seq, queue):
+            pass
+        return record(seq, endpoint, model, started)
+
+    def record(seq, endpoint: str, model: str, started: float) -> Completion:
+        c = Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "", len(seq.prompt_ids),
+                       seq.error)
+        if c.finish_reason == "error":
+            internal = (c.error or "").startswith("internal")
+            raise APIError(503 if internal else 409, c.error or "generation failed", "server_error")
+        ttft = seq.first_token_at - seq.arrival if seq.first_token_at else None
+        metrics.observe_completion(endpoint, model, c.prompt_tokens, len(c.token_ids), time.monotonic() - started, ttft)
+        return c
+
+    def usage(cs: list[Completion]) -> s.Usage:
+        p, n = sum(c.prompt_tokens for c in cs), sum(len(c.token_ids) for c in cs)
+        return s.Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+
+    def sse(handle, endpoint: str, model: str, started: float, chunk: Callable[[str, str | None, bool], dict]):
+        seq, queue = handle
+
+        async def events() -> AsyncIterator[str]:
+            first = True
+            try:
+                async for ev in runner.stream(seq, queue):
+                    if ev.text or ev.finish_reason or first:
+                        yield f"data: {json.dumps(chunk(ev.text, ev.finish_reason, first))}\n\n"
+                        first = False
+                try:
+                    record(seq, endpoint, model, started)
+                except APIError as e:
+                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
+                yield "data: [DONE]\n\n"
+            finally:
+                if not seq.finished:
+                    engine.cancel(seq)
+
+        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+
+    @app.post("/v1/completions", response_model=s.CompletionResponse, dependencies=auth)
+    async def completions(body: s.CompletionRequest):
+        started, adapter = time.monotonic(), resolve(body.model)
+        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        if body.stream and len(prompts) > 1:
+            raise APIError(400, "stream: true supports one prompt per request")
+        params = params_of(body, body.max_tokens)
+        handles = submit_all([Request(p, adapter, params) for p in prompts])
+        rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, reason, _first):
+                return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
+            return sse(handles[0], "/v1/completions", body.model, started, chunk)
+        try:
+            cs = [await finish(h, "/v1/completions", body.model, started) for h in handles]
+        finally:
+            for seq, _ in handles:  # a failed or abandoned request must not keep decoding
+                if not seq.finished:
+                    engine.cancel(seq)
+        choices = [s.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(cs)]
+        return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs))
+
+    @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, dependencies=auth)
+    async def chat(body: s.ChatCompletionRequest):
+        started, adapter = time.monotonic(), resolve(body.model)
+        prompt = render_chat(engine.tokenizer, body.messages)
+        handle = submit_all([Request(prompt, adapter, params_of(body, body.max_completion_tokens or body.max_tokens))])[0]
+        rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        if body.stream:
+            def chunk(text, reason, first):
+                delta = {"role": "assistant", "content": text} if first else {"content": text}
+                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
+                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
+            return sse(handle, "/v1/chat/completions", body.model, started, chunk)
+        c = await finish(handle, "/v1/chat/completions", body.model, started)
+        choice = s.ChatChoice(index=0, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        return s.ChatCompletionResponse(id=rid, created=created, model=body.model, choices=[choice], usage=usage([c]))
+
+    @app.get("/v1/models", response_model=s.ModelList, dependencies=auth)
+    async def models():
+        cards = [s.ModelCard(id=engine.base_name, root=engine.base_name)]
+        cards += [s.ModelCard(id=n, root=n, parent=engine.base_name) for n in pool.names()]
+        return s.ModelList(data=cards)
+
+    def adapter_out(name: str) -> s.AdapterOut:
+        i = pool.info(name)
+        return s.AdapterOut(name=i.name, rank=i.rank, scaling=i.scaling, target_modules=list(i.modules),
+                            base_model=i.base_model)
+
+    @app.get("/v1/adapters", response_model=list[s.AdapterOut], dependencies=auth)
+    async def list_adapters():
+        return [adapter_out(n) for n in pool.names()]
+
+    @app.post("/v1/adapters", response_model=s.AdapterOut, status_code=201, dependencies=auth)
+    async def load_adapter(body: s.AdapterLoadRequest):
+        if pool.root is None:
+            raise APIError(403, "loading adapters over HTTP is disabled: the server has no adapter root",
+                           "permission_error")
+        pool.register(body.name, body.path)
+        return adapter_out(body.name)
+
+    @app.delete("/v1/adapters/{name}", dependencies=auth)
+    async def unload_adapter(name: str):
+        pool.unregister(name)
+        return {"deleted": name}
+
+    @app.post("/v1/tasks/{task}/predict", response_model=s.TaskPredictResponse, dependencies=auth)
+    async def predict(task: str, body: s.TaskPredictRequest):
+        started = time.monotonic()
+        try:
+            prompt, parse = predictor(task, body.inputs)
+        except LookupError as e:
+            raise APIError(404, str(e).strip("'\""), "not_found_error") from None
+        except (ValueError, KeyError, TypeError) as e:
+            raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
+        model = body.model or (task if task in pool else engine.base_name)
+        handle = submit_all([Request(prompt, resolve(model), SamplingParams(max_tokens=body.max_tokens))])[0]
+        c = await finish(handle, "/v1/tasks/{task}/predict", model, started)
+        value, valid = parse(c.text)
+        return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text)
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok", "base": engine.base_name, "adapters": len(pool), "running": len(engine.scheduler.running),
+                "waiting": len(engine.scheduler.waiting)}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return Response(metrics.render(), media_type=metrics.content_type)
+
+    return app
+
+
+def _swap(status_kind: tuple[int, str], message: str) -> tuple[int, str, str]:
+    return status_kind[0], message, status_kind[1]
+
+
+__all__ = ["APIError", "TaskPredictor", "create_app", "registry_predictor", "PromptTooLong"]

@@ -1,0 +1,293 @@
+"""The served model: a plain-PyTorch Llama / Qwen2 / Mistral decoder with mixed-adapter LoRA.
+
+One forward takes a flat batch of tokens from many sequences (ragged prefill or one token
+per sequence in decode). Linear layers work on the flat rows, so every token pays only for
+itself, and every adapted linear (q, k, v, o, gate, up, down) computes
+`base(x) + lora_delta(x, A, B, scaling, ids)` with ids per token from the adapter pool's
+stacked, device-resident weights. Attention reads the slot-based KV cache in a padded
+[sequences, query_len] layout; decode is query_len 1 over every running slot, a static
+shape that a later step can capture in a CUDA graph.
+
+Parameter names mirror Hugging Face (`model.layers.0.self_attn.q_proj.weight`) so a
+checkpoint folder loads with one `load_state_dict`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from torch import nn
+
+from tasktune.errors import TasktuneError
+from tasktune.lora.ops import lora_delta
+from tasktune.serve.kv_cache import KVCache
+
+SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
+ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
+MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
+LORA_MODULES = ATTN_MODULES + MLP_MODULES
+
+
+class UnsupportedModel(TasktuneError):
+    """The model folder is not a decoder this engine can serve."""
+
+
+@dataclass(frozen=True)
+class DecoderConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rope_theta: float
+    rms_norm_eps: float
+    tie_word_embeddings: bool
+    attention_bias: bool
+    max_position_embeddings: int
+    eos_token_ids: tuple[int, ...]
+
+    @classmethod
+    def from_dict(cls, c: dict) -> "DecoderConfig":
+        kind = c.get("model_type")
+        if kind not in SUPPORTED_TYPES:
+            raise UnsupportedModel(f"model_type {kind!r} is not supported (supported: {', '.join(SUPPORTED_TYPES)})")
+        rope = c.get("rope_parameters") or c.get("rope_scaling") or {}
+        rope_type = rope.get("rope_type", rope.get("type", "default"))
+        if rope_type not in ("default", None):
+            raise UnsupportedModel(f"rope scaling {rope_type!r} is not supported yet (only the default RoPE)")
+        if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias", False):
+            raise UnsupportedModel("only a SiLU MLP without bias is supported")
+        heads = int(c["num_attention_heads"])
+        eos = c.get("eos_token_id")
+        eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
+        return cls(
+            model_type=kind,
+            vocab_size=int(c["vocab_size"]),
+            hidden_size=int(c["hidden_size"]),
+            intermediate_size=int(c["intermediate_size"]),
+            num_layers=int(c["num_hidden_layers"]),
+            num_heads=heads,
+            num_kv_heads=int(c.get("num_key_value_heads") or heads),
+            head_dim=int(c.get("head_dim") or c["hidden_size"] // heads),
+            rope_theta=float(rope.get("rope_theta", c.get("rope_theta", 10000.0))),
+            rms_norm_eps=float(c.get("rms_norm_eps", 1e-6)),
+            tie_word_embeddings=bool(c.get("tie_word_embeddings", False)),
+            attention_bias=bool(c.get("attention_bias", kind == "qwen2")),
+            max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
+            eos_token_ids=eos_ids,
+        )
+
+
+@dataclass
+class LoraStacks:
+    """The pool's stacked adapter weights, read by every adapted linear.
+
+    weights: (layer, module) -> (A [slots, r, d_in], B [slots, d_out, r]); scaling: [slots].
+    The pool updates these tensors in place, so the decoder keeps one reference."""
+
+    weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
+    scaling: torch.Tensor
+
+
+@dataclass
+class Batch:
+    """One forward's inputs, built once per step on the device.
+
+    Flat layout (linears): tokens, positions, lora_ids, token_slots: [N].
+    Padded layout (attention): B sequences x T query tokens over L cached positions.
+    """
+
+    tokens: torch.Tensor  # [N]
+    positions: torch.Tensor  # [N]
+    lora_ids: torch.Tensor  # [N], -1 = base model
+    token_slots: torch.Tensor  # [N] KV-cache slot of each token
+    slots: torch.Tensor  # [B]
+    pad_index: torch.Tensor  # [B*T] flat row feeding each padded query (0 for padding)
+    valid: torch.Tensor  # [B*T] indices of real queries in padded order = flat order
+    mask: torch.Tensor  # [B, 1, T, L] key position <= query position
+    last: torch.Tensor  # [B] flat index of each sequence's last token
+    use_lora: bool
+    shape: tuple[int, int, int]  # (B, T, L)
+
+
+def make_batch(
+    chunks: list[list[int]], starts: list[int], slots: list[int], lora_ids: list[int], device: torch.device
+) -> Batch:
+    """chunks[b]: the new tokens of sequence b, written from position starts[b] into KV slot slots[b]."""
+    lens = [len(c) for c in chunks]
+    B, T, L = len(chunks), max(lens), max(s + n for s, n in zip(starts, lens))
+    tokens = [t for c in chunks for t in c]
+    positions = [s + i for s, n in zip(starts, lens) for i in range(n)]
+    token_slots = [sl for sl, n in zip(slots, lens) for _ in range(n)]
+    token_lora = [a for a, n in zip(lora_ids, lens) for _ in range(n)]
+    offsets = [0]
+    for n in lens:
+        offsets.append(offsets[-1] + n)
+    pad_index, valid, q_pos = [], [], []
+    for b, (s, n) in enumerate(zip(starts, lens)):
+        for t in range(T):
+            pad_index.append(offsets[b] + t if t < n else 0)
+            q_pos.append(s + t if t < n else 0)  # padding attends to key 0 only: no empty rows
+            if t < n:
+                valid.append(b * T + t)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    q = as_long(q_pos).view(B, 1, T, 1)
+    mask = torch.arange(L, device=device).view(1, 1, 1, L) <= q
+    return Batch(
+        tokens=as_long(tokens),
+        positions=as_long(positions),
+        lora_ids=as_long(token_lora),
+        token_slots=as_long(token_slots),
+        slots=as_long(slots),
+        pad_index=as_long(pad_index),
+        valid=as_long(valid),
+        mask=mask,
+        last=as_long([o - 1 for o in offsets[1:]]),
+        use_lora=any(a >= 0 for a in lora_ids),
+        shape=(B, T, L),
+    )
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x.float()
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * h.to(x.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Block(nn.Module):
+    """One pre-norm transformer layer; `lin` applies base + LoRA to a named linear."""
+
+    def __init__(self, cfg: DecoderConfig, index: int):
+        super().__init__()
+        self.index, self.cfg = index, cfg
+        hd, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_kv_heads
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        attn = nn.Module()
+        attn.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
+        attn.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        attn.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        attn.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=False)
+        mlp = nn.Module()
+        mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.self_attn, self.mlp = attn, mlp
+
+    def lin(self, parent: nn.Module, name: str, x: torch.Tensor, batch: Batch, lora: LoraStacks | None) -> torch.Tensor:
+        layer: nn.Linear = getattr(parent, name)
+        y = F.linear(x, layer.weight, layer.bias)  # x: [N, d_in] -> [N, d_out]
+        if lora is not None and batch.use_lora:
+            ab = lora.weights.get((self.index, name))
+            if ab is not None:
+                y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+        return y
+
+    def forward(self, x, batch: Batch, cos, sin, cache: KVCache, lora: LoraStacks | None) -> torch.Tensor:
+        cfg, a = self.cfg, self.self_attn
+        N, (B, T, L) = x.shape[0], batch.shape
+        h = self.input_layernorm(x)
+        q = self.lin(a, "q_proj", h, batch, lora).view(N, cfg.num_heads, cfg.head_dim)
+        k = self.lin(a, "k_proj", h, batch, lora).view(N, cfg.num_kv_heads, cfg.head_dim)
+        v = self.lin(a, "v_proj", h, batch, lora).view(N, cfg.num_kv_heads, cfg.head_dim)
+        q = q * cos + rotate_half(q) * sin  # cos, sin: [N, 1, head_dim]
+        k = k * cos + rotate_half(k) * sin
+        cache.write(self.index, batch.token_slots, batch.positions, k, v)
+        kc, vc = cache.read(self.index, batch.slots, L)  # [B, kv_heads, L, head_dim]
+        groups = cfg.num_heads // cfg.num_kv_heads
+        kc, vc = kc.repeat_interleave(groups, dim=1), vc.repeat_interleave(groups, dim=1)
+        qp = q.index_select(0, batch.pad_index).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+        o = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=batch.mask)  # [B, H, T, hd]
+        o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
+        x = x + self.lin(a, "o_proj", o, batch, lora)
+        h = self.post_attention_layernorm(x)
+        m = self.mlp
+        g = F.silu(self.lin(m, "gate_proj", h, batch, lora)) * self.lin(m, "up_proj", h, batch, lora)
+        return x + self.lin(m, "down_proj", g, batch, lora)
+
+
+class Decoder(nn.Module):
+    def __init__(self, cfg: DecoderConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = nn.Module()
+        self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_layers))
+        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def lora_shapes(self) -> dict[str, tuple[int, int]]:
+        """module name -> (d_in, d_out) of every adaptable linear."""
+        b = self.model.layers[0]
+        mods = {**{n: getattr(b.self_attn, n) for n in ATTN_MODULES}, **{n: getattr(b.mlp, n) for n in MLP_MODULES}}
+        return {n: (m.in_features, m.out_features) for n, m in mods.items()}
+
+    def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos, sin: [length, head_dim] in float32, computed as Hugging Face does."""
+        if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
+            dim = self.cfg.head_dim
+            inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
+            freqs = torch.arange(length, device=device).float()[:, None] * inv[None, :]
+            emb = torch.cat((freqs, freqs), dim=-1)
+            self._rope = (emb.cos(), emb.sin())
+        return self._rope
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
+        """-> logits of each sequence's last new token: [B, vocab] float32."""
+        x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
+        cos_t, sin_t = self.rope_table(cache.max_len, x.device)
+        cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
+        sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
+        for layer in self.model.layers:
+            x = layer(x, batch, cos, sin, cache, lora)
+        h = self.model.norm(x.index_select(0, batch.last))
+        return self.lm_head(h).float()
+
+
+def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Decoder:
+    """A Hugging Face folder (config.json + *.safetensors) -> Decoder on `device` in `dtype`
+    (default: float32 on CPU, bfloat16 on GPU)."""
+    folder = Path(path)
+    if not (folder / "config.json").is_file():
+        raise UnsupportedModel(f"{folder}: no config.json; expected a Hugging Face model folder")
+    cfg = DecoderConfig.from_dict(json.loads((folder / "config.json").read_text()))
+    files = sorted(folder.glob("*.safetensors"))
+    if not files:
+        hint = " (pickle .bin weights are refused; convert them to safetensors)" if list(folder.glob("*.bin")) else ""
+        raise UnsupportedModel(f"{folder}: no *.safetensors weights{hint}")
+    device = torch.device(device)
+    dtype = dtype or (torch.float32 if device.type == "cpu" else torch.bfloat16)
+    state: dict[str, torch.Tensor] = {}
+    for f in files:
+        state.update(load_file(f, device="cpu"))
+    state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
+    if cfg.tie_word_embeddings or "lm_head.weight" not in state:
+        state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    with torch.device("meta"):
+        model = Decoder(cfg)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    if missing or unexpected:
+        raise UnsupportedModel(f"{folder}: weights do not match a {cfg.model_type} decoder: "
+                               f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    return model.to(device=device, dtype=dtype).eval()

@@ -1,0 +1,314 @@
+"""The serving engine: continuous batching of many adapters over one base model.
+
+Each `step()`: admit waiting requests into free KV slots and prefill them (their first
+token), then one batched decode step over every sequence that was already running, each
+row with its own adapter id. Finished sequences leave at once. `generate()` drives steps
+synchronously (tests, offline use); `AsyncEngine` runs them in a background thread and
+hands results to asyncio code (the HTTP API).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import AsyncIterator, Callable
+
+import torch
+
+from tasktune.errors import TasktuneError
+from tasktune.serve.adapter_pool import AdapterError, AdapterPool
+from tasktune.serve.decoder import Decoder, load_decoder, make_batch
+from tasktune.serve.kv_cache import KVCache
+from tasktune.serve.sampling import SamplingParams, make_generator, sample
+from tasktune.serve.scheduler import Scheduler, Sequence
+
+log = logging.getLogger(__name__)
+
+
+class PromptTooLong(TasktuneError):
+    """The prompt leaves no room to generate within the engine's max_len (HTTP 400)."""
+
+
+@dataclass
+class Request:
+    prompt: str | list[int]  # text, or token ids
+    adapter: str | None = None  # None = the base model
+    params: SamplingParams = field(default_factory=SamplingParams)
+
+
+@dataclass
+class Completion:
+    request_id: str
+    text: str
+    token_ids: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    error: str | None = None
+
+
+def completion_of(seq: Sequence) -> Completion:
+    return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
+                      len(seq.prompt_ids), seq.error)
+
+
+def take_delta(seq: Sequence) -> str:
+    """The text not yet streamed that can no longer change: holds back a possible start of
+    a stop string and an incomplete UTF-8 character until the sequence finishes."""
+    end = len(seq.text)
+    if not seq.finished:
+        hold = max((len(s) for s in seq.params.stop), default=1) - 1
+        end = max(seq.sent, end - hold)
+        while end > seq.sent and seq.text[end - 1] == "\ufffd":
+            end -= 1
+    delta, seq.sent = seq.text[seq.sent:end], max(seq.sent, end)
+    return delta
+
+
+class Engine:
+    def __init__(self, model: Decoder, tokenizer, pool: AdapterPool, *, max_running: int = 32,
+                 max_waiting: int = 256, max_len: int = 512, max_prefill_tokens: int = 4096,
+                 base_name: str = "base"):
+        self.model, self.tokenizer, self.pool, self.base_name = model, tokenizer, pool, base_name
+        cfg, p = model.cfg, next(model.parameters())
+        self.device, self.max_len = p.device, min(max_len, cfg.max_position_embeddings)
+        self.cache = KVCache(cfg.num_layers, max_running, cfg.num_kv_heads, self.max_len, cfg.head_dim, p.dtype, p.device)
+        self.scheduler = Scheduler(max_running, max_waiting, max_prefill_tokens)
+        eos = set(cfg.eos_token_ids)
+        if getattr(tokenizer, "eos_token_id", None) is not None:
+            eos.add(tokenizer.eos_token_id)
+        self.eos_ids = eos
+        self._lock = threading.Lock()  # guards the scheduler's queues
+        self._step_lock = threading.Lock()
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, adapter_root: str | Path | None = None, max_resident: int = 8,
+                        max_rank: int = 16, device: str = "cpu", dtype: torch.dtype | None = None,
+                        base_name: str | None = None, **kwargs) -> "Engine":
+        from transformers import AutoTokenizer
+
+        model = load_decoder(path, device, dtype)
+        name = base_name or Path(path).resolve().name
+        pool = AdapterPool(num_layers=model.cfg.num_layers, shapes=model.lora_shapes(), base_name=name,
+                           base_path=path, root=adapter_root, max_resident=max_resident, max_rank=max_rank,
+                           device=device, dtype=next(model.parameters()).dtype)
+        return cls(model, AutoTokenizer.from_pretrained(path), pool, base_name=name, **kwargs)
+
+    # requests
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if not ids:
+            raise PromptTooLong("the prompt is empty after tokenisation")
+        if len(ids) >= self.max_len:
+            raise PromptTooLong(f"the prompt has {len(ids)} tokens; this server's limit is {self.max_len - 1}")
+        if any(not 0 <= t < self.model.cfg.vocab_size for t in ids):
+            raise PromptTooLong("the prompt has token ids outside the vocabulary")
+        return ids
+
+    def submit(self, request: Request, on_update: Callable[[Sequence], None] | None = None) -> Sequence:
+        """Queue a request; raises QueueFull, AdapterNotFound or PromptTooLong at once."""
+        if request.adapter is not None:
+            self.pool.info(request.adapter)
+        seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update)
+        seq.generator = make_generator(request.params, self.device)
+        with self._lock:
+            self.scheduler.add(seq)
+        return seq
+
+    def cancel(self, seq: Sequence) -> None:
+        seq.cancelled = True
+
+    def generate(self, requests: list[Request]) -> list[Completion]:
+        """Run requests to completion (submitting as the queue has room); results in order."""
+        pending, seqs = list(requests), []
+        while pending or self.has_work:
+            while pending and self.scheduler.can_accept():
+                seqs.append(self.submit(pending.pop(0)))
+            self.step()
+        return [completion_of(s) for s in seqs]
+
+    # one step
+    def step(self) -> list[Sequence]:
+        """Admit + prefill new sequences, then decode one token for those already running.
+        Thread-safe: concurrent callers (the API's loop, a direct `generate`) take turns."""
+        with self._step_lock:
+            return self._step()
+
+    def _step(self) -> list[Sequence]:
+        with self._lock:
+            for s in self.scheduler.running:
+                if s.cancelled and not s.finished:
+                    s.finish_reason = "cancelled"
+            decoding = [s for s in self.scheduler.running if not s.finished]
+            admitted = self.scheduler.admit(self._reserve)
+        prefill = [s for s in admitted if not s.finished]
+        for s in admitted:
+            if s.finished and s not in self.scheduler.running:  # cancelled while waiting
+                self._notify(s)
+        if prefill:
+            self._forward(prefill, [s.prompt_ids for s in prefill], [0] * len(prefill))
+        if decoding:
+            self._forward(decoding, [[s.output_ids[-1]] for s in decoding], [s.length - 1 for s in decoding])
+        touched = prefill + decoding
+        with self._lock:
+            done = self.scheduler.retire()
+        for s in done:
+            self._free(s)
+            if s not in touched:
+                self._notify(s)
+        return touched
+
+    def _free(self, s: Sequence) -> None:
+        if s.kv_slot >= 0:
+            self.cache.free(s.kv_slot)
+            s.kv_slot = -1
+        if s.adapter is not None and s.lora_id >= 0:
+            self.pool.release(s.adapter)
+            s.lora_id = -1
+
+    def _reserve(self, seq: Sequence) -> bool:
+        if self.cache.free_slots == 0:
+            return False
+        if seq.adapter is not None:
+            try:
+                lora_id = self.pool.acquire(seq.adapter)
+            except AdapterError as e:  # unloaded or unreadable since submission
+                seq.finish_reason, seq.error = "error", str(e)
+                return True
+            if lora_id is None:
+                return False
+            seq.lora_id = lora_id
+        seq.kv_slot = self.cache.alloc()
+        return True
+
+    def _forward(self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int]) -> None:
+        batch = make_batch(chunks, starts, [s.kv_slot for s in seqs], [s.lora_id for s in seqs], self.device)
+        logits = self.model(batch, self.cache, self.pool.stacks)
+        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+        for s, t in zip(seqs, tokens):
+            self._append(s, t)
+
+    def _append(self, seq: Sequence, token: int) -> None:
+        p = seq.params
+        seq.output_ids.append(token)
+        if seq.first_token_at is None:
+            seq.first_token_at = time.monotonic()
+        is_eos = token in self.eos_ids and not p.ignore_eos
+        ids = seq.output_ids[:-1] if is_eos else seq.output_ids
+        seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
+        hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+        if hits:
+            seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
+        elif is_eos:
+            seq.finish_reason = "stop"
+        elif len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len:
+            seq.finish_reason = "length"
+        self._notify(seq)
+
+    def _notify(self, seq: Sequence) -> None:
+        if seq.on_update is not None:
+            try:
+                seq.on_update(seq)
+            except Exception:  # a client's callback must not stop the batch
+                log.exception("on_update callback failed for %s", seq.request_id)
+
+    def abort_all(self, reason: str) -> None:
+        """Fail every queued and running sequence (after an internal error) and free their slots."""
+        with self._lock:
+            seqs = list(self.scheduler.waiting) + self.scheduler.running
+            self.scheduler.waiting.clear()
+            self.scheduler.running = []
+        for s in seqs:
+            if not s.finished:
+                s.finish_reason, s.error = "error", reason
+            self._free(s)
+            self._notify(s)
+
+
+@dataclass
+class Event:
+    """One streamed update: new text, and the finish reason on the last one."""
+
+    text: str
+    finish_reason: str | None
+    seq: Sequence
+
+
+class AsyncEngine:
+    """Runs `Engine.step` in a background thread while there is work; coroutines await results."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self._wake, self._stop, self._paused = threading.Event(), False, False
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        if self._thread is None or not self._thread.is_alive():
+            self._stop = False
+            self._thread = threading.Thread(target=self._run, name="tasktune-engine", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+        self._thread = None
+
+    def pause(self) -> None:
+        """Hold the loop between steps (tests, maintenance); queued requests wait."""
+        self._paused = True
+
+    def resume(self) -> None:
+        self._paused = False
+        self._wake.set()
+
+    def _run(self) -> None:
+        while not self._stop:
+            self._wake.clear()
+            if self._paused or not self.engine.has_work:
+                self._wake.wait(0.1)
+                continue
+            try:
+                self.engine.step()
+            except Exception as e:  # keep serving; fail the affected requests
+                log.exception("engine step failed")
+                self.engine.abort_all(f"internal engine error: {type(e).__name__}")
+
+    def submit(self, request: Request) -> tuple[Sequence, asyncio.Queue]:
+        """Queue a request (errors raise here, before any response starts); events arrive on the queue."""
+        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
+
+        def on_update(seq: Sequence) -> None:
+            ev = Event(take_delta(seq), seq.finish_reason, seq)
+            loop.call_soon_threadsafe(queue.put_nowait, ev)
+
+        self.start()
+        seq = self.engine.submit(request, on_update)
+        self._wake.set()
+        return seq, queue
+
+    async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[Event]:
+        try:
+            while True:
+                ev = await queue.get()
+                yield ev
+                if ev.finish_reason is not None:
+                    return
+        finally:
+            if not seq.finished:
+                self.engine.cancel(seq)
+                self._wake.set()
+
+    async def complete(self, request: Request) -> Completion:
+        seq, queue = self.submit(request)
+        async for _ in self.stream(seq, queue):
+            pass
+        return completion_of(seq)

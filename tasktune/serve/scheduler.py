@@ -1,0 +1,106 @@
+"""Continuous batching: which sequences run this step.
+
+The scheduler knows sequences only as token ids, an adapter id and sampling parameters;
+it does not know what a task or a tokenizer is (vLLM's lesson). Each step it admits
+waiting sequences in arrival order while a KV slot is free, the prefill token budget
+allows and the `reserve` hook (the engine pinning the adapter on the device) succeeds;
+everything already running decodes one token. Finished sequences give their slot back
+at once, so requests join and leave every step.
+"""
+
+from __future__ import annotations
+
+import itertools
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from tasktune.errors import TasktuneError
+from tasktune.serve.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class QueueFull(TasktuneError):
+    """The waiting queue is at capacity; the client should retry later (HTTP 429)."""
+
+
+@dataclass
+class Sequence:
+    prompt_ids: list[int]
+    params: SamplingParams
+    adapter: str | None = None  # adapter name; None = base model
+    request_id: str = field(default_factory=lambda: f"seq-{next(_ids)}")
+    lora_id: int = -1  # slot in the adapter pool's stacked weights while running
+    kv_slot: int = -1
+    output_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    sent: int = 0  # characters of `text` already streamed
+    finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
+    error: str | None = None
+    cancelled: bool = False
+    generator: torch.Generator | None = None
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_at: float | None = None
+    on_update: Callable[["Sequence"], None] | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def length(self) -> int:
+        return len(self.prompt_ids) + len(self.output_ids)
+
+
+class Scheduler:
+    def __init__(self, max_running: int, max_waiting: int, max_prefill_tokens: int = 4096):
+        self.max_running, self.max_waiting = max_running, max_waiting
+        self.max_prefill_tokens = max_prefill_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+
+    @property
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def can_accept(self) -> bool:
+        return len(self.waiting) < self.max_waiting
+
+    def add(self, seq: Sequence) -> None:
+        if not self.can_accept():
+            raise QueueFull(f"the waiting queue is full ({self.max_waiting} requests); retry later")
+        self.waiting.append(seq)
+
+    def admit(self, reserve: Callable[[Sequence], bool]) -> list[Sequence]:
+        """Move waiting sequences into running (FIFO) and return them for prefill.
+
+        `reserve(seq)` assigns the KV slot and adapter id and returns False when the
+        resources are not there now; admission stops at the first such sequence so that
+        no request starves behind later arrivals."""
+        admitted, budget = [], self.max_prefill_tokens
+        while self.waiting and len(self.running) < self.max_running:
+            seq = self.waiting[0]
+            if seq.cancelled:
+                self.waiting.popleft()
+                seq.finish_reason = "cancelled"
+                admitted.append(seq)
+                continue
+            if admitted and len(seq.prompt_ids) > budget:
+                break
+            if not reserve(seq):
+                break
+            self.waiting.popleft()
+            self.running.append(seq)
+            admitted.append(seq)
+            budget -= len(seq.prompt_ids)
+        return admitted
+
+    def retire(self) -> list[Sequence]:
+        """Drop finished sequences from running; the caller frees their resources."""
+        done = [s for s in self.running if s.finished]
+        self.running = [s for s in self.running if not s.finished]
+        return done
