@@ -117,6 +117,7 @@ class TrainSettings(_Strict):
     early_stopping_patience: int = 0
     checkpoint_every: int = 0
     log_every: int = 10
+    deterministic: bool = False  # torch deterministic algorithms (also: TASKTUNE_DETERMINISTIC=1)
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
 
 

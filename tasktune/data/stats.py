@@ -56,6 +56,8 @@ def label_counts(task: Task, examples: list[Example]) -> dict[str, int]:
 def split_stats(task: Task, part: LoadedSplit, tokenizer: Any, seed: int = 0) -> dict[str, Any]:
     """The stats of one loaded split (see the module docstring)."""
     out: dict[str, Any] = {"records": len(part.examples), "skipped": len(part.skipped), "excluded": len(part.excluded)}
+    if part.skipped:
+        out["skipped_rows"] = [str(issue) for issue in part.skipped]
     if task.kind in ("classification", "yesno"):
         out["labels"] = label_counts(task, part.examples)
         if task.labels and OUT_OF_SCOPE in task.labels:
@@ -148,6 +150,10 @@ def format_stats(stats: dict[str, Any], console: Any) -> None:
             if labels:
                 label_lines.append(f"{name}/{split}: {labels}")
     console.print(table)
+    for name, task in stats["tasks"].items():
+        for split, s in task["splits"].items():
+            for row in s.get("skipped_rows", []):
+                console.print(f"skipped {name}/{split}: {row}", markup=False, highlight=False, emoji=False)
     for line in label_lines:
         console.print(line, markup=False, highlight=False, emoji=False)
     mixing = stats["mixing"]

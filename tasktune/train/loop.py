@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -85,6 +87,8 @@ def train(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
+    if settings.deterministic or os.environ.get("TASKTUNE_DETERMINISTIC") == "1":
+        torch.use_deterministic_algorithms(True)
     accelerator = Accelerator(
         mixed_precision="bf16" if settings.precision == "bf16" else "no",
         kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
@@ -106,6 +110,7 @@ def train(
         sampler.load_state_dict(loaded.extra["sampler"])
         weighter.load_state_dict(loaded.extra["weighter"])
         start = loaded.step
+        _truncate_log(out_dir / "metrics.jsonl", start)
     shared = [p for p in runner.model.parameters() if p.requires_grad]
     world, rank = accelerator.num_processes, accelerator.process_index
     log_path = out_dir / "metrics.jsonl"
@@ -119,7 +124,10 @@ def train(
         torch.cuda.reset_peak_memory_stats()
     bar = tqdm(total=steps, initial=start, desc=f"train {runner.plan.strategy}", disable=not progress or not accelerator.is_main_process)
     runner.train()
+    kill_at = int(os.environ.get("TASKTUNE_FAULT_KILL_AT_STEP", "0"))  # crash tests: SIGKILL ourselves
     for step in range(start, steps):
+        if kill_at and step == kill_at:
+            os.kill(os.getpid(), signal.SIGKILL)
         sampler.set_step(step)
         window: dict[str, float] = {}
         weights: dict[str, float] = {}
@@ -182,6 +190,13 @@ def train(
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
     done = step + 1 if steps > start else start
     return TrainResult(done, time.perf_counter() - t0, peak, last, best_task_val, stopped)
+
+
+def _truncate_log(path: Path, step: int) -> None:
+    """On resume, drop log records a killed run wrote after its last checkpoint."""
+    if path.exists():
+        rows = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line)["step"] <= step]
+        path.write_text("".join(row + "\n" for row in rows))
 
 
 def _tensorboard(folder: Path):
