@@ -11,6 +11,17 @@ Which adapter a token uses is not an argument of `forward` (HF models would not 
 through): every layer of a model reads one shared `AdapterRouting`, which the model
 runner sets before each forward (`use_adapters` in inject.py).
 
+Precision: adapters keep their own dtype (fp32 on a half-precision base, like PEFT). Under
+`torch.autocast` the LoRA products run in the autocast dtype (as every other matmul
+there; the fp32 adapters are the master weights and receive fp32 gradients); without
+autocast x is cast to the adapters' dtype, as PEFT does.
+
+Speed: under autograd with few adapters (n * r_max <= ops.MASKED_MAX_COLS) the layer
+takes the masked path of ops.py (no host sync, one fused matmul-add into the base
+output); otherwise the segmented / gathered paths, with the per-forward routing work
+(broadcast ids, the adapter mask or the segment plan, one host sync) done once per
+forward and shared by every layer through the routing's cache.
+
 Ranks may differ per adapter: the stacks are padded to the largest rank with zeros. A
 padded row of A meets a zero column of B, so it adds nothing and its gradient is exactly
 zero; padded entries stay zero under any optimizer whose update is zero for a zero
@@ -20,12 +31,12 @@ gradient and zero state (SGD, Adam, AdamW).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
-from tasktune.lora.ops import lora_delta
+from tasktune.lora.ops import GATHER_MAX_ROWS, MASKED_MAX_COLS, adapter_column_mask, lora_delta, lora_delta_masked, segment_plan
 
 
 @dataclass
@@ -36,6 +47,21 @@ class AdapterRouting:
     tokens) or [B, T] (one adapter per token); -1 = no adapter."""
 
     ids: torch.Tensor | None = None
+    # Per-forward derived tensors (flat ids, masks, segment plans), valid while `ids` is
+    # the same tensor at the same version; every layer of the model shares them.
+    _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
+    _cache_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def cached(self, key: tuple, make):
+        """make() once per (ids tensor, in-place version, key); later calls reuse it."""
+        ids = self.ids
+        owner = (id(ids), ids._version if ids is not None else None)
+        if self._cache_key != owner or self._cache.get("_ids") is not ids:
+            self._cache = {"_ids": ids}
+            self._cache_key = owner
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -152,9 +178,26 @@ class MultiLoRALinear(nn.Module):
         if ids is None:
             return y
         lead = x.shape[:-1]
-        flat_ids = self.token_ids(ids, lead)  # [N]
-        x_flat = self.lora_dropout(x).reshape(-1, self.in_features).to(self.lora_A.dtype)  # [N, d_in]
-        delta = lora_delta(x_flat, self.lora_A, self.lora_B, self.scaling, flat_ids)  # [N, d_out]
+        device = self.lora_A.device
+        n, r = self.n_adapters, self.r_max
+        flat_ids = self.routing.cached(("ids", lead, device), lambda: self.token_ids(ids, lead))  # [N]
+        if torch.is_autocast_enabled(x.device.type):
+            dtype = torch.get_autocast_dtype(x.device.type)
+        else:
+            dtype = self.lora_A.dtype
+        A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
+        x_flat = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)  # [N, d_in]
+        if torch.is_grad_enabled() and n * r <= MASKED_MAX_COLS:
+            mask = self.routing.cached(("mask", lead, device, n, r), lambda: adapter_column_mask(flat_ids, n, r))
+            if y.dtype == dtype:  # one fused y + h @ B^T
+                out = lora_delta_masked(x_flat, A, B, self.scaling, flat_ids, mask, base=y.reshape(-1, self.out_features))
+                return out.reshape(*lead, self.out_features)
+            delta = lora_delta_masked(x_flat, A, B, self.scaling, flat_ids, mask)
+        else:
+            plan = None
+            if x_flat.shape[0] > 0 and (torch.is_grad_enabled() or x_flat.shape[0] > GATHER_MAX_ROWS):  # segmented
+                plan = self.routing.cached(("plan", lead, device), lambda: segment_plan(flat_ids))
+            delta = lora_delta(x_flat, A, B, self.scaling, flat_ids, plan)  # [N, d_out]
         return y + delta.reshape(*lead, self.out_features).to(y.dtype)
 
     def extra_repr(self) -> str:

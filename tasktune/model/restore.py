@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 from tasktune.config import ProjectConfig
@@ -32,7 +33,12 @@ def restore_runner(run_dir: Path) -> Runner:
         loaded = load_model(str(run_dir / "model"))
     else:
         loaded = load_model(cfg.model)
-    tasks = [t for t in build_tasks(cfg) if t.name in record["tasks"]]
+    # label sets as resolved at training time (user tasks may infer them from their data)
+    labels = record.get("labels", {})
+    tasks = [
+        replace(t, labels=tuple(labels[t.name])) if labels.get(t.name) else t
+        for t in build_tasks(cfg) if t.name in record["tasks"]
+    ]
     plan = plan_for(strategy, [t.name for t in tasks], record.get("groups"))
     max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
     runner = Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed)

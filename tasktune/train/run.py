@@ -122,6 +122,7 @@ def train_strategy(
         "family": loaded.family,
         "tasks": [t.name for t in data.tasks],
         "task_adapter": runner.plan.task_adapter,
+        "labels": {t.name: list(t.labels) if t.labels else None for t in data.tasks},
         "skipped_tasks": data.skipped_tasks,
         "skipped_rows": data.skipped_rows,
         "train_examples": {t: len(v) for t, v in data.train.items()},

@@ -1,0 +1,47 @@
+"""Schemathesis fuzzing of the API's own OpenAPI spec: no input may produce a 5xx.
+
+A bounded number of examples per operation (FUZZ_EXAMPLES) keeps this under a minute;
+the engine's max_len bounds every generation whatever max_tokens the fuzzer picks.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from test_engine import adapter_root  # noqa: F401  (session fixture)
+
+from tasktune.serve.api import create_app
+from tasktune.serve.engine import Engine
+
+schemathesis = pytest.importorskip("schemathesis")
+EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "12"))
+
+
+@pytest.fixture(scope="module")
+def schema(tiny_llama, adapter_root):  # noqa: F811
+    engine = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=2, max_rank=8,
+                                    max_running=4, max_waiting=64, max_len=40)
+    engine.pool.register_root()
+    app = create_app(engine)
+    yield schemathesis.openapi.from_asgi("/openapi.json", app)
+    app.state.runner.stop()
+
+
+def test_no_server_errors_for_any_input(schema):
+    operations = [result.ok() for result in schema.get_all_operations()]
+    assert len(operations) >= 9
+    failures = []
+    for op in operations:
+        @given(case=op.as_strategy())
+        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+                  suppress_health_check=list(HealthCheck))
+        def fuzz(case):
+            response = case.call()
+            if response.status_code >= 500:
+                failures.append(f"{op.method.upper()} {op.path}: {response.status_code} {response.text[:300]}")
+            assert response.status_code < 500
+
+        fuzz()
+    assert not failures

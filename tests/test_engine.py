@@ -1,0 +1,176 @@
+"""The serving engine against Hugging Face + PEFT: exact greedy tokens, fp32, CPU.
+
+Eight PEFT adapters (different ranks and scalings) and base-model rows share batches;
+requests arrive while others decode; the pool holds fewer adapters than are in use so
+admission waits for slots and adapters are evicted and reloaded mid-run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasktune.serve.engine import Engine, PromptTooLong, Request
+from tasktune.serve.sampling import SamplingParams
+from tasktune.serve.scheduler import QueueFull
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [
+    "book a table",
+    "play the latest album by the beatles on spotify",
+    "what is the weather in paris",
+    "add this song to my workout playlist and rate this book five stars",
+    "yes",
+    "summarize the dialogue between person1 and person2 about the meeting tomorrow",
+    "intent:",
+    "classify the intent of the following utterance: play music",
+]
+
+
+def make_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, **kw) -> Path:
+    """A PEFT LoRA folder with random non-zero A and B so that adapters really differ."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    model.save_pretrained(out)
+    return out
+
+
+def make_adapters(base_dir: Path, root: Path, n: int = 8) -> list[str]:
+    names = []
+    for i in range(n):
+        name = f"task-{i}"
+        make_adapter(base_dir, root / name, r=[2, 4, 8, 4, 2, 8, 6, 3][i % 8], alpha=[4, 8, 16, 4, 8, 8, 12, 3][i % 8],
+                     seed=100 + i, use_rslora=(i == 5))
+        names.append(name)
+    return names
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tiny_llama, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapters(tiny_llama, root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter_root) -> Engine:
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=6, max_waiting=64, max_len=128)
+    eng.pool.register_root()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_llama, adapter_root):
+    """Greedy tokens of HF + PEFT `generate` for one request alone (cached)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, adapter_root / "task-0", adapter_name="task-0")
+    for i in range(1, 8):
+        model.load_adapter(adapter_root / f"task-{i}", adapter_name=f"task-{i}")
+    cache: dict = {}
+
+    def run(prompt: str, adapter: str | None, n: int) -> list[int]:
+        key = (prompt, adapter, n)
+        if key not in cache:
+            ids = torch.tensor([tok.encode(prompt)])
+            kw = dict(max_new_tokens=n, do_sample=False, pad_token_id=tok.pad_token_id)
+            with torch.no_grad():
+                if adapter is None:
+                    with model.disable_adapter():
+                        out = model.generate(input_ids=ids, **kw)
+                else:
+                    model.set_adapter(adapter)
+                    out = model.generate(input_ids=ids, **kw)
+            cache[key] = out[0, ids.shape[1]:].tolist()
+        return cache[key]
+
+    return run
+
+
+def drain(engine: Engine) -> None:
+    for _ in range(10_000):
+        if not engine.has_work:
+            return
+        engine.step()
+    raise AssertionError("engine did not finish")
+
+
+def test_greedy_matches_hf_peft_with_mixed_adapters_and_arrivals(engine, reference):
+    adapters = [None] + [f"task-{i}" for i in range(8)]
+    jobs = [(PROMPTS[i % len(PROMPTS)], adapters[i % len(adapters)], 6 + (i * 5) % 11) for i in range(18)]
+    seqs = [engine.submit(Request(p, a, SamplingParams(max_tokens=n, ignore_eos=False))) for p, a, n in jobs[:7]]
+    for _ in range(3):
+        engine.step()
+    seqs += [engine.submit(Request(p, a, SamplingParams(max_tokens=n))) for p, a, n in jobs[7:12]]
+    engine.step()
+    seqs += [engine.submit(Request(p, a, SamplingParams(max_tokens=n))) for p, a, n in jobs[12:]]
+    drain(engine)
+    assert engine.cache.free_slots == engine.cache.num_slots
+    assert engine.pool.loads > 4  # max_resident 4 < 8 adapters in use: evicted and reloaded
+    for (prompt, adapter, n), seq in zip(jobs, seqs):
+        assert seq.output_ids == reference(prompt, adapter, n), (prompt, adapter)
+        assert seq.finish_reason in ("length", "stop")
+
+
+def test_base_rows_equal_plain_hf_and_generate_returns_in_order(engine, reference):
+    reqs = [Request(p, None, SamplingParams(max_tokens=8)) for p in PROMPTS]
+    outs = engine.generate(reqs)
+    for p, c in zip(PROMPTS, outs):
+        assert c.token_ids == reference(p, None, 8)
+        assert c.prompt_tokens == len(engine.tokenizer.encode(p))
+        assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
+
+
+def test_sampling_is_reproducible_with_a_seed(engine):
+    params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
+    alone = engine.generate([Request(PROMPTS[1], "task-2", params)])[0]
+    mixed = engine.generate([Request(PROMPTS[0], "task-1", SamplingParams(max_tokens=5, temperature=0.7)),
+                             Request(PROMPTS[1], "task-2", params),
+                             Request(PROMPTS[2], None, SamplingParams(max_tokens=9))])[1]
+    assert alone.token_ids == mixed.token_ids
+    other = engine.generate([Request(PROMPTS[1], "task-2", SamplingParams(max_tokens=12, temperature=1.0, seed=7))])[0]
+    assert other.token_ids != alone.token_ids
+    tiny_p = engine.generate([Request(PROMPTS[3], "task-3", SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6))])
+    greedy = engine.generate([Request(PROMPTS[3], "task-3", SamplingParams(max_tokens=6))])
+    assert tiny_p[0].token_ids == greedy[0].token_ids
+
+
+def test_stop_strings_and_max_tokens(engine):
+    full = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=16, ignore_eos=True))])[0]
+    assert len(full.token_ids) == 16 and full.finish_reason == "length"
+    text = full.text
+    stop = text[len(text) // 2: len(text) // 2 + 2]
+    assert stop.strip(), text
+    cut = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=16, stop=(stop,)))])[0]
+    assert cut.finish_reason == "stop"
+    assert cut.text == text[: text.index(stop)]
+    short = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=3))])[0]
+    assert short.token_ids == full.token_ids[:3] and short.finish_reason == "length"
+
+
+def test_limits(engine):
+    with pytest.raises(PromptTooLong):
+        engine.submit(Request("book " * 200))
+    with pytest.raises(PromptTooLong):
+        engine.submit(Request(""))
+    near = engine.generate([Request(list(range(5, 5 + 120)), None, SamplingParams(max_tokens=50))])[0]
+    assert near.finish_reason == "length" and 120 + len(near.token_ids) <= engine.max_len
+    small = Engine(engine.model, engine.tokenizer, engine.pool, max_running=1, max_waiting=2, max_len=64)
+    small.submit(Request("yes"))
+    small.submit(Request("no"))
+    with pytest.raises(QueueFull):
+        small.submit(Request("maybe"))
+    drain(small)
+    assert small.scheduler.can_accept()
