@@ -135,6 +135,21 @@ def demo(out: Path = typer.Option(Path("runs/demo"), "--out")):
     run_demo(out, console=console)
 
 
+@app.command()
+@friendly
+def export(
+    run_dir: Path = typer.Argument(...),
+    format: str = typer.Option("peft", "--format", help="peft | merged"),
+    out: Optional[Path] = typer.Option(None, "--out", help="default RUN_DIR/export-<format>"),
+):
+    """Write a run's adapters as PEFT folders (vLLM, TGI, LoRAX) or merged full models."""
+    from tasktune.export import export_run
+
+    out = out or Path(run_dir) / f"export-{format}"
+    for path in export_run(run_dir, out, format):
+        console.print(f"wrote {path}", highlight=False)
+
+
 def main() -> None:  # pragma: no cover - entry point
     app()
 

@@ -109,6 +109,7 @@ def drain(engine: Engine) -> None:
 
 def test_greedy_matches_hf_peft_with_mixed_adapters_and_arrivals(engine, reference):
     adapters = [None] + [f"task-{i}" for i in range(8)]
+    assert len({tuple(reference(PROMPTS[1], a, 8)) for a in adapters}) >= 7  # adapters really differ
     jobs = [(PROMPTS[i % len(PROMPTS)], adapters[i % len(adapters)], 6 + (i * 5) % 11) for i in range(18)]
     seqs = [engine.submit(Request(p, a, SamplingParams(max_tokens=n, ignore_eos=False))) for p, a, n in jobs[:7]]
     for _ in range(3):

@@ -53,3 +53,21 @@ def test_restored_runner_predicts_like_the_trained_one(tmp_path, tiny_bert):
         b = restored.task_losses(batch)
     for task in a:
         torch.testing.assert_close(a[task], b[task])
+
+
+def test_export_merged_equals_adapter_logits(tmp_path, tiny_llama):
+    from tasktune.export import export_run
+
+    cfg = tiny_config(tmp_path, tiny_llama, max_steps=3)
+    runner, _, _ = train_strategy(cfg, "single", tmp_path / "run", progress=False)
+    written = export_run(tmp_path / "run", tmp_path / "merged", "merged")
+    assert {p.name for p in written} == {"home_intent", "snips_slots"}
+    merged = AutoModelForCausalLM.from_pretrained(tmp_path / "merged" / "home_intent").eval()
+    ids = torch.tensor([[5, 17, 42, 99, 7, 3]])
+    runner.eval()
+    with torch.no_grad(), use_adapters(runner.handle, torch.tensor([runner.handle.index("home_intent")])):
+        ours = runner.model(input_ids=ids).logits
+    with torch.no_grad():
+        torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-5)
+    peft_dirs = export_run(tmp_path / "run", tmp_path / "peft", "peft")
+    assert all((p / "adapter_model.safetensors").exists() for p in peft_dirs)
