@@ -83,6 +83,8 @@ def test_paths_outside_the_root_are_refused(root, tmp_path):
         pool.register("d", "linked-file")
     with pytest.raises(AdapterPathError, match="does not exist"):
         pool.register("e", "missing")
+    with pytest.raises(AdapterPathError, match="does not exist"):
+        pool.register("f", "bad\x00path")
 
 
 def test_pickle_weights_are_refused(root):

@@ -10,6 +10,8 @@ import os
 
 import pytest
 from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from hypothesis.errors import Unsatisfiable
 from test_engine import adapter_root  # noqa: F401  (session fixture)
 
 from tasktune.serve.api import create_app
@@ -32,16 +34,27 @@ def schema(tiny_llama, adapter_root):  # noqa: F811
 def test_no_server_errors_for_any_input(schema):
     operations = [result.ok() for result in schema.get_all_operations()]
     assert len(operations) >= 9
-    failures = []
-    for op in operations:
-        @given(case=op.as_strategy())
+    failures, statuses = [], {}
+    modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
+    for op, mode in [(op, mode) for op in operations for mode in modes]:
+        @given(case=op.as_strategy(mode), model=st.sampled_from([None, "tiny-llama", "task-1", "task-6"]))
         @settings(max_examples=EXAMPLES, deadline=None, database=None,
                   suppress_health_check=list(HealthCheck))
-        def fuzz(case):
+        def fuzz(case, model):
+            if model and isinstance(case.body, dict) and "model" in case.body:
+                case.body["model"] = model  # reach the engine, not only the 404 for unknown models
             response = case.call()
+            key = f"{op.method.upper()} {op.path} {response.status_code}"  # noqa: B023
+            statuses[key] = statuses.get(key, 0) + 1
             if response.status_code >= 500:
                 failures.append(f"{op.method.upper()} {op.path}: {response.status_code} {response.text[:300]}")
             assert response.status_code < 500
 
-        fuzz()
+        try:
+            fuzz()
+        except Unsatisfiable:  # no negative inputs exist for an operation without parameters
+            assert mode == schemathesis.GenerationMode.NEGATIVE
     assert not failures
+    assert sum(statuses.values()) >= 3 * len(operations), statuses
+    for seen in ("POST /v1/completions 200", "POST /v1/chat/completions 200", "POST /v1/completions 422"):
+        assert seen in statuses, statuses

@@ -146,6 +146,8 @@ def test_sampling_is_reproducible_with_a_seed(engine):
     tiny_p = engine.generate([Request(PROMPTS[3], "task-3", SamplingParams(max_tokens=6, temperature=1.0, top_p=1e-6))])
     greedy = engine.generate([Request(PROMPTS[3], "task-3", SamplingParams(max_tokens=6))])
     assert tiny_p[0].token_ids == greedy[0].token_ids
+    tiny_t = engine.generate([Request(PROMPTS[3], "task-3", SamplingParams(max_tokens=6, temperature=1e-300))])
+    assert tiny_t[0].token_ids == greedy[0].token_ids
 
 
 def test_stop_strings_and_max_tokens(engine):
@@ -175,3 +177,41 @@ def test_limits(engine):
         small.submit(Request("maybe"))
     drain(small)
     assert small.scheduler.can_accept()
+
+
+@pytest.mark.parametrize("kind", ["qwen2", "mistral"])
+def test_other_families_match_hf(tiny_llama, tmp_path, kind):
+    """Qwen2 (q/k/v bias, tied embeddings) and Mistral, base rows and one adapter, exact greedy tokens."""
+    from transformers import MistralConfig, MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    common = dict(vocab_size=len(tok), hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=1, max_position_embeddings=256,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    torch.manual_seed(1)
+    if kind == "qwen2":
+        model = Qwen2ForCausalLM(Qwen2Config(tie_word_embeddings=True, **common))
+        with torch.no_grad():
+            for layer in model.model.layers:  # random biases so that a missing one shows
+                for proj in (layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj):
+                    proj.bias.normal_(0, 0.5)
+    else:
+        model = MistralForCausalLM(MistralConfig(sliding_window=200, tie_word_embeddings=False, **common))
+    folder = tmp_path / kind
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    make_adapter(folder, tmp_path / "ad" / "a", r=4, alpha=8, seed=5)
+    eng = Engine.from_pretrained(folder, adapter_root=tmp_path / "ad", max_rank=4, max_running=4, max_len=512)
+    eng.pool.register_root()
+    assert eng.max_len == (200 if kind == "mistral" else 256)
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(folder).eval(), tmp_path / "ad" / "a")
+    reqs = [Request(p, a, SamplingParams(max_tokens=7)) for p in PROMPTS[:3] for a in (None, "a")]
+    for r, c in zip(reqs, eng.generate(reqs)):
+        ids = torch.tensor([tok.encode(r.prompt)])
+        with torch.no_grad():
+            if r.adapter is None:
+                with peft.disable_adapter():
+                    out = peft.generate(input_ids=ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+            else:
+                out = peft.generate(input_ids=ids, max_new_tokens=7, do_sample=False, pad_token_id=tok.pad_token_id)
+        assert c.token_ids == out[0, ids.shape[1]:].tolist(), (kind, r.prompt, r.adapter)

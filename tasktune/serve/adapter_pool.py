@@ -223,12 +223,12 @@ class AdapterPool:
 
     # validation
     def _resolve(self, path: str | Path) -> Path:
-        p = Path(path)
-        if self.root is not None and not p.is_absolute():
-            p = self.root / p
         try:
+            p = Path(path)
+            if self.root is not None and not p.is_absolute():
+                p = self.root / p
             folder = p.resolve(strict=True)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, ValueError, TypeError):  # ValueError: a NUL byte in the path
             raise AdapterPathError(f"adapter folder {str(path)!r} does not exist") from None
         if self.root is not None and not folder.is_relative_to(self.root):
             raise AdapterPathError(f"adapter folder {str(path)!r} is outside the adapter root")

@@ -24,7 +24,7 @@ from starlette.exceptions import HTTPException
 from tasktune.errors import TasktuneError
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
-from tasktune.serve.engine import AsyncEngine, Completion, Engine, PromptTooLong, Request
+from tasktune.serve.engine import AsyncEngine, Completion, Engine, Request
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
@@ -138,7 +138,8 @@ def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str 
 
     @app.exception_handler(TasktuneError)
     async def _tasktune_error(_, e: TasktuneError):
-        return error_response(*_swap(status_of(e), str(e)))
+        status, kind = status_of(e)
+        return error_response(status, str(e), kind)
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(_, e: RequestValidationError):
@@ -307,8 +308,4 @@ def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str 
     return app
 
 
-def _swap(status_kind: tuple[int, str], message: str) -> tuple[int, str, str]:
-    return status_kind[0], message, status_kind[1]
-
-
-__all__ = ["APIError", "TaskPredictor", "create_app", "registry_predictor", "PromptTooLong"]
+__all__ = ["APIError", "TaskPredictor", "create_app", "registry_predictor"]

@@ -53,6 +53,11 @@ class DecoderConfig:
     attention_bias: bool
     max_position_embeddings: int
     eos_token_ids: tuple[int, ...]
+    sliding_window: int | None = None  # the engine caps its context here (no window masking yet)
+
+    @property
+    def o_proj_bias(self) -> bool:
+        return self.attention_bias and self.model_type == "llama"  # Qwen2 biases q, k, v only
 
     @classmethod
     def from_dict(cls, c: dict) -> "DecoderConfig":
@@ -66,6 +71,8 @@ class DecoderConfig:
         if c.get("hidden_act", "silu") != "silu" or c.get("mlp_bias", False):
             raise UnsupportedModel("only a SiLU MLP without bias is supported")
         heads = int(c["num_attention_heads"])
+        uses_window = kind == "mistral" or bool(c.get("use_sliding_window"))
+        window = int(c["sliding_window"]) if uses_window and c.get("sliding_window") else None
         eos = c.get("eos_token_id")
         eos_ids = tuple(eos) if isinstance(eos, list) else (() if eos is None else (int(eos),))
         return cls(
@@ -83,6 +90,7 @@ class DecoderConfig:
             attention_bias=bool(c.get("attention_bias", kind == "qwen2")),
             max_position_embeddings=int(c.get("max_position_embeddings", 2048)),
             eos_token_ids=eos_ids,
+            sliding_window=window,
         )
 
 
@@ -186,7 +194,7 @@ class Block(nn.Module):
         attn.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
         attn.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
         attn.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
-        attn.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=False)
+        attn.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=cfg.o_proj_bias)
         mlp = nn.Module()
         mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)

@@ -74,7 +74,8 @@ class Engine:
                  base_name: str = "base"):
         self.model, self.tokenizer, self.pool, self.base_name = model, tokenizer, pool, base_name
         cfg, p = model.cfg, next(model.parameters())
-        self.device, self.max_len = p.device, min(max_len, cfg.max_position_embeddings)
+        self.device = p.device
+        self.max_len = min(max_len, cfg.max_position_embeddings, cfg.sliding_window or max_len)
         self.cache = KVCache(cfg.num_layers, max_running, cfg.num_kv_heads, self.max_len, cfg.head_dim, p.dtype, p.device)
         self.scheduler = Scheduler(max_running, max_waiting, max_prefill_tokens)
         eos = set(cfg.eos_token_ids)

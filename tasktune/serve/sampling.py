@@ -63,7 +63,10 @@ def sample(
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        probs = torch.softmax(logits[i] / p.temperature, dim=-1)
-        probs = top_p_filter(probs, p.top_p)
+        row = logits[i]
+        # subtract the max first: a tiny temperature then gives -inf, never inf - inf = nan
+        probs = top_p_filter(torch.softmax((row - row.max()) / p.temperature, dim=-1), p.top_p)
+        if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
+            continue  # degenerate distribution (non-finite logits): keep the argmax
         out[i] = int(torch.multinomial(probs, 1, generator=g).item())
     return out
