@@ -16,7 +16,7 @@ from tasktune.errors import TasktuneError
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Fine-tune one base model for many tasks; compare strategies; serve adapters.")
 data_app = typer.Typer(no_args_is_help=True, help="Inspect task data: counts, labels, lengths, rendered prompts.")
 app.add_typer(data_app, name="data")
-console = Console()
+console = Console(width=None if sys.stdout.isatty() else 120)
 err = Console(stderr=True)
 
 
@@ -148,6 +148,27 @@ def export(
     out = out or Path(run_dir) / f"export-{format}"
     for path in export_run(run_dir, out, format):
         console.print(f"wrote {path}", highlight=False)
+
+
+@app.command()
+@friendly
+def serve(
+    paths: list[Path] = typer.Argument(..., help="run folders and/or PEFT adapter folders"),
+    base: Optional[str] = typer.Option(None, "--base", help="base model folder (default: the run's model)"),
+    host: str = typer.Option("127.0.0.1", "--host"),
+    port: int = typer.Option(8000, "--port"),
+    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    adapter_root: Optional[str] = typer.Option(None, "--adapter-root", help="folder adapters may be loaded from at run time"),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TASKTUNE_API_KEY"),
+):
+    """OpenAI-compatible server: one base model, many adapters (model = adapter name)."""
+    import uvicorn
+
+    from tasktune.serve.launch import build_server
+
+    app_, names = build_server(paths, base, device=device, adapter_root=adapter_root, api_key=api_key)
+    console.print(f"serving {len(names)} adapter(s) on http://{host}:{port}/v1: {', '.join(names)}", highlight=False)
+    uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 
 def main() -> None:  # pragma: no cover - entry point

@@ -1,0 +1,60 @@
+"""`tasktune serve`: one base model, the adapters of runs or PEFT folders, one endpoint.
+
+Paths named on the command line are trusted (the operator chose them); adapters loaded
+later through the API must live under `--adapter-root`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from tasktune.errors import TasktuneError
+
+CONFIG = "adapter_config.json"
+
+
+def collect_adapters(paths: list[Path]) -> tuple[dict[str, Path], str | None]:
+    """name -> folder for every adapter in the given run folders / adapter folders, and the
+    base model a run names (None when only adapter folders are given)."""
+    found: dict[str, Path] = {}
+    base = None
+    for path in map(Path, paths):
+        if (path / CONFIG).is_file():
+            folders = [path]
+        elif (path / "run.json").is_file():
+            record = json.loads((path / "run.json").read_text())
+            if record.get("family") == "encoder":
+                raise TasktuneError(f"{path}: encoder runs are evaluated with `tasktune eval`; the server hosts causal LMs")
+            base = base or record.get("model_path") or record.get("model")
+            folders = sorted(p for p in (path / "adapters").iterdir() if (p / CONFIG).is_file())
+        else:
+            raise TasktuneError(f"{path}: neither a PEFT adapter folder ({CONFIG}) nor a tasktune run folder (run.json)")
+        for folder in folders:
+            if folder.name in found:
+                raise TasktuneError(f"adapter name '{folder.name}' appears twice ({found[folder.name]} and {folder})")
+            found[folder.name] = folder
+    return found, base
+
+
+def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
+                 api_key: str | None = None, max_resident: int = 8, max_rank: int = 64):
+    from tasktune.model.load import resolve
+    from tasktune.serve.api import create_app
+    from tasktune.serve.engine import Engine
+
+    adapters, run_base = collect_adapters(paths)
+    base = base or run_base
+    if not base:
+        raise TasktuneError("name the base model with --base (a local Hugging Face folder)")
+    where, local = resolve(base)
+    if not local:
+        raise TasktuneError(f"--base '{base}': the server loads local model folders only")
+    engine = Engine.from_pretrained(where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device)
+    root, engine.pool.root = engine.pool.root, None  # command-line adapters are trusted
+    try:
+        for name, folder in adapters.items():
+            engine.pool.register(name, folder)
+    finally:
+        engine.pool.root = root
+    return create_app(engine, api_key=api_key), sorted(adapters)
