@@ -22,9 +22,9 @@ from tasktune.eval.results import (
 )
 from tasktune.eval.transfer import task_affinity
 from tasktune.eval.verdict import compute_verdict, print_verdict
-from tasktune.model.load import load_tokenizer, model_family
+from tasktune.model.load import load_model, load_tokenizer, model_family
 from tasktune.model.runner import Runner
-from tasktune.train.run import PreparedData, prepare_data, train_strategy, versions
+from tasktune.train.run import PreparedData, build_runner, prepare_data, train_strategy, versions
 
 
 def read_curves(metrics_path: Path) -> TrainingCurve:
@@ -97,7 +97,9 @@ def run_compare(
             costs=measure_costs(runner, trained.seconds, trained.peak_memory_mb, data),
             notes={"steps": trained.steps, "eval_seconds": time.perf_counter() - started, "run_dir": str(run_dir)},
         )
-        forgetting += ForgettingDelta.from_report(strategy, forgetting_report(runner))
+        # `full` changes the base itself: compare against a freshly loaded copy
+        base = build_runner(cfg, load_model(cfg.model), data.tasks, "full") if runner.handle is None else None
+        forgetting += ForgettingDelta.from_report(strategy, forgetting_report(runner, base))
         if strategy == "multi" and len(data.tasks) > 1:
             val = {t: v for t, v in data.validation.items() if v}
             if len(val) > 1:

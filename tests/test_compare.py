@@ -33,3 +33,13 @@ def test_compare_writes_report_with_cis_for_every_strategy_and_task(tmp_path, ti
     assert {f["strategy"] for f in results["forgetting"]} == {"single", "multi"}
     printed = console.export_text()
     assert "home_intent" in printed and "report" in printed
+
+
+def test_full_fine_tuning_is_compared_and_its_forgetting_measured(tmp_path, tiny_bert):
+    cfg = tiny_config(tmp_path, tiny_bert, max_steps=3, full_lr=1e-3)
+    results = run_compare(cfg, ["single", "full"], tmp_path / "cmp", console=Console(width=160), n_resamples=100)
+    full = results.strategies["full"]
+    assert full.costs.trainable_params > results.strategies["single"].costs.trainable_params
+    drift = [f for f in results.forgetting if f.strategy == "full"]
+    assert len(drift) == 1 and drift[0].after < 1.0  # the tuned encoder's embeddings moved
+    assert (tmp_path / "cmp" / "full" / "model" / "config.json").exists()
