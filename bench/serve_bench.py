@@ -1,0 +1,437 @@
+"""Serving speed: tasktune's engine against Hugging Face PEFT `generate`, mixed adapters.
+
+Randomly initialised Qwen2.5-0.5B-shaped Qwen2 (hidden 896, intermediate 4864, 24 layers,
+14 heads, 2 KV heads, vocab 151936, tied embeddings, rope_theta 1e6), bf16, saved to a
+temporary folder with a word-level tokenizer built here (prompts are token ids, so the
+tokenizer only turns generated ids back into text, as the engine does every step).
+32 random PEFT LoRA adapters, r=16, alpha=32, on q,k,v,o,gate,up,down (get_peft_model +
+save_pretrained; lora_A and lora_B random and non-zero).
+
+Work: batch of 32 requests, 256-token random prompts, 128 new tokens, greedy, ignore_eos.
+Cases, all in one run:
+  base   no adapter
+  a4     4 distinct adapters spread over the 32 requests (request i -> adapter i % 4)
+  a32    32 distinct adapters (request i -> adapter i)
+  peft   HF PEFT `generate(adapter_names=[...])` on the a32 work; decode rate from the
+         difference of two generate calls (1 and 1 + n_peft new tokens) since it is slow.
+
+Engine decode throughput = 32 * (decode steps) / (time of the decode steps); the first
+engine step is the prefill (all 32 prompts) plus the first token and is timed apart.
+Memory roofline of one decode step = bytes it must read (base weights once, the KV cache
+of the batch at the mean context length of the decode steps, each distinct adapter's
+weights once) / device-to-device copy bandwidth measured here (bytes read + written).
+
+    PYTHONPATH=. python3 bench/serve_bench.py          # on the GPU (writes $OUT too)
+    .venv/bin/python bench/serve_bench.py --tiny       # 2 layers, hidden 64, on the CPU
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
+
+FORMULAS = {
+    "decode_tok_s": "batch * decode_steps / decode_time; decode steps = engine steps after the first "
+                    "(the first step prefills all prompts and samples the first token); host clock, the "
+                    "engine syncs every step (sampling reads the tokens)",
+    "e2e_tok_s": "batch * new_tokens / (prefill step + decode steps), from submission to the last token",
+    "copy_bw": "2 * bytes(src) / time of dst.copy_(src) on the device (bytes read + written), median of repeats",
+    "roofline_bytes": "base weights read once per step (every decoder-layer parameter, final norm, LM head; "
+                      "embedding rows of the batch only) + KV cache = layers * 2 * kv_heads * head_dim * "
+                      "bytes(dtype) * batch * mean_ctx, mean_ctx = prompt_len + (new_tokens) / 2 (the keys "
+                      "one decode step attends to, averaged over the decode steps) + each distinct adapter "
+                      "once = layers * sum over the 7 modules of r * (d_in + d_out) * bytes(dtype)",
+    "roofline_tok_s": "batch / (roofline_bytes / copy_bw)",
+    "pct_roofline": "decode_tok_s / roofline_tok_s",
+    "peft_decode_tok_s": "batch * n_peft / (t(generate 1 + n_peft new tokens) - t(generate 1 new token))",
+    "peft_e2e_tok_s": "batch * (1 + n_peft) / t(generate 1 + n_peft new tokens)",
+}
+
+
+def qwen_config(tiny: bool):
+    from transformers import Qwen2Config
+
+    kw = dict(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attn_implementation="sdpa",
+              eos_token_id=0, bos_token_id=None, pad_token_id=0)
+    if tiny:
+        return Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **kw)
+    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, **kw)
+
+
+def build_tokenizer(vocab: int):
+    """A word-level tokenizer over the whole vocabulary (token i is 't<i>'); built in
+    well under a second, no training data and no network needed."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", pad_token="t0", unk_token="t1")
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def copy_bandwidth(device, tiny: bool) -> dict:
+    n = (1 << 24) if tiny else (1 << 30)  # bytes of the source
+    src = torch.randn(n // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        sync(device)
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            e1.synchronize()
+            dt = e0.elapsed_time(e1) / 1e3
+        else:
+            dst.copy_(src)
+            dt = time.perf_counter() - t0
+        if i >= 3:
+            times.append(dt)
+    med = statistics.median(times)
+    assert torch.equal(dst, src)
+    del src, dst
+    return {"bytes_src": n, "median_s": med, "bytes_per_s": 2 * n / med, "repeats": len(times)}
+
+
+def model_read_bytes(model, batch: int) -> int:
+    """Bytes of base weights one decode step reads: every layer parameter, the final norm,
+    the LM head; the embedding table only for the batch's rows."""
+    total = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
+    total += sum(p.numel() * p.element_size() for p in model.model.norm.parameters())
+    total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
+    emb = model.model.embed_tokens.weight
+    if emb.data_ptr() != model.lm_head.weight.data_ptr():
+        pass  # untied: still only the rows
+    total += batch * emb.shape[1] * emb.element_size()
+    return total
+
+
+def adapter_bytes(cfg, r: int, elem: int) -> int:
+    d, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
+    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
+    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
+    return cfg.num_layers * sum(r * (a + b) for a, b in shapes) * elem
+
+
+def kv_bytes(cfg, batch: int, ctx: float, elem: int) -> float:
+    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem * batch * ctx
+
+
+# --- setup ---------------------------------------------------------------------------------
+def make_base_and_adapters(config, folder: Path, n_adapters: int, r: int, alpha: float, device, seed=0):
+    """Save the random base (+ tokenizer) and n_adapters PEFT folders; return the PeftModel
+    holding all adapters (names a00, a01, ...) for the PEFT baseline."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import Qwen2ForCausalLM
+
+    torch.manual_seed(seed)
+    with torch.device(device):
+        base = Qwen2ForCausalLM(config)
+    base = base.to(torch.bfloat16).eval()
+    base_dir = folder / "base"
+    base.save_pretrained(base_dir, safe_serialization=True)
+    build_tokenizer(config.vocab_size).save_pretrained(base_dir)
+    base.config.name_or_path = str(base_dir)  # adapters record it; the pool checks it
+    base.config._name_or_path = str(base_dir)
+    root = folder / "adapters"
+    names = [f"a{i:02d}" for i in range(n_adapters)]
+    lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0)
+    model = get_peft_model(base, lcfg, adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, lcfg)
+    g = torch.Generator(device=device).manual_seed(seed + 1)
+    with torch.no_grad():
+        for pname, p in model.named_parameters():
+            if ".lora_A." in pname:  # A ~ N(0, 1/d_in), B ~ N(0, 0.02^2): a visible but bounded update
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / p.shape[1] ** 0.5)
+            elif ".lora_B." in pname:
+                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02)
+    for name in names:
+        model.save_pretrained(root, selected_adapters=[name])  # -> root/<name>/
+    lora_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
+    model.eval()  # generate(adapter_names=...) refuses training mode
+    return base_dir, root, names, model, lora_dtype
+
+
+# --- engine cases ----------------------------------------------------------------------------
+def run_engine(engine, prompts, adapters, new_tokens: int, device) -> dict:
+    from tasktune.serve.engine import Request, completion_of
+    from tasktune.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    seqs = []
+    sync(device)
+    t0 = time.perf_counter()
+    for p, a in zip(prompts, adapters):
+        seqs.append(engine.submit(Request(prompt=p, adapter=a, params=params)))
+    engine.step()  # admits and prefills every prompt, samples the first token
+    sync(device)
+    t1 = time.perf_counter()
+    if any(len(s.output_ids) != 1 for s in seqs):
+        raise RuntimeError("the first step did not prefill every request (raise max_prefill_tokens/max_running)")
+    step_times = []
+    while engine.has_work:
+        ts = time.perf_counter()
+        engine.step()
+        sync(device)
+        step_times.append(time.perf_counter() - ts)
+    t2 = time.perf_counter()
+    outs = [completion_of(s) for s in seqs]
+    assert all(len(o.token_ids) == new_tokens for o in outs), [len(o.token_ids) for o in outs]
+    n = len(prompts)
+    dec_steps = len(step_times)
+    return {
+        "prefill_s": t1 - t0, "decode_s": t2 - t1, "decode_steps": dec_steps,
+        "decode_step_median_s": statistics.median(step_times) if step_times else None,
+        "decode_tok_s": n * dec_steps / (t2 - t1) if dec_steps else None,
+        "e2e_tok_s": n * new_tokens / (t2 - t0),
+        "tokens": [o.token_ids for o in outs],
+    }
+
+
+def profile_decode_step(engine, prompts, adapters, device) -> dict:
+    """One decode step under the profiler: device kernels launched and their summed time,
+    next to the step's wall time (how much of the step the GPU is busy)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for p, a in zip(prompts, adapters):
+        engine.submit(Request(prompt=p, adapter=a, params=params))
+    engine.step()
+    engine.step()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        engine.step()
+        sync(device)
+        wall = time.perf_counter() - t0
+    while engine.has_work:
+        engine.step()
+    kernels, busy_us = 0, 0.0
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            busy_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
+    return {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6}
+
+
+# --- PEFT baseline ---------------------------------------------------------------------------
+def peft_generate(model, input_ids, names, max_new: int, device) -> tuple[float, torch.Tensor]:
+    sync(device)
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        out = model.generate(input_ids=input_ids, attention_mask=torch.ones_like(input_ids), adapter_names=names,
+                             max_new_tokens=max_new, min_new_tokens=max_new, do_sample=False, pad_token_id=0)
+    sync(device)
+    return time.perf_counter() - t0, out[:, input_ids.shape[1]:]
+
+
+def fx(v, spec):
+    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, batch 8: a CPU smoke run")
+    ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for serve_bench.json (default $OUT)")
+    ap.add_argument("--results", default=None, help="also write the JSON here (default bench/results/ on a GPU)")
+    ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine case (median reported)")
+    ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
+    ap.add_argument("--skip-peft", action="store_true")
+    args = ap.parse_args()
+
+    tiny = args.tiny
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    batch, prompt_len, new_tokens = (8, 32, 8) if tiny else (32, 256, 128)
+    n_adapters, n_few = (8, 4) if tiny else (32, 4)
+    repeats = args.repeats or (1 if tiny else 3)
+    peft_new = args.peft_new or (3 if tiny else 8)
+    r, alpha = 16, 32.0
+    dtype = torch.bfloat16
+
+    import peft
+    import transformers
+
+    from tasktune.serve.engine import Engine
+
+    config = qwen_config(tiny)
+    result: dict = {
+        "bench": "serve_bench",
+        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
+        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
+                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "config": {"tiny": tiny, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "greedy": True,
+                   "ignore_eos": True, "dtype": "bfloat16", "lora": {"r": r, "alpha": alpha, "targets": TARGETS},
+                   "n_adapters": n_adapters, "few_adapters": n_few, "repeats": repeats, "peft_new_tokens": peft_new,
+                   "model": {k: getattr(config, k) for k in (
+                       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                       "num_key_value_heads", "vocab_size", "tie_word_embeddings")}},
+        "formulas": FORMULAS,
+        "design_peft_reference_tok_s": DESIGN_PEFT,
+    }
+    out_dir = Path(args.out) if args.out else None
+    results_path = Path(args.results) if args.results else (
+        REPO / "bench" / "results" / "serve_bench.json" if device.type == "cuda" else None)
+
+    def save():
+        text = json.dumps(result, indent=1)
+        for p in ([out_dir / "serve_bench.json"] if out_dir else []) + ([results_path] if results_path else []):
+            p.parent.mkdir(parents=True, exist_ok=True)
+            p.write_text(text)
+
+    bw = copy_bandwidth(device, tiny)
+    result["copy_bandwidth"] = bw
+    print(f"device {result['device']}: copy {bw['bytes_per_s'] / 1e12:.3f} TB/s (read+write)", flush=True)
+
+    tmp = tempfile.TemporaryDirectory(prefix="serve_bench_")
+    folder = Path(tmp.name)
+    t = time.perf_counter()
+    base_dir, root, names, peft_model, lora_dtype = make_base_and_adapters(config, folder, n_adapters, r, alpha, device)
+    result["setup_s"] = time.perf_counter() - t
+    result["peft_lora_dtype"] = str(lora_dtype)
+    print(f"setup (base + {n_adapters} adapters saved): {result['setup_s']:.1f}s", flush=True)
+
+    g = torch.Generator().manual_seed(123)
+    prompt_ids = torch.randint(2, config.vocab_size, (batch, prompt_len), generator=g)
+    prompts = [row.tolist() for row in prompt_ids]
+
+    engine = Engine.from_pretrained(base_dir, adapter_root=root, max_resident=n_adapters, max_rank=r, device=str(device),
+                                    dtype=dtype, max_running=batch, max_len=prompt_len + new_tokens + 8,
+                                    max_prefill_tokens=batch * prompt_len)
+    engine.pool.register_root()
+    cfg = engine.model.cfg
+    elem = torch.finfo(dtype).bits // 8
+    base_bytes = model_read_bytes(engine.model, batch)
+    mean_ctx = prompt_len + new_tokens / 2
+    kvb = kv_bytes(cfg, batch, mean_ctx, elem)
+    ab = adapter_bytes(cfg, r, elem)
+    result["roofline_parts"] = {"base_weight_bytes": base_bytes, "kv_bytes_mean_ctx": kvb, "mean_ctx": mean_ctx,
+                                "adapter_bytes_each": ab}
+
+    cases = {
+        "base": [None] * batch,
+        f"a{n_few}": [names[i % n_few] for i in range(batch)],
+        f"a{n_adapters}": [names[i % n_adapters] for i in range(batch)],
+    }
+    result["cases"] = {}
+    # warm-up: every case once with a few tokens (allocator, cuBLAS handles, adapter loads)
+    for adapters in cases.values():
+        run_engine(engine, prompts, adapters, min(4, new_tokens), device)
+    for name, adapters in cases.items():
+        runs = [run_engine(engine, prompts, adapters, new_tokens, device) for _ in range(repeats)]
+        runs.sort(key=lambda x: x["decode_tok_s"])
+        med = runs[len(runs) // 2]
+        distinct = len({a for a in adapters if a is not None})
+        roof_bytes = base_bytes + kvb + distinct * ab
+        roof_tok_s = batch / (roof_bytes / bw["bytes_per_s"])
+        c = {k: v for k, v in med.items() if k != "tokens"}
+        c.update({"distinct_adapters": distinct, "decode_tok_s_all": [x["decode_tok_s"] for x in runs],
+                  "roofline_bytes": roof_bytes, "roofline_step_s": roof_bytes / bw["bytes_per_s"],
+                  "roofline_tok_s": roof_tok_s, "pct_roofline": med["decode_tok_s"] / roof_tok_s,
+                  "repeat_tokens_identical": all(x["tokens"] == runs[0]["tokens"] for x in runs)})
+        result["cases"][name] = c
+        result.setdefault("_tokens", {})[name] = med["tokens"]
+        print(f"{name}: decode {c['decode_tok_s']:.0f} tok/s (step {c['decode_step_median_s'] * 1e3:.2f} ms), "
+              f"e2e {c['e2e_tok_s']:.0f} tok/s, prefill {c['prefill_s'] * 1e3:.0f} ms, "
+              f"{100 * c['pct_roofline']:.1f}% of roofline {roof_tok_s:.0f} tok/s", flush=True)
+        save()
+    if device.type == "cuda":
+        try:
+            result["profile"] = {k: profile_decode_step(engine, prompts, cases[k], device) for k in ("base", f"a{n_adapters}")}
+            print("profile of one decode step:", result["profile"], flush=True)
+        except Exception as e:  # diagnostics only
+            result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    a_tokens = result.pop("_tokens")
+    del engine
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    save()
+
+    # PEFT mixed-adapter generate on the many-adapter work
+    if not args.skip_peft:
+        try:
+            ids = prompt_ids.to(device)
+            adapters = cases[f"a{n_adapters}"]
+            peft_generate(peft_model, ids, adapters, 2, device)  # warm-up
+            t1 = min(peft_generate(peft_model, ids, adapters, 1, device)[0] for _ in range(2))
+            tn, toks = peft_generate(peft_model, ids, adapters, 1 + peft_new, device)
+            if tn < 30:  # a second timing when it is cheap; keep the faster one
+                tn = min(tn, peft_generate(peft_model, ids, adapters, 1 + peft_new, device)[0])
+            ours = a_tokens[f"a{n_adapters}"]
+            k = 1 + peft_new
+            agree = sum(ours[i][:k] == toks[i].tolist() for i in range(batch)) / batch
+            first = sum(ours[i][0] == int(toks[i, 0]) for i in range(batch)) / batch
+            p = {"t_generate_1_s": t1, f"t_generate_{k}_s": tn, "new_tokens_timed": peft_new,
+                 "decode_tok_s": batch * peft_new / (tn - t1), "e2e_tok_s": batch * k / tn,
+                 "greedy_agreement_first_token": first, f"greedy_agreement_first_{k}_tokens": agree,
+                 "lora_dtype": str(lora_dtype)}
+            result["peft_a32"] = p
+            print(f"peft {n_adapters} adapters: decode {p['decode_tok_s']:.1f} tok/s, e2e ({k} tokens) "
+                  f"{p['e2e_tok_s']:.1f} tok/s; greedy agreement with ours: first token {first:.2f}, "
+                  f"first {k} {agree:.2f}", flush=True)
+        except Exception as e:
+            result["peft_a32"] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"}
+            print("peft failed:", result["peft_a32"]["error"], flush=True)
+
+    cs = result["cases"]
+    base_c, few_c, many_c = cs["base"], cs[f"a{n_few}"], cs[f"a{n_adapters}"]
+    peft_dec = result.get("peft_a32", {}).get("decode_tok_s")
+    result["ratios"] = {
+        f"a{n_few}_vs_base_decode": {"value": few_c["decode_tok_s"] / base_c["decode_tok_s"], "target": ">= 0.9"},
+        "base_pct_roofline": {"value": base_c["pct_roofline"], "target": ">= 0.30"},
+        f"a{n_adapters}_pct_roofline": {"value": many_c["pct_roofline"], "target": ">= 0.30"},
+        f"ours_vs_peft_a{n_adapters}_decode": {"value": many_c["decode_tok_s"] / peft_dec if peft_dec else None,
+                                              "target": ">= 100"},
+    }
+    for v in result["ratios"].values():
+        v["met"] = None if v["value"] is None else v["value"] >= float(v["target"].split()[-1])
+    save()
+    tmp.cleanup()
+
+    print()
+    print(f"serve bench on {result['device']}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"copy bw {bw['bytes_per_s'] / 1e12:.2f} TB/s")
+    print(f"{'case':<10}{'decode tok/s':>14}{'e2e tok/s':>12}{'step ms':>10}{'roof tok/s':>12}{'% roof':>8}")
+    for name, c in cs.items():
+        print(f"{name:<10}{c['decode_tok_s']:>14.0f}{c['e2e_tok_s']:>12.0f}{c['decode_step_median_s'] * 1e3:>10.2f}"
+              f"{c['roofline_tok_s']:>12.0f}{100 * c['pct_roofline']:>7.1f}%")
+    if peft_dec:
+        p = result["peft_a32"]
+        print(f"{'peft a' + str(n_adapters):<10}{peft_dec:>14.1f}{p['e2e_tok_s']:>12.1f}{1e3 * batch / peft_dec:>10.1f}")
+    for k, v in result["ratios"].items():
+        print(f"  {k}: {fx(v['value'], '.3f')} (target {v['target']}: {'met' if v['met'] else 'MISSED' if v['met'] is not None else 'n/a'})")
+
+
+if __name__ == "__main__":
+    main()
