@@ -79,7 +79,7 @@ def data_preview_cmd(
 @friendly
 def train(
     config: Path = typer.Argument(...),
-    strategy: str = typer.Option("single", "--strategy", help="single | multi | full"),
+    strategy: str = typer.Option("single", "--strategy", help="single | multi | cgc | grouped | full"),
     out: Optional[Path] = typer.Option(None, "--out", help="run folder (default runs/<config>-<strategy>)"),
     resume: bool = typer.Option(False, "--resume", help="continue from the latest checkpoint in --out"),
     skip_invalid: bool = typer.Option(False, "--skip-invalid"),

@@ -20,6 +20,8 @@ from tasktune.eval.report import write_report
 from tasktune.eval.results import (
     ComparisonResults, Costs, Environment, ForgettingDelta, StrategyResult, TaskInfo, TrainingCurve, TransferMatrix,
 )
+from tasktune.errors import TasktuneError
+from tasktune.eval.grouping import group_tasks
 from tasktune.eval.transfer import task_affinity
 from tasktune.eval.verdict import compute_verdict, print_verdict
 from tasktune.model.load import load_model, load_tokenizer, model_family
@@ -62,6 +64,13 @@ def measure_costs(runner: Runner, seconds: float, peak_mb: float, data: Prepared
     )
 
 
+def _groups_from(transfer: TransferMatrix | None, cfg: ProjectConfig) -> list[list[str]]:
+    if transfer is None:
+        raise TasktuneError("no affinity matrix to group tasks by (needs `multi` with validation data for 2+ tasks)")
+    z = {i: {j: transfer.values[a][b] for b, j in enumerate(transfer.tasks)} for a, i in enumerate(transfer.tasks)}
+    return group_tasks(z, k=cfg.group_k, seed=cfg.seed)
+
+
 def run_compare(
     cfg: ProjectConfig,
     strategies: list[str],
@@ -86,16 +95,26 @@ def run_compare(
     results: dict[str, StrategyResult] = {}
     forgetting: list[ForgettingDelta] = []
     transfer = None
-    for strategy in strategies:
+    # `grouped` clusters tasks by the affinity measured on `multi`, so it goes last
+    order = sorted(strategies, key=lambda s: s == "grouped")
+    if "grouped" in order and not cfg.groups and "multi" not in order:
+        raise TasktuneError("strategy 'grouped' needs `groups:` in the config or `multi` in --strategies (for the affinity matrix)")
+    for strategy in order:
         console.rule(f"strategy {strategy}")
         run_dir = out / strategy
-        runner, trained, _ = train_strategy(cfg, strategy, run_dir, data=data, skip_invalid=skip_invalid)
+        groups = None
+        if strategy == "grouped":
+            groups = cfg.groups or _groups_from(transfer, cfg)
+            console.print(f"task groups: {groups}", highlight=False)
+        runner, trained, _ = train_strategy(cfg, strategy, run_dir, data=data, skip_invalid=skip_invalid, groups=groups)
         started = time.perf_counter()
         scores = evaluate_runner(runner, data.test, n_resamples=n_resamples, seed=cfg.seed)
         results[strategy] = StrategyResult(
             name=strategy, tasks=scores, curves=read_curves(run_dir / "metrics.jsonl"),
             costs=measure_costs(runner, trained.seconds, trained.peak_memory_mb, data),
-            notes={"steps": trained.steps, "eval_seconds": time.perf_counter() - started, "run_dir": str(run_dir)},
+            notes={"steps": trained.steps, "eval_seconds": time.perf_counter() - started, "run_dir": str(run_dir),
+                   **({"groups": groups} if groups else {}),
+                   **({"cgc_gates": json.loads((run_dir / "cgc_gates.json").read_text())} if strategy == "cgc" else {})},
         )
         # `full` changes the base itself: compare against a freshly loaded copy
         base = build_runner(cfg, load_model(cfg.model), data.tasks, "full") if runner.handle is None else None

@@ -88,6 +88,10 @@ class LoRASettings(_Strict):
     alpha: float = 16.0
     dropout: float = Field(default=0.0, ge=0, lt=1)
     target_modules: list[str] | None = None  # None: every attention and feed-forward linear
+    # CGC-LoRA (strategy `cgc`): expert ranks add up to `r` per task
+    k_common: int = Field(default=1, ge=0)
+    k_specific: int = Field(default=1, ge=0)
+    input_gate: bool = False  # ablation: gate also reads the input (cannot be folded for serving)
 
 
 class WeightingConfig(_Strict):
@@ -130,6 +134,8 @@ class ProjectConfig(_Strict):
     lora: LoRASettings = Field(default_factory=LoRASettings)
     train: TrainSettings = Field(default_factory=TrainSettings)
     strategies: list[str] = Field(default_factory=lambda: ["single", "multi"])
+    groups: list[list[str]] | None = None  # strategy `grouped`: explicit task groups
+    group_k: int | None = None  # else cluster the affinity matrix into k groups (None: by silhouette)
     # Where the config came from: relative data paths resolve against this folder.
     base_dir: str = "."
 

@@ -43,3 +43,19 @@ def test_full_fine_tuning_is_compared_and_its_forgetting_measured(tmp_path, tiny
     drift = [f for f in results.forgetting if f.strategy == "full"]
     assert len(drift) == 1 and drift[0].after < 1.0  # the tuned encoder's embeddings moved
     assert (tmp_path / "cmp" / "full" / "model" / "config.json").exists()
+
+
+def test_compare_ranks_single_multi_cgc_and_grouped(tmp_path, tiny_bert):
+    cfg = tiny_config(tmp_path, tiny_bert, max_steps=3)
+    results = run_compare(cfg, ["grouped", "single", "multi", "cgc"], tmp_path / "cmp", console=Console(width=160), n_resamples=100)
+    assert set(results.strategies) == {"single", "multi", "cgc", "grouped"}
+    groups = results.strategies["grouped"].notes["groups"]
+    assert sorted(t for g in groups for t in g) == ["home_intent", "snips_slots"]
+    gates = results.strategies["cgc"].notes["cgc_gates"]["gates"]
+    some_layer = next(iter(gates.values()))
+    assert abs(sum(some_layer["home_intent"]) - 1.0) < 1e-5
+    # the folded cgc adapters are plain PEFT folders, one per task
+    for task in ("home_intent", "snips_slots"):
+        assert (tmp_path / "cmp" / "cgc" / "adapters" / task / "adapter_model.safetensors").exists()
+    ranking = json.loads((tmp_path / "cmp" / "report" / "results.json").read_text())
+    assert set(ranking["strategies"]) == {"single", "multi", "cgc", "grouped"}

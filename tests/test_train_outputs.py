@@ -71,3 +71,22 @@ def test_export_merged_equals_adapter_logits(tmp_path, tiny_llama):
         torch.testing.assert_close(merged(input_ids=ids).logits, ours, rtol=1e-4, atol=1e-5)
     peft_dirs = export_run(tmp_path / "run", tmp_path / "peft", "peft")
     assert all((p / "adapter_model.safetensors").exists() for p in peft_dirs)
+
+
+def test_cgc_run_restores_from_folded_adapters_with_equal_losses(tmp_path, tiny_llama):
+    """The folded per-task adapters are what eval, export and serve read: they must give
+    the CGC model's own losses."""
+    cfg = tiny_config(tmp_path, tiny_llama, max_steps=3)
+    runner, _, data = train_strategy(cfg, "cgc", tmp_path / "run", progress=False)
+    with torch.no_grad():  # make gates and specific experts matter
+        for layer in runner.handle.layers.values():
+            layer.lora_B.normal_(std=0.05)
+            layer.gate_logits.normal_()
+    runner.save(tmp_path / "run")
+    restored = restore_runner(tmp_path / "run")
+    batch = runner.collate(data.test["home_intent"][:3] + data.test["snips_slots"][:3])
+    runner.eval()
+    with torch.no_grad():
+        a, b = runner.task_losses(batch), restored.task_losses(batch)
+    for task in a:
+        torch.testing.assert_close(a[task], b[task], rtol=1e-5, atol=1e-6)

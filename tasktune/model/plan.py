@@ -2,7 +2,8 @@
 
 The runner, the trainer and the exporter only see an `AdapterPlan`: a list of adapter
 names and a task -> adapter map. `single` gives every task its own adapter, `multi` one
-shared adapter, `grouped` one per task group, `full` none (all weights train).
+shared adapter, `grouped` one per task group, `cgc` per task a gated mixture of common
+and task-specific experts, `full` none (all weights train).
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ class AdapterPlan:
 def plan_for(strategy: str, task_names: list[str], groups: list[list[str]] | None = None) -> AdapterPlan:
     if strategy == "single":
         return AdapterPlan("single", tuple(task_names), {t: t for t in task_names})
+    if strategy == "cgc":  # one gated expert mixture per task, folded to one adapter per task
+        return AdapterPlan("cgc", tuple(task_names), {t: t for t in task_names})
     if strategy == "multi":
         return AdapterPlan("multi", (SHARED,), {t: SHARED for t in task_names})
     if strategy == "full":

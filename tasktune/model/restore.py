@@ -29,6 +29,8 @@ def restore_runner(run_dir: Path) -> Runner:
     run_dir = Path(run_dir)
     cfg, record = read_run(run_dir)
     strategy = record["strategy"]
+    if strategy == "cgc" and cfg.lora.input_gate:
+        raise TasktuneError(f"{run_dir}: an input-gated CGC run cannot be folded into adapters; compare evaluates it in place")
     if strategy == "full":
         loaded = load_model(str(run_dir / "model"))
     else:
@@ -39,7 +41,8 @@ def restore_runner(run_dir: Path) -> Runner:
         replace(t, labels=tuple(labels[t.name])) if labels.get(t.name) else t
         for t in build_tasks(cfg) if t.name in record["tasks"]
     ]
-    plan = plan_for(strategy, [t.name for t in tasks], record.get("groups"))
+    # a cgc run is saved folded: one plain adapter per task, served like `single`
+    plan = plan_for("single" if strategy == "cgc" else strategy, [t.name for t in tasks], record.get("groups"))
     max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
     runner = Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed)
     if runner.handle is not None:

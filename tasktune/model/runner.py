@@ -8,6 +8,7 @@ into predictions. What is evaluated is therefore exactly what is trained and exp
 
 from __future__ import annotations
 
+import json
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -16,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasktune.config import LoRASettings
+from tasktune.lora.cgc import inject_cgc
 from tasktune.lora.inject import inject_lora, use_adapters
 from tasktune.model.batches import IGNORE, Batch, collate_causal, collate_causal_packed, collate_encoder, tagging_labels
 from tasktune.model.heads import HeadSpec, TaskHead, save_head
@@ -54,10 +56,17 @@ class Runner(nn.Module):
         if plan.uses_lora:
             for p in self.model.parameters():
                 p.requires_grad_(False)
-            self.handle = inject_lora(
-                self.model, list(plan.adapters), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
-                target_modules=lora.target_modules,
-            )
+            if plan.strategy == "cgc":
+                self.handle = inject_cgc(
+                    self.model, list(plan.adapters), r=lora.r, alpha=lora.alpha, k_common=lora.k_common,
+                    k_specific=lora.k_specific, target_modules=lora.target_modules, dropout=lora.dropout,
+                    input_gate=lora.input_gate,
+                )
+            else:
+                self.handle = inject_lora(
+                    self.model, list(plan.adapters), r=lora.r, alpha=lora.alpha, dropout=lora.dropout,
+                    target_modules=lora.target_modules,
+                )
         self.last_shares: dict[str, float] = {}  # each task's share of the last batch's rows/tokens
         self.heads = nn.ModuleDict()
         if self.family == "encoder":
@@ -187,8 +196,23 @@ class Runner(nn.Module):
 
         out_dir = Path(out_dir)
         written: dict[str, Path] = {}
-        if self.handle is not None:
-            task_type = "CAUSAL_LM" if self.family == "causal" else "FEATURE_EXTRACTION"
+        task_type = "CAUSAL_LM" if self.family == "causal" else "FEATURE_EXTRACTION"
+        if self.plan.strategy == "cgc":
+            # With a task-id gate each task's mixture is exactly one LoRA: serve it as one.
+            from tasktune.lora.fold import save_folded_adapter
+
+            if self.handle.spec.input_gate:  # the ablation cannot be folded; keep its raw weights
+                from safetensors.torch import save_file
+
+                out_dir.mkdir(parents=True, exist_ok=True)
+                state = {n: p.detach().contiguous().cpu() for n, p in self.model.named_parameters() if p.requires_grad}
+                save_file(state, str(out_dir / "cgc_state.safetensors"))
+            else:
+                for name in self.plan.adapters:
+                    written[name] = save_folded_adapter(self.handle, name, out_dir / "adapters" / name, self.loaded.path, task_type)
+            gates = {"experts": self.handle.expert_labels(), "gates": self.handle.gate_weights()}
+            (out_dir / "cgc_gates.json").write_text(json.dumps(gates, indent=1))
+        elif self.handle is not None:
             for name in self.plan.adapters:
                 folder = out_dir / "adapters" / name
                 save_adapter(self.handle, name, folder, self.loaded.path, task_type=task_type)

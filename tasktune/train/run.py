@@ -104,6 +104,7 @@ def train_strategy(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
+    groups = groups or cfg.groups
     loaded = load_model(cfg.model)
     data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid, tokenizer=loaded.tokenizer)
     runner = build_runner(cfg, loaded, data.tasks, strategy, groups)
@@ -133,6 +134,7 @@ def train_strategy(
         "result": asdict(result),
         "versions": versions(),
         "groups": groups,
+        "cgc": asdict(runner.handle.spec) if strategy == "cgc" else None,
     }
     (out_dir / "run.json").write_text(json.dumps(record, indent=2))
     return runner, result, data
