@@ -119,10 +119,31 @@ def _curves_html(results: ComparisonResults) -> str:
 
 def _transfer_html(results: ComparisonResults) -> str:
     t = results.transfer
+    parts = []
     if t is None:
-        return "<p class='muted'>No transfer matrix was measured.</p>"
-    uri = plots.heatmap("task transfer", t.values, t.tasks, t.tasks, diverging=True, xlabel="trained with", ylabel="evaluated on")
-    return f"<p>{e(t.description)}</p>{_img(uri, 'transfer heatmap')}"
+        parts.append("<p class='muted'>No transfer matrix was measured.</p>")
+    else:
+        uri = plots.heatmap("task transfer", t.values, t.tasks, t.tasks, diverging=True, xlabel="trained with", ylabel="evaluated on")
+        parts.append(f"<p>{e(t.description)}</p>{_img(uri, 'transfer heatmap')}")
+    for name, s in results.strategies.items():
+        if s.notes.get("groups"):
+            groups = "; ".join(", ".join(g) for g in s.notes["groups"])
+            parts.append(f"<p><b>{e(name)}</b> task groups: {e(groups)}</p>")
+        if s.notes.get("cgc_gates"):
+            parts.append(_gates_html(name, s.notes["cgc_gates"]))
+    return "".join(parts)
+
+
+def _gates_html(name: str, gates: dict) -> str:
+    """CGC: per task and layer, the gate's total weight on the task-common experts
+    (1 = the task uses only shared experts, 0 = only its own)."""
+    common = [i for i, label in enumerate(gates["experts"]) if label.startswith("common")]
+    layers = list(gates["gates"])
+    tasks = list(next(iter(gates["gates"].values()), {}))
+    matrix = [[sum(gates["gates"][layer][task][i] for i in common) for layer in layers] for task in tasks]
+    cols = [str(i) for i in range(len(layers))]
+    uri = plots.heatmap(f"{name}: gate weight on common experts", matrix, tasks, cols, xlabel="adapted layer (in model order)", ylabel="task")
+    return f"<p>CGC gates of <b>{e(name)}</b>: share of each task's gate on the task-common experts, per adapted layer.</p>{_img(uri, 'CGC gate heatmap')}"
 
 
 def _confusion_html(results: ComparisonResults) -> str:
