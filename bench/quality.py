@@ -52,12 +52,14 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--workdir", default="runs/quality")
     ap.add_argument("--out", default="bench/results/quality.json")
+    ap.add_argument("--strategies", default="single,multi")
     args = ap.parse_args()
 
     cfg = quality_config(args.model, args.epochs, args.rank, args.lr, args.head_lr, args.batch_size)
     console = Console(width=120)
     started = time.time()
-    results = run_compare(cfg, ["single", "multi"], Path(args.workdir), console=console)
+    strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
+    results = run_compare(cfg, strategies, Path(args.workdir), console=console)
     table = {
         s: {t: {m: {"value": v.value, "ci_low": v.ci_low, "ci_high": v.ci_high} for m, v in r.metrics.items()} for t, r in sr.tasks.items()}
         for s, sr in results.strategies.items()
@@ -67,6 +69,7 @@ def main() -> None:
         best = max(table[s][task][metric]["value"] for s in table)
         checks[f"{task}/{metric}"] = {"target": target, "best": best, "met": best >= target,
                                       **{s: table[s][task][metric]["value"] for s in table}}
+    notes = {s: {k: v for k, v in sr.notes.items() if k in ("groups", "steps")} for s, sr in results.strategies.items()}
     payload = {
         "device": results.environment.device,
         "versions": results.environment.versions,
@@ -76,12 +79,14 @@ def main() -> None:
         "costs": {s: sr.costs.__dict__ for s, sr in results.strategies.items()},
         "metrics": table,
         "checks": checks,
+        "notes": notes,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(payload, indent=2))
     console.print(f"device: {payload['device']}  seconds: {payload['seconds']:.0f}")
     for name, c in checks.items():
-        console.print(f"{name:32s} single {c['single']:.4f}  multi {c['multi']:.4f}  target {c['target']}  {'MET' if c['met'] else 'MISSED'}")
+        per = "  ".join(f"{s} {c[s]:.4f}" for s in strategies)
+        console.print(f"{name:30s} {per}  target {c['target']}  {'MET' if c['met'] else 'MISSED'}")
 
 
 if __name__ == "__main__":
