@@ -46,7 +46,7 @@ import torch
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.layer import AdapterRouting, MultiLoRALinear
+from tasktune.lora.layer import AdapterRouting, MultiLoRALinear, routing_ids
 from tasktune.lora.targets import default_targets, match_targets
 
 
@@ -264,23 +264,8 @@ class CGCHandle:
         return n
 
     def ids_tensor(self, ids: int | str | None | Sequence | torch.Tensor) -> torch.Tensor | None:
-        """Task choice -> LongTensor: one task (name or index) for the whole batch, a list
-        per row (names, indices, None = base) or nested per token, or a tensor of indices."""
-        if ids is None or isinstance(ids, torch.Tensor):
-            return None if ids is None else ids.to(self.device, torch.long)
-
-        def index(v):
-            if v is None:
-                return -1
-            if isinstance(v, str):
-                return self.index(v)
-            if isinstance(v, (list, tuple)):
-                return [index(u) for u in v]
-            if not -1 <= int(v) < len(self.tasks):
-                raise TasktuneError(f"task index {int(v)} out of range (0..{len(self.tasks) - 1}, -1 = none)")
-            return int(v)
-
-        return torch.tensor(index(ids), dtype=torch.long, device=self.device)
+        """Task choice -> LongTensor on the experts' device (see `routing_ids`)."""
+        return routing_ids(ids, self.index, len(self.tasks), self.device, "task")
 
 
 def inject_cgc(

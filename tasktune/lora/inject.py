@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.layer import AdapterRouting, MultiLoRALinear, lora_scaling
+from tasktune.lora.layer import AdapterRouting, MultiLoRALinear, lora_scaling, routing_ids
 from tasktune.lora.targets import default_targets, match_targets
 
 PEFT_PREFIX = "base_model.model."
@@ -101,25 +101,8 @@ class LoRAHandle:
         return out
 
     def ids_tensor(self, ids: int | str | None | Sequence | torch.Tensor) -> torch.Tensor | None:
-        """Adapter choice -> LongTensor on the adapters' device. Accepts a slot or name for
-        the whole batch, a list per row (names, slots, None = base) or nested per token,
-        or a tensor of slots."""
-        if ids is None or isinstance(ids, torch.Tensor):
-            return None if ids is None else ids.to(self.device, torch.long)
-
-        def slot(v):
-            if v is None:
-                return -1
-            if isinstance(v, str):
-                return self.index(v)
-            if isinstance(v, (list, tuple)):
-                return [slot(u) for u in v]
-            v = int(v)
-            if not -1 <= v < len(self.names):
-                raise TasktuneError(f"adapter slot {v} out of range (0..{len(self.names) - 1}, -1 = none)")
-            return v
-
-        return torch.tensor(slot(ids), dtype=torch.long, device=self.device)
+        """Adapter choice -> LongTensor on the adapters' device (see `routing_ids`)."""
+        return routing_ids(ids, self.index, len(self.names), self.device, "adapter slot")
 
 
 def inject_lora(

@@ -215,3 +215,28 @@ class MultiLoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"in={self.in_features}, out={self.out_features}, adapters={self.n_adapters}, r_max={self.r_max}"
+
+
+def routing_ids(ids, index_of, count: int, device: torch.device, what: str = "adapter") -> torch.Tensor | None:
+    """A user's routing choice -> LongTensor on `device`: one name or index for the whole
+    batch, a list per row (names, indices, None = base) or nested per token, or a tensor
+    of indices. `index_of(name)` resolves names; indices must be in -1..count-1."""
+    if ids is None or isinstance(ids, torch.Tensor):
+        return None if ids is None else ids.to(device, torch.long)
+
+    def index(v):
+        if v is None:
+            return -1
+        if isinstance(v, str):
+            return index_of(v)
+        if isinstance(v, (list, tuple)):
+            return [index(u) for u in v]
+        v = int(v)
+        if not -1 <= v < count:
+            from tasktune.errors import TasktuneError
+
+            raise TasktuneError(f"{what} index {v} out of range (0..{count - 1}, -1 = none)")
+        return v
+
+    return torch.tensor(index(ids), dtype=torch.long, device=device)
+
