@@ -12,7 +12,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 sys.path.insert(0, str(Path(__file__).parent))
 
+import torch  # noqa: E402
+
 from tiny_models import tiny_bert_dir, tiny_llama_dir  # noqa: E402
+
+# Tiny matmuls gain nothing from threads, and on a shared 2-core machine spinning
+# OpenMP threads made them hundreds of times slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
