@@ -14,7 +14,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
-from tiny_models import tiny_bert_dir, tiny_llama_dir  # noqa: E402
+from tiny_models import make_adapters, tiny_bert_dir, tiny_llama_dir  # noqa: E402
 
 # Tiny matmuls gain nothing from threads, and on a shared 2-core machine spinning
 # OpenMP threads made them hundreds of times slower.
@@ -29,3 +29,11 @@ def tiny_llama(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_bert(tmp_path_factory) -> Path:
     return tiny_bert_dir(tmp_path_factory.mktemp("models"))
+
+
+@pytest.fixture(scope="session")
+def adapter_root(tiny_llama, tmp_path_factory) -> Path:
+    """Eight PEFT adapters of mixed ranks (one rsLoRA) on the tiny Llama."""
+    root = tmp_path_factory.mktemp("adapters")
+    make_adapters(tiny_llama, root)
+    return root

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from test_engine import PROMPTS, adapter_root, make_adapter  # noqa: F401  (session fixture)
+from tiny_models import PROMPTS, make_adapter
 
 from tasktune.serve.adapter_pool import (
     AdapterBusy,

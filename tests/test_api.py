@@ -7,7 +7,6 @@ import time
 
 import pytest
 from fastapi.testclient import TestClient
-from test_engine import adapter_root  # noqa: F401  (session fixture)
 
 from tasktune.serve.api import create_app
 from tasktune.serve.engine import Engine, Request

@@ -12,7 +12,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from test_engine import adapter_root  # noqa: F401  (session fixture)
 
 from tasktune.serve.api import create_app
 from tasktune.serve.engine import Engine

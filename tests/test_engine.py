@@ -11,56 +11,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
+from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, PromptTooLong, Request
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
-PROMPTS = [
-    "book a table",
-    "play the latest album by the beatles on spotify",
-    "what is the weather in paris",
-    "add this song to my workout playlist and rate this book five stars",
-    "yes",
-    "summarize the dialogue between person1 and person2 about the meeting tomorrow",
-    "intent:",
-    "classify the intent of the following utterance: play music",
-]
-
-
-def make_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, **kw) -> Path:
-    """A PEFT LoRA folder with random non-zero A and B so that adapters really differ."""
-    base = AutoModelForCausalLM.from_pretrained(base_dir)
-    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, **kw))
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "lora_A" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
-            elif "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
-    model.save_pretrained(out)
-    return out
-
-
-def make_adapters(base_dir: Path, root: Path, n: int = 8) -> list[str]:
-    names = []
-    for i in range(n):
-        name = f"task-{i}"
-        make_adapter(base_dir, root / name, r=[2, 4, 8, 4, 2, 8, 6, 3][i % 8], alpha=[4, 8, 16, 4, 8, 8, 12, 3][i % 8],
-                     seed=100 + i, use_rslora=(i == 5))
-        names.append(name)
-    return names
-
-
-@pytest.fixture(scope="session")
-def adapter_root(tiny_llama, tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("adapters")
-    make_adapters(tiny_llama, root)
-    return root
+from tiny_models import PROMPTS, make_adapter  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ import shutil
 
 import pytest
 
-from test_report import EVIL, synthetic_results
+from synthetic_results import EVIL, synthetic_results
 from tasktune.eval.report import write_report
 
 FLAGS = [

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 CORPUS = [
     "book a table for two at an italian restaurant tonight",
@@ -107,3 +108,43 @@ def tiny_bert_dir(root: Path, seed: int = 0) -> Path:
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
     return out
+
+
+# --- PEFT adapters for the serving tests -----------------------------------------
+
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+PROMPTS = [
+    "book a table",
+    "play the latest album by the beatles on spotify",
+    "what is the weather in paris",
+    "add this song to my workout playlist and rate this book five stars",
+    "yes",
+    "summarize the dialogue between person1 and person2 about the meeting tomorrow",
+    "intent:",
+    "classify the intent of the following utterance: play music",
+]
+
+
+def make_adapter(base_dir: Path, out: Path, r: int = 4, alpha: float = 8, seed: int = 0, **kw) -> Path:
+    """A PEFT LoRA folder with random non-zero A and B so that adapters really differ."""
+    base = AutoModelForCausalLM.from_pretrained(base_dir)
+    model = get_peft_model(base, LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0, **kw))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_A" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.15)
+            elif "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.08)
+    model.save_pretrained(out)
+    return out
+
+
+def make_adapters(base_dir: Path, root: Path, n: int = 8) -> list[str]:
+    names = []
+    for i in range(n):
+        name = f"task-{i}"
+        make_adapter(base_dir, root / name, r=[2, 4, 8, 4, 2, 8, 6, 3][i % 8], alpha=[4, 8, 16, 4, 8, 8, 12, 3][i % 8],
+                     seed=100 + i, use_rslora=(i == 5))
+        names.append(name)
+    return names
