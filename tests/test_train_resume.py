@@ -32,7 +32,9 @@ def _tensors(run: Path) -> dict[str, torch.Tensor]:
 
 
 def test_sigkill_then_resume_matches_uninterrupted_run(tmp_path, tiny_llama):
-    config = tiny_project(tmp_path, tiny_llama, max_steps=STEPS, checkpoint_every=EVERY, batch_size=6)
+    config = tiny_project(
+        tmp_path, tiny_llama, max_steps=STEPS, checkpoint_every=EVERY, batch_size=6, eval_every=4, early_stopping_patience=10
+    )
     full = _train(config, tmp_path / "full")
     assert full.returncode == 0, full.stderr[-2000:]
 

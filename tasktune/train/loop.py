@@ -104,11 +104,18 @@ def train(
     sampler = MixtureSampler(sizes, mixing, seed)
     model, optimizer = accelerator.prepare(runner, optimizer)
     start = 0
+    best_val, best_state, bad_evals, stopped = math.inf, None, 0, False
+    best_task_val: dict[str, float] = {}
     if resume and (ckpt := latest_checkpoint(out_dir / "checkpoints")):
         loaded = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler)
-        _load_trainable(runner, loaded.tensors)
+        _load_trainable(runner, {k: v for k, v in loaded.tensors.items() if not k.startswith("best/")})
+        best = {k.removeprefix("best/"): v for k, v in loaded.tensors.items() if k.startswith("best/")}
+        best_state = best or None
         sampler.load_state_dict(loaded.extra["sampler"])
         weighter.load_state_dict(loaded.extra["weighter"])
+        early = loaded.extra.get("early", {})
+        best_val = early.get("best_val") if early.get("best_val") is not None else math.inf
+        bad_evals, best_task_val = early.get("bad_evals", 0), early.get("best_task_val", {})
         start = loaded.step
         _truncate_log(out_dir / "metrics.jsonl", start)
     shared = [p for p in runner.model.parameters() if p.requires_grad]
@@ -116,8 +123,6 @@ def train(
     log_path = out_dir / "metrics.jsonl"
     log = log_path.open("a" if start else "w")
     writer = _tensorboard(out_dir / "tb") if accelerator.is_main_process else None
-    best_val, best_state, bad_evals, stopped = math.inf, None, 0, False
-    best_task_val: dict[str, float] = {}
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     if torch.cuda.is_available():
@@ -176,9 +181,12 @@ def train(
                     stopped = True
                     break
         if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and accelerator.is_main_process:
+            tensors = _trainable_state(runner)
+            tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
+            early = {"best_val": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals, "best_task_val": best_task_val}
             save_checkpoint(
-                out_dir / "checkpoints", step + 1, tensors=_trainable_state(runner), optimizer=optimizer,
-                scheduler=scheduler, extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict()},
+                out_dir / "checkpoints", step + 1, tensors=tensors, optimizer=optimizer, scheduler=scheduler,
+                extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict(), "early": early},
             )
     bar.close()
     log.close()
