@@ -37,7 +37,7 @@ def test_no_server_errors_for_any_input(schema):
     modes = [schemathesis.GenerationMode.POSITIVE, schemathesis.GenerationMode.NEGATIVE]
     for op, mode in [(op, mode) for op in operations for mode in modes]:
         @given(case=op.as_strategy(mode), model=st.sampled_from([None, "tiny-llama", "task-1", "task-6"]))
-        @settings(max_examples=EXAMPLES, deadline=None, database=None,
+        @settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck))
         def fuzz(case, model):
             if model and isinstance(case.body, dict) and "model" in case.body:
