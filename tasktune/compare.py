@@ -127,8 +127,9 @@ def run_compare(
                     z, "Z[i][j] = 1 - L_i(after one step on task j) / L_i(before), on the shared adapter (Fifty et al. 2021)"
                 )
         del runner
+    env_versions = versions()
     env = Environment(
-        versions=versions(), device=versions()["device"], seeds={"seed": cfg.seed},
+        versions=env_versions, device=env_versions["device"], seeds={"seed": cfg.seed},
         config=json.loads(cfg.model_dump_json()), created=datetime.now(timezone.utc).isoformat(),
     )
     comparison = ComparisonResults(tasks=tasks_info, strategies=results, transfer=transfer, forgetting=forgetting, environment=env)

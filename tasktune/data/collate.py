@@ -32,22 +32,28 @@ class PaddedBatch:
         return PaddedBatch(**moved)
 
 
-def _pad_rows(rows: list[list[int]], value: int) -> torch.Tensor:
+def pad_rows(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
+    """Ragged id lists -> [B, T] LongTensor filled with `value`; left=True pads in front
+    (prompts for generation)."""
     width = max((len(r) for r in rows), default=0)
     out = torch.full((len(rows), width), value, dtype=torch.long)
     for i, row in enumerate(rows):
-        out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
+        if row:
+            if left:
+                out[i, width - len(row):] = torch.tensor(row, dtype=torch.long)
+            else:
+                out[i, : len(row)] = torch.tensor(row, dtype=torch.long)
     return out
 
 
 def pad_causal(examples: list[EncodedExample], pad_id: int, task_ids: list[int] | None = None) -> PaddedBatch:
     """Right-padded causal batch; with `attention_mask` a HF causal LM ignores the padding."""
     lens = [len(e) for e in examples]
-    position_ids = _pad_rows([list(range(n)) for n in lens], 0)
+    position_ids = pad_rows([list(range(n)) for n in lens], 0)
     return PaddedBatch(
-        input_ids=_pad_rows([e.input_ids for e in examples], pad_id),
-        attention_mask=_pad_rows([[1] * n for n in lens], 0),
-        labels=_pad_rows([e.labels for e in examples], IGNORE),
+        input_ids=pad_rows([e.input_ids for e in examples], pad_id),
+        attention_mask=pad_rows([[1] * n for n in lens], 0),
+        labels=pad_rows([e.labels for e in examples], IGNORE),
         task_ids=torch.tensor(task_ids if task_ids is not None else [0] * len(examples), dtype=torch.long),
         position_ids=position_ids,
     )
@@ -57,8 +63,8 @@ def pad_encoder(encodings: list[EncodedEncoder], pad_id: int, task_ids: list[int
     """Right-padded encoder batch; `labels` only when every row has token labels."""
     has_labels = all(e.labels is not None for e in encodings)
     return PaddedBatch(
-        input_ids=_pad_rows([e.input_ids for e in encodings], pad_id),
-        attention_mask=_pad_rows([e.attention_mask for e in encodings], 0),
-        labels=_pad_rows([e.labels for e in encodings], IGNORE) if has_labels else None,
+        input_ids=pad_rows([e.input_ids for e in encodings], pad_id),
+        attention_mask=pad_rows([e.attention_mask for e in encodings], 0),
+        labels=pad_rows([e.labels for e in encodings], IGNORE) if has_labels else None,
         task_ids=torch.tensor(task_ids if task_ids is not None else [0] * len(encodings), dtype=torch.long),
     )

@@ -12,6 +12,7 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from tasktune.data.collate import pad_causal, pad_rows
 from tasktune.data.packing import pack_examples
 from tasktune.data.tokenize import encode_causal, encode_encoder
 from tasktune.tasks.render import render
@@ -38,18 +39,6 @@ class Batch:
     def to(self, device: torch.device | str) -> "Batch":
         moved = {k: (v.to(device) if isinstance(v, torch.Tensor) else v) for k, v in self.__dict__.items()}
         return Batch(**moved)
-
-
-def _pad(rows: list[list[int]], value: int, left: bool = False) -> torch.Tensor:
-    width = max((len(r) for r in rows), default=0)
-    out = torch.full((len(rows), width), value, dtype=torch.long)
-    for i, row in enumerate(rows):
-        if row:
-            if left:
-                out[i, width - len(row):] = torch.tensor(row)
-            else:
-                out[i, : len(row)] = torch.tensor(row)
-    return out
 
 
 def encoder_text(task: Task, example: Example, sep: str) -> str:
@@ -79,30 +68,26 @@ def collate_encoder(
         masks.append([1] * len(enc.input_ids))
     return Batch(
         row_tasks=[ex.task for ex in examples],
-        input_ids=_pad(ids, tokenizer.pad_token_id or 0),
-        attention_mask=_pad(masks, 0),
+        input_ids=pad_rows(ids, tokenizer.pad_token_id or 0),
+        attention_mask=pad_rows(masks, 0),
         adapter_ids=torch.tensor([adapter_index.get(ex.task, -1) for ex in examples], dtype=torch.long),
         seq_labels=torch.tensor(seq_labels, dtype=torch.long),
-        tok_labels=_pad(tok_labels, IGNORE),
+        tok_labels=pad_rows(tok_labels, IGNORE),
     )
 
 
 def collate_causal(
     tokenizer, tasks: dict[str, Task], examples: list[Example], adapter_index: dict[str, int], max_length: int, seed: int
 ) -> Batch:
-    ids, labels = [], []
-    for ex in examples:
-        enc = encode_causal(tokenizer, render(tasks[ex.task], ex, seed), max_length)
-        ids.append(list(enc.input_ids))
-        labels.append(list(enc.labels))
+    encoded = [encode_causal(tokenizer, render(tasks[ex.task], ex, seed), max_length) for ex in examples]
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    input_ids = _pad(ids, pad)
+    padded = pad_causal(encoded, pad)
     return Batch(
         row_tasks=[ex.task for ex in examples],
-        input_ids=input_ids,
-        attention_mask=_pad([[1] * len(r) for r in ids], 0),
+        input_ids=padded.input_ids,
+        attention_mask=padded.attention_mask,
         adapter_ids=torch.tensor([adapter_index.get(ex.task, -1) for ex in examples], dtype=torch.long),
-        labels=_pad(labels, IGNORE),
+        labels=padded.labels,
     )
 
 
@@ -134,7 +119,7 @@ def collate_causal_packed(
 def collate_prompts(tokenizer, prompts: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded prompt batch for generation: (input_ids, attention_mask)."""
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    return _pad(prompts, pad, left=True), _pad([[1] * len(p) for p in prompts], 0, left=True)
+    return pad_rows(prompts, pad, left=True), pad_rows([[1] * len(p) for p in prompts], 0, left=True)
 
 
 def tagging_labels(task: Task) -> tuple[str, ...]:
