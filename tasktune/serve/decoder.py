@@ -4,9 +4,17 @@ One forward takes a flat batch of tokens from many sequences (ragged prefill or 
 per sequence in decode). Linear layers work on the flat rows, so every token pays only for
 itself, and every adapted linear (q, k, v, o, gate, up, down) computes
 `base(x) + lora_delta(x, A, B, scaling, ids)` with ids per token from the adapter pool's
-stacked, device-resident weights. Attention reads the slot-based KV cache in a padded
-[sequences, query_len] layout; decode is query_len 1 over every running slot, a static
-shape that a later step can capture in a CUDA graph.
+stacked, device-resident weights.
+
+Two attention layouts:
+- prefill (`make_batch`): ragged chunks padded to [sequences, query_len], the cache rows
+  of their slots gathered;
+- decode (`Decoder.decode`): one token per row and row b IS KV slot b, so attention reads
+  a view of the first B slots (no gather) and every shape depends only on (B, L). That
+  is what `serve/cuda_graphs.py` captures; rows of free slots are padding that writes
+  position max_len - 1, which no sequence ever reads (it finishes at max_len).
+Grouped-query attention folds the query heads of a KV head into the query axis instead
+of repeating keys and values.
 
 Parameter names mirror Hugging Face (`model.layers.0.self_attn.q_proj.weight`) so a
 checkpoint folder loads with one `load_state_dict`.
@@ -24,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.ops import lora_delta
+from tasktune.lora.ops import lora_delta, lora_delta_gathered
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -121,9 +129,10 @@ class Batch:
     pad_index: torch.Tensor  # [B*T] flat row feeding each padded query (0 for padding)
     valid: torch.Tensor  # [B*T] indices of real queries in padded order = flat order
     mask: torch.Tensor  # [B, 1, T, L] key position <= query position
-    last: torch.Tensor  # [B] flat index of each sequence's last token
+    last: torch.Tensor | None  # [B] flat index of each sequence's last token (None: every row)
     use_lora: bool
     shape: tuple[int, int, int]  # (B, T, L)
+    decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
 
 
 def make_batch(
@@ -162,6 +171,32 @@ def make_batch(
         use_lora=any(a >= 0 for a in lora_ids),
         shape=(B, T, L),
     )
+
+
+def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
+                 use_lora: bool) -> Batch:
+    """The decode layout from device tensors only (capturable): tokens, positions,
+    lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context)."""
+    B, device = tokens.shape[0], tokens.device
+    rows = torch.arange(B, device=device)
+    mask = torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
+    return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
+                 pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
+                 shape=(B, 1, context), decode=True)
+
+
+def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """q: [B, H, T, hd], k, v: [B, kv_heads, L, hd], mask: bool [B, 1, T, L] -> [B, H, T, hd].
+    Query head h reads KV head h // (H / kv_heads), as Hugging Face's repeat_kv does, but
+    the group's heads become extra query rows of one KV head: K and V are never copied."""
+    B, H, T, hd = q.shape
+    kvh, L = k.shape[1], k.shape[2]
+    groups = H // kvh
+    if groups == 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    qg = q.reshape(B, kvh, groups * T, hd)
+    m = mask if T == 1 else mask.unsqueeze(2).expand(B, 1, groups, T, L).reshape(B, 1, groups * T, L)
+    return F.scaled_dot_product_attention(qg, k, v, attn_mask=m).reshape(B, H, T, hd)
 
 
 class RMSNorm(nn.Module):
@@ -207,7 +242,10 @@ class Block(nn.Module):
         if lora is not None and batch.use_lora:
             ab = lora.weights.get((self.index, name))
             if ab is not None:
-                y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+                if batch.decode:  # no host sync: the decode step may be a CUDA graph
+                    y = y + lora_delta_gathered(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+                else:
+                    y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
         return y
 
     def forward(self, x, batch: Batch, cos, sin, cache: KVCache, lora: LoraStacks | None) -> torch.Tensor:
@@ -220,12 +258,14 @@ class Block(nn.Module):
         q = q * cos + rotate_half(q) * sin  # cos, sin: [N, 1, head_dim]
         k = k * cos + rotate_half(k) * sin
         cache.write(self.index, batch.token_slots, batch.positions, k, v)
-        kc, vc = cache.read(self.index, batch.slots, L)  # [B, kv_heads, L, head_dim]
-        groups = cfg.num_heads // cfg.num_kv_heads
-        kc, vc = kc.repeat_interleave(groups, dim=1), vc.repeat_interleave(groups, dim=1)
-        qp = q.index_select(0, batch.pad_index).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
-        o = F.scaled_dot_product_attention(qp, kc, vc, attn_mask=batch.mask)  # [B, H, T, hd]
-        o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
+        if batch.decode:  # row b = slot b, one query each
+            kc, vc = cache.first(self.index, B, L)  # views [B, kv_heads, L, head_dim]
+            o = grouped_attention(q.unsqueeze(2), kc, vc, batch.mask).reshape(N, -1)  # [N, H*hd]
+        else:
+            kc, vc = cache.read(self.index, batch.slots, L)  # [B, kv_heads, L, head_dim]
+            qp = q.index_select(0, batch.pad_index).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            o = grouped_attention(qp, kc, vc, batch.mask)  # [B, H, T, hd]
+            o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
         x = x + self.lin(a, "o_proj", o, batch, lora)
         h = self.post_attention_layernorm(x)
         m = self.mlp
@@ -269,8 +309,14 @@ class Decoder(nn.Module):
         sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
         for layer in self.model.layers:
             x = layer(x, batch, cos, sin, cache, lora)
-        h = self.model.norm(x.index_select(0, batch.last))
+        h = self.model.norm(x if batch.last is None else x.index_select(0, batch.last))
         return self.lm_head(h).float()
+
+    def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
+               cache: KVCache, lora: LoraStacks | None, use_lora: bool) -> torch.Tensor:
+        """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] float32.
+        Only device work after the rope table exists, so it can be captured in a CUDA graph."""
+        return self(decode_batch(tokens, positions, lora_ids, context, use_lora), cache, lora)
 
 
 def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Decoder:

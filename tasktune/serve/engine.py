@@ -2,7 +2,8 @@
 
 Each `step()`: admit waiting requests into free KV slots and prefill them (their first
 token), then one batched decode step over every sequence that was already running, each
-row with its own adapter id. Finished sequences leave at once. `generate()` drives steps
+row with its own adapter id (`cuda_graphs.DecodeStep`: a replayed CUDA graph on a GPU).
+Finished sequences leave at once. `generate()` drives steps
 synchronously (tests, offline use); `AsyncEngine` runs them in a background thread and
 hands results to asyncio code (the HTTP API).
 """
@@ -21,6 +22,7 @@ import torch
 
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
+from tasktune.serve.cuda_graphs import DecodeStep
 from tasktune.serve.decoder import Decoder, load_decoder, make_batch
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import SamplingParams, make_generator, sample
@@ -55,6 +57,21 @@ def completion_of(seq: Sequence) -> Completion:
                       len(seq.prompt_ids), seq.error)
 
 
+def detokenize_step(tokenizer, seq: Sequence) -> str:
+    """The text the newest output token adds, decoding a short window instead of the whole
+    output every step (Hugging Face TGI's incremental detokenisation). The window starts
+    a few tokens back so merges across token boundaries (a leading space, a multi-byte
+    character split over tokens) come out as the full decode would; while the window
+    ends in an incomplete character nothing is emitted yet."""
+    ids = seq.output_ids
+    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
+    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
+    if len(full) > len(prefix) and not full.endswith("\ufffd"):
+        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
+        return full[len(prefix):]
+    return ""
+
+
 def take_delta(seq: Sequence) -> str:
     """The text not yet streamed that can no longer change: holds back a possible start of
     a stop string and an incomplete UTF-8 character until the sequence finishes."""
@@ -71,7 +88,7 @@ def take_delta(seq: Sequence) -> str:
 class Engine:
     def __init__(self, model: Decoder, tokenizer, pool: AdapterPool, *, max_running: int = 32,
                  max_waiting: int = 256, max_len: int = 512, max_prefill_tokens: int = 4096,
-                 base_name: str = "base"):
+                 base_name: str = "base", cuda_graphs: bool = True):
         self.model, self.tokenizer, self.pool, self.base_name = model, tokenizer, pool, base_name
         cfg, p = model.cfg, next(model.parameters())
         self.device = p.device
@@ -82,6 +99,7 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self._lock = threading.Lock()  # guards the scheduler's queues
         self._step_lock = threading.Lock()
 
@@ -156,7 +174,7 @@ class Engine:
         if prefill:
             self._forward(prefill, [s.prompt_ids for s in prefill], [0] * len(prefill))
         if decoding:
-            self._forward(decoding, [[s.output_ids[-1]] for s in decoding], [s.length - 1 for s in decoding])
+            self._decode(decoding)
         touched = prefill + decoding
         with self._lock:
             done = self.scheduler.retire()
@@ -191,10 +209,23 @@ class Engine:
 
     def _forward(self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int]) -> None:
         batch = make_batch(chunks, starts, [s.kv_slot for s in seqs], [s.lora_id for s in seqs], self.device)
-        logits = self.model(batch, self.cache, self.pool.stacks)
+        self._sample(seqs, self.model(batch, self.cache, self.pool.stacks))
+
+    def _decode(self, seqs: list[Sequence]) -> None:
+        logits = self.decode_step([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs],
+                                  [s.length - 1 for s in seqs], [s.lora_id for s in seqs])
+        self._sample(seqs, logits)
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
         for s, t in zip(seqs, tokens):
             self._append(s, t)
+
+    def warmup(self) -> int:
+        """Capture the decode step's CUDA graphs now rather than on first use (no-op on
+        the CPU); returns how many exist."""
+        with self._step_lock:
+            return self.decode_step.warmup(self.scheduler.max_running)
 
     def _append(self, seq: Sequence, token: int) -> None:
         p = seq.params
@@ -202,14 +233,20 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_ids and not p.ignore_eos
-        ids = seq.output_ids[:-1] if is_eos else seq.output_ids
-        seq.text = self.tokenizer.decode(ids, skip_special_tokens=True)
-        hits = [i for i in (seq.text.find(s) for s in p.stop) if i >= 0]
+        searched = len(seq.text)
+        done = is_eos or len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
+        if done:  # one full decode: flushes text held back by the incremental window
+            seq.text, searched = self.tokenizer.decode(seq.output_ids[:-1] if is_eos else seq.output_ids,
+                                                       skip_special_tokens=True), 0
+        else:
+            seq.text += detokenize_step(self.tokenizer, seq)
+        start = max(0, searched - max((len(s) for s in p.stop), default=0) + 1)
+        hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
         if hits:
             seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
         elif is_eos:
             seq.finish_reason = "stop"
-        elif len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len:
+        elif done:
             seq.finish_reason = "length"
         self._notify(seq)
 

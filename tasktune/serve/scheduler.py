@@ -38,6 +38,8 @@ class Sequence:
     kv_slot: int = -1
     output_ids: list[int] = field(default_factory=list)
     text: str = ""
+    prefix_offset: int = 0  # incremental detokenisation window over output_ids (engine.detokenize_step)
+    read_offset: int = 0
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None

@@ -1,0 +1,94 @@
+"""The bucketed decode step (row b = KV slot b) against the general prefill layout.
+
+`cuda_graphs.DecodeStep` runs eagerly on the CPU: the same code a GPU captures in a CUDA
+graph. Its logits must equal the gathered, unpadded forward of the same tokens, whatever
+slots are free (padding rows), whichever adapters the rows use, and across context
+buckets. Incremental detokenisation must rebuild exactly the full decode's text.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasktune.serve.cuda_graphs import CONTEXT_STEP, DecodeStep, batch_bucket, context_bucket
+from tasktune.serve.decoder import make_batch
+from tasktune.serve.engine import Engine, detokenize_step
+from tasktune.serve.scheduler import Sequence
+from tasktune.serve.sampling import SamplingParams
+
+from tiny_models import train_tokenizer
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter_root) -> Engine:
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=2 * CONTEXT_STEP + 16)
+    eng.pool.register_root()
+    return eng
+
+
+def test_buckets():
+    assert [batch_bucket(n, 32) for n in (1, 3, 5, 17, 25, 32)] == [1, 4, 8, 24, 32, 32]
+    assert batch_bucket(40, 33) == 33  # never more rows than KV slots
+    assert [context_bucket(n, 300) for n in (1, 128, 129, 299)] == [128, 128, 256, 300]
+
+
+@pytest.mark.parametrize("length", [5, CONTEXT_STEP + 9])  # one and two context buckets
+def test_decode_layout_equals_prefill_layout(engine, length):
+    model, cache, stacks = engine.model, engine.cache, engine.pool.stacks
+    ids = [engine.pool.acquire(f"task-{i}") for i in range(3)]
+    g = torch.Generator().manual_seed(length)
+    slots = [1, 4, 6]  # slots 0, 2, 3, 5 (and 7, beyond the bucket) are free: padding rows
+    lora = [ids[0], -1, ids[2]]
+    prompts = [torch.randint(3, model.cfg.vocab_size, (length + k,), generator=g).tolist() for k in range(3)]
+    # prefill everything but each prompt's last token, then feed that token both ways
+    model(make_batch([p[:-1] for p in prompts], [0] * 3, slots, lora, engine.device), cache, stacks)
+    lasts, starts = [[p[-1]] for p in prompts], [len(p) - 1 for p in prompts]
+    want = model(make_batch(lasts, starts, slots, lora, engine.device), cache, stacks)
+    got = engine.decode_step(slots, [p[-1] for p in prompts], starts, lora)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    # the padding rows wrote only position max_len - 1 of the free slots: the real rows' cache is intact
+    again = engine.decode_step(slots, [p[-1] for p in prompts], starts, lora)
+    torch.testing.assert_close(again, want, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        engine.pool.release(f"task-{i}")
+
+
+def test_decode_step_without_graphs_on_cpu(engine):
+    assert isinstance(engine.decode_step, DecodeStep)
+    assert not engine.decode_step.use_graphs and engine.warmup() == 0
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_graph_replay_equals_eager_on_gpu(tiny_llama, adapter_root):
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=256, device="cuda", dtype=torch.float32)
+    eng.pool.register_root()
+    a = eng.pool.acquire("task-0")
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(3, eng.model.cfg.vocab_size, (20,), generator=g).tolist()
+    eng.model(make_batch([prompt[:-1]], [0], [2], [a], eng.device), eng.cache, eng.pool.stacks)
+    eager = DecodeStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
+    want = eager([2], [prompt[-1]], [19], [a])
+    assert eng.warmup() > 0
+    got = eng.decode_step([2], [prompt[-1]], [19], [a])
+    torch.testing.assert_close(got, want)
+
+
+TEXTS = ["plain words and spaces", "accents: café naïve über", "emoji 🙂🚀 and 中文字符 mixed", "  double  spaces\nnew line"]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_incremental_detokenisation_equals_full_decode(text):
+    tok = train_tokenizer("bpe", vocab_size=300)  # byte-level: multi-byte characters span tokens
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
+    seq = Sequence(prompt_ids=[1], params=SamplingParams())
+    pieces = []
+    for t in ids:
+        seq.output_ids.append(t)
+        piece = detokenize_step(tok, seq)
+        assert "\ufffd" not in piece
+        pieces.append(piece)
+    assert "".join(pieces) == text
