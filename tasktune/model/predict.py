@@ -1,8 +1,10 @@
 """Examples -> predictions through the shared runner.
 
-Encoders: the task head's argmax (a label, or one tag per word). Causal LMs: either label
-likelihood over the closed label set (fast, always valid) or greedy generation followed
-by the task's parser (invalid outputs are kept and counted, never a crash).
+Encoders: the task head's argmax (a label, or one tag per word), from one forward over a
+batch that may mix tasks (the server's batches do; evaluation's hold one task). Causal
+LMs: either label likelihood over the closed label set (fast, always valid) or greedy
+generation followed by the task's parser (invalid outputs are kept and counted, never a
+crash).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import torch.nn.functional as F
 
 from tasktune.data.tokenize import encode_prompt
 from tasktune.model.batches import collate_prompts
+from tasktune.model.heads import HeadSpec
 from tasktune.model.runner import Runner
 from tasktune.tasks.parsers import parse_output
 from tasktune.tasks.render import render
@@ -34,29 +37,50 @@ def _chunks(items: list, size: int):
 
 
 @torch.no_grad()
+def encoder_logits(runner: Runner, examples: list[Example]) -> list[torch.Tensor]:
+    """One forward over examples of any mix of tasks: each row goes through its task's
+    adapter (the batch's per-row adapter ids), then through its own task's head.
+    Per row: a sequence task's label logits [L], a tagging task's tag logits [T, L]."""
+    batch = runner.collate(examples).to(runner.device)
+    hidden = runner.encode_hidden(batch)  # [B, T, H]
+    out: list[torch.Tensor | None] = [None] * len(examples)
+    for name in dict.fromkeys(batch.row_tasks):
+        rows = [i for i, t in enumerate(batch.row_tasks) if t == name]
+        logits = runner.heads[name](hidden[rows], batch.attention_mask[rows])  # [b, L] or [b, T, L]
+        for j, i in enumerate(rows):
+            out[i] = logits[j]
+    return out
+
+
+def first_subtokens(tokenizer, words: list[str], max_length: int) -> list[int | None]:
+    """Each word's first sub-token position as the encoder sees it (None: cut off by
+    truncation, or no sub-token at all)."""
+    enc = tokenizer(words, is_split_into_words=True, truncation=True, max_length=max_length)
+    first: dict[int, int] = {}
+    for pos, w in enumerate(enc.word_ids()):
+        if w is not None and w not in first:
+            first[w] = pos
+    return [first.get(w) for w in range(len(words))]
+
+
+def decode_encoder(runner: Runner, spec: HeadSpec, logits: torch.Tensor, example: Example) -> Prediction:
+    """A row's head logits -> its prediction: the most probable label and its probability,
+    or one tag per word read at the word's first sub-token ("O" where there is none)."""
+    if spec.kind == "sequence":
+        conf, idx = logits.float().softmax(-1).max(-1)
+        return Prediction(spec.labels[int(idx)], True, score=float(conf))
+    tags = logits.argmax(-1).tolist()  # [T]
+    first = first_subtokens(runner.tokenizer, list(example.inputs["tokens"]), runner.max_length)
+    return Prediction([spec.labels[tags[p]] if p is not None else "O" for p in first], True)
+
+
+@torch.no_grad()
 def predict_encoder(runner: Runner, task: Task, examples: list[Example], batch_size: int = 64) -> list[Prediction]:
     runner.eval()
-    head = runner.heads[task.name]
+    spec = runner.heads[task.name].spec
     out: list[Prediction] = []
     for chunk in _chunks(examples, batch_size):
-        batch = runner.collate(chunk).to(runner.device)
-        hidden = runner.encode_hidden(batch)
-        logits = head(hidden, batch.attention_mask)
-        if head.spec.kind == "sequence":
-            probs = logits.float().softmax(-1)
-            conf, idx = probs.max(-1)
-            out += [Prediction(head.spec.labels[i], True, score=float(c)) for i, c in zip(idx.tolist(), conf.tolist())]
-            continue
-        tags = logits.argmax(-1).cpu()  # [B, T]
-        for row, ex in enumerate(chunk):
-            words = list(ex.inputs["tokens"])
-            enc = runner.tokenizer(words, is_split_into_words=True, truncation=True, max_length=runner.max_length)
-            first: dict[int, int] = {}
-            for pos, w in enumerate(enc.word_ids()):
-                if w is not None and w not in first:
-                    first[w] = pos
-            pred = [head.spec.labels[int(tags[row, first[w]])] if w in first else "O" for w in range(len(words))]
-            out.append(Prediction(pred, True))
+        out += [decode_encoder(runner, spec, row, ex) for row, ex in zip(encoder_logits(runner, chunk), chunk)]
     return out
 
 

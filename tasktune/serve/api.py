@@ -4,6 +4,8 @@
 `{"error": {"message", "type", "code"}}`: unknown model or adapter 404, invalid body 422,
 bad prompt 400, wrong API key 401, full queue 429. Bodies are bounded in schemas.py so
 that no input reaches the engine in a shape it cannot handle.
+
+An encoder run gets its own routes (encoder_api.py) on the same scaffolding (`api_app`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from starlette.exceptions import HTTPException
 from tasktune.errors import TasktuneError
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
+from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.engine import AsyncEngine, Completion, Engine, Request
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.sampling import SamplingParams
@@ -98,23 +101,12 @@ def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
 
 
-def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str | None = None,
-               tasks: TaskPredictor | None = None) -> FastAPI:
-    pool = pool or engine.pool
-    runner = AsyncEngine(engine)
-    predictor = tasks or registry_predictor
-    metrics = Metrics(lambda: len(engine.scheduler.waiting), lambda: len(engine.scheduler.running),
-                      lambda: len(pool.resident()))
-
-    @asynccontextmanager
-    async def lifespan(app: FastAPI):
-        runner.start()
-        yield
-        runner.stop()
-
+def api_app(metrics: Metrics, *, api_key: str | None = None, lifespan=None) -> tuple[FastAPI, list]:
+    """The app every engine's routes hang on: JSON error bodies, the API key check (the
+    returned dependencies) and per-endpoint request counts."""
     app = FastAPI(title="tasktune serve", version="0.1.0", lifespan=lifespan,
                   responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 422, 429)})
-    app.state.runner, app.state.metrics = runner, metrics
+    app.state.metrics = metrics
 
     def check_key(request: HTTPRequest) -> None:
         if api_key is None:
@@ -122,8 +114,6 @@ def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str 
         given = request.headers.get("authorization", "")
         if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {api_key}".encode()):
             raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-
-    auth = [Depends(check_key)]
 
     @app.middleware("http")
     async def count_requests(request: HTTPRequest, call_next):
@@ -149,6 +139,31 @@ def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str 
     @app.exception_handler(HTTPException)
     async def _http(_, e: HTTPException):
         return error_response(e.status_code, str(e.detail), "invalid_request_error")
+
+    return app, [Depends(check_key)]
+
+
+def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, *, api_key: str | None = None,
+               tasks: TaskPredictor | None = None) -> FastAPI:
+    """The API over a causal `Engine`, or over an `EncoderEngine` (encoder_api.py)."""
+    if isinstance(engine, EncoderEngine):
+        from tasktune.serve.encoder_api import create_encoder_app  # it builds on this module
+
+        return create_encoder_app(engine, api_key=api_key)
+    pool = pool or engine.pool
+    runner = AsyncEngine(engine)
+    predictor = tasks or registry_predictor
+    metrics = Metrics(lambda: len(engine.scheduler.waiting), lambda: len(engine.scheduler.running),
+                      lambda: len(pool.resident()))
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        runner.start()
+        yield
+        runner.stop()
+
+    app, auth = api_app(metrics, api_key=api_key, lifespan=lifespan)
+    app.state.runner = runner
 
     def resolve(model: str) -> str | None:
         if model == engine.base_name:
@@ -308,4 +323,4 @@ def create_app(engine: Engine, pool: AdapterPool | None = None, *, api_key: str 
     return app
 
 
-__all__ = ["APIError", "TaskPredictor", "create_app", "registry_predictor"]
+__all__ = ["APIError", "TaskPredictor", "api_app", "create_app", "registry_predictor"]

@@ -1,7 +1,8 @@
 """`tasktune serve`: one base model, the adapters of runs or PEFT folders, one endpoint.
 
 Paths named on the command line are trusted (the operator chose them); adapters loaded
-later through the API must live under `--adapter-root`.
+later through the API must live under `--adapter-root`. An encoder run is served alone,
+adapters and heads as it was trained (encoder_engine.py).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def collect_adapters(paths: list[Path]) -> tuple[dict[str, Path], str | None]:
         elif (path / "run.json").is_file():
             record = json.loads((path / "run.json").read_text())
             if record.get("family") == "encoder":
-                raise TasktuneError(f"{path}: encoder runs are evaluated with `tasktune eval`; the server hosts causal LMs")
+                raise TasktuneError(f"{path}: an encoder run is served alone (`tasktune serve {path}`)")
             base = base or record.get("model_path") or record.get("model")
             folders = sorted(p for p in (path / "adapters").iterdir() if (p / CONFIG).is_file())
         else:
@@ -37,12 +38,20 @@ def collect_adapters(paths: list[Path]) -> tuple[dict[str, Path], str | None]:
     return found, base
 
 
+def is_encoder_run(path: Path) -> bool:
+    record = Path(path) / "run.json"
+    return record.is_file() and json.loads(record.read_text()).get("family") == "encoder"
+
+
 def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
                  api_key: str | None = None, max_resident: int = 8, max_rank: int = 64):
+    """The app and the names it serves: adapters, or an encoder run's tasks."""
     from tasktune.model.load import resolve
     from tasktune.serve.api import create_app
     from tasktune.serve.engine import Engine
 
+    if len(paths) == 1 and is_encoder_run(paths[0]):
+        return build_encoder_server(Path(paths[0]), base, device=device, adapter_root=adapter_root, api_key=api_key)
     adapters, run_base = collect_adapters(paths)
     base = base or run_base
     if not base:
@@ -58,3 +67,15 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     finally:
         engine.pool.root = root
     return create_app(engine, api_key=api_key), sorted(adapters)
+
+
+def build_encoder_server(run_dir: Path, base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
+                         api_key: str | None = None):
+    from tasktune.serve.api import create_app
+    from tasktune.serve.encoder_engine import EncoderEngine
+
+    if base or adapter_root:
+        raise TasktuneError(f"{run_dir}: an encoder run serves the model, adapters and heads it was trained with; "
+                            "leave out --base and --adapter-root")
+    engine = EncoderEngine.from_run(run_dir, device=device)
+    return create_app(engine, api_key=api_key), list(engine.tasks)

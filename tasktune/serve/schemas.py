@@ -123,15 +123,34 @@ class AdapterOut(BaseModel):
 class TaskPredictRequest(_Body):
     inputs: Annotated[dict[Annotated[str, Field(max_length=64)], Union[Text, list[Text]]], Field(max_length=32)]
     model: Name | None = None
-    max_tokens: MaxTokens = 64
+    max_tokens: MaxTokens = 64  # causal runs
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5  # encoder runs: how many labels `top` lists
+
+
+class LabelScore(BaseModel):
+    label: str
+    score: float
+
+
+class SlotSpan(BaseModel):
+    slot: str
+    value: str
+    start: int  # first word
+    end: int  # one past the last word
 
 
 class TaskPredictResponse(BaseModel):
+    """`prediction` is a label, or one BIO tag per word for tagging. Encoder runs also
+    give the label's probability and the top labels (classification) or the slots (tagging)."""
+
     task: str
     model: str
     prediction: Any
     valid: bool
     text: str
+    score: float | None = None
+    top: list[LabelScore] | None = None
+    slots: list[SlotSpan] | None = None
 
 
 class ErrorDetail(BaseModel):
