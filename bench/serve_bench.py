@@ -329,6 +329,12 @@ def main() -> None:
                                     dtype=dtype, max_running=batch, max_len=prompt_len + new_tokens + 8,
                                     max_prefill_tokens=batch * prompt_len)
     engine.pool.register_root()
+    sync(device)
+    t = time.perf_counter()
+    result["cuda_graphs"] = {"captured": engine.warmup()}
+    sync(device)
+    result["cuda_graphs"]["capture_s"] = time.perf_counter() - t
+    print(f"decode CUDA graphs captured: {result['cuda_graphs']}", flush=True)
     cfg = engine.model.cfg
     elem = torch.finfo(dtype).bits // 8
     base_bytes = model_read_bytes(engine.model, batch)
@@ -371,6 +377,18 @@ def main() -> None:
             print("profile of one decode step:", result["profile"], flush=True)
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
+    if device.type == "cuda":  # the same base case with the eager decode step: what the graphs buy
+        from tasktune.serve.cuda_graphs import DecodeStep
+
+        graphed, engine.decode_step = engine.decode_step, DecodeStep(engine.model, engine.cache, engine.pool.stacks,
+                                                                     use_graphs=False)
+        for name in ("base", f"a{n_adapters}"):
+            eager = run_engine(engine, prompts, cases[name], new_tokens, device)
+            result["cases"][name]["eager_decode_tok_s"] = eager["decode_tok_s"]
+            result["cases"][name]["eager_tokens_equal_graph"] = eager["tokens"] == result["_tokens"][name]
+            print(f"{name} eager: decode {eager['decode_tok_s']:.0f} tok/s, tokens equal the graphed run: "
+                  f"{result['cases'][name]['eager_tokens_equal_graph']}", flush=True)
+        engine.decode_step = graphed
     a_tokens = result.pop("_tokens")
     del engine
     gc.collect()

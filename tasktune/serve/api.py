@@ -236,7 +236,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         if body.stream and len(prompts) > 1:
             raise APIError(400, "stream: true supports one prompt per request")
         params = params_of(body, body.max_tokens)
-        handles = submit_all([Request(p, adapter, params) for p in prompts])
+        handles = submit_all([Request(p, adapter, params, stream=body.stream) for p in prompts])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             def chunk(text, reason, _first):
@@ -256,7 +256,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     async def chat(body: s.ChatCompletionRequest):
         started, adapter = time.monotonic(), resolve(body.model)
         prompt = render_chat(engine.tokenizer, body.messages)
-        handle = submit_all([Request(prompt, adapter, params_of(body, body.max_completion_tokens or body.max_tokens))])[0]
+        params = params_of(body, body.max_completion_tokens or body.max_tokens)
+        handle = submit_all([Request(prompt, adapter, params, stream=body.stream)])[0]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         if body.stream:
             def chunk(text, reason, first):

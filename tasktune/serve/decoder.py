@@ -32,7 +32,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.ops import lora_delta, lora_delta_gathered
+from tasktune.lora.ops import SegmentPlan, lora_delta, lora_delta_gathered
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -133,6 +133,7 @@ class Batch:
     use_lora: bool
     shape: tuple[int, int, int]  # (B, T, L)
     decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
+    plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
 
 
 def make_batch(
@@ -156,6 +157,11 @@ def make_batch(
             if t < n:
                 valid.append(b * T + t)
     as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
+    distinct = sorted({a for a in lora_ids if a >= 0})
+    if len(distinct) == 1 and min(lora_ids) >= 0:
+        plan = [(distinct[0], None)]
+    else:
+        plan = [(a, as_long([i for i, x in enumerate(token_lora) if x == a])) for a in distinct]
     q = as_long(q_pos).view(B, 1, T, 1)
     mask = torch.arange(L, device=device).view(1, 1, 1, L) <= q
     return Batch(
@@ -168,8 +174,9 @@ def make_batch(
         valid=as_long(valid),
         mask=mask,
         last=as_long([o - 1 for o in offsets[1:]]),
-        use_lora=any(a >= 0 for a in lora_ids),
+        use_lora=bool(distinct),
         shape=(B, T, L),
+        plan=plan,
     )
 
 
@@ -245,7 +252,7 @@ class Block(nn.Module):
                 if batch.decode:  # no host sync: the decode step may be a CUDA graph
                     y = y + lora_delta_gathered(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
                 else:
-                    y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+                    y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids, batch.plan)
         return y
 
     def forward(self, x, batch: Batch, cos, sin, cache: KVCache, lora: LoraStacks | None) -> torch.Tensor:
@@ -300,7 +307,7 @@ class Decoder(nn.Module):
             self._rope = (emb.cos(), emb.sin())
         return self._rope
 
-    @torch.inference_mode()
+    @torch.no_grad()  # not inference_mode: torch.compile cannot write the KV cache under it
     def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
         """-> logits of each sequence's last new token: [B, vocab] float32."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]

@@ -40,6 +40,7 @@ class Request:
     prompt: str | list[int]  # text, or token ids
     adapter: str | None = None  # None = the base model
     params: SamplingParams = field(default_factory=SamplingParams)
+    stream: bool = False  # text and an update every token; otherwise text once, when finished
 
 
 @dataclass
@@ -88,7 +89,7 @@ def take_delta(seq: Sequence) -> str:
 class Engine:
     def __init__(self, model: Decoder, tokenizer, pool: AdapterPool, *, max_running: int = 32,
                  max_waiting: int = 256, max_len: int = 512, max_prefill_tokens: int = 4096,
-                 base_name: str = "base", cuda_graphs: bool = True):
+                 base_name: str = "base", cuda_graphs: bool = True, compile: bool = False):
         self.model, self.tokenizer, self.pool, self.base_name = model, tokenizer, pool, base_name
         cfg, p = model.cfg, next(model.parameters())
         self.device = p.device
@@ -99,7 +100,7 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
-        self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
+        self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self._lock = threading.Lock()  # guards the scheduler's queues
         self._step_lock = threading.Lock()
 
@@ -135,7 +136,8 @@ class Engine:
         """Queue a request; raises QueueFull, AdapterNotFound or PromptTooLong at once."""
         if request.adapter is not None:
             self.pool.info(request.adapter)
-        seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update)
+        seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update,
+                       stream=request.stream)
         seq.generator = make_generator(request.params, self.device)
         with self._lock:
             self.scheduler.add(seq)
@@ -238,7 +240,7 @@ class Engine:
         if done:  # one full decode: flushes text held back by the incremental window
             seq.text, searched = self.tokenizer.decode(seq.output_ids[:-1] if is_eos else seq.output_ids,
                                                        skip_special_tokens=True), 0
-        else:
+        elif seq.stream or p.stop:  # text is needed now: for the client, or to look for stop strings
             seq.text += detokenize_step(self.tokenizer, seq)
         start = max(0, searched - max((len(s) for s in p.stop), default=0) + 1)
         hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
@@ -248,7 +250,8 @@ class Engine:
             seq.finish_reason = "stop"
         elif done:
             seq.finish_reason = "length"
-        self._notify(seq)
+        if seq.stream or seq.finished:
+            self._notify(seq)
 
     def _notify(self, seq: Sequence) -> None:
         if seq.on_update is not None:

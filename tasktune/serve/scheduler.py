@@ -48,6 +48,7 @@ class Sequence:
     arrival: float = field(default_factory=time.monotonic)
     first_token_at: float | None = None
     on_update: Callable[["Sequence"], None] | None = None
+    stream: bool = False  # text and on_update every token (else once, when finished)
 
     @property
     def finished(self) -> bool:
