@@ -86,11 +86,14 @@ def train(
 ):
     """Train one strategy; writes PEFT adapters, heads, metrics and run.json."""
     from tasktune.config import load_config
+    from tasktune.train.distributed import is_main_process
     from tasktune.train.run import train_strategy
 
     cfg = load_config(config)
     out = out or Path("runs") / f"{config.stem}-{strategy}"
     _, result, data = train_strategy(cfg, strategy, out, resume=resume, skip_invalid=skip_invalid)
+    if not is_main_process():  # under torchrun / accelerate launch: one report, from rank 0
+        return
     for task, why in data.skipped_tasks.items():
         err.print(f"skipped task {task}: {why}", highlight=False)
     console.print(f"trained {strategy}: {result.steps} steps in {result.seconds:.0f}s -> {out}", highlight=False)
@@ -153,7 +156,7 @@ def export(
 @app.command()
 @friendly
 def serve(
-    paths: list[Path] = typer.Argument(..., help="run folders and/or PEFT adapter folders"),
+    paths: list[Path] = typer.Argument(..., help="run folders and/or PEFT adapter folders, or one encoder run"),
     base: Optional[str] = typer.Option(None, "--base", help="base model folder (default: the run's model)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
@@ -161,13 +164,15 @@ def serve(
     adapter_root: Optional[str] = typer.Option(None, "--adapter-root", help="folder adapters may be loaded from at run time"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TASKTUNE_API_KEY"),
 ):
-    """OpenAI-compatible server: one base model, many adapters (model = adapter name)."""
+    """OpenAI-compatible server: one base model, many adapters (model = adapter name). An
+    encoder run answers its tasks at /v1/tasks/{task}/predict."""
     import uvicorn
 
-    from tasktune.serve.launch import build_server
+    from tasktune.serve.launch import build_server, is_encoder_run
 
     app_, names = build_server(paths, base, device=device, adapter_root=adapter_root, api_key=api_key)
-    console.print(f"serving {len(names)} adapter(s) on http://{host}:{port}/v1: {', '.join(names)}", highlight=False)
+    what = "task(s)" if len(paths) == 1 and is_encoder_run(paths[0]) else "adapter(s)"
+    console.print(f"serving {len(names)} {what} on http://{host}:{port}/v1: {', '.join(names)}", highlight=False)
     uvicorn.run(app_, host=host, port=port, log_level="warning")
 
 

@@ -12,8 +12,9 @@ from tasktune.config import ProjectConfig, load_config
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "my_task"
 
 
-def tiny_project(tmp: Path, model_dir: Path, **train) -> Path:
-    """Write a project YAML into tmp and return its path."""
+def tiny_project(tmp: Path, model_dir: Path, *, lora: dict | None = None, **train) -> Path:
+    """Write a project YAML into tmp and return its path; `lora` updates the LoRA
+    settings, the other keywords the train settings."""
     settings = {"batch_size": 8, "max_steps": 6, "log_every": 1, "lr": 5e-3}
     settings.update(train)
     raw = {
@@ -29,7 +30,7 @@ def tiny_project(tmp: Path, model_dir: Path, **train) -> Path:
             {"builtin": "snips_slots", "max_examples": {"train": 40, "validation": 10, "test": 12}},
         ],
         "mixing": {"policy": "uniform"},
-        "lora": {"r": 4, "alpha": 8, "dropout": 0.1},
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.1, **(lora or {})},
         "train": settings,
     }
     path = Path(tmp) / "project.yaml"

@@ -110,3 +110,16 @@ def test_dynamic_update_losses_moves_the_draws() -> None:
     static = MixtureSampler({"a": 1, "b": 3}, MixingConfig(), seed=0)
     assert static.update_losses({"a": 1.0, "b": 9.0, "other_task": 2.0}) == {"a": 0.25, "b": 0.75}
     assert sampler.update_losses({"a": 3.0, "b": 3.0, "other_task": 100.0}) == pytest.approx({"a": 0.5, "b": 0.5})
+
+
+def test_shards_of_ranks_make_up_the_one_process_batch() -> None:
+    """W ranks drawing shards of b see together exactly the W*b draws of one process, and
+    keep the same state (so rank 0's checkpoint resumes every rank)."""
+    cfg, world, b = MixingConfig(policy="temperature", temperature=2.0), 3, 4
+    one = MixtureSampler(SIZES, cfg, seed=5)
+    ranks = [MixtureSampler(SIZES, cfg, seed=5) for _ in range(world)]
+    for _ in range(10):
+        shards = [s.draw_shard(b, rank, world) for rank, s in enumerate(ranks)]
+        assert all(len(shard) == b for shard in shards)
+        assert sorted(d for shard in shards for d in shard) == sorted(one.draw(world * b))
+    assert all(s.state_dict() == one.state_dict() for s in ranks)

@@ -111,6 +111,13 @@ class MixtureSampler:
     def draw(self, n: int) -> list[tuple[str, int]]:
         return [next(self) for _ in range(n)]
 
+    def draw_shard(self, per_rank: int, rank: int = 0, world: int = 1) -> list[tuple[str, int]]:
+        """Draw a global batch of world x per_rank examples and return rank's share (every
+        world-th draw from draw `rank` on). Every rank of a data-parallel run calls this
+        with the same arguments, so all ranks keep the same sampler state and together
+        see exactly the batch one process would draw with `draw(world * per_rank)`."""
+        return self.draw(world * per_rank)[rank::world]
+
     # ----- resuming ----------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable state (ints, strings, lists, and the dynamic losses as floats)."""

@@ -4,6 +4,10 @@ All strategies draw the same example stream from one seeded mixture sampler; the
 only in which adapter each row is routed to (`AdapterPlan`) and, for `multi`, in how task
 losses are weighted. A resumed run restores adapters, heads, optimizer, scheduler,
 sampler, weighter and RNG state, so it ends exactly where an uninterrupted run would.
+
+Launched on W processes (torchrun, `accelerate launch`), `batch_size` is per process and
+the run follows the loss curve of one process with batch W x batch_size (see
+`distributed.py`); only rank 0 writes the log, TensorBoard events and checkpoints.
 """
 
 from __future__ import annotations
@@ -17,8 +21,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs
 from tqdm.auto import tqdm
 
 from tasktune.config import MixingConfig, TrainSettings, WeightingConfig
@@ -26,6 +28,7 @@ from tasktune.data.sampler import MixtureSampler
 from tasktune.model.runner import Runner
 from tasktune.tasks.spec import Example
 from tasktune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tasktune.train.distributed import GlobalLosses, check_weighting, make_accelerator, sync_unless
 from tasktune.train.schedule import make_scheduler, warmup_steps_from_ratio
 from tasktune.train.validation import validation_losses
 from tasktune.train.weighting import make_weighter
@@ -39,12 +42,14 @@ class TrainResult:
     final_task_loss: dict[str, float]
     best_val_loss: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
+    processes: int = 1  # data-parallel world size; examples per step = processes x batch_size x grad_accum
 
 
-def total_steps(settings: TrainSettings, train_sizes: dict[str, int]) -> int:
+def total_steps(settings: TrainSettings, train_sizes: dict[str, int], world: int = 1) -> int:
+    """Optimizer steps of the run; an epoch counts global batches (world x batch_size)."""
     if settings.max_steps:
         return settings.max_steps
-    per_step = settings.batch_size * settings.grad_accum
+    per_step = settings.batch_size * settings.grad_accum * world
     return max(1, math.ceil(settings.epochs * sum(train_sizes.values()) / per_step))
 
 
@@ -89,15 +94,14 @@ def train(
     torch.manual_seed(seed)
     if settings.deterministic or os.environ.get("TASKTUNE_DETERMINISTIC") == "1":
         torch.use_deterministic_algorithms(True)
-    accelerator = Accelerator(
-        mixed_precision="bf16" if settings.precision == "bf16" else "no",
-        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
-    )
+    accelerator = make_accelerator(settings.precision, runner)
+    world, rank, main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     tasks = [t for t in train_data if train_data[t]]
     sizes = {t: len(train_data[t]) for t in tasks}
-    steps = total_steps(settings, sizes)
+    steps = total_steps(settings, sizes, world)
     # Loss weighting is a multi-task device: single-task adapters each see one loss.
     weighting = settings.weighting if runner.plan.strategy != "single" else WeightingConfig(method="static")
+    check_weighting(weighting.method, world)
     weighter = make_weighter(weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window)
     optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups())
     scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
@@ -117,45 +121,47 @@ def train(
         best_val = early.get("best_val") if early.get("best_val") is not None else math.inf
         bad_evals, best_task_val = early.get("bad_evals", 0), early.get("best_task_val", {})
         start = loaded.step
-        _truncate_log(out_dir / "metrics.jsonl", start)
+        if main:
+            _truncate_log(out_dir / "metrics.jsonl", start)
     shared = [p for p in runner.model.parameters() if p.requires_grad]
-    world, rank = accelerator.num_processes, accelerator.process_index
-    log_path = out_dir / "metrics.jsonl"
-    log = log_path.open("a" if start else "w")
-    writer = _tensorboard(out_dir / "tb") if accelerator.is_main_process else None
+    global_losses = GlobalLosses(accelerator, tasks)
+    log = (out_dir / "metrics.jsonl").open("a" if start else "w") if main else None
+    writer = _tensorboard(out_dir / "tb") if main else None
     last: dict[str, float] = {}
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    bar = tqdm(total=steps, initial=start, desc=f"train {runner.plan.strategy}", disable=not progress or not accelerator.is_main_process)
+    bar = tqdm(total=steps, initial=start, desc=f"train {runner.plan.strategy}", disable=not progress or not main)
     runner.train()
     kill_at = int(os.environ.get("TASKTUNE_FAULT_KILL_AT_STEP", "0"))  # crash tests: SIGKILL ourselves
     for step in range(start, steps):
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         sampler.set_step(step)
-        window: dict[str, float] = {}
+        sums: dict[str, float] = {}
+        seen: dict[str, int] = {}  # micro-batches the task was in
         weights: dict[str, float] = {}
-        for _ in range(settings.grad_accum):
-            # Every rank draws the same global batch and takes its slice: the example
-            # stream is the same for any number of GPUs.
-            draws = [next(sampler) for _ in range(settings.batch_size)]
-            mine = draws[rank::world] if world > 1 else draws
+        for micro in range(settings.grad_accum):
+            # Every rank draws the same global batch and keeps its shard: the example
+            # stream is the same for any number of processes.
+            mine = sampler.draw_shard(settings.batch_size, rank, world)
             batch = runner.collate([train_data[t][i] for t, i in mine], pack=runner.family == "causal")
-            with accelerator.autocast():
-                losses = model(batch)
-            weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
-            for t, l in losses.items():  # log each task's own mean loss
-                mean = float(l.detach()) / max(runner.last_shares.get(t, 1.0), 1e-12)
-                window[t] = window.get(t, 0.0) + mean / settings.grad_accum
+            with sync_unless(micro == settings.grad_accum - 1, accelerator, model):
+                with accelerator.autocast():
+                    losses = model(batch)
+                losses, means = global_losses(losses, runner, batch)
+                weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
+            for t, mean in means.items():
+                sums[t], seen[t] = sums.get(t, 0.0) + mean, seen.get(t, 0) + 1
         if settings.max_grad_norm:
             accelerator.clip_grad_norm_(runner.trainable_parameters(), settings.max_grad_norm)
         optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
+        window = {t: sums[t] / seen[t] for t in sums}  # each task's own mean loss over the micro-batches it was in
         last.update(window)
         record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "task_loss": window, "weights": weights}
-        if accelerator.is_main_process and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
+        if main and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
             log.write(json.dumps(record) + "\n")
             log.flush()
             if writer:
@@ -169,7 +175,8 @@ def train(
             val = validation_losses(runner, val_data, settings.val_examples, settings.batch_size)
             sampler.update_losses(val)
             mean_val = sum(val.values()) / max(len(val), 1)
-            log.write(json.dumps({"step": step + 1, "val_loss": val}) + "\n")
+            if main:
+                log.write(json.dumps({"step": step + 1, "val_loss": val}) + "\n")
             runner.train()
             if mean_val < best_val:
                 best_val, best_task_val, bad_evals = mean_val, val, 0
@@ -180,7 +187,7 @@ def train(
                 if settings.early_stopping_patience and bad_evals >= settings.early_stopping_patience:
                     stopped = True
                     break
-        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and accelerator.is_main_process:
+        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and main:
             tensors = _trainable_state(runner)
             tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
             early = {"best_val": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals, "best_task_val": best_task_val}
@@ -189,15 +196,17 @@ def train(
                 extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict(), "early": early},
             )
     bar.close()
-    log.close()
+    if log:
+        log.close()
     if writer:
         writer.close()
+    accelerator.wait_for_everyone()
     if best_state is not None:
         _load_trainable(runner, best_state)
     runner.eval()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
     done = step + 1 if steps > start else start
-    return TrainResult(done, time.perf_counter() - t0, peak, last, best_task_val, stopped)
+    return TrainResult(done, time.perf_counter() - t0, peak, last, best_task_val, stopped, world)
 
 
 def _truncate_log(path: Path, step: int) -> None:

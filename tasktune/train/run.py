@@ -7,6 +7,9 @@ The run folder is what every later step reads:
     adapters/<name>/       PEFT adapters (adapter_config.json + adapter_model.safetensors)
     heads/<task>.*         encoder heads
     model/                 strategy `full`: the whole model
+
+Launched on several processes (torchrun, `accelerate launch`), every rank trains and
+only rank 0 writes the folder.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from tasktune.model.load import LoadedModel, load_model
 from tasktune.model.plan import plan_for
 from tasktune.model.runner import Runner
 from tasktune.tasks.spec import Example, Task
+from tasktune.train.distributed import is_main_process, wait_for_everyone
 from tasktune.train.loop import TrainResult, train
 
 
@@ -114,6 +118,17 @@ def train_strategy(
         seed=cfg.seed, resume=resume, progress=progress,
         task_weights={e.task_name: e.weight for e in cfg.tasks if e.task_name in data.train},
     )
+    if is_main_process():
+        write_run(out_dir, cfg, strategy, loaded, runner, result, data, started, groups)
+    wait_for_everyone()  # no rank reads the run folder before rank 0 has written it
+    return runner, result, data
+
+
+def write_run(
+    out_dir: Path, cfg: ProjectConfig, strategy: str, loaded: LoadedModel, runner: Runner, result: TrainResult,
+    data: PreparedData, started: float, groups: list[list[str]] | None,
+) -> None:
+    """Adapters (or the model), heads, config.json and run.json: what later steps read."""
     runner.save(out_dir)
     (out_dir / "config.json").write_text(cfg.model_dump_json(indent=2))
     record = {
@@ -137,4 +152,3 @@ def train_strategy(
         "cgc": asdict(runner.handle.spec) if strategy == "cgc" else None,
     }
     (out_dir / "run.json").write_text(json.dumps(record, indent=2))
-    return runner, result, data

@@ -1,0 +1,59 @@
+"""One torchrun worker for tests/test_ddp.py: runs `tasktune train` for every job of a JSON
+list, in one launch (process start-up is most of the cost on a CPU).
+
+    torchrun --nproc_per_node 2 tests/ddp_worker.py jobs.json
+
+A job is {"config": ..., "strategy": ..., "out": ...}, optionally with "resume_from": a
+finished run folder whose checkpoint "at_step" is copied to "out" (rank 0, while the
+others wait) before training resumes there, as if the run had died after that step.
+Task heads' dropout is switched off (`no_head_dropout`) so that the run draws no random
+numbers and one process can match two exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+from tasktune import cli
+from tasktune.train import run
+from tasktune.train.distributed import is_main_process, wait_for_everyone
+
+
+def no_head_dropout(build_runner):
+    """Wrap `run.build_runner` so that task heads are built without dropout."""
+
+    def build(*args, **kwargs):
+        runner = build_runner(*args, **kwargs)
+        for head in runner.heads.values():
+            head.dropout.p = 0.0
+        return runner
+
+    return build
+
+
+def copy_checkpoint(done: Path, out: Path, step: int) -> None:
+    """`out` = the run folder `done` as it was right after checkpoint `step` was written."""
+    shutil.copytree(done / "checkpoints" / f"checkpoint-{step}", out / "checkpoints" / f"checkpoint-{step}")
+    shutil.copy(done / "metrics.jsonl", out / "metrics.jsonl")  # later rows: dropped on resume
+
+
+def main(jobs_file: str) -> None:
+    torch.set_num_threads(1)
+    run.build_runner = no_head_dropout(run.build_runner)
+    for job in json.loads(Path(jobs_file).read_text()):
+        args = ["train", job["config"], "--strategy", job["strategy"], "--out", job["out"]]
+        if "resume_from" in job:  # follows the job that wrote it, so the process group is up
+            if is_main_process():
+                copy_checkpoint(Path(job["resume_from"]), Path(job["out"]), job["at_step"])
+            wait_for_everyone()
+            args.append("--resume")
+        cli.app(args, standalone_mode=False)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1])
