@@ -17,23 +17,25 @@ on q,k,v,o,gate,up,down; AdamW. Three cases, every number measured in the same r
    batches of clinc150, snips_intent, snips_slots, circa: step-time ratio.
 
 Before timing, our loss is compared with PEFT's on the same batch at step 0 and again
-after one AdamW step from identical LoRA weights (dense and DU batches).
+after one AdamW step from identical LoRA weights (dense and DU batches). --profile adds,
+per case, where the time of a step goes (device busy time, host ops, syncs; see
+common.profile_steps); --compile times ours with its blocks compiled (Runner.compile_blocks).
 
     PYTHONPATH=. python3 bench/train_bench.py            # on the GPU (writes $OUT too)
     .venv/bin/python bench/train_bench.py --tiny         # 2 layers, hidden 64, on the CPU
+    .venv/bin/python bench/train_bench.py --smoke        # the same, less data and steps: seconds
 """
 
 from __future__ import annotations
 
 import argparse
-import copy
-import gc
 import json
+import copy
 import os
-import platform
 import random
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -42,13 +44,16 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import (  # noqa: E402
+    H100_BF16_PEAK, LORA_TARGETS, device_name, free, fx, guarded, linear_shapes, matmul_peak, model_facts,
+    pick_device, print_table, profile_steps, profile_text, qwen_config, random_causal_lm, ratio, time_steps, versions, write_json,
+)
+
+TARGETS = LORA_TARGETS
 DU_TASKS = ["clinc150", "snips_intent", "snips_slots", "circa", "dialogsum"]
 SINGLE_TASKS = ["clinc150", "snips_intent", "snips_slots", "circa"]
 IGNORE = -100
-H100_BF16_PEAK = 989.4e12  # dense bf16 tensor-core peak of an H100 SXM (datasheet)
 
 FLOP_FORMULA = (
     "per step: sum over non-padding tokens of [2*P_lin (fwd) + 2*P_lin (bwd, activation grads of "
@@ -62,32 +67,7 @@ FLOP_FORMULA = (
 )
 
 
-# --- model and tokenizer -------------------------------------------------------------------
-def qwen_config(tiny: bool):
-    from transformers import Qwen2Config
-
-    if tiny:
-        return Qwen2Config(
-            vocab_size=8192, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-            num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-            tie_word_embeddings=True, rope_theta=1e6, attn_implementation="sdpa",
-        )
-    return Qwen2Config(
-        vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-        num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768,
-        tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attn_implementation="sdpa",
-    )
-
-
-def build_base(config, device, seed=0):
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = Qwen2ForCausalLM(config)
-    return model.to(torch.bfloat16).train()
-
-
+# --- tokenizer and data ----------------------------------------------------------------------
 def build_tokenizer(texts: list[str], vocab: int):
     """A byte-level BPE trained on the bundled task texts; EOS = pad = <|endoftext|>, no BOS
     (like Qwen's)."""
@@ -106,7 +86,7 @@ def build_tokenizer(texts: list[str], vocab: int):
     return fast
 
 
-# --- data ----------------------------------------------------------------------------------
+
 def load_du(per_task: int, seed: int):
     from tasktune.data.load import load_tasks
     from tasktune.tasks.builtin import builtin_tasks
@@ -145,13 +125,7 @@ def padded_batch(tokenizer, tasks, examples, max_length, seed):
     return {"input_ids": ids, "attention_mask": mask, "labels": labels}, lens, enc
 
 
-# --- FLOPs ---------------------------------------------------------------------------------
-def linear_shapes(config):
-    d, f = config.hidden_size, config.intermediate_size
-    kv = config.num_key_value_heads * (d // config.num_attention_heads)
-    return [(d, d), (d, kv), (d, kv), (d, d), (d, f), (d, f), (f, d)]  # (d_in, d_out)
-
-
+# --- FLOPs -----------------------------------------------------------------------------------
 def step_flops(config, lens: list[int], n_labelled: int, r: int) -> float:
     shapes = linear_shapes(config)
     L = config.num_hidden_layers
@@ -165,77 +139,50 @@ def step_flops(config, lens: list[int], n_labelled: int, r: int) -> float:
     return tokens * (4 * p_lin + lora) + n_labelled * 4 * head + attn
 
 
-# --- timing --------------------------------------------------------------------------------
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+# --- ours and PEFT ---------------------------------------------------------------------------
+@dataclass
+class Setup:
+    """Everything the cases share: settings from the command line and what was built once."""
+
+    device: torch.device
+    config: object
+    pristine: object  # the base model every variant deep-copies
+    tokenizer: object
+    tasks: dict
+    examples: dict
+    warmup: int
+    steps: int
+    du_batch: int
+    dense_shape: tuple[int, int]
+    max_length: int
+    pack_tokens: int
+    pack_multiple: int
+    compile: str | None  # torch.compile backend for our blocks, or None
+    profile: bool
+    check_steps: int
+    peak: float
+    peak_measured: float | None
+    r: int = 16
+    alpha: float = 32.0
+    lr: float = 1e-4
+    seed: int = 0
 
 
-def time_steps(step, batches, warmup, steps, device) -> dict:
-    """Run `warmup` untimed then `steps` timed steps cycling over batches; per-step times
-    (host clock after a device sync each step) and the losses."""
-    losses, times = [], []
-    for i in range(warmup + steps):
-        b = batches[i % len(batches)]
-        sync(device)
-        t0 = time.perf_counter()
-        loss = step(b)
-        sync(device)
-        dt = time.perf_counter() - t0
-        losses.append(loss)
-        if i >= warmup:
-            times.append(dt)
-    times_sorted = sorted(times)
-    med = times_sorted[len(times) // 2]
-    return {"median_s": med, "min_s": times_sorted[0], "max_s": times_sorted[-1], "times_s": times, "losses": losses}
-
-
-def guarded(fn, *a):
-    """fn(*a), or {"error": ...} when it fails (e.g. PEFT out of memory on a padded batch)."""
-    try:
-        return fn(*a)
-    except torch.cuda.OutOfMemoryError as exc:
-        gc.collect()
-        torch.cuda.empty_cache()
-        return {"error": f"OutOfMemoryError: {str(exc).splitlines()[0]}"}
-    except RuntimeError as exc:
-        return {"error": f"{type(exc).__name__}: {str(exc).splitlines()[0]}"}
-
-
-def ratio(a, b):
-    return a / b if b else None
-
-
-def fx(v, spec):
-    """Format a number that may be missing (a failed variant)."""
-    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
-
-
-def check_text(check: dict) -> str:
-    if "error" in check:
-        return check["error"]
-    return (f"{check['ours_step0']:.4f}/{check['peft_step0']:.4f}, {check['ours_step1']:.4f}/{check['peft_step1']:.4f}; "
-            f"6 steps lr 1e-3: ours {check['ours_losses'][0]:.3f}->{check['ours_losses'][-1]:.3f}, "
-            f"PEFT {check['peft_losses'][0]:.3f}->{check['peft_losses'][-1]:.3f} ({'ok' if check['ok'] else 'MISMATCH'})")
-
-
-def make_optimizer(params, lr):
-    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-
-
-# --- ours ------------------------------------------------------------------------------------
-def make_runner(base, tokenizer, tasks, strategy, task_names, max_length, pack_tokens, r, alpha):
+def make_runner(s: Setup, strategy: str, task_names: list[str], max_length: int, pack_tokens: int):
     from tasktune.config import LoRASettings
     from tasktune.model.load import LoadedModel
     from tasktune.model.plan import plan_for
     from tasktune.model.runner import Runner
 
-    loaded = LoadedModel(model=base, tokenizer=tokenizer, family="causal", name="random-qwen2.5-0.5b", path="",
+    base = copy.deepcopy(s.pristine)
+    loaded = LoadedModel(model=base, tokenizer=s.tokenizer, family="causal", name="random-qwen2.5-0.5b", path="",
                          max_length=max_length)
     plan = plan_for(strategy, task_names)
-    lora = LoRASettings(r=r, alpha=alpha, dropout=0.0, target_modules=list(TARGETS))
-    runner = Runner(loaded, [tasks[n] for n in task_names if n in tasks], plan, lora, max_length=max_length,
-                    pack_tokens=pack_tokens)
+    lora = LoRASettings(r=s.r, alpha=s.alpha, dropout=0.0, target_modules=list(TARGETS))
+    runner = Runner(loaded, [s.tasks[n] for n in task_names if n in s.tasks], plan, lora, max_length=max_length,
+                    pack_tokens=pack_tokens, pack_multiple=s.pack_multiple)
+    if s.compile:
+        runner.compile_blocks(backend=s.compile)
     runner.train()
     return runner
 
@@ -260,7 +207,6 @@ def dense_batch(input_ids):
                  adapter_ids=torch.zeros(B, dtype=torch.long), labels=input_ids.clone())
 
 
-# --- PEFT ------------------------------------------------------------------------------------
 def make_peft(base, r, alpha):
     from peft import LoraConfig, get_peft_model
 
@@ -280,6 +226,10 @@ def peft_step_fn(model, opt, device, autocast):
         opt.zero_grad(set_to_none=True)
         return float(out.loss.detach())
     return step
+
+
+def make_optimizer(params, lr):
+    return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
 def copy_peft_lora_into_ours(peft_model, runner):
@@ -312,71 +262,283 @@ def loss_check(ours_step, peft_step, ours_batch, peft_batch, opts, n_steps=6, lr
     }
 
 
-def free():
-    """Collect what the caller has just `del`-ed and return the cached device memory."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
+def check_text(check: dict) -> str:
+    if "error" in check:
+        return check["error"]
+    n = len(check["ours_losses"])
+    return (f"{check['ours_step0']:.4f}/{check['peft_step0']:.4f}, {check['ours_step1']:.4f}/{check['peft_step1']:.4f}; "
+            f"{n} steps lr 1e-3: ours {check['ours_losses'][0]:.3f}->{check['ours_losses'][-1]:.3f}, "
+            f"PEFT {check['peft_losses'][0]:.3f}->{check['peft_losses'][-1]:.3f} ({'ok' if check['ok'] else 'MISMATCH'})")
 
 
-def matmul_peak(device) -> float | None:
-    if device.type != "cuda":
-        return None
-    n = 8192
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    for _ in range(3):
-        a @ b
-    torch.cuda.synchronize()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    start.record()
-    for _ in range(10):
-        a @ b
-    end.record()
-    torch.cuda.synchronize()
-    return 2 * n**3 * 10 / (start.elapsed_time(end) / 1e3)
+def max_memory(res: dict, device) -> None:
+    if device.type == "cuda" and "error" not in res:
+        res["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
+
+
+def reset_memory(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+
+
+# --- cases -----------------------------------------------------------------------------------
+def dense_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
+    """1. dense B x T random tokens, every position labelled: ours (`multi`) vs PEFT."""
+    device, config = s.device, s.config
+    g = torch.Generator().manual_seed(1)
+    dense_ids = [torch.randint(0, config.vocab_size, s.dense_shape, generator=g) for _ in range(2)]
+    B, T = s.dense_shape
+    flops = s_flops = step_flops(config, [T] * B, B * (T - 1), s.r)
+    tokens = B * T
+    res: dict = {"tokens_per_step": tokens, "flops_per_step": s_flops}
+
+    ours = make_runner(s, "multi", SINGLE_TASKS, T, max(T, s.pack_tokens))
+    peft_model = make_peft(copy.deepcopy(s.pristine), s.r, s.alpha)
+    copy_peft_lora_into_ours(peft_model, ours)
+    ours_opt = make_optimizer(ours.trainable_parameters(), s.lr)
+    peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], s.lr)
+    ours_step = ours_step_fn(ours, ours_opt, device)
+    ours_batches = [dense_batch(x) for x in dense_ids]
+    peft_batches = [{"input_ids": x, "labels": x.clone()} for x in dense_ids]
+    res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
+                                              ours_batches[0], peft_batches[0], [ours_opt, peft_opt], s.check_steps)
+    print(f"dense loss check: {res['loss_check_vs_peft_plain']}", flush=True)
+
+    res["ours"] = time_steps(ours_step, ours_batches, s.warmup, s.steps, device)
+    max_memory(res["ours"], device)
+    if s.profile:
+        res["ours"]["profile"] = guarded(profile_steps, ours_step, ours_batches, device)
+    del ours, ours_opt, ours_step
+    free()
+    for mode in ("plain", "autocast"):
+        reset_memory(device)
+        step = peft_step_fn(peft_model, peft_opt, device, mode == "autocast")
+        res[f"peft_{mode}"] = guarded(time_steps, step, peft_batches, s.warmup, s.steps, device)
+        max_memory(res[f"peft_{mode}"], device)
+        if s.profile and mode == "autocast" and "error" not in res[f"peft_{mode}"]:
+            res[f"peft_{mode}"]["profile"] = guarded(profile_steps, step, peft_batches, device)
+    del peft_model, peft_opt, step
+    free()
+    for k in ("ours", "peft_plain", "peft_autocast"):
+        if "error" in res[k]:
+            res[k]["tokens_per_s"] = 0.0
+            res[k]["mfu"] = 0.0
+            continue
+        res[k]["tokens_per_s"] = tokens / res[k]["median_s"]
+        res[k]["mfu"] = flops / res[k]["median_s"] / s.peak
+        if s.peak_measured:
+            res[k]["fraction_of_measured_matmul"] = flops / res[k]["median_s"] / s.peak_measured
+    best_peft = max(("peft_plain", "peft_autocast"), key=lambda k: res[k]["tokens_per_s"])
+    res["peft_best"] = best_peft
+    res["speedup_vs_peft_best"] = ratio(res["ours"]["tokens_per_s"], res[best_peft]["tokens_per_s"])
+    res["speedup_vs_peft_plain"] = ratio(res["ours"]["tokens_per_s"], res["peft_plain"]["tokens_per_s"])
+    res["target"] = ">= 2x PEFT"
+    table = [
+        ("dense ours tok/s (MFU)", f"{res['ours']['tokens_per_s']:,.0f} ({res['ours']['mfu']:.1%})"),
+        ("dense PEFT plain tok/s (MFU)", f"{res['peft_plain']['tokens_per_s']:,.0f} ({res['peft_plain']['mfu']:.1%})"),
+        ("dense PEFT autocast tok/s (MFU)", f"{res['peft_autocast']['tokens_per_s']:,.0f} ({res['peft_autocast']['mfu']:.1%})"),
+        ("dense speedup vs best PEFT (>=2x)", f"{fx(res['speedup_vs_peft_best'], '.2f')}x"),
+        ("dense loss ours/PEFT step0, step1", check_text(res["loss_check_vs_peft_plain"])),
+    ]
+    table += profile_rows("dense", res, ("ours", "peft_autocast"))
+    return res, table
+
+
+def du_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
+    """2. the DU mixture: ours packed vs PEFT padded to the longest, effective tokens/s."""
+    device, config, warmup, steps, du_batch = s.device, s.config, s.warmup, s.steps, s.du_batch
+    mix = mixture(s.examples, DU_TASKS, s.seed)
+    n_batches = warmup + steps
+    groups = [mix[i * du_batch:(i + 1) * du_batch] for i in range(n_batches)]
+    ours = make_runner(s, "multi", DU_TASKS, s.max_length, s.pack_tokens)
+    t0 = time.perf_counter()
+    ours_batches = [ours.collate(gr, pack=True) for gr in groups]
+    collate_s = (time.perf_counter() - t0) / len(groups)
+    peft_batches, lens_all, n_lab = [], [], []
+    for gr in groups:
+        pb, lens, enc = padded_batch(s.tokenizer, s.tasks, gr, s.max_length, s.seed)
+        peft_batches.append(pb)
+        lens_all.append(lens)
+        n_lab.append(sum(sum(1 for x in e.labels if x != IGNORE) for e in enc))
+    eff = [sum(ls) for ls in lens_all]
+    padded = [pb["input_ids"].numel() for pb in peft_batches]
+    packed = [b.input_ids.numel() for b in ours_batches]
+    flops = [step_flops(config, ls, nl, s.r) for ls, nl in zip(lens_all, n_lab)]
+    res = {
+        "tasks": DU_TASKS, "examples_per_step": du_batch,
+        "mix_share_examples": {n: sum(1 for ex in mix if ex.task == n) / len(mix) for n in DU_TASKS},
+        "effective_tokens_per_step_mean": sum(eff) / len(eff),
+        "peft_padded_tokens_per_step_mean": sum(padded) / len(padded),
+        "ours_packed_tokens_per_step_mean": sum(packed) / len(packed),
+        "ours_rows_per_step_mean": sum(b.input_ids.shape[0] for b in ours_batches) / len(ours_batches),
+        "ours_packed_shapes": sorted({tuple(b.input_ids.shape) for b in ours_batches}),
+        "ours_collate_s_per_batch_cpu": collate_s,
+    }
+    peft_model = make_peft(copy.deepcopy(s.pristine), s.r, s.alpha)
+    copy_peft_lora_into_ours(peft_model, ours)
+    ours_opt = make_optimizer(ours.trainable_parameters(), s.lr)
+    peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], s.lr)
+    ours_step = ours_step_fn(ours, ours_opt, device)
+    res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
+                                              ours_batches[0], peft_batches[0], [ours_opt, peft_opt], s.check_steps)
+    print(f"DU loss check: {res['loss_check_vs_peft_plain']}", flush=True)
+    if device.type == "cuda":
+        t0 = time.perf_counter()
+        for b in ours_batches:
+            b.to(device)
+        torch.cuda.synchronize()
+        res["ours_batch_h2d_s_per_batch"] = (time.perf_counter() - t0) / len(ours_batches)
+
+    def per_batch_rates(timed):
+        # every batch is used once in the timed window (n_batches = warmup + steps)
+        if "error" in timed:
+            timed.update(effective_tokens_per_s=0.0, mfu=0.0)
+            return timed
+        t = timed["times_s"]
+        used = list(range(warmup, warmup + steps))
+        timed["effective_tokens_per_s"] = sum(eff[i] for i in used) / sum(t)
+        timed["mfu"] = sum(flops[i] for i in used) / sum(t) / s.peak
+        if s.peak_measured:
+            timed["fraction_of_measured_matmul"] = sum(flops[i] for i in used) / sum(t) / s.peak_measured
+        return timed
+
+    res["ours"] = per_batch_rates(time_steps(ours_step, ours_batches, warmup, steps, device))
+    res["ours"]["loss_first_last"] = [res["ours"]["losses"][0], res["ours"]["losses"][-1]]
+    max_memory(res["ours"], device)
+    if s.profile:
+        res["ours"]["profile"] = guarded(profile_steps, ours_step, ours_batches[warmup:], device)
+
+    def large_batch():
+        # ours alone at 8x the examples per step (pad-to-longest PEFT would not fit):
+        # what packing does with a batch that fills the GPU
+        big_n = du_batch * 8
+        start = n_batches * du_batch
+        big = [mix[start + i * big_n:start + (i + 1) * big_n] for i in range(warmup + steps)]
+        big = [g for g in big if len(g) == big_n]
+        bb = [ours.collate(g, pack=True) for g in big]
+        timed = time_steps(ours_step, bb, warmup, len(bb) - warmup, device)
+        eff_b = [int(b_.attention_mask.sum()) for b_ in bb]
+        fl = []
+        for g in big:
+            _, ls, enc = padded_batch(s.tokenizer, s.tasks, g, s.max_length, s.seed)
+            fl.append(step_flops(config, ls, sum(sum(1 for x in e.labels if x != IGNORE) for e in enc), s.r))
+        timed["examples_per_step"] = big_n
+        timed["effective_tokens_per_step_mean"] = sum(eff_b) / len(eff_b)
+        timed["effective_tokens_per_s"] = sum(eff_b[warmup:]) / sum(timed["times_s"])
+        timed["mfu"] = sum(fl[warmup:]) / sum(timed["times_s"]) / s.peak
+        return timed
+
+    res["ours_large"] = guarded(large_batch)
+    res["ours_large"].setdefault("examples_per_step", du_batch * 8)
+    del ours, ours_opt, ours_step
+    free()
+    for mode in ("plain", "autocast"):
+        reset_memory(device)
+        step = peft_step_fn(peft_model, peft_opt, device, mode == "autocast")
+        res[f"peft_{mode}"] = per_batch_rates(guarded(time_steps, step, peft_batches, warmup, steps, device))
+        max_memory(res[f"peft_{mode}"], device)
+        if s.profile and mode == "autocast" and "error" not in res[f"peft_{mode}"]:
+            res[f"peft_{mode}"]["profile"] = guarded(profile_steps, step, peft_batches[warmup:], device)
+    del peft_model, peft_opt, step
+    free()
+    best_peft = max(("peft_plain", "peft_autocast"), key=lambda k: res[k]["effective_tokens_per_s"])
+    res["peft_best"] = best_peft
+    res["speedup_vs_peft_best"] = ratio(res["ours"]["effective_tokens_per_s"], res[best_peft]["effective_tokens_per_s"])
+    res["speedup_vs_peft_plain"] = ratio(res["ours"]["effective_tokens_per_s"], res["peft_plain"]["effective_tokens_per_s"])
+    res["target"] = ">= 4x PEFT (effective tokens/s)"
+    table = [
+        ("DU ours packed eff tok/s (MFU)", f"{res['ours']['effective_tokens_per_s']:,.0f} ({res['ours']['mfu']:.1%})"),
+        ("DU PEFT padded plain eff tok/s", f"{res['peft_plain']['effective_tokens_per_s']:,.0f} ({res['peft_plain']['mfu']:.1%})"),
+        ("DU PEFT padded autocast eff tok/s", f"{res['peft_autocast']['effective_tokens_per_s']:,.0f} ({res['peft_autocast']['mfu']:.1%})"),
+        ("DU speedup vs best PEFT (>=4x)", f"{fx(res['speedup_vs_peft_best'], '.2f')}x"),
+        ("DU tokens/step eff | padded | packed", f"{res['effective_tokens_per_step_mean']:.0f} | {res['peft_padded_tokens_per_step_mean']:.0f} | {res['ours_packed_tokens_per_step_mean']:.0f}"),
+        ("DU loss ours/PEFT step0, step1", check_text(res["loss_check_vs_peft_plain"])),
+        (f"DU ours packed, {res['ours_large']['examples_per_step']} examples/step", f"{fx(res['ours_large'].get('effective_tokens_per_s'), ',.0f')} eff tok/s ({fx(res['ours_large'].get('mfu'), '.1%')})"),
+        ("DU ours loss first -> last timed", f"{res['ours']['loss_first_last'][0]:.3f} -> {res['ours']['loss_first_last'][1]:.3f}"),
+    ]
+    table += profile_rows("DU", res, ("ours", "peft_autocast"))
+    return res, table
+
+
+def single_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
+    """3. `single` (4 adapters) vs `multi` on the same packed batches: step-time ratio."""
+    mix = mixture(s.examples, SINGLE_TASKS, s.seed + 1)
+    batch_n = s.du_batch * 2
+    groups = [mix[i * batch_n:(i + 1) * batch_n] for i in range(s.warmup + s.steps)]
+    res = {"tasks": SINGLE_TASKS, "examples_per_step": batch_n}
+    for strategy in ("multi", "single"):
+        runner = make_runner(s, strategy, SINGLE_TASKS, s.max_length, s.pack_tokens)
+        batches = [runner.collate(gr, pack=True) for gr in groups]
+        opt = make_optimizer(runner.trainable_parameters(), s.lr)
+        timed = time_steps(ours_step_fn(runner, opt, s.device), batches, s.warmup, s.steps, s.device)
+        timed["total_timed_s"] = sum(timed["times_s"])
+        timed["adapters"] = len(runner.plan.adapters)
+        timed["effective_tokens_per_s"] = sum(int(b.attention_mask.sum()) for b in batches[s.warmup:]) / timed["total_timed_s"]
+        timed["tasks_per_batch_mean"] = sum(len(set(b.row_tasks)) for b in batches) / len(batches)
+        res[strategy] = timed
+        del runner, opt, batches
+        free()
+    res["single_over_multi_time"] = res["single"]["total_timed_s"] / res["multi"]["total_timed_s"]
+    res["target"] = "<= 1.3x"
+    table = [
+        ("single(4)/multi step time (<=1.3x)", f"{res['single_over_multi_time']:.3f}x"),
+        ("multi | single eff tok/s", f"{res['multi']['effective_tokens_per_s']:,.0f} | {res['single']['effective_tokens_per_s']:,.0f}"),
+    ]
+    return res, table
+
+
+def profile_rows(case: str, res: dict, keys) -> list[tuple[str, str]]:
+    """Table rows for the profiles the case took (see common.profile_text)."""
+    return [(f"{case} {k} profile per step", profile_text(res[k]["profile"])) for k in keys if "profile" in res.get(k, {})]
 
 
 # --- main ------------------------------------------------------------------------------------
-def main() -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64: a CPU smoke run")
+    ap.add_argument("--smoke", action="store_true", help="--tiny with little data, 2 steps: seconds on a CPU")
     ap.add_argument("--out", default=os.environ.get("OUT"), help="folder for train_bench.json (default $OUT)")
-    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "train_bench.json"))
+    ap.add_argument("--results", default=str(REPO / "bench" / "results" / "train_bench.json"),
+                    help="also written here, on full-size runs only")
     ap.add_argument("--warmup", type=int, default=None)
     ap.add_argument("--steps", type=int, default=None)
     ap.add_argument("--du-batch", type=int, default=None, help="examples per step (DU and single/multi cases)")
     ap.add_argument("--max-length", type=int, default=512)
     ap.add_argument("--pack-tokens", type=int, default=2048)
+    ap.add_argument("--pack-multiple", type=int, default=None,
+                    help="packed rows padded to a multiple of this (default: the Runner's; 1 = to the longest row)")
     ap.add_argument("--per-task", type=int, default=None, help="train examples per task (before mixing)")
     ap.add_argument("--cases", default="dense,du,single", help="comma-separated subset of dense,du,single")
-    args = ap.parse_args()
+    ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
+                    help="torch.compile our blocks (Runner.compile_blocks) with BACKEND (default inductor)")
+    ap.add_argument("--profile", action="store_true", help="also profile a few steps of ours and PEFT (autocast)")
+    return ap.parse_args(argv)
 
-    tiny = args.tiny
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+def main() -> None:
+    args = parse_args()
+    from tasktune.model.batches import PACK_MULTIPLE
+
+    tiny = args.tiny or args.smoke
+    device = pick_device()
     warmup = args.warmup if args.warmup is not None else (1 if tiny else 3)
     steps = args.steps if args.steps is not None else (2 if tiny else 10)
-    du_batch = args.du_batch or (8 if tiny else 32)
-    per_task = args.per_task or (150 if tiny else 4000)
-    dense_shape = (2, 128) if tiny else (8, 1024)
+    du_batch = args.du_batch or (4 if args.smoke else 8 if tiny else 32)
+    per_task = args.per_task or (40 if args.smoke else 150 if tiny else 4000)
+    dense_shape = (2, 64) if args.smoke else (2, 128) if tiny else (8, 1024)
+    pack_multiple = args.pack_multiple or PACK_MULTIPLE
     r, alpha, lr, seed = 16, 32.0, 1e-4, 0
     cases = set(args.cases.split(","))
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = False  # PEFT's fp32 LoRA products stay fp32, as a user gets them
 
-    import peft
-    import transformers
-
     config = qwen_config(tiny)
     result: dict = {
         "bench": "train_bench",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version()},
+        "device": device_name(device),
+        "versions": versions("transformers", "peft"),
         "config": {
-            "tiny": tiny, "model": {k: getattr(config, k) for k in (
-                "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
-                "vocab_size", "tie_word_embeddings")},
+            "tiny": tiny, "smoke": args.smoke, "model": model_facts(config),
             "rope": getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None),
             "weights_dtype": "bfloat16", "attn_implementation": "sdpa",
             "lora": {"r": r, "alpha": alpha, "dropout": 0.0, "targets": TARGETS},
@@ -389,20 +551,21 @@ def main() -> None:
             "warmup_steps": warmup, "timed_steps": steps, "timing": "median of per-step host times, device synced "
                                                                        "around each step; batch transfer included",
             "dense_batch": list(dense_shape), "du_batch_examples": du_batch, "max_length": args.max_length,
-            "pack_tokens": args.pack_tokens, "per_task_train_examples": per_task, "seed": seed,
+            "pack_tokens": args.pack_tokens, "pack_multiple": pack_multiple, "ours_compile": args.compile,
+            "per_task_train_examples": per_task, "seed": seed,
         },
         "flops_formula": FLOP_FORMULA,
     }
     peak_measured = matmul_peak(device)
     result["matmul_bf16_8192_flops_per_s"] = peak_measured
-    peak = H100_BF16_PEAK
-    result["mfu_peak_flops_per_s"] = peak
-    print(f"device: {result['device']}  torch {torch.__version__}  transformers {transformers.__version__}  peft {peft.__version__}", flush=True)
+    result["mfu_peak_flops_per_s"] = H100_BF16_PEAK
+    v = result["versions"]
+    print(f"device: {result['device']}  torch {v['torch']}  transformers {v['transformers']}  peft {v['peft']}", flush=True)
     if peak_measured:
         print(f"bf16 8192^3 matmul: {peak_measured / 1e12:.0f} TFLOP/s", flush=True)
 
     t0 = time.perf_counter()
-    pristine = build_base(config, device, seed)
+    pristine = random_causal_lm(config, device, seed).train()
     result["build_model_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -420,228 +583,25 @@ def main() -> None:
                            "<|endoftext|>, no BOS")
     result["data_prep_s"] = time.perf_counter() - t0
     print(f"data + tokenizer: {result['data_prep_s']:.1f}s, {len(texts)} texts, vocab {tokenizer.vocab_size}", flush=True)
+
+    setup = Setup(
+        device=device, config=config, pristine=pristine, tokenizer=tokenizer, tasks=tasks, examples=examples,
+        warmup=warmup, steps=steps, du_batch=du_batch, dense_shape=dense_shape, max_length=args.max_length,
+        pack_tokens=args.pack_tokens, pack_multiple=pack_multiple, compile=args.compile, profile=args.profile,
+        check_steps=2 if args.smoke else 6, peak=H100_BF16_PEAK, peak_measured=peak_measured, r=r, alpha=alpha,
+        lr=lr, seed=seed,
+    )
     table: list[tuple[str, str]] = []
+    for name, key, run in (("dense", "dense", dense_case), ("du", "du", du_case), ("single", "single_vs_multi", single_case)):
+        if name in cases:
+            res, rows = run(setup)
+            result[key] = res
+            table += rows
+            print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str), flush=True)
 
-    # ---- 1. dense -----------------------------------------------------------------------
-    if "dense" in cases:
-        g = torch.Generator().manual_seed(1)
-        n_batches = 2
-        dense_ids = [torch.randint(0, config.vocab_size, dense_shape, generator=g) for _ in range(n_batches)]
-        B, T = dense_shape
-        flops = step_flops(config, [T] * B, B * (T - 1), r)
-        tokens = B * T
-        res: dict = {"tokens_per_step": tokens, "flops_per_step": flops}
-
-        ours = make_runner(copy.deepcopy(pristine), tokenizer, tasks, "multi", SINGLE_TASKS, T, max(T, args.pack_tokens), r, alpha)
-        peft_model = make_peft(copy.deepcopy(pristine), r, alpha)
-        copy_peft_lora_into_ours(peft_model, ours)
-        ours_opt = make_optimizer(ours.trainable_parameters(), lr)
-        peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], lr)
-        ours_step = ours_step_fn(ours, ours_opt, device)
-        ours_batches = [dense_batch(x) for x in dense_ids]
-        peft_batches = [{"input_ids": x, "labels": x.clone()} for x in dense_ids]
-        res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
-                                                     ours_batches[0], peft_batches[0],
-                                                  [ours_opt, peft_opt])
-        print(f"dense loss check: {res['loss_check_vs_peft_plain']}", flush=True)
-
-        timed = time_steps(ours_step, ours_batches, warmup, steps, device)
-        res["ours"] = timed
-        if device.type == "cuda":
-            res["ours"]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del ours, ours_opt, ours_step
-        free()
-        for mode in ("plain", "autocast"):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            step = peft_step_fn(peft_model, peft_opt, device, mode == "autocast")
-            res[f"peft_{mode}"] = guarded(time_steps, step, peft_batches, warmup, steps, device)
-            if device.type == "cuda":
-                res[f"peft_{mode}"]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del peft_model, peft_opt, step
-        free()
-        for k in ("ours", "peft_plain", "peft_autocast"):
-            if "error" in res[k]:
-                res[k]["tokens_per_s"] = 0.0
-                res[k]["mfu"] = 0.0
-                continue
-            res[k]["tokens_per_s"] = tokens / res[k]["median_s"]
-            res[k]["mfu"] = flops / res[k]["median_s"] / peak
-            if peak_measured:
-                res[k]["fraction_of_measured_matmul"] = flops / res[k]["median_s"] / peak_measured
-        best_peft = max(("peft_plain", "peft_autocast"), key=lambda k: res[k]["tokens_per_s"])
-        res["peft_best"] = best_peft
-        res["speedup_vs_peft_best"] = ratio(res["ours"]["tokens_per_s"], res[best_peft]["tokens_per_s"])
-        res["speedup_vs_peft_plain"] = ratio(res["ours"]["tokens_per_s"], res["peft_plain"]["tokens_per_s"])
-        res["target"] = ">= 2x PEFT"
-        result["dense"] = res
-        table += [
-            ("dense ours tok/s (MFU)", f"{res['ours']['tokens_per_s']:,.0f} ({res['ours']['mfu']:.1%})"),
-            ("dense PEFT plain tok/s (MFU)", f"{res['peft_plain']['tokens_per_s']:,.0f} ({res['peft_plain']['mfu']:.1%})"),
-            ("dense PEFT autocast tok/s (MFU)", f"{res['peft_autocast']['tokens_per_s']:,.0f} ({res['peft_autocast']['mfu']:.1%})"),
-            ("dense speedup vs best PEFT (>=2x)", f"{fx(res['speedup_vs_peft_best'], '.2f')}x"),
-            ("dense loss ours/PEFT step0, step1", check_text(res["loss_check_vs_peft_plain"])),
-        ]
-        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str), flush=True)
-
-    # ---- 2. DU mixture: packed (ours) vs pad-to-longest (PEFT) ---------------------------
-    if "du" in cases:
-        mix = mixture(examples, DU_TASKS, seed)
-        n_batches = warmup + steps
-        groups = [mix[i * du_batch:(i + 1) * du_batch] for i in range(n_batches)]
-        ours = make_runner(copy.deepcopy(pristine), tokenizer, tasks, "multi", DU_TASKS, args.max_length, args.pack_tokens, r, alpha)
-        t0 = time.perf_counter()
-        ours_batches = [ours.collate(gr, pack=True) for gr in groups]
-        collate_s = (time.perf_counter() - t0) / len(groups)
-        peft_batches, lens_all, n_lab = [], [], []
-        for gr in groups:
-            pb, lens, enc = padded_batch(tokenizer, tasks, gr, args.max_length, seed)
-            peft_batches.append(pb)
-            lens_all.append(lens)
-            n_lab.append(sum(sum(1 for x in e.labels if x != IGNORE) for e in enc))
-        eff = [sum(ls) for ls in lens_all]
-        padded = [pb["input_ids"].numel() for pb in peft_batches]
-        packed = [b.input_ids.numel() for b in ours_batches]
-        flops = [step_flops(config, ls, nl, r) for ls, nl in zip(lens_all, n_lab)]
-        res = {
-            "tasks": DU_TASKS, "examples_per_step": du_batch,
-            "mix_share_examples": {n: sum(1 for ex in mix if ex.task == n) / len(mix) for n in DU_TASKS},
-            "effective_tokens_per_step_mean": sum(eff) / len(eff),
-            "peft_padded_tokens_per_step_mean": sum(padded) / len(padded),
-            "ours_packed_tokens_per_step_mean": sum(packed) / len(packed),
-            "ours_rows_per_step_mean": sum(b.input_ids.shape[0] for b in ours_batches) / len(ours_batches),
-            "ours_collate_s_per_batch_cpu": collate_s,
-        }
-        peft_model = make_peft(copy.deepcopy(pristine), r, alpha)
-        copy_peft_lora_into_ours(peft_model, ours)
-        ours_opt = make_optimizer(ours.trainable_parameters(), lr)
-        peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], lr)
-        ours_step = ours_step_fn(ours, ours_opt, device)
-        res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
-                                                     ours_batches[0], peft_batches[0],
-                                                  [ours_opt, peft_opt])
-        print(f"DU loss check: {res['loss_check_vs_peft_plain']}", flush=True)
-        if device.type == "cuda":
-            t0 = time.perf_counter()
-            for b in ours_batches:
-                b.to(device)
-            torch.cuda.synchronize()
-            res["ours_batch_h2d_s_per_batch"] = (time.perf_counter() - t0) / len(ours_batches)
-
-        def per_batch_rates(timed):
-            # every batch is used once in the timed window (n_batches = warmup + steps)
-            if "error" in timed:
-                timed.update(effective_tokens_per_s=0.0, mfu=0.0)
-                return timed
-            t = timed["times_s"]
-            used = list(range(warmup, warmup + steps))
-            timed["effective_tokens_per_s"] = sum(eff[i] for i in used) / sum(t)
-            timed["mfu"] = sum(flops[i] for i in used) / sum(t) / peak
-            if peak_measured:
-                timed["fraction_of_measured_matmul"] = sum(flops[i] for i in used) / sum(t) / peak_measured
-            return timed
-
-        res["ours"] = per_batch_rates(time_steps(ours_step, ours_batches, warmup, steps, device))
-        res["ours"]["loss_first_last"] = [res["ours"]["losses"][0], res["ours"]["losses"][-1]]
-        if device.type == "cuda":
-            res["ours"]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-
-        def large_batch():
-            # ours alone at 8x the examples per step (pad-to-longest PEFT would not fit):
-            # what packing does with a batch that fills the GPU
-            big_n = du_batch * 8
-            start = n_batches * du_batch
-            big = [mix[start + i * big_n:start + (i + 1) * big_n] for i in range(warmup + steps)]
-            big = [g for g in big if len(g) == big_n]
-            bb = [ours.collate(g, pack=True) for g in big]
-            timed = time_steps(ours_step, bb, warmup, len(bb) - warmup, device)
-            eff_b = [int(b_.attention_mask.sum()) for b_ in bb]
-            fl = []
-            for g in big:
-                _, ls, enc = padded_batch(tokenizer, tasks, g, args.max_length, seed)
-                fl.append(step_flops(config, ls, sum(sum(1 for x in e.labels if x != IGNORE) for e in enc), r))
-            timed["examples_per_step"] = big_n
-            timed["effective_tokens_per_step_mean"] = sum(eff_b) / len(eff_b)
-            timed["effective_tokens_per_s"] = sum(eff_b[warmup:]) / sum(timed["times_s"])
-            timed["mfu"] = sum(fl[warmup:]) / sum(timed["times_s"]) / peak
-            return timed
-
-        res["ours_large"] = guarded(large_batch)
-        res["ours_large"].setdefault("examples_per_step", du_batch * 8)
-        del ours, ours_opt, ours_step
-        free()
-        for mode in ("plain", "autocast"):
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
-            step = peft_step_fn(peft_model, peft_opt, device, mode == "autocast")
-            res[f"peft_{mode}"] = per_batch_rates(guarded(time_steps, step, peft_batches, warmup, steps, device))
-            if device.type == "cuda":
-                res[f"peft_{mode}"]["max_memory_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        del peft_model, peft_opt, step
-        free()
-        best_peft = max(("peft_plain", "peft_autocast"), key=lambda k: res[k]["effective_tokens_per_s"])
-        res["peft_best"] = best_peft
-        res["speedup_vs_peft_best"] = ratio(res["ours"]["effective_tokens_per_s"], res[best_peft]["effective_tokens_per_s"])
-        res["speedup_vs_peft_plain"] = ratio(res["ours"]["effective_tokens_per_s"], res["peft_plain"]["effective_tokens_per_s"])
-        res["target"] = ">= 4x PEFT (effective tokens/s)"
-        result["du"] = res
-        table += [
-            ("DU ours packed eff tok/s (MFU)", f"{res['ours']['effective_tokens_per_s']:,.0f} ({res['ours']['mfu']:.1%})"),
-            ("DU PEFT padded plain eff tok/s", f"{res['peft_plain']['effective_tokens_per_s']:,.0f} ({res['peft_plain']['mfu']:.1%})"),
-            ("DU PEFT padded autocast eff tok/s", f"{res['peft_autocast']['effective_tokens_per_s']:,.0f} ({res['peft_autocast']['mfu']:.1%})"),
-            ("DU speedup vs best PEFT (>=4x)", f"{fx(res['speedup_vs_peft_best'], '.2f')}x"),
-            ("DU tokens/step eff | padded | packed", f"{res['effective_tokens_per_step_mean']:.0f} | {res['peft_padded_tokens_per_step_mean']:.0f} | {res['ours_packed_tokens_per_step_mean']:.0f}"),
-            ("DU loss ours/PEFT step0, step1", check_text(res["loss_check_vs_peft_plain"])),
-            (f"DU ours packed, {res['ours_large']['examples_per_step']} examples/step", f"{fx(res['ours_large'].get('effective_tokens_per_s'), ',.0f')} eff tok/s ({fx(res['ours_large'].get('mfu'), '.1%')})"),
-            ("DU ours loss first -> last timed", f"{res['ours']['loss_first_last'][0]:.3f} -> {res['ours']['loss_first_last'][1]:.3f}"),
-        ]
-        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str), flush=True)
-
-    # ---- 3. single (4 adapters) vs multi on the same packed batches ------------------------
-    if "single" in cases:
-        mix = mixture(examples, SINGLE_TASKS, seed + 1)
-        n_batches = warmup + steps
-        batch_n = du_batch * 2
-        groups = [mix[i * batch_n:(i + 1) * batch_n] for i in range(n_batches)]
-        res = {"tasks": SINGLE_TASKS, "examples_per_step": batch_n}
-        for strategy in ("multi", "single"):
-            runner = make_runner(copy.deepcopy(pristine), tokenizer, tasks, strategy, SINGLE_TASKS, args.max_length,
-                                 args.pack_tokens, r, alpha)
-            batches = [runner.collate(gr, pack=True) for gr in groups]
-            opt = make_optimizer(runner.trainable_parameters(), lr)
-            timed = time_steps(ours_step_fn(runner, opt, device), batches, warmup, steps, device)
-            timed["total_timed_s"] = sum(timed["times_s"])
-            timed["adapters"] = len(runner.plan.adapters)
-            timed["effective_tokens_per_s"] = sum(int(b.attention_mask.sum()) for b in batches[warmup:]) / timed["total_timed_s"]
-            timed["tasks_per_batch_mean"] = sum(len(set(b.row_tasks)) for b in batches) / len(batches)
-            res[strategy] = timed
-            del runner, opt, batches
-            free()
-        res["single_over_multi_time"] = res["single"]["total_timed_s"] / res["multi"]["total_timed_s"]
-        res["target"] = "<= 1.3x"
-        result["single_vs_multi"] = res
-        table += [
-            ("single(4)/multi step time (<=1.3x)", f"{res['single_over_multi_time']:.3f}x"),
-            ("multi | single eff tok/s", f"{res['multi']['effective_tokens_per_s']:,.0f} | {res['single']['effective_tokens_per_s']:,.0f}"),
-        ]
-        print(json.dumps({k: v for k, v in res.items() if not isinstance(v, dict)}, default=str), flush=True)
-
-    # ---- write and print ------------------------------------------------------------------
-    text = json.dumps(result, indent=2, default=str)
-    written = []
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "train_bench.json").write_text(text)
-        written.append(str(Path(args.out) / "train_bench.json"))
-    if args.results and not tiny:
-        Path(args.results).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.results).write_text(text)
-        written.append(args.results)
+    written = write_json(result, "train_bench.json", folders=[args.out], files=[args.results if not tiny else None])
     print("wrote: " + ", ".join(written) if written else "(no JSON written: --tiny without --out)")
-    print(f"\n=== train bench on {result['device']} ===")
-    width = max(len(k) for k, _ in table) if table else 0
-    for k, v in table:
-        print(f"{k:<{width}}  {v}")
+    print_table(f"train bench on {result['device']}", table)
 
 
 if __name__ == "__main__":

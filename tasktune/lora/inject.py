@@ -163,10 +163,14 @@ def _leaf_targets(paths: list[str], model: nn.Module) -> list[str]:
 def use_adapters(handle: LoRAHandle, ids: int | str | None | Sequence | torch.Tensor) -> Iterator[None]:
     """Route the forwards inside the block: ids per row [B], per token [B, T], or one
     adapter (slot or name) for everything; -1 / None = base model. Restores the previous
-    routing on exit, so blocks nest."""
-    previous = handle.routing.ids
-    handle.routing.ids = handle.ids_tensor(ids)
+    routing on exit, so blocks nest. `handle` is a LoRAHandle or a CGCHandle. Ids given
+    as a CPU tensor reach the device without a wait, and the layers plan from that host
+    copy instead of reading the device."""
+    routing = handle.routing
+    previous = routing.ids, routing.host_copy()
+    host = ids.long() if isinstance(ids, torch.Tensor) and ids.device.type == "cpu" else None
+    routing.set(handle.ids_tensor(ids), host)
     try:
         yield
     finally:
-        handle.routing.ids = previous
+        routing.set(*previous)

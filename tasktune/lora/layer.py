@@ -19,8 +19,10 @@ autocast x is cast to the adapters' dtype, as PEFT does.
 Speed: under autograd with few adapters (n * r_max <= ops.MASKED_MAX_COLS) the layer
 takes the masked path of ops.py (no host sync, one fused matmul-add into the base
 output); otherwise the segmented / gathered paths, with the per-forward routing work
-(broadcast ids, the adapter mask or the segment plan, one host sync) done once per
-forward and shared by every layer through the routing's cache.
+(broadcast ids, the adapter mask or the segment plan) done once per forward and shared
+by every layer through the routing's cache. The segment plan needs the ids on the host:
+read from the routing's host copy when the caller set one (`AdapterRouting.set`, as
+`use_adapters` does with host ids), else with one device sync per forward.
 
 Ranks may differ per adapter: the stacks are padded to the largest rank with zeros. A
 padded row of A meets a zero column of B, so it adds nothing and its gradient is exactly
@@ -53,6 +55,22 @@ class AdapterRouting:
     # the same tensor at the same version; every layer of the model shares them.
     _cache: dict = field(default_factory=dict, init=False, repr=False, compare=False)
     _cache_key: tuple | None = field(default=None, init=False, repr=False, compare=False)
+    # (ids, its version, the same values on the CPU), from `set`
+    _host: tuple | None = field(default=None, init=False, repr=False, compare=False)
+
+    def set(self, ids: torch.Tensor | None, host: torch.Tensor | None = None) -> None:
+        """Route by `ids` (on the adapters' device); `host`: the same values on the CPU, if
+        the caller has them, so that host-side planning never reads the device."""
+        self.ids = ids
+        self._host = (ids, ids._version, host) if ids is not None and host is not None else None
+
+    def host_copy(self) -> torch.Tensor | None:
+        """The CPU copy of `ids` given to `set`, or None (none given, or ids replaced or
+        modified since)."""
+        if self._host is None:
+            return None
+        owner, version, host = self._host
+        return host if owner is self.ids and owner._version == version else None
 
     def cached(self, key: tuple, make):
         """make() once per (ids tensor, in-place version, key); later calls reuse it."""
@@ -64,6 +82,19 @@ class AdapterRouting:
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+
+def flat_token_ids(ids: torch.Tensor, lead: torch.Size, in_features: int = -1) -> torch.Tensor:
+    """Broadcast routing ids [B] or [B, T] (or a scalar) to the tokens of an input whose
+    shape is lead + [d_in] -> [prod(lead)], on ids' own device."""
+    if ids.shape == lead:
+        return ids.reshape(-1)
+    if ids.dim() == 0 or (ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]):
+        return ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
+    raise ValueError(
+        f"adapter ids of shape {tuple(ids.shape)} fit neither the rows nor the tokens of "
+        f"an input of shape {tuple(lead)} + [{in_features}]"
+    )
 
 
 def lora_scaling(r: int, alpha: float, use_rslora: bool = False) -> float:
@@ -163,15 +194,15 @@ class MultiLoRALinear(nn.Module):
 
     def token_ids(self, ids: torch.Tensor, lead: torch.Size) -> torch.Tensor:
         """Broadcast routing ids to the tokens of x: lead = x.shape[:-1] -> ids [prod(lead)]."""
-        ids = ids.to(device=self.lora_A.device, dtype=torch.long)
-        if ids.shape == lead:
-            return ids.reshape(-1)
-        if ids.dim() == 0 or (ids.dim() == 1 and len(lead) >= 1 and ids.shape[0] == lead[0]):
-            return ids.reshape((-1,) + (1,) * (len(lead) - 1)).expand(lead).reshape(-1)
-        raise ValueError(
-            f"adapter ids of shape {tuple(ids.shape)} fit neither the rows nor the tokens of "
-            f"an input of shape {tuple(lead)} + [{self.in_features}]"
-        )
+        return flat_token_ids(ids.to(device=self.lora_A.device, dtype=torch.long), lead, self.in_features)
+
+    def plan_segments(self, flat_ids: torch.Tensor, lead: torch.Size):
+        """ops.segment_plan for this forward, from the routing's host copy when it has one
+        (no device sync), else from flat_ids (one sync)."""
+        host = self.routing.host_copy()
+        if host is None:
+            return segment_plan(flat_ids)
+        return segment_plan(flat_token_ids(host.long(), lead, self.in_features), flat_ids.device)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # x: [..., d_in] -> [..., d_out]
@@ -181,27 +212,32 @@ class MultiLoRALinear(nn.Module):
         lead = x.shape[:-1]
         device = self.lora_A.device
         n, r = self.n_adapters, self.r_max
-        flat_ids = self.routing.cached(("ids", lead, device), lambda: self.token_ids(ids, lead))  # [N]
-        if torch.is_autocast_enabled(x.device.type):
+        # Under torch.compile the routing work is traced (and fused) instead of cached, and
+        # every forward takes the masked path: no host sync, no Python-side state.
+        compiling = torch.compiler.is_compiling()
+        cached = (lambda key, make: make()) if compiling else self.routing.cached
+        flat_ids = cached(("ids", lead, device), lambda: self.token_ids(ids, lead))  # [N]
+        if x.device.type != "meta" and torch.is_autocast_enabled(x.device.type):  # meta: shape-only runs
             dtype = torch.get_autocast_dtype(x.device.type)
         else:
             dtype = self.lora_A.dtype
+        masked = compiling or (torch.is_grad_enabled() and n * r <= MASKED_MAX_COLS)
         base = self.base_layer
         if (
             # half-precision compute only: in fp32 the one node sums a shared input's gradients
             # in another order than autograd (a few ulps), and fp32 runs are reference runs
-            dtype in (torch.bfloat16, torch.float16)
+            dtype in (torch.bfloat16, torch.float16) and not compiling
             and torch.is_grad_enabled() and n * r <= MASKED_MAX_COLS and type(base) is nn.Linear
             and isinstance(self.lora_dropout, nn.Identity) and base.weight.dtype == dtype and x.dtype == dtype
             and not base.weight.requires_grad and (base.bias is None or not base.bias.requires_grad)
         ):  # training, one fused autograd node for base + all adapters
-            mask = self.routing.cached(("mask", lead, device, n, r), lambda: adapter_column_mask(flat_ids, n, r))
+            mask = cached(("mask", lead, device, n, r), lambda: adapter_column_mask(flat_ids, n, r))
             return MaskedLoRALinear.apply(x, base.weight, base.bias, self.lora_A, self.lora_B, self.scaling, mask)
         y = base(x)
         A, B = self.lora_A.to(dtype), self.lora_B.to(dtype)
         x_flat = self.lora_dropout(x).reshape(-1, self.in_features).to(dtype)  # [N, d_in]
-        if torch.is_grad_enabled() and n * r <= MASKED_MAX_COLS:
-            mask = self.routing.cached(("mask", lead, device, n, r), lambda: adapter_column_mask(flat_ids, n, r))
+        if masked:
+            mask = cached(("mask", lead, device, n, r), lambda: adapter_column_mask(flat_ids, n, r))
             if y.dtype == dtype:  # one fused y + h @ B^T
                 out = lora_delta_masked(x_flat, A, B, self.scaling, flat_ids, mask, base=y.reshape(-1, self.out_features))
                 return out.reshape(*lead, self.out_features)
@@ -209,7 +245,7 @@ class MultiLoRALinear(nn.Module):
         else:
             plan = None
             if x_flat.shape[0] > 0 and (torch.is_grad_enabled() or x_flat.shape[0] > GATHER_MAX_ROWS):  # segmented
-                plan = self.routing.cached(("plan", lead, device), lambda: segment_plan(flat_ids))
+                plan = cached(("plan", lead, device), lambda: self.plan_segments(flat_ids, lead))
             delta = lora_delta(x_flat, A, B, self.scaling, flat_ids, plan)  # [N, d_out]
         return y + delta.reshape(*lead, self.out_features).to(y.dtype)
 
@@ -220,9 +256,11 @@ class MultiLoRALinear(nn.Module):
 def routing_ids(ids, index_of, count: int, device: torch.device, what: str = "adapter") -> torch.Tensor | None:
     """A user's routing choice -> LongTensor on `device`: one name or index for the whole
     batch, a list per row (names, indices, None = base) or nested per token, or a tensor
-    of indices. `index_of(name)` resolves names; indices must be in -1..count-1."""
+    of indices. `index_of(name)` resolves names; indices must be in -1..count-1. Ids built
+    on the host reach a CUDA device without waiting for it."""
+    non_blocking = torch.device(device).type == "cuda"
     if ids is None or isinstance(ids, torch.Tensor):
-        return None if ids is None else ids.to(device, torch.long)
+        return None if ids is None else ids.to(device, torch.long, non_blocking=non_blocking)
 
     def index(v):
         if v is None:
@@ -238,5 +276,4 @@ def routing_ids(ids, index_of, count: int, device: torch.device, what: str = "ad
             raise TasktuneError(f"{what} index {v} out of range (0..{count - 1}, -1 = none)")
         return v
 
-    return torch.tensor(index(ids), dtype=torch.long, device=device)
-
+    return torch.tensor(index(ids), dtype=torch.long).to(device, non_blocking=non_blocking)

@@ -22,9 +22,10 @@ Three torch paths compute the same function:
   reaches every row (0 * inf), so this path is for training, where the dispatch in
   `MultiLoRALinear` uses it; the isolation guarantee above holds for the other two.
 
-The segmented path needs the distinct adapters on the host (one sync). `segment_plan`
-computes them once; a caller running many layers on the same ids (a model forward)
-passes the plan to every layer instead of syncing per layer.
+The segmented path needs the distinct adapters on the host. `segment_plan` computes
+them once (one device sync, or none when given a host copy of the ids); a caller running
+many layers on the same ids (a model forward) passes the plan to every layer instead of
+syncing per layer.
 
 Both compute in the dtype of `x` (the caller casts x to the adapters' dtype) and return
 [N, d_out] in that dtype.
@@ -47,11 +48,14 @@ MASKED_MAX_COLS = 128
 SegmentPlan = list[tuple[int, "torch.Tensor | None"]]
 
 
-def segment_plan(ids: torch.Tensor) -> SegmentPlan:
-    """The distinct adapters of `ids` [N] and their rows (one host sync)."""
+def segment_plan(ids: torch.Tensor, device: torch.device | None = None) -> SegmentPlan:
+    """The distinct adapters of `ids` [N] and their rows, with the row indices on `device`
+    (default: ids' device). Reads ids on the host: one device sync if ids live on the
+    device, none if the caller passes its host copy (the rows then follow without a wait)."""
     n_rows = ids.shape[0]
     if n_rows == 0:
         return []
+    device = ids.device if device is None else torch.device(device)
     adapters, counts = torch.unique(ids, return_counts=True)
     plan: SegmentPlan = []
     for adapter, count in zip(adapters.tolist(), counts.tolist()):
@@ -59,7 +63,8 @@ def segment_plan(ids: torch.Tensor) -> SegmentPlan:
             continue
         if count == n_rows:  # the whole batch on one adapter (the multi-task case): no gather
             return [(adapter, None)]
-        plan.append((adapter, (ids == adapter).nonzero(as_tuple=True)[0]))
+        rows = (ids == adapter).nonzero(as_tuple=True)[0]
+        plan.append((adapter, rows.to(device, non_blocking=device.type == "cuda")))
     return plan
 
 

@@ -17,9 +17,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasktune.config import LoRASettings
+from tasktune.errors import TasktuneError
 from tasktune.lora.cgc import inject_cgc
 from tasktune.lora.inject import inject_lora, use_adapters
-from tasktune.model.batches import IGNORE, Batch, collate_causal, collate_causal_packed, collate_encoder, tagging_labels
+from tasktune.model.batches import (
+    IGNORE, PACK_MULTIPLE, Batch, causal_targets, collate_causal, collate_causal_packed, collate_encoder, tagging_labels,
+)
 from tasktune.model.heads import HeadSpec, TaskHead, save_head
 from tasktune.model.load import LoadedModel
 from tasktune.model.plan import AdapterPlan
@@ -39,7 +42,7 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
 class Runner(nn.Module):
     def __init__(
         self, loaded: LoadedModel, tasks: list[Task], plan: AdapterPlan, lora: LoRASettings, *, max_length: int, seed: int = 0,
-        pack_tokens: int = 2048,
+        pack_tokens: int = 2048, pack_multiple: int = PACK_MULTIPLE,
     ):
         super().__init__()
         self.loaded = loaded
@@ -52,6 +55,7 @@ class Runner(nn.Module):
         self.seed = seed
         self.lora_settings = lora
         self.pack_tokens = max(max_length, pack_tokens)
+        self.pack_multiple = pack_multiple  # packed rows are padded to a multiple of this (few shapes)
         self.handle = None
         if plan.uses_lora:
             for p in self.model.parameters():
@@ -86,6 +90,8 @@ class Runner(nn.Module):
         return {t: self.handle.index(a) for t, a in self.plan.task_adapter.items()}
 
     def _routing(self, ids: torch.Tensor):
+        """Route the forwards inside the block. ids may be the host copy: the adapters get
+        it copied without a wait, and the layers plan on the host copy (no device sync)."""
         return use_adapters(self.handle, ids) if self.handle is not None else nullcontext()
 
     @property
@@ -94,18 +100,21 @@ class Runner(nn.Module):
 
     # --- batches and losses ------------------------------------------------------------
     def collate(self, examples: list[Example], *, pack: bool = False) -> Batch:
-        """pack=True (causal training): examples packed into rows of `pack_tokens`."""
+        """pack=True (causal training): examples packed into rows of `pack_tokens`, padded
+        to a multiple of `pack_multiple`."""
         if self.family == "encoder":
             return collate_encoder(self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length)
         if pack:
             return collate_causal_packed(
-                self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length, self.seed, self.pack_tokens
+                self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length, self.seed, self.pack_tokens,
+                self.pack_multiple,
             )
         return collate_causal(self.tokenizer, self.tasks, examples, self.adapter_index, self.max_length, self.seed)
 
     def encode_hidden(self, batch: Batch) -> torch.Tensor:
+        dev = batch.to(self.device)
         with self._routing(batch.adapter_ids):
-            return self.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).last_hidden_state
+            return self.model(input_ids=dev.input_ids, attention_mask=dev.attention_mask).last_hidden_state
 
     def forward(self, batch: Batch) -> dict[str, torch.Tensor]:
         """So that DDP (through accelerate) sees the loss computation as the forward."""
@@ -115,63 +124,83 @@ class Runner(nn.Module):
         """Each task's contribution to the batch-mean loss: sum of its rows' (tokens')
         losses over the batch's rows (tokens). Their sum is the plain mixture loss; loss
         weighting rescales them per task. A task's own mean loss is its contribution
-        divided by `self.last_shares[task]`."""
-        batch = batch.to(self.device)
+        divided by `self.last_shares[task]` (host floats, known without asking the device).
+
+        Pass the batch as collated, on the host: what the loss needs to know about its
+        shape is read there, so a training step never waits for the device (no `.item()`,
+        no `.tolist()`, no boolean indexing, no blocking copy)."""
         if self.family == "encoder":
             return self._encoder_losses(batch)
         return self._causal_losses(batch)
 
     def _encoder_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        hidden = self.encode_hidden(batch)  # [B, T, H]
+        # Rows and labelled units of each task, counted on the host before the batch moves.
+        names = list(dict.fromkeys(batch.row_tasks))
+        rows = {n: [i for i, t in enumerate(batch.row_tasks) if t == n] for n in names}
+        gold_host = {
+            n: (batch.tok_labels if self.heads[n].spec.kind == "token" else batch.seq_labels)[torch.tensor(rows[n])]
+            for n in names
+        }
+        counts = {n: int((g != IGNORE).sum()) for n, g in gold_host.items()}
+        device = self.device
+        dev = batch.to(device)
+        with self._routing(batch.adapter_ids):
+            out = self.model(input_ids=dev.input_ids, attention_mask=dev.attention_mask)
+        hidden = out.last_hidden_state  # [B, T, H]
         sums: dict[str, torch.Tensor] = {}
-        counts: dict[str, int] = {}
-        for name in dict.fromkeys(batch.row_tasks):
-            rows = torch.tensor([i for i, t in enumerate(batch.row_tasks) if t == name], device=hidden.device)
+        for name in names:
+            idx = torch.tensor(rows[name]).to(device, non_blocking=True)
             head = self.heads[name]
-            logits = head(hidden[rows], batch.attention_mask[rows])
+            logits = head(hidden.index_select(0, idx), dev.attention_mask.index_select(0, idx))
+            gold = gold_host[name].to(device, non_blocking=True)
             if head.spec.kind == "token":
-                gold = batch.tok_labels[rows]
-                loss = F.cross_entropy(logits.flatten(0, 1), gold.flatten(), ignore_index=IGNORE, reduction="sum")
-                counts[name] = int((gold != IGNORE).sum())
-            else:
-                gold = batch.seq_labels[rows]
-                loss = F.cross_entropy(logits, gold, ignore_index=IGNORE, reduction="sum")
-                counts[name] = int((gold != IGNORE).sum())
-            sums[name] = loss
+                logits, gold = logits.flatten(0, 1), gold.flatten()
+            sums[name] = F.cross_entropy(logits, gold, ignore_index=IGNORE, reduction="sum")
         # Token tasks count tokens, sequence tasks count rows: normalise each by its own
         # unit, then weight by its share of the batch's rows so the sum is a batch mean.
         n_rows = len(batch.row_tasks)
-        self.last_shares = {t: batch.row_tasks.count(t) / n_rows for t in sums}
-        return {t: sums[t] / max(counts[t], 1) * self.last_shares[t] for t in sums}
+        self.last_shares = {t: len(rows[t]) / n_rows for t in names}
+        return {t: sums[t] / max(counts[t], 1) * self.last_shares[t] for t in names}
 
     def _causal_losses(self, batch: Batch) -> dict[str, torch.Tensor]:
-        packed = batch.attention_4d is not None
+        targets = batch.targets if batch.targets is not None else causal_targets(batch)  # host work on a host batch
+        dev = batch.to(self.device)
+        t = targets.to(self.device, non_blocking=True)
+        # Unpacked batches: HF reads the device once per forward to simplify the mask
+        # (an all-ones check); packed ones (training) come with the mask built here.
+        mask = dev.attention_4d(self.model.dtype) if dev.packed else dev.attention_mask
         with self._routing(batch.adapter_ids):
             hidden = self.model.base_model(
-                input_ids=batch.input_ids,
-                attention_mask=batch.attention_4d.to(self.model.dtype) if packed else batch.attention_mask,
-                position_ids=batch.position_ids,
-                use_cache=False,
-            ).last_hidden_state
-        # predict token t+1 from position t; only target positions reach the LM head
-        labels = batch.labels[:, 1:]  # [B, T-1]
-        keep = labels != IGNORE
-        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), hidden[:, :-1][keep], labels[keep])  # [N]
-        if packed:
-            owner = batch.token_task[:, 1:][keep]  # [N] index into task_names
-            names = batch.task_names
-        else:
-            names = list(dict.fromkeys(batch.row_tasks))
-            owner = torch.tensor([names.index(t) for t in batch.row_tasks], device=hidden.device)
-            owner = owner.unsqueeze(1).expand_as(labels)[keep]
-        total = max(int(keep.sum()), 1)
+                input_ids=dev.input_ids, attention_mask=mask, position_ids=dev.position_ids, use_cache=False,
+            ).last_hidden_state  # [B, T, H]
+        # predict token t+1 from position t; only scored positions reach the LM head
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, t.position)  # [N, H]
+        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), scored, t.labels)  # [N], grouped by task
+        total = max(sum(targets.counts), 1)
         out: dict[str, torch.Tensor] = {}
         self.last_shares = {}
-        for k in sorted(set(owner.tolist())):
-            mine = owner == k
-            out[names[k]] = tok_loss[mine].sum() / total
-            self.last_shares[names[k]] = int(mine.sum()) / total
+        for name, count, part in zip(targets.names, targets.counts, tok_loss.split(targets.counts)):
+            if count:
+                out[name] = part.sum() / total
+                self.last_shares[name] = count / total
         return out
+
+    def compile_blocks(self, **options) -> int:
+        """Opt-in speed: torch.compile each repeated block of the model (the decoder or
+        encoder layers, LoRA layers inside) in place, so a block runs as a few fused
+        kernels instead of hundreds of eager ops. Parameter names, saved adapters and the
+        eager glue between blocks (embeddings, mask, LM head, loss) are unchanged.
+        `options` go to torch.compile (e.g. backend="aot_eager" on a machine without a
+        compiler). Returns the number of blocks compiled."""
+        lists = [
+            m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
+        ]
+        if not lists:
+            raise TasktuneError("compile_blocks: the model has no list of repeated blocks to compile")
+        blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        for block in blocks:
+            block.compile(**options)
+        return len(blocks)
 
     # --- parameters and saving ---------------------------------------------------------
     def trainable_parameters(self) -> list[nn.Parameter]:

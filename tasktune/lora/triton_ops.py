@@ -1,0 +1,167 @@
+"""Punica-style BGMV LoRA kernels in Triton, for the serving decode step.
+
+`lora_apply_(y, x, A, B, scaling, ids)` adds each row's LoRA update to the base output in
+place, the function `y + lora_delta_gathered(x, A, B, scaling, ids)` of `ops.py` computes,
+without the gathered copies: `index_select` writes N copies of the adapters to memory
+and reads them back, while these kernels read each row's adapter where it lies (rows
+sharing an adapter hit the L2 cache).
+
+Two launches, with fixed grids for given shapes, no host sync (CUDA-graph capturable):
+- shrink, grid (N, S): program (n, s) reduces a contiguous split of d_in,
+  h_part[n, s, :] = A[ids[n], :, split] @ x[n, split], fp32 accumulation. Splitting d_in
+  gives a decode batch of 32 rows enough programs to keep the memory system busy.
+- expand, grid (N, d_out tiles): program (n, t) sums h_part[n, :, :] over the splits (a
+  fixed order, so the result is deterministic, unlike atomic adds) and does
+  y[n, tile] += scaling[ids[n]] * B[ids[n], tile, :] @ h[n], rounding once to y's dtype.
+Rows with id < 0 return at once in both kernels: they never read an adapter, so a
+non-finite value in some adapter reaches only the rows that use it.
+
+Limits: r <= 64 (the rank is padded to a power of two >= 16 in registers, masked on
+load); A, B, x, y each bf16, fp16 or fp32 (all upcast to fp32 on load, y rounded once);
+scaling any float dtype; ids int32 or int64 in [-1, n_slots) (not checked, that would
+need a sync: an id past the stack reads out of bounds).
+
+Triton is optional: without it this module still imports, `available()` is False and the
+caller uses the torch path. On the CPU the kernels run under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from dataclasses import dataclass
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # CPU-only installs and CI: the caller falls back to torch
+    triton = None
+
+MAX_RANK = 64
+TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [BLOCK_N, R])
+TARGET_PROGRAMS = 512  # shrink: split d_in until N * S reaches about this many programs
+MAX_SPLIT = 16  # ... but at most this many splits (expand re-reads all S partial sums)
+
+
+def available(device: torch.device | str | None = None) -> bool:
+    """Whether `lora_apply_` can run on tensors of `device` (default: the GPU if any):
+    Triton is installed and the device is CUDA, or the Triton interpreter is on."""
+    if triton is None:
+        return False
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True
+    on_gpu = device is None or torch.device(device).type == "cuda"
+    return on_gpu and torch.cuda.is_available()
+
+
+if triton is not None:
+
+    @triton.jit
+    def bgmv_shrink(
+        x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
+        d_in, r, stride_xn,
+        R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
+    ):
+        n = tl.program_id(0)
+        s = tl.program_id(1)
+        slot = tl.load(ids_ptr + n).to(tl.int64)
+        if slot < 0:
+            return
+        offs_r = tl.arange(0, R)
+        offs_k = tl.arange(0, BLOCK_K)
+        a_rows = a_ptr + slot * r * d_in + offs_r[:, None] * d_in  # [R, 1] row starts of A[slot]
+        acc = tl.zeros((R,), dtype=tl.float32)
+        k_start = s * K_SPLIT
+        for k0 in range(0, K_SPLIT, BLOCK_K):
+            k = k_start + k0 + offs_k  # [BLOCK_K]
+            k_ok = k < d_in
+            xk = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
+            acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)  # [R]
+        tl.store(h_ptr + (n * tl.num_programs(1) + s) * R + offs_r, acc)
+
+    @triton.jit
+    def bgmv_expand(
+        h_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # h: [N, S, R] fp32, B: [n_slots, d_out, r], y: [N, d_out]
+        d_out, r, stride_yn,
+        R: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+    ):
+        n = tl.program_id(0)
+        t = tl.program_id(1)
+        slot = tl.load(ids_ptr + n).to(tl.int64)
+        if slot < 0:
+            return
+        offs_r = tl.arange(0, R)
+        h = tl.zeros((R,), dtype=tl.float32)
+        for s in range(S):  # the shrink's partial sums, in a fixed order
+            h += tl.load(h_ptr + (n * S + s) * R + offs_r)
+        offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
+        o_ok = offs_o < d_out
+        b_ptrs = b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :]  # [BLOCK_N, R]
+        b = tl.load(b_ptrs, mask=o_ok[:, None] & (offs_r[None, :] < r), other=0.0)
+        scale = tl.load(scaling_ptr + slot).to(tl.float32)
+        delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1) * scale  # [BLOCK_N]
+        y_ptrs = y_ptr + n * stride_yn + offs_o
+        y = tl.load(y_ptrs, mask=o_ok, other=0.0)
+        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    p = lo
+    while p < v:
+        p *= 2
+    return p
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    R: int  # the rank padded to a power of two >= 16
+    BLOCK_K: int  # shrink: d_in elements per step
+    K_SPLIT: int  # shrink: d_in elements per program (a multiple of BLOCK_K)
+    S: int  # shrink: programs per row, cdiv(d_in, K_SPLIT)
+    BLOCK_N: int  # expand: d_out elements per program
+
+
+@functools.lru_cache(maxsize=None)
+def launch_config(n_rows: int, d_in: int, d_out: int, r: int) -> LaunchConfig:
+    """The fixed launch configuration for these shapes (a function of the shapes alone)."""
+    R = _pow2_at_least(r, 16)
+    block_k = max(64, min(256, TILE // R))
+    blocks = triton.cdiv(d_in, block_k)
+    want = max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, n_rows)))
+    per_split = triton.cdiv(blocks, want)  # BLOCK_K blocks per program
+    return LaunchConfig(R=R, BLOCK_K=block_k, K_SPLIT=per_split * block_k, S=triton.cdiv(blocks, per_split),
+                        BLOCK_N=max(32, min(256, TILE // 2 // R)))
+
+
+def lora_apply_(
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor
+) -> torch.Tensor:
+    """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
+    place; rows with -1 are left untouched. Returns y.
+    y: [N, d_out], x: [N, d_in], A: [n_slots, r, d_in], B: [n_slots, d_out, r], scaling: [n_slots],
+    ids: [N] int. y and x may be row-strided views (unit stride along the feature dim)."""
+    n_rows, d_in = x.shape
+    n_slots, r, _ = A.shape
+    d_out = B.shape[1]
+    if A.shape != (n_slots, r, d_in) or B.shape != (n_slots, d_out, r) or y.shape != (n_rows, d_out):
+        raise ValueError(f"shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    if r > MAX_RANK:
+        raise ValueError(f"rank {r} > {MAX_RANK}")
+    if not all(t.is_contiguous() for t in (A, B, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("A, B, scaling, ids must be contiguous, x and y unit-stride along the feature dim")
+    if len({t.device for t in (y, x, A, B, scaling, ids)}) != 1:
+        raise ValueError("all tensors must be on one device")
+    if n_rows == 0:
+        return y
+    cfg = launch_config(n_rows, d_in, d_out, r)
+    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
+    bgmv_shrink[(n_rows, cfg.S)](
+        x, A, ids, h, d_in, r, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
+    )
+    bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
+        h, B, scaling, ids, y, d_out, r, y.stride(0), R=cfg.R, BLOCK_N=cfg.BLOCK_N, S=cfg.S,
+    )
+    return y
