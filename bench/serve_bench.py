@@ -268,6 +268,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine case (median reported)")
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="decode step through torch.compile (then CUDA graphs)")
     args = ap.parse_args()
 
     tiny = args.tiny
@@ -327,7 +328,9 @@ def main() -> None:
 
     engine = Engine.from_pretrained(base_dir, adapter_root=root, max_resident=n_adapters, max_rank=r, device=str(device),
                                     dtype=dtype, max_running=batch, max_len=prompt_len + new_tokens + 8,
-                                    max_prefill_tokens=batch * prompt_len)
+                                    max_prefill_tokens=batch * prompt_len, compile=args.compile)
+    result["engine"] = {"cuda_graphs": engine.decode_step.use_graphs, "triton_lora": engine.pool.stacks.kernels,
+                        "compile": args.compile}
     engine.pool.register_root()
     sync(device)
     t = time.perf_counter()
@@ -377,18 +380,26 @@ def main() -> None:
             print("profile of one decode step:", result["profile"], flush=True)
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    if device.type == "cuda":  # the same base case with the eager decode step: what the graphs buy
+    if device.type == "cuda":  # what each piece buys, on the same work: eager step, torch LoRA in graphs
         from tasktune.serve.cuda_graphs import DecodeStep
 
-        graphed, engine.decode_step = engine.decode_step, DecodeStep(engine.model, engine.cache, engine.pool.stacks,
-                                                                     use_graphs=False)
-        for name in ("base", f"a{n_adapters}"):
-            eager = run_engine(engine, prompts, cases[name], new_tokens, device)
-            result["cases"][name]["eager_decode_tok_s"] = eager["decode_tok_s"]
-            result["cases"][name]["eager_tokens_equal_graph"] = eager["tokens"] == result["_tokens"][name]
-            print(f"{name} eager: decode {eager['decode_tok_s']:.0f} tok/s, tokens equal the graphed run: "
-                  f"{result['cases'][name]['eager_tokens_equal_graph']}", flush=True)
-        engine.decode_step = graphed
+        main_step, kernels = engine.decode_step, engine.pool.stacks.kernels
+        variants = {"eager": (False, kernels, ("base", f"a{n_adapters}")),
+                    "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}"))}
+        for label, (graphs, use_kernels, names_) in variants.items():
+            if label == "graphs_torch_lora" and not kernels:
+                continue  # the main run already used torch LoRA
+            engine.pool.stacks.kernels = use_kernels
+            engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
+            engine.warmup()
+            for name in names_:
+                other = run_engine(engine, prompts, cases[name], new_tokens, device)
+                c = result["cases"][name]
+                c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
+                c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]
+                print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
+                      f"{c[f'{label}_tokens_equal']}", flush=True)
+        engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
     a_tokens = result.pop("_tokens")
     del engine
     gc.collect()

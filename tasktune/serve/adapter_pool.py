@@ -24,6 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from tasktune.errors import TasktuneError
+from tasktune.lora import triton_ops
 from tasktune.serve.decoder import LoraStacks
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
@@ -91,8 +92,10 @@ class AdapterPool:
         max_cpu: int = 64,
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
+        lora_kernels: bool = True,
     ):
-        """root: the only folder adapters may be loaded from (None: any path; trusted callers only)."""
+        """root: the only folder adapters may be loaded from (None: any path; trusted callers only).
+        lora_kernels: decode with the Triton kernels where they can run (a GPU with Triton)."""
         self.num_layers, self.shapes, self.base_name = num_layers, shapes, base_name
         self.base_path = Path(base_path).resolve() if base_path else None
         self.root = Path(root).resolve() if root else None
@@ -106,7 +109,9 @@ class AdapterPool:
             for layer in range(num_layers)
             for m, (d_in, d_out) in shapes.items()
         }
-        self.stacks = LoraStacks(weights, torch.zeros(max_resident, device=self.device, dtype=torch.float32))
+        self.stacks = LoraStacks(weights, torch.zeros(max_resident, device=self.device, dtype=torch.float32),
+                                 kernels=lora_kernels and self.device.type == "cuda" and triton_ops.available(self.device)
+                                 and max_rank <= triton_ops.MAX_RANK)
         self._adapters: dict[str, AdapterInfo] = {}
         self._resident: OrderedDict[str, int] = OrderedDict()  # LRU order, most recent last
         self._refs: dict[str, int] = {}

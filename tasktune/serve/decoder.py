@@ -33,6 +33,7 @@ from torch import nn
 
 from tasktune.errors import TasktuneError
 from tasktune.lora.ops import SegmentPlan, lora_delta, lora_delta_gathered
+from tasktune.lora.triton_ops import lora_apply_
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -111,6 +112,7 @@ class LoraStacks:
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
     scaling: torch.Tensor
+    kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
 
 
 @dataclass
@@ -249,7 +251,9 @@ class Block(nn.Module):
         if lora is not None and batch.use_lora:
             ab = lora.weights.get((self.index, name))
             if ab is not None:
-                if batch.decode:  # no host sync: the decode step may be a CUDA graph
+                if batch.decode and lora.kernels:  # Triton BGMV: each row reads its adapter in place
+                    lora_apply_(y, x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+                elif batch.decode:  # no host sync: the decode step may be a CUDA graph
                     y = y + lora_delta_gathered(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
                 else:
                     y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids, batch.plan)
