@@ -122,6 +122,8 @@ class TrainSettings(_Strict):
     checkpoint_every: int = 0
     log_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (also: TASKTUNE_DETERMINISTIC=1)
+    compile: bool = False  # torch.compile the model's repeated blocks (Runner.compile_blocks); needs a C compiler
+    head_dropout: float = Field(default=0.1, ge=0, lt=1)  # encoder task heads, before the linear layer
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
 
 

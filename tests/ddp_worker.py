@@ -6,8 +6,6 @@ list, in one launch (process start-up is most of the cost on a CPU).
 A job is {"config": ..., "strategy": ..., "out": ...}, optionally with "resume_from": a
 finished run folder whose checkpoint "at_step" is copied to "out" (rank 0, while the
 others wait) before training resumes there, as if the run had died after that step.
-Task heads' dropout is switched off (`no_head_dropout`) so that the run draws no random
-numbers and one process can match two exactly.
 """
 
 from __future__ import annotations
@@ -20,20 +18,7 @@ from pathlib import Path
 import torch
 
 from tasktune import cli
-from tasktune.train import run
 from tasktune.train.distributed import is_main_process, wait_for_everyone
-
-
-def no_head_dropout(build_runner):
-    """Wrap `run.build_runner` so that task heads are built without dropout."""
-
-    def build(*args, **kwargs):
-        runner = build_runner(*args, **kwargs)
-        for head in runner.heads.values():
-            head.dropout.p = 0.0
-        return runner
-
-    return build
 
 
 def copy_checkpoint(done: Path, out: Path, step: int) -> None:
@@ -44,7 +29,6 @@ def copy_checkpoint(done: Path, out: Path, step: int) -> None:
 
 def main(jobs_file: str) -> None:
     torch.set_num_threads(1)
-    run.build_runner = no_head_dropout(run.build_runner)
     for job in json.loads(Path(jobs_file).read_text()):
         args = ["train", job["config"], "--strategy", job["strategy"], "--out", job["out"]]
         if "resume_from" in job:  # follows the job that wrote it, so the process group is up

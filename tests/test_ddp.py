@@ -3,8 +3,8 @@ with batch b follow one process with batch 2b, step for step, and end with the s
 adapters and heads; a two-process run resumed from rank 0's checkpoint ends exactly
 where the uninterrupted one ends.
 
-Runs without dropout (LoRA dropout 0, a BERT copy with dropout 0, heads' dropout off in
-both runs), so that neither run draws random numbers and only float round-off differs.
+Runs without dropout (LoRA dropout 0, a BERT copy with dropout 0, `train.head_dropout: 0`),
+so that neither run draws random numbers and only float round-off differs.
 """
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from ddp_worker import no_head_dropout
 from projects import tiny_project
 from tasktune.config import load_config
 from tasktune.errors import TasktuneError
@@ -29,7 +28,7 @@ from tasktune.train.distributed import check_weighting, task_units
 
 WORKER = Path(__file__).parent / "ddp_worker.py"
 STEPS, B = 4, 2  # per-process batch B; the one-process reference uses 2 * B
-TRAIN = {"max_steps": STEPS, "grad_accum": 2, "checkpoint_every": 2, "log_every": 1}
+TRAIN = {"max_steps": STEPS, "grad_accum": 2, "checkpoint_every": 2, "log_every": 1, "head_dropout": 0.0}
 
 
 def _no_dropout_bert(tiny_bert: Path, root: Path) -> Path:
@@ -67,7 +66,7 @@ def _assert_same_curve(one: Path, two: Path) -> None:
         torch.testing.assert_close(tb[name], ta[name], rtol=1e-4, atol=1e-5, msg=name)
 
 
-def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_llama, tiny_bert, monkeypatch):
+def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_llama, tiny_bert):
     bert = _no_dropout_bert(tiny_bert, tmp_path)
     lora = {"dropout": 0.0}
     cases = {  # name: (model, strategy, extra train settings)
@@ -92,7 +91,6 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_
     assert two.returncode == 0, two.stderr[-4000:]
     assert two.stdout.count("trained ") == len(jobs), two.stdout  # rank 0 reports, rank 1 stays quiet
 
-    monkeypatch.setattr(run, "build_runner", no_head_dropout(run.build_runner))
     for name, (_, strategy, _) in cases.items():
         one = tmp_path / f"{name}_w1" / "run"
         run.train_strategy(load_config(tmp_path / f"{name}_w1" / "project.yaml"), strategy, one, progress=False)

@@ -68,7 +68,7 @@ def test_uncertainty_loss_and_gradients_match_closed_form():
     used = w.backward(losses, [x])
     la, lb = 4.0, 2.1
     assert w.last_loss == pytest.approx(math.exp(-0.3) * la + 0.3 + math.exp(0.5) * lb - 0.5, rel=1e-6)
-    assert used == pytest.approx({"a": math.exp(-0.3), "b": math.exp(0.5)})
+    assert {n: float(v) for n, v in used.items()} == pytest.approx({"a": math.exp(-0.3), "b": math.exp(0.5)})
     # d/ds_i = 1 - exp(-s_i) L_i; the missing task's s gets no gradient (no NaN either).
     torch.testing.assert_close(w.log_vars.grad, torch.tensor([1 - math.exp(-0.3) * la, 1 - math.exp(0.5) * lb, 0.0]))
     torch.testing.assert_close(x.grad, torch.tensor([math.exp(-0.3) * 2 * 2.0, math.exp(0.5) * 3.0]))
@@ -83,6 +83,21 @@ def test_uncertainty_optimum_is_inverse_loss():
         w.backward({"a": torch.tensor(4.0), "b": torch.tensor(0.5)}, [])
         opt.step()
     torch.testing.assert_close(torch.exp(-w.log_vars.detach()), torch.tensor([0.25, 2.0]), rtol=1e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("method", ["static", "uncertainty"])
+def test_static_and_uncertainty_never_read_the_device(method):
+    """A step on the 'meta' device (it holds no data: any read raises): the objective and
+    the weights used stay unread tensors (static's weights are host floats)."""
+    w = make_weighter(WeightingConfig(method=method), ["a", "b"], device="meta")
+    assert all(p.device.type == "meta" for p in w.parameters())
+    theta = torch.nn.Parameter(torch.ones(2, device="meta"))
+    used = w.backward({"a": theta.sum(), "b": theta.pow(2).sum()}, [theta], scale=0.5)
+    assert set(used) == {"a", "b"} and theta.grad is not None and w.last_total.device.type == "meta"
+    if method == "uncertainty":
+        assert w.log_vars.grad is not None and all(v.device.type == "meta" for v in used.values())
+    else:
+        assert used == {"a": 1.0, "b": 1.0}
 
 
 # ---------------------------------------------------------------- DWA
@@ -223,6 +238,7 @@ def test_missing_tasks_and_resume(method):
     def run(w, p, batch):
         p.grad = None
         used = w.backward({n: (p - 1.0)[i] ** 2 + p.sum() * 0.1 for n, i in batch.items()}, [p])
+        used = {n: float(v) for n, v in used.items()}  # uncertainty's are tensors
         assert set(used) == set(batch) and all(math.isfinite(v) for v in used.values())
         assert p.grad is None if not batch else bool(torch.isfinite(p.grad).all())
         return used

@@ -25,7 +25,8 @@ class HeadSpec:
 
 
 class TaskHead(nn.Module):
-    """dropout + linear; `kind` decides whether it reads the pooled vector or every token."""
+    """dropout + linear; `kind` decides whether it reads the pooled vector or every token.
+    Training sets the dropout from `train.head_dropout` (default 0.1, as here)."""
 
     def __init__(self, spec: HeadSpec, hidden: int, dropout: float = 0.1):
         super().__init__()

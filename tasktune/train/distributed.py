@@ -43,7 +43,7 @@ from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 from torch import Tensor
 
 from tasktune.errors import TasktuneError
-from tasktune.model.batches import IGNORE, Batch
+from tasktune.model.batches import IGNORE, Batch, causal_targets
 from tasktune.model.runner import Runner
 
 # Weightings whose combination of task losses is not a function of the task losses alone.
@@ -104,22 +104,13 @@ def sync_unless(last: bool, accelerator: Accelerator, model):
 def task_units(runner: Runner, batch: Batch) -> dict[str, tuple[int, int]]:
     """{task: (units, weight)} for this host batch, mirroring `Runner.task_losses`: a task's
     loss there is share * (sum of its losses / max(units, 1)) with share = weight / sum of
-    weights. Causal: units = weight = the task's scored tokens. Encoder: weight = the
-    task's rows; units = its labelled rows (sequence tasks) or labelled tokens (tagging).
-    Tasks with weight 0 are absent from the runner's losses and from this dict."""
+    weights. Causal: units = weight = the task's scored tokens (the collate's host counts,
+    `batch.targets`). Encoder: weight = the task's rows; units = its labelled rows (sequence
+    tasks) or labelled tokens (tagging). Tasks with weight 0 are absent from the runner's
+    losses and from this dict. Host work only: `batch` is the batch as collated."""
     if runner.family == "causal":
-        targets = getattr(batch, "targets", None)  # host counts, when the collate made them
-        if targets is not None:
-            return {n: (c, c) for n, c in zip(targets.names, targets.counts) if c}
-        keep = batch.labels[:, 1:] != IGNORE  # [B, T-1]
-        if batch.token_task is not None:
-            owner = batch.token_task[:, 1:][keep]  # [N] index into task_names
-            names = batch.task_names
-        else:
-            names = list(dict.fromkeys(batch.row_tasks))
-            owner = torch.tensor([names.index(t) for t in batch.row_tasks]).unsqueeze(1).expand_as(keep)[keep]
-        counts = torch.bincount(owner, minlength=len(names)).tolist()
-        return {names[k]: (n, n) for k, n in enumerate(counts) if n}
+        targets = batch.targets if batch.targets is not None else causal_targets(batch)
+        return {n: (c, c) for n, c in zip(targets.names, targets.counts) if c}
     out: dict[str, tuple[int, int]] = {}
     for name in dict.fromkeys(batch.row_tasks):
         rows = torch.tensor([i for i, t in enumerate(batch.row_tasks) if t == name])
@@ -132,52 +123,64 @@ class GlobalLosses:
     """Turns one rank's per-task losses into the global batch's (see the module docstring).
 
     `__call__(losses, runner, batch)` returns (losses for the weighter, each task's own mean
-    loss over the global batch). With one process both are what they always were: the
-    runner's losses and loss / share. With W > 1, every task present anywhere in the global
-    batch gets a loss whose value is its global loss L_t (the same on every rank) and whose
-    gradient, averaged over ranks by DDP, is the gradient of L_t; a task absent from this
-    rank's shard gets the constant L_t (no gradient here, but the weighter sees it, as a
-    single process would). One all-reduce of a [K, 3] tensor and one host sync per call.
+    loss over the global batch as a float64 0-d tensor). With one process both are what
+    they always were: the runner's losses and loss / share. With W > 1, every task present
+    anywhere in the global batch gets a loss whose value is its global loss L_t (the same on
+    every rank) and whose gradient, averaged over ranks by DDP, is the gradient of L_t; a
+    task absent from this rank's shard gets the constant L_t (no gradient here, but the
+    weighter sees it, as a single process would).
+
+    Nothing here waits for the device. Which tasks the global batch holds, and their units,
+    are host counts: they are summed over ranks on the host (a gloo all-reduce of a [K, 2]
+    CPU tensor, beside NCCL on GPUs). Only the loss sums are all-reduced on the device, and
+    the results stay there until the loop logs them.
     """
 
     def __init__(self, accelerator: Accelerator, tasks: list[str]):
         self.accelerator = accelerator
         self.tasks = list(tasks)
         self.world = accelerator.num_processes
+        self.host_group = _host_group() if self.world > 1 else None
 
-    def __call__(self, losses: dict[str, Tensor], runner: Runner, batch: Batch) -> tuple[dict[str, Tensor], dict[str, float]]:
+    def __call__(self, losses: dict[str, Tensor], runner: Runner, batch: Batch) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
         shares = runner.last_shares
         if self.world == 1:
-            return losses, {t: float(l.detach()) / max(shares.get(t, 1.0), 1e-12) for t, l in losses.items()}
+            return losses, {t: l.detach().double() / max(shares.get(t, 1.0), 1e-12) for t, l in losses.items()}
         units = task_units(runner, batch)
         total = sum(w for _, w in units.values()) or 1
         if set(units) != set(losses) or any(abs(shares[t] - w / total) > 1e-6 for t, (_, w) in units.items()):
             raise RuntimeError(  # a cheap guard against Runner.task_losses and task_units drifting apart
                 f"task_units {units} does not match the runner's losses {sorted(losses)} and shares {shares}: update task_units"
             )
-        device = self.accelerator.device
-        present = [k for k, t in enumerate(self.tasks) if t in units]
-        # reduced[k] = (loss sum S, units c, weight a) of task k, summed over ranks: [K, 3] float64
-        local = torch.zeros(len(self.tasks), 3, dtype=torch.float64, device=device)
-        if present:
-            host = torch.tensor([[max(units[self.tasks[k]][0], 1), *units[self.tasks[k]]] for k in present], dtype=torch.float64)
-            own = torch.stack([losses[self.tasks[k]].detach().double() / shares[self.tasks[k]] for k in present])  # S / max(c, 1)
-            local[present, 0] = own.to(device) * host[:, 0].to(device)
-            local[present, 1:] = host[:, 1:].to(device)
-        reduced = self.accelerator.reduce(local, reduction="sum").cpu().tolist()
-        total_global = max(sum(a for _, _, a in reduced), 1.0)
+        # counts[k] = (units c, weight a) of task k, summed over ranks on the host: [K, 2] int64
+        counts = torch.tensor([units.get(t, (0, 0)) for t in self.tasks], dtype=torch.int64)
+        torch.distributed.all_reduce(counts, group=self.host_group)
+        counts = counts.tolist()
+        # sums[k] = task k's loss sum S over the global batch: [K] float64, summed on the device
+        zero = torch.zeros((), dtype=torch.float64, device=self.accelerator.device)
+        local = [losses[t].detach().double() / shares[t] * max(units[t][0], 1) if t in units else zero for t in self.tasks]
+        sums = self.accelerator.reduce(torch.stack(local), reduction="sum")
+        total_global = max(sum(a for _, a in counts), 1)
         out: dict[str, Tensor] = {}
-        means: dict[str, float] = {}
-        for t, (s, c, a) in zip(self.tasks, reduced):
+        means: dict[str, Tensor] = {}
+        for k, (t, (c, a)) in enumerate(zip(self.tasks, counts)):
             if a == 0:
                 continue
-            means[t] = s / max(c, 1.0)
-            value = a / total_global * means[t]  # L_t: the task's term of the global batch-mean loss
+            means[t] = sums[k] / max(c, 1)
+            value = (a / total_global * means[t]).float()  # L_t: the task's term of the global batch-mean loss
             if t in losses:
                 # DDP averages over W ranks: scale so the average of the W gradients is grad L_t.
-                scale = self.world * a / total_global / max(c, 1.0) * max(units[t][0], 1) / shares[t]
+                scale = self.world * a / total_global / max(c, 1) * max(units[t][0], 1) / shares[t]
                 scaled = losses[t] * scale
-                out[t] = scaled + (value - scaled).detach()
+                out[t] = scaled + (value.to(scaled.dtype) - scaled).detach()
             else:
-                out[t] = torch.tensor(value, dtype=torch.float32, device=runner.device)
+                out[t] = value
         return out, means
+
+
+def _host_group():
+    """The process group for host-side sums: the default one when it runs gloo (CPU
+    training), else a gloo group beside NCCL. Every rank must call this, in the same order."""
+    if "gloo" in torch.distributed.get_backend():
+        return None
+    return torch.distributed.new_group(backend="gloo")

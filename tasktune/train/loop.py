@@ -8,6 +8,12 @@ sampler, weighter and RNG state, so it ends exactly where an uninterrupted run w
 Launched on W processes (torchrun, `accelerate launch`), `batch_size` is per process and
 the run follows the loss curve of one process with batch W x batch_size (see
 `distributed.py`); only rank 0 writes the log, TensorBoard events and checkpoints.
+
+Between log steps the loop never reads the device (no `.item()`, `float(tensor)`,
+`.tolist()`), so on a GPU the host queues the next steps while the device works: the
+per-task losses stay device tensors, are averaged there, and are read in one batch at a
+log step, at the last step and at an early stop. (DWA and GradNorm weighting read each
+task's loss every step by design; evaluation steps read their validation losses.)
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from torch import Tensor
 from tqdm.auto import tqdm
 
 from tasktune.config import MixingConfig, TrainSettings, WeightingConfig
@@ -102,7 +109,10 @@ def train(
     # Loss weighting is a multi-task device: single-task adapters each see one loss.
     weighting = settings.weighting if runner.plan.strategy != "single" else WeightingConfig(method="static")
     check_weighting(weighting.method, world)
-    weighter = make_weighter(weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window)
+    weighter = make_weighter(
+        weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window,
+        device=accelerator.device,
+    )
     optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups())
     scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
     sampler = MixtureSampler(sizes, mixing, seed)
@@ -127,7 +137,7 @@ def train(
     global_losses = GlobalLosses(accelerator, tasks)
     log = (out_dir / "metrics.jsonl").open("a" if start else "w") if main else None
     writer = _tensorboard(out_dir / "tb") if main else None
-    last: dict[str, float] = {}
+    last: dict[str, Tensor] = {}  # each task's latest window mean, on the device
     t0 = time.perf_counter()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -138,9 +148,9 @@ def train(
         if kill_at and step == kill_at:
             os.kill(os.getpid(), signal.SIGKILL)
         sampler.set_step(step)
-        sums: dict[str, float] = {}
+        sums: dict[str, Tensor] = {}  # float64 0-d device tensors: never read here
         seen: dict[str, int] = {}  # micro-batches the task was in
-        weights: dict[str, float] = {}
+        weights: dict[str, float | Tensor] = {}
         for micro in range(settings.grad_accum):
             # Every rank draws the same global batch and keeps its shard: the example
             # stream is the same for any number of processes.
@@ -160,17 +170,18 @@ def train(
         optimizer.zero_grad(set_to_none=True)
         window = {t: sums[t] / seen[t] for t in sums}  # each task's own mean loss over the micro-batches it was in
         last.update(window)
-        record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "task_loss": window, "weights": weights}
+        bar.update(1)
         if main and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
+            task_loss, used = read_values(window, weights)  # the one device read of a log step
+            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "task_loss": task_loss, "weights": used}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if writer:
-                for t, v in window.items():
+                for t, v in task_loss.items():
                     writer.add_scalar(f"loss/{t}", v, step + 1)
-                for t, w in weights.items():
+                for t, w in used.items():
                     writer.add_scalar(f"weight/{t}", w, step + 1)
-        bar.update(1)
-        bar.set_postfix({t[:10]: f"{v:.3f}" for t, v in list(window.items())[:4]})
+            bar.set_postfix({t[:10]: f"{v:.3f}" for t, v in list(task_loss.items())[:4]})
         if settings.eval_every and (step + 1) % settings.eval_every == 0 and val_data:
             val = validation_losses(runner, val_data, settings.val_examples, settings.batch_size)
             sampler.update_losses(val)
@@ -195,6 +206,7 @@ def train(
                 out_dir / "checkpoints", step + 1, tensors=tensors, optimizer=optimizer, scheduler=scheduler,
                 extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict(), "early": early},
             )
+    (final,) = read_values(last)  # also waits for the queued steps, so the time below is theirs
     bar.close()
     if log:
         log.close()
@@ -206,7 +218,15 @@ def train(
     runner.eval()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
     done = step + 1 if steps > start else start
-    return TrainResult(done, time.perf_counter() - t0, peak, last, best_task_val, stopped, world)
+    return TrainResult(done, time.perf_counter() - t0, peak, final, best_task_val, stopped, world)
+
+
+def read_values(*groups: dict[str, float | Tensor]) -> list[dict[str, float]]:
+    """Each {name: value} of `groups` with its tensors read as floats, all in one device
+    read (one sync) however many there are; floats pass through."""
+    tensors = [v.detach().double() for g in groups for v in g.values() if isinstance(v, Tensor)]
+    values = iter(torch.stack([t.to(tensors[0].device) for t in tensors]).tolist() if tensors else [])
+    return [{k: next(values) if isinstance(v, Tensor) else v for k, v in g.items()} for g in groups]
 
 
 def _truncate_log(path: Path, step: int) -> None:

@@ -91,7 +91,10 @@ def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False,
 def build_runner(cfg: ProjectConfig, loaded: LoadedModel, tasks: list[Task], strategy: str, groups=None) -> Runner:
     plan = plan_for(strategy, [t.name for t in tasks], groups)
     max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
-    return Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed, pack_tokens=cfg.train.max_tokens)
+    runner = Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed, pack_tokens=cfg.train.max_tokens)
+    for head in runner.heads.values():  # the Runner builds its heads with TaskHead's default dropout
+        head.dropout.p = cfg.train.head_dropout
+    return runner
 
 
 def train_strategy(
@@ -112,6 +115,8 @@ def train_strategy(
     loaded = load_model(cfg.model)
     data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid, tokenizer=loaded.tokenizer)
     runner = build_runner(cfg, loaded, data.tasks, strategy, groups)
+    if cfg.train.compile:
+        runner.compile_blocks()
     started = time.time()
     result = train(
         runner, data.train, data.validation, cfg.train, cfg.mixing, out_dir,

@@ -10,10 +10,13 @@ Every method has one interface, so the training loop does not know which one run
 
 `backward` calls backward itself (PCGrad and GradNorm need per-task gradients), adds the
 final gradients, times `scale`, to `.grad` (so gradient accumulation works as usual) and
-returns the weight each present task got this step. Pass the losses unscaled and
-`scale=1/grad_accum`: uncertainty's `+ s_i` term and GradNorm's/DWA's loss ratios then
-mean what the papers say. A task absent from the batch is absent from
-`losses`: it adds nothing and its learnable state is not touched this step.
+returns the weight each present task got this step: a float, or for uncertainty's learned
+weights a 0-d tensor where they live (read it when you log: reading it every step would
+make the host wait for the device). Static and uncertainty never read the device; DWA and
+GradNorm read each task's loss every step by design, and PCGrad's projections read too.
+Pass the losses unscaled and `scale=1/grad_accum`: uncertainty's `+ s_i` term and
+GradNorm's/DWA's loss ratios then mean what the papers say. A task absent from the batch
+is absent from `losses`: it adds nothing and its learnable state is not touched this step.
 
 `shared_params` are the parameters whose per-task gradients a method inspects: PCGrad
 projects the gradients of exactly these (every other parameter, e.g. a task head, gets the
@@ -23,7 +26,8 @@ backward passes then stop at that layer and cost little. Static, uncertainty and
 ignore them.
 
 Learnable state and who steps it:
-- uncertainty's log-variances are part of the objective: put
+- uncertainty's log-variances are part of the objective: make them where the losses live
+  (`make_weighter(..., device=)`: no copy back to the host in every backward) and put
   `weighter.optimizer_param_groups()` into the main optimizer (its lr schedule applies;
   checkpoints then hold their Adam state with the optimizer's).
 - GradNorm's task weights are trained by their own loss, not the model's: the weighter
@@ -62,13 +66,20 @@ class Weighter:
             raise TasktuneError(f"task names repeat: {task_names}")
         self.task_names = list(task_names)
         self.index = {name: i for i, name in enumerate(task_names)}
-        self.last_loss: float | None = None  # the combined objective of the last step, for logging
+        self.last_total: Tensor | None = None  # the combined objective of the last step, unread
 
     @property
     def num_tasks(self) -> int:
         return len(self.task_names)
 
-    def backward(self, losses: dict[str, Tensor], shared_params: list[Parameter], scale: float = 1.0) -> dict[str, float]:
+    @property
+    def last_loss(self) -> float | None:
+        """The combined objective of the last step, read from the device now (a sync)."""
+        return None if self.last_total is None else float(self.last_total)
+
+    def backward(
+        self, losses: dict[str, Tensor], shared_params: list[Parameter], scale: float = 1.0
+    ) -> dict[str, float | Tensor]:
         """Backpropagate `scale` x the combined objective; return {task: weight used}."""
         unknown = [n for n in losses if n not in self.index]
         if unknown:
@@ -78,7 +89,9 @@ class Weighter:
             return {}
         return self._backward(present, losses, list(shared_params), float(scale))
 
-    def _backward(self, present: list[tuple[int, str]], losses: dict[str, Tensor], shared: list[Parameter], scale: float) -> dict[str, float]:
+    def _backward(
+        self, present: list[tuple[int, str]], losses: dict[str, Tensor], shared: list[Parameter], scale: float
+    ) -> dict[str, float | Tensor]:
         raise NotImplementedError
 
     def parameters(self) -> list[Tensor]:
@@ -106,7 +119,7 @@ def _weighted_sum(present: list[tuple[int, str]], losses: dict[str, Tensor], wei
 
 def _backward_total(weighter: Weighter, total: Tensor, scale: float) -> None:
     (total * scale).backward()
-    weighter.last_loss = float(total.detach())
+    weighter.last_total = total.detach()
 
 
 class StaticWeighter(Weighter):
@@ -135,9 +148,9 @@ class UncertaintyWeighter(Weighter):
     method = "uncertainty"
     steps_itself = False
 
-    def __init__(self, task_names: list[str]):
+    def __init__(self, task_names: list[str], device: torch.device | str | None = None):
         super().__init__(task_names)
-        self.log_vars = Parameter(torch.zeros(len(task_names)))  # s: [K]
+        self.log_vars = Parameter(torch.zeros(len(task_names), device=device))  # s: [K]
 
     def _backward(self, present, losses, shared, scale):
         terms = []
@@ -146,8 +159,8 @@ class UncertaintyWeighter(Weighter):
             s = self.log_vars[i].to(loss.device)  # differentiable copy if the loss lives on GPU
             terms.append(torch.exp(-s) * loss + s)
         _backward_total(self, torch.stack(terms).sum(), scale)
-        weights = torch.exp(-self.log_vars.detach())
-        return {n: float(weights[i]) for i, n in present}
+        weights = torch.exp(-self.log_vars.detach())  # [K], where log_vars live: not read here
+        return {n: weights[i] for i, n in present}
 
     def parameters(self) -> list[Tensor]:
         return [self.log_vars]
@@ -357,7 +370,7 @@ class PCGradWeighter(Weighter):
             offset += p.numel()
             p.grad = piece if before is None else before.add_(piece)  # keep accumulating
         self.step += 1
-        self.last_loss = float(sum(float(losses[n].detach()) for _, n in present))
+        self.last_total = sum(losses[n].detach().double() for _, n in present)
         return used
 
     def state_dict(self):
@@ -370,11 +383,12 @@ class PCGradWeighter(Weighter):
 
 def make_weighter(
     cfg: WeightingConfig, task_names: list[str], *, task_weights: dict[str, float] | None = None,
-    seed: int = 0, dwa_window: int = 0, gradnorm_lr: float = 0.025,
+    seed: int = 0, dwa_window: int = 0, gradnorm_lr: float = 0.025, device: torch.device | str | None = None,
 ) -> Weighter:
     """The weighter `cfg.method` names. `cfg.weights` (static only) override `task_weights`
     (e.g. each TaskEntry.weight), which override 1.0; a name that is not a task is an error.
-    `dwa_window` > 0 makes DWA's period that many steps instead of an epoch."""
+    `dwa_window` > 0 makes DWA's period that many steps instead of an epoch. `device`: where
+    uncertainty's learnable log-variances live (the losses' device)."""
     for source, mapping in (("weighting.weights", cfg.weights), ("task weights", task_weights)):
         for name, value in (mapping or {}).items():
             if name not in task_names:
@@ -385,7 +399,7 @@ def make_weighter(
         merged = {**(task_weights or {}), **(cfg.weights or {})}
         return StaticWeighter(task_names, [merged.get(n, 1.0) for n in task_names])
     if cfg.method == "uncertainty":
-        return UncertaintyWeighter(task_names)
+        return UncertaintyWeighter(task_names, device)
     if cfg.method == "dwa":
         return DWAWeighter(task_names, cfg.dwa_temperature, window=dwa_window)
     if cfg.method == "gradnorm":

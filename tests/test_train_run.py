@@ -1,0 +1,49 @@
+"""One training run from a config (tasktune/train/run.py): the train settings that shape
+the runner (`head_dropout`, `compile`) reach it."""
+
+from __future__ import annotations
+
+import pytest
+import yaml
+
+from projects import tiny_config, tiny_project
+from tasktune.config import load_config
+from tasktune.errors import ConfigError
+from tasktune.model.runner import Runner
+from tasktune.train import run
+
+
+def test_head_dropout_comes_from_the_config(tmp_path, tiny_bert):
+    for p in (0.1, 0.0, 0.3):
+        folder = tmp_path / str(p)
+        folder.mkdir()
+        cfg = tiny_config(folder, tiny_bert, **({} if p == 0.1 else {"head_dropout": p}))  # 0.1: the default
+        loaded = run.load_model(cfg.model)
+        data = run.prepare_data(cfg, loaded.family, tokenizer=loaded.tokenizer)
+        runner = run.build_runner(cfg, loaded, data.tasks, "multi")
+        assert runner.heads and all(head.dropout.p == p for head in runner.heads.values())
+
+
+def test_bad_head_dropout_names_file_line_and_key(tmp_path, tiny_bert):
+    path = tiny_project(tmp_path, tiny_bert, head_dropout=1.5)
+    line = next(i for i, text in enumerate(path.read_text().splitlines(), 1) if "head_dropout" in text)
+    with pytest.raises(ConfigError, match=rf"project.yaml:{line}: train.head_dropout: Input should be less than 1"):
+        load_config(path)
+
+
+def test_compile_compiles_the_blocks_before_training(tmp_path, tiny_llama, monkeypatch):
+    calls = []
+    eager = Runner.compile_blocks
+
+    def compile_blocks(self, **options):
+        calls.append(options)
+        return eager(self, backend="aot_eager")  # no C compiler on the test path
+
+    monkeypatch.setattr(Runner, "compile_blocks", compile_blocks)
+    for compile_ in (False, True):
+        folder = tmp_path / str(compile_)
+        folder.mkdir()
+        cfg = tiny_config(folder, tiny_llama, max_steps=2, compile=compile_)
+        _, result, _ = run.train_strategy(cfg, "single", folder / "run", progress=False)
+        assert result.steps == 2 and len(calls) == int(compile_)
+        assert yaml.safe_load((folder / "run" / "config.json").read_text())["train"]["compile"] is compile_
