@@ -198,6 +198,13 @@ class Runner(nn.Module):
         if not lists:
             raise TasktuneError("compile_blocks: the model has no list of repeated blocks to compile")
         blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        # Every block shares one compiled code object, and training feeds it several
+        # variants: the first block's input needs no grad, the others' do; packed batches
+        # change rows and length every step (and a size of 1 is always specialised). Start
+        # dynamic, and leave room for those variants: past the recompile limit (8) Dynamo
+        # silently runs the remaining shapes eagerly.
+        options.setdefault("dynamic", True)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
         for block in blocks:
             block.compile(**options)
         return len(blocks)
