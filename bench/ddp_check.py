@@ -253,8 +253,9 @@ def main() -> None:
     }
     results.parent.mkdir(parents=True, exist_ok=True)
     results.write_text(json.dumps(report, indent=1) + "\n")
-    if os.environ.get("OUT"):
-        shutil.copy(results, Path(os.environ["OUT"]) / results.name)
+    out_copy = Path(os.environ["OUT"]) / results.name if os.environ.get("OUT") else None
+    if out_copy and out_copy.resolve() != results.resolve():
+        shutil.copy(results, out_copy)
     print(f"max relative loss difference {worst:.2e} (rtol {rtol:g}): {'match' if worst <= rtol else 'MISMATCH'}; "
           f"tokens/s {runs['reference']['tokens_per_s']:.0f} (1 process) vs {runs['parallel']['tokens_per_s']:.0f} "
           f"({args.procs} processes) -> {results}", flush=True)

@@ -503,9 +503,11 @@ def single_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
         del runner, opt, batches, step
         free()
     res["single_over_multi_time"] = res["single"]["total_timed_s"] / res["multi"]["total_timed_s"]
+    # the same over median step times: one slow step (a recompile, an allocator stall) moves the total
+    res["single_over_multi_median"] = res["single"]["median_s"] / res["multi"]["median_s"]
     res["target"] = "<= 1.3x"
     table = [
-        ("single(4)/multi step time (<=1.3x)", f"{res['single_over_multi_time']:.3f}x"),
+        ("single(4)/multi step time (<=1.3x)", f"{res['single_over_multi_time']:.3f}x (medians {res['single_over_multi_median']:.3f}x)"),
         ("multi | single eff tok/s", f"{res['multi']['effective_tokens_per_s']:,.0f} | {res['single']['effective_tokens_per_s']:,.0f}"),
     ]
     return res, table
