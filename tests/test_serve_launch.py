@@ -40,3 +40,30 @@ def test_serve_a_run_folder(tmp_path, tiny_llama):
 def test_serve_rejects_a_folder_that_is_neither(tmp_path):
     with pytest.raises(TasktuneError, match="neither a PEFT adapter folder"):
         build_server([tmp_path], "minilm")
+
+
+@pytest.mark.parametrize("strategy, adapter", [("single", "home_intent"), ("multi", "shared")])
+def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, adapter):
+    """A user-declared task (not in the built-in registry) is rendered with the run's own
+    template, answered by the run's adapter for it, and parsed with the run's label set."""
+    from tasktune.model.restore import read_run, run_tasks
+    from tasktune.serve.api import task_predictor
+
+    cfg = tiny_config(tmp_path, tiny_llama, max_steps=2)
+    train_strategy(cfg, strategy, tmp_path / "run", progress=False)
+    app, _ = build_server([tmp_path / "run"], None)
+    text = "turn off the lights in the hall"
+    with TestClient(app) as client:
+        reply = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6})
+        assert reply.status_code == 200, reply.text
+        body = reply.json()
+        assert body["model"] == adapter
+        # the same prompt through the completions endpoint gives the same greedy text
+        tasks = {t.name: t for t in run_tasks(*read_run(tmp_path / "run"))}
+        prompt, parse = task_predictor(tasks)("home_intent", {"text": text})
+        direct = client.post("/v1/completions", json={"model": adapter, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        assert body["text"] == direct.json()["choices"][0]["text"]
+        assert body["prediction"] == parse(body["text"])[0]
+        missing = client.post("/v1/tasks/clinc150/predict", json={"inputs": {"text": text}})
+        assert missing.status_code == 404
+        assert "home_intent" in missing.json()["error"]["message"]

@@ -16,7 +16,7 @@ import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Protocol
+from typing import Any, AsyncIterator, Callable, Mapping, Protocol
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
@@ -31,6 +31,7 @@ from tasktune.serve.engine import AsyncEngine, Completion, Engine, Request
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
+from tasktune.tasks.spec import Task
 
 
 class TaskPredictor(Protocol):
@@ -40,17 +41,30 @@ class TaskPredictor(Protocol):
     def __call__(self, task: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]: ...
 
 
-def registry_predictor(task_name: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
-    """The default TaskPredictor: the registered task's first template and its parser."""
+def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
+    """A TaskPredictor over `tasks` (a served run's own tasks, user-declared ones too),
+    else over the built-in registry: the task's first template and its parser."""
+
+    def predict(task_name: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
+        from tasktune.tasks.registry import get_task
+
+        if tasks is not None:
+            if task_name not in tasks:
+                raise LookupError(f"task {task_name!r} is not served here; tasks: {', '.join(tasks)}")
+            return _prompt_and_parser(tasks[task_name], inputs)
+        try:
+            return _prompt_and_parser(get_task(task_name), inputs)
+        except TasktuneError as e:
+            raise LookupError(str(e)) from None
+
+    return predict
+
+
+def _prompt_and_parser(task: Task, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
     from tasktune.tasks.parsers import parse_output
-    from tasktune.tasks.registry import get_task
     from tasktune.tasks.render import render
     from tasktune.tasks.spec import Example, Origin
 
-    try:
-        task = get_task(task_name)
-    except TasktuneError as e:
-        raise LookupError(str(e)) from None
     task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
     inputs = dict(inputs)
     if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
@@ -70,6 +84,9 @@ def registry_predictor(task_name: str, inputs: dict[str, Any]) -> tuple[str, Cal
         return parsed.value, parsed.valid
 
     return prompt, parse
+
+
+registry_predictor = task_predictor()  # the built-in tasks
 
 
 class APIError(Exception):
@@ -144,8 +161,11 @@ def api_app(metrics: Metrics, *, api_key: str | None = None, lifespan=None) -> t
 
 
 def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, *, api_key: str | None = None,
-               tasks: TaskPredictor | None = None) -> FastAPI:
-    """The API over a causal `Engine`, or over an `EncoderEngine` (encoder_api.py)."""
+               tasks: TaskPredictor | None = None, task_adapters: Mapping[str, str] | None = None) -> FastAPI:
+    """The API over a causal `Engine`, or over an `EncoderEngine` (encoder_api.py).
+    `tasks` renders and parses /v1/tasks/{task}/predict (default: the built-in tasks);
+    `task_adapters` names the adapter that answers a task when the request names none
+    (default: the adapter named like the task, else the base model)."""
     if isinstance(engine, EncoderEngine):
         from tasktune.serve.encoder_api import create_encoder_app  # it builds on this module
 
@@ -306,7 +326,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             raise APIError(404, str(e).strip("'\""), "not_found_error") from None
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
-        model = body.model or (task if task in pool else engine.base_name)
+        model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
         handle = submit_all([Request(prompt, resolve(model), SamplingParams(max_tokens=body.max_tokens))])[0]
         c = await finish(handle, "/v1/tasks/{task}/predict", model, started)
         value, valid = parse(c.text)
@@ -324,4 +344,4 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     return app
 
 
-__all__ = ["APIError", "TaskPredictor", "api_app", "create_app", "registry_predictor"]
+__all__ = ["APIError", "TaskPredictor", "api_app", "create_app", "registry_predictor", "task_predictor"]

@@ -8,18 +8,32 @@ adapters and heads as it was trained (encoder_engine.py).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from tasktune.errors import TasktuneError
+from tasktune.tasks.spec import Task
 
 CONFIG = "adapter_config.json"
 
 
-def collect_adapters(paths: list[Path]) -> tuple[dict[str, Path], str | None]:
-    """name -> folder for every adapter in the given run folders / adapter folders, and the
-    base model a run names (None when only adapter folders are given)."""
-    found: dict[str, Path] = {}
-    base = None
+@dataclass
+class Served:
+    """What the command line names: adapters (name -> folder), the base model a run names
+    (None when only adapter folders are given), and the runs' tasks with the adapter that
+    answers each (for /v1/tasks/{task}/predict)."""
+
+    adapters: dict[str, Path] = field(default_factory=dict)
+    base: str | None = None
+    tasks: dict[str, Task] = field(default_factory=dict)
+    task_adapters: dict[str, str] = field(default_factory=dict)
+
+
+def collect_adapters(paths: list[Path]) -> Served:
+    from tasktune.model.restore import read_run, run_task_adapters, run_tasks
+
+    served = Served()
+    found = served.adapters
     for path in map(Path, paths):
         if (path / CONFIG).is_file():
             folders = [path]
@@ -27,15 +41,21 @@ def collect_adapters(paths: list[Path]) -> tuple[dict[str, Path], str | None]:
             record = json.loads((path / "run.json").read_text())
             if record.get("family") == "encoder":
                 raise TasktuneError(f"{path}: an encoder run is served alone (`tasktune serve {path}`)")
-            base = base or record.get("model_path") or record.get("model")
+            served.base = served.base or record.get("model_path") or record.get("model")
             folders = sorted(p for p in (path / "adapters").iterdir() if (p / CONFIG).is_file())
+            cfg, record = read_run(path)
+            for task in run_tasks(cfg, record):
+                if task.name in served.tasks:
+                    raise TasktuneError(f"task '{task.name}' is served by two runs (the second: {path}); serve one of them")
+                served.tasks[task.name] = task
+            served.task_adapters.update(run_task_adapters(record))
         else:
             raise TasktuneError(f"{path}: neither a PEFT adapter folder ({CONFIG}) nor a tasktune run folder (run.json)")
         for folder in folders:
             if folder.name in found:
                 raise TasktuneError(f"adapter name '{folder.name}' appears twice ({found[folder.name]} and {folder})")
             found[folder.name] = folder
-    return found, base
+    return served
 
 
 def is_encoder_run(path: Path) -> bool:
@@ -47,13 +67,14 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
                  api_key: str | None = None, max_resident: int = 8, max_rank: int = 64):
     """The app and the names it serves: adapters, or an encoder run's tasks."""
     from tasktune.model.load import resolve
-    from tasktune.serve.api import create_app
+    from tasktune.serve.api import create_app, task_predictor
     from tasktune.serve.engine import Engine
 
     if len(paths) == 1 and is_encoder_run(paths[0]):
         return build_encoder_server(Path(paths[0]), base, device=device, adapter_root=adapter_root, api_key=api_key)
-    adapters, run_base = collect_adapters(paths)
-    base = base or run_base
+    served = collect_adapters(paths)
+    adapters = served.adapters
+    base = base or served.base
     if not base:
         raise TasktuneError("name the base model with --base (a local Hugging Face folder)")
     where, local = resolve(base)
@@ -66,7 +87,9 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
             engine.pool.register(name, folder)
     finally:
         engine.pool.root = root
-    return create_app(engine, api_key=api_key), sorted(adapters)
+    predictor = task_predictor(served.tasks) if served.tasks else None  # adapter folders only: the built-in tasks
+    app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters)
+    return app, sorted(adapters)
 
 
 def build_encoder_server(run_dir: Path, base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
