@@ -163,6 +163,12 @@ def serve(
     device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
     adapter_root: Optional[str] = typer.Option(None, "--adapter-root", help="folder adapters may be loaded from at run time"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TASKTUNE_API_KEY"),
+    max_num_seqs: int = typer.Option(32, "--max-num-seqs", min=1, help="sequences decoded together (encoder: batch size)"),
+    max_model_len: int = typer.Option(512, "--max-model-len", min=2, help="prompt + generated tokens per sequence"),
+    max_loras: int = typer.Option(8, "--max-loras", min=1, help="adapters resident on the device (LRU beyond)"),
+    max_lora_rank: int = typer.Option(64, "--max-lora-rank", min=1),
+    max_waiting: int = typer.Option(256, "--max-waiting", min=1, help="queued requests before 429"),
+    dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
 ):
     """OpenAI-compatible server: one base model, many adapters (model = adapter name). An
     encoder run answers its tasks at /v1/tasks/{task}/predict."""
@@ -170,7 +176,10 @@ def serve(
 
     from tasktune.serve.launch import build_server, is_encoder_run
 
-    app_, names = build_server(paths, base, device=device, adapter_root=adapter_root, api_key=api_key)
+    app_, names = build_server(
+        paths, base, device=device, adapter_root=adapter_root, api_key=api_key, max_resident=max_loras,
+        max_rank=max_lora_rank, max_running=max_num_seqs, max_waiting=max_waiting, max_len=max_model_len, dtype=dtype,
+    )
     what = "task(s)" if len(paths) == 1 and is_encoder_run(paths[0]) else "adapter(s)"
     console.print(f"serving {len(names)} {what} on http://{host}:{port}/v1: {', '.join(names)}", highlight=False)
     uvicorn.run(app_, host=host, port=port, log_level="warning")

@@ -67,3 +67,18 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
         missing = client.post("/v1/tasks/clinc150/predict", json={"inputs": {"text": text}})
         assert missing.status_code == 404
         assert "home_intent" in missing.json()["error"]["message"]
+
+
+def test_serve_limits_reach_the_engine(tiny_llama, adapter_root):
+    """--max-model-len and --max-num-seqs (vLLM's names) bound what the server accepts."""
+    folders = sorted(p for p in adapter_root.iterdir() if (p / "adapter_config.json").is_file())[:2]
+    app, names = build_server(folders, str(tiny_llama), max_len=16, max_running=2, max_waiting=1)
+    assert names == sorted(p.name for p in folders)
+    with TestClient(app) as client:
+        long = client.post("/v1/completions", json={"model": names[0], "prompt": "word " * 40, "max_tokens": 2})
+        assert long.status_code == 400
+        assert "limit is 15" in long.json()["error"]["message"]
+        ok = client.post("/v1/completions", json={"model": names[0], "prompt": "hi there", "max_tokens": 2})
+        assert ok.status_code == 200, ok.text
+    with pytest.raises(TasktuneError, match="--dtype 'int8'"):
+        build_server(folders, str(tiny_llama), dtype="int8")

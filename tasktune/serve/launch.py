@@ -64,14 +64,18 @@ def is_encoder_run(path: Path) -> bool:
 
 
 def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
-                 api_key: str | None = None, max_resident: int = 8, max_rank: int = 64):
-    """The app and the names it serves: adapters, or an encoder run's tasks."""
+                 api_key: str | None = None, max_resident: int = 8, max_rank: int = 64, max_running: int = 32,
+                 max_waiting: int = 256, max_len: int = 512, dtype: str | None = None):
+    """The app and the names it serves: adapters, or an encoder run's tasks. The limits
+    mirror vLLM's: max_running = --max-num-seqs, max_len = --max-model-len, max_resident =
+    --max-loras, max_rank = --max-lora-rank; an encoder run reads max_running as its batch."""
     from tasktune.model.load import resolve
     from tasktune.serve.api import create_app, task_predictor
     from tasktune.serve.engine import Engine
 
     if len(paths) == 1 and is_encoder_run(paths[0]):
-        return build_encoder_server(Path(paths[0]), base, device=device, adapter_root=adapter_root, api_key=api_key)
+        return build_encoder_server(Path(paths[0]), base, device=device, adapter_root=adapter_root, api_key=api_key,
+                                    max_batch=max_running)
     served = collect_adapters(paths)
     adapters = served.adapters
     base = base or served.base
@@ -80,7 +84,10 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     where, local = resolve(base)
     if not local:
         raise TasktuneError(f"--base '{base}': the server loads local model folders only")
-    engine = Engine.from_pretrained(where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device)
+    engine = Engine.from_pretrained(
+        where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device,
+        dtype=_dtype(dtype), max_running=max_running, max_waiting=max_waiting, max_len=max_len,
+    )
     root, engine.pool.root = engine.pool.root, None  # command-line adapters are trusted
     try:
         for name, folder in adapters.items():
@@ -92,13 +99,24 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     return app, sorted(adapters)
 
 
+def _dtype(name: str | None):
+    import torch
+
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    if name is None or name == "auto":
+        return None
+    if name not in dtypes:
+        raise TasktuneError(f"--dtype '{name}': use one of auto, {', '.join(dtypes)}")
+    return dtypes[name]
+
+
 def build_encoder_server(run_dir: Path, base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
-                         api_key: str | None = None):
+                         api_key: str | None = None, max_batch: int = 32):
     from tasktune.serve.api import create_app
     from tasktune.serve.encoder_engine import EncoderEngine
 
     if base or adapter_root:
         raise TasktuneError(f"{run_dir}: an encoder run serves the model, adapters and heads it was trained with; "
                             "leave out --base and --adapter-root")
-    engine = EncoderEngine.from_run(run_dir, device=device)
+    engine = EncoderEngine.from_run(run_dir, device=device, max_batch=max_batch)
     return create_app(engine, api_key=api_key), list(engine.tasks)
