@@ -42,7 +42,7 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
 class Runner(nn.Module):
     def __init__(
         self, loaded: LoadedModel, tasks: list[Task], plan: AdapterPlan, lora: LoRASettings, *, max_length: int, seed: int = 0,
-        pack_tokens: int = 2048, pack_multiple: int = PACK_MULTIPLE,
+        pack_tokens: int = 2048, pack_multiple: int = PACK_MULTIPLE, head_dropout: float = 0.1,
     ):
         super().__init__()
         self.loaded = loaded
@@ -80,7 +80,7 @@ class Runner(nn.Module):
                     continue  # filtered out earlier with a clear message; keep the runner total
                 kind = "token" if task.kind == "tagging" else "sequence"
                 labels = tagging_labels(task) if task.kind == "tagging" else tuple(task.labels or ())
-                self.heads[task.name] = TaskHead(HeadSpec(task.name, kind, labels), hidden)
+                self.heads[task.name] = TaskHead(HeadSpec(task.name, kind, labels), hidden, dropout=head_dropout)
 
     # --- routing ---------------------------------------------------------------------
     @property

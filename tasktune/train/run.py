@@ -91,10 +91,10 @@ def prepare_data(cfg: ProjectConfig, family: str, *, skip_invalid: bool = False,
 def build_runner(cfg: ProjectConfig, loaded: LoadedModel, tasks: list[Task], strategy: str, groups=None) -> Runner:
     plan = plan_for(strategy, [t.name for t in tasks], groups)
     max_length = min(cfg.max_length, loaded.max_length or cfg.max_length)
-    runner = Runner(loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed, pack_tokens=cfg.train.max_tokens)
-    for head in runner.heads.values():  # the Runner builds its heads with TaskHead's default dropout
-        head.dropout.p = cfg.train.head_dropout
-    return runner
+    return Runner(
+        loaded, tasks, plan, cfg.lora, max_length=max_length, seed=cfg.seed, pack_tokens=cfg.train.max_tokens,
+        head_dropout=cfg.train.head_dropout,
+    )
 
 
 def train_strategy(
