@@ -28,10 +28,8 @@ weights once) / device-to-device copy bandwidth measured here (bytes read + writ
 from __future__ import annotations
 
 import argparse
-import gc
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -45,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+from common import LORA_TARGETS as TARGETS, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
+
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
 FORMULAS = {
@@ -66,18 +65,6 @@ FORMULAS = {
 }
 
 
-def qwen_config(tiny: bool):
-    from transformers import Qwen2Config
-
-    kw = dict(tie_word_embeddings=True, rope_theta=1e6, rms_norm_eps=1e-6, attn_implementation="sdpa",
-              eos_token_id=0, bos_token_id=None, pad_token_id=0)
-    if tiny:
-        return Qwen2Config(vocab_size=4096, hidden_size=64, intermediate_size=176, num_hidden_layers=2,
-                           num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, **kw)
-    return Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                       num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, **kw)
-
-
 def build_tokenizer(vocab: int):
     """A word-level tokenizer over the whole vocabulary (token i is 't<i>'); built in
     well under a second, no training data and no network needed."""
@@ -87,11 +74,6 @@ def build_tokenizer(vocab: int):
     tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
     tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
     return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", pad_token="t0", unk_token="t1")
-
-
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
 
 
 def copy_bandwidth(device, tiny: bool) -> dict:
@@ -256,10 +238,6 @@ def peft_generate(model, input_ids, names, max_new: int, device) -> tuple[float,
     return time.perf_counter() - t0, out[:, input_ids.shape[1]:]
 
 
-def fx(v, spec):
-    return format(v, spec) if isinstance(v, (int, float)) else "n/a"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tiny", action="store_true", help="2 layers, hidden 64, batch 8: a CPU smoke run")
@@ -280,23 +258,18 @@ def main() -> None:
     r, alpha = 16, 32.0
     dtype = torch.bfloat16
 
-    import peft
-    import transformers
-
     from tasktune.serve.engine import Engine
 
-    config = qwen_config(tiny)
+    # the tokenizer's ids: 't0' is EOS and pad; the tiny vocabulary is 4096 words
+    config = qwen_config(tiny, eos_token_id=0, bos_token_id=None, pad_token_id=0, **({"vocab_size": 4096} if tiny else {}))
     result: dict = {
         "bench": "serve_bench",
-        "device": torch.cuda.get_device_name() if device.type == "cuda" else f"cpu ({platform.machine()})",
-        "versions": {"torch": torch.__version__, "transformers": transformers.__version__, "peft": peft.__version__,
-                     "python": platform.python_version(), "cuda": torch.version.cuda},
+        "device": device_name(device),
+        "versions": versions("transformers", "peft"),
         "config": {"tiny": tiny, "batch": batch, "prompt_len": prompt_len, "new_tokens": new_tokens, "greedy": True,
                    "ignore_eos": True, "dtype": "bfloat16", "lora": {"r": r, "alpha": alpha, "targets": TARGETS},
                    "n_adapters": n_adapters, "few_adapters": n_few, "repeats": repeats, "peft_new_tokens": peft_new,
-                   "model": {k: getattr(config, k) for k in (
-                       "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                       "num_key_value_heads", "vocab_size", "tie_word_embeddings")}},
+                   "model": model_facts(config)},
         "formulas": FORMULAS,
         "design_peft_reference_tok_s": DESIGN_PEFT,
     }
@@ -402,9 +375,7 @@ def main() -> None:
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
     a_tokens = result.pop("_tokens")
     del engine
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
+    free()
     save()
 
     # PEFT mixed-adapter generate on the many-adapter work
