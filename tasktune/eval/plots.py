@@ -92,24 +92,31 @@ def heatmap(
     """Annotated heatmap. diverging: red/blue centred on 0 (transfer gains/losses);
     else a sequential map (confusion counts). Missing cells (None) are grey."""
     m = np.array([[np.nan if v is None else v for v in row] for row in matrix], dtype=float)
-    size = max(3.5, 0.42 * max(len(rows), len(cols)) + 2)
-    fig = Figure(figsize=(size, size * 0.85))
+    # cells ~0.42 in on a side plus room for labels: square matrices stay square, a few
+    # rows by many columns (CGC gates per layer) get a wide, short figure
+    width = min(18.0, max(3.5, 0.42 * len(cols) + 2.5))  # past ~37 columns the cells narrow
+    height = max(2.5, 0.42 * len(rows) + 2.2)
+    fig = Figure(figsize=(width, height), layout="constrained")
     ax = fig.add_subplot()
     cmap = colormaps["RdBu" if diverging else "Blues"].with_extremes(bad="#dddddd")
     if diverging:
         lim = (np.nanmax(np.abs(m)) if np.isfinite(m).any() else 0.0) or 1.0
-        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim)
+        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, vmin=-lim, vmax=lim, aspect="auto")
     else:
-        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap)
-    fig.colorbar(im, ax=ax, shrink=0.8)
-    ax.set_xticks(range(len(cols)), list(cols), rotation=60, ha="right", fontsize=7)
+        im = ax.imshow(np.ma.masked_invalid(m), cmap=cmap, aspect="auto")
+    fig.colorbar(im, ax=ax, shrink=0.8, fraction=0.05 if len(cols) > 2 * len(rows) else 0.15)
+    step = max(1, len(cols) // 60)  # at most ~60 column labels
+    ax.set_xticks(range(0, len(cols), step), list(cols)[::step], rotation=60, ha="right", fontsize=7)
     ax.set_yticks(range(len(rows)), list(rows), fontsize=7)
     if len(rows) <= 20 and len(cols) <= 20:
         top = np.nanmax(np.abs(m)) if np.isfinite(m).any() else 1.0
+        # enough decimals that the largest value shows two significant digits (transfer
+        # gains of a few tenths of a point would all read +0.00 otherwise)
+        digits = 2 if not top or top >= 0.1 else min(6, 1 - int(np.floor(np.log10(top))))
         for i in range(m.shape[0]):
             for j in range(m.shape[1]):
                 if np.isfinite(m[i, j]) and (not integer or m[i, j] != 0):
-                    text = f"{int(m[i, j])}" if integer else f"{m[i, j]:+.2f}" if diverging else f"{m[i, j]:.2f}"
+                    text = f"{int(m[i, j])}" if integer else f"{m[i, j]:+.{digits}f}" if diverging else f"{m[i, j]:.{digits}f}"
                     dark = abs(m[i, j]) > 0.6 * (top or 1)
                     ax.text(j, i, text, ha="center", va="center", fontsize=6, color="white" if dark else "black")
     ax.set_xlabel(xlabel)

@@ -134,6 +134,21 @@ def _transfer_html(results: ComparisonResults) -> str:
     return "".join(parts)
 
 
+def _short_layers(names: list[str]) -> list[str]:
+    """'encoder.layer.3.attention.self.query' -> '3.attention.query': the block number and
+    the module path inside the block without filler words, enough to read a heatmap axis;
+    the full names where shortening would make two alike."""
+    filler = {"self", "self_attn", "mlp", "dense"}
+    short = []
+    for name in names:
+        parts = name.split(".")
+        at = next((i for i, p in enumerate(parts) if p.isdigit()), None)
+        inner = parts[at + 1:] if at is not None else parts
+        kept = [p for p in inner if p not in filler] or inner
+        short.append(".".join(([parts[at]] if at is not None else []) + kept))
+    return short if len(set(short)) == len(short) else list(names)
+
+
 def _gates_html(name: str, gates: dict) -> str:
     """CGC: per task and layer, the gate's total weight on the task-common experts
     (1 = the task uses only shared experts, 0 = only its own)."""
@@ -141,8 +156,8 @@ def _gates_html(name: str, gates: dict) -> str:
     layers = list(gates["gates"])
     tasks = list(next(iter(gates["gates"].values()), {}))
     matrix = [[sum(gates["gates"][layer][task][i] for i in common) for layer in layers] for task in tasks]
-    cols = [str(i) for i in range(len(layers))]
-    uri = plots.heatmap(f"{name}: gate weight on common experts", matrix, tasks, cols, xlabel="adapted layer (in model order)", ylabel="task")
+    cols = _short_layers(layers)
+    uri = plots.heatmap(f"{name}: gate weight on common experts", matrix, tasks, cols, xlabel="adapted layer", ylabel="task")
     return f"<p>CGC gates of <b>{e(name)}</b>: share of each task's gate on the task-common experts, per adapted layer.</p>{_img(uri, 'CGC gate heatmap')}"
 
 
