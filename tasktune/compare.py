@@ -25,6 +25,7 @@ from tasktune.eval.grouping import group_tasks
 from tasktune.eval.transfer import task_affinity
 from tasktune.eval.verdict import compute_verdict, print_verdict
 from tasktune.model.load import load_model, load_tokenizer, model_family
+from tasktune.model.plan import check_strategy
 from tasktune.model.runner import Runner
 from tasktune.train.run import PreparedData, build_runner, prepare_data, train_strategy, versions
 
@@ -81,6 +82,8 @@ def run_compare(
     n_resamples: int = 1000,
 ) -> ComparisonResults:
     console = console or Console()
+    for strategy in strategies:
+        check_strategy(strategy)  # before hours of training the others
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     family = model_family(cfg.model)

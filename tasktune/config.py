@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 
 from tasktune.errors import ConfigError
 
@@ -140,6 +140,15 @@ class ProjectConfig(_Strict):
     group_k: int | None = None  # else cluster the affinity matrix into k groups (None: by silhouette)
     # Where the config came from: relative data paths resolve against this folder.
     base_dir: str = "."
+    # The YAML file and the line of each task entry, for errors found after validation.
+    _source: str | None = PrivateAttr(default=None)
+    _task_lines: list[int] = PrivateAttr(default_factory=list)
+
+    def task_where(self, index: int) -> str:
+        """'file.yaml:LINE: tasks.INDEX' for a config read from YAML, else 'tasks.INDEX'."""
+        if self._source and index < len(self._task_lines):
+            return f"{self._source}:{self._task_lines[index]}: tasks.{index}"
+        return f"tasks.{index}"
 
     @model_validator(mode="after")
     def _unique_names(self) -> "ProjectConfig":
@@ -187,7 +196,10 @@ def load_config(path: str | Path) -> ProjectConfig:
         raise ConfigError(f"{path}:1: the config must be a mapping with at least `tasks:`")
     raw.setdefault("base_dir", str(path.parent.resolve()))
     try:
-        return ProjectConfig.model_validate(raw)
+        cfg = ProjectConfig.model_validate(raw)
+        cfg._source = str(path)
+        cfg._task_lines = [_line_of(root, ("tasks", i)) or 1 for i in range(len(cfg.tasks))]
+        return cfg
     except ValidationError as exc:
         lines = []
         for err in exc.errors():

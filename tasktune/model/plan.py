@@ -27,6 +27,13 @@ class AdapterPlan:
         return self.strategy != "full"
 
 
+def check_strategy(strategy: str) -> str:
+    """`strategy`, or TasktuneError naming the known ones (cheap: call it before loading a model)."""
+    if strategy not in STRATEGIES:
+        raise TasktuneError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    return strategy
+
+
 def plan_for(strategy: str, task_names: list[str], groups: list[list[str]] | None = None) -> AdapterPlan:
     if strategy == "single":
         return AdapterPlan("single", tuple(task_names), {t: t for t in task_names})

@@ -179,5 +179,12 @@ def build_task(entry: TaskEntry, base_dir: str = ".") -> Task:
 
 
 def build_tasks(cfg: ProjectConfig) -> list[Task]:
-    """Every task of the config, in config order."""
-    return [build_task(entry, cfg.base_dir) for entry in cfg.tasks]
+    """Every task of the config, in config order. An entry that cannot become a task is
+    reported with its file and line (`project.yaml:7: tasks.2: ...`)."""
+    tasks = []
+    for i, entry in enumerate(cfg.tasks):
+        try:
+            tasks.append(build_task(entry, cfg.base_dir))
+        except ConfigError as exc:
+            raise ConfigError(f"{cfg.task_where(i)}: {exc}") from None
+    return tasks

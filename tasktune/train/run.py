@@ -27,8 +27,9 @@ from tasktune.data.load import load_project
 from tasktune.data.validate import check_lengths
 from tasktune.errors import DataError, TasktuneError
 from tasktune.model.load import LoadedModel, load_model
-from tasktune.model.plan import plan_for
+from tasktune.model.plan import check_strategy, plan_for
 from tasktune.model.runner import Runner
+from tasktune.tasks.from_config import build_tasks
 from tasktune.tasks.spec import Example, Task
 from tasktune.train.distributed import is_main_process, wait_for_everyone
 from tasktune.train.loop import TrainResult, train
@@ -112,6 +113,9 @@ def train_strategy(
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     groups = groups or cfg.groups
+    check_strategy(strategy)  # config mistakes surface before the weights load
+    if data is None:
+        build_tasks(cfg)
     loaded = load_model(cfg.model)
     data = data or prepare_data(cfg, loaded.family, skip_invalid=skip_invalid, tokenizer=loaded.tokenizer)
     runner = build_runner(cfg, loaded, data.tasks, strategy, groups)
