@@ -112,17 +112,30 @@ def lora_delta_masked(
     return torch.addmm(base, h, bt)
 
 
+def gather_rows(ids: torch.Tensor, scaling: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ids [N] (-1 = no adapter), scaling [n_adapters] -> (each row's adapter index, clamped
+    to a valid one, [N]; its scale [N, 1]; whether it has none, [N, 1] bool). One forward
+    computes this once and every adapted linear reuses it (`lora_delta_rows`)."""
+    safe = ids.clamp(min=0)
+    return safe, scaling.index_select(0, safe).unsqueeze(-1), (ids < 0).unsqueeze(-1)
+
+
+def lora_delta_rows(
+    x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, safe: torch.Tensor, scale: torch.Tensor, none: torch.Tensor
+) -> torch.Tensor:
+    # x: [N, d_in] and gather_rows' outputs -> [N, d_out]; rows without an adapter get
+    # exactly 0, whatever the (clamped) slot they read holds (even inf / nan)
+    a = A.index_select(0, safe)  # [N, r, d_in]
+    b = B.index_select(0, safe)  # [N, d_out, r]
+    y = torch.bmm(b, torch.bmm(a, x.unsqueeze(-1))).squeeze(-1)  # [N, d_out]
+    return (y * scale.to(y.dtype)).masked_fill_(none, 0)
+
+
 def lora_delta_gathered(
     x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor
 ) -> torch.Tensor:
-    # x: [N, d_in], ids: [N] -> [N, d_out]
-    safe = ids.clamp(min=0)
-    a = A.index_select(0, safe)  # [N, r, d_in]
-    b = B.index_select(0, safe)  # [N, d_out, r]
-    h = torch.bmm(a, x.unsqueeze(-1))  # [N, r, 1]
-    y = torch.bmm(b, h).squeeze(-1)  # [N, d_out]
-    y = y * scaling.index_select(0, safe).to(y.dtype).unsqueeze(-1)
-    return torch.where((ids >= 0).unsqueeze(-1), y, torch.zeros((), dtype=y.dtype, device=y.device))
+    # x: [N, d_in], ids: [N] -> [N, d_out]; rows with id -1 get 0
+    return lora_delta_rows(x, A, B, *gather_rows(ids, scaling))
 
 
 def lora_delta(

@@ -16,14 +16,16 @@ Two attention layouts:
 Grouped-query attention folds the query heads of a KV head into the query axis instead
 of repeating keys and values.
 
-Parameter names mirror Hugging Face (`model.layers.0.self_attn.q_proj.weight`) so a
-checkpoint folder loads with one `load_state_dict`.
+Parameter names mirror Hugging Face's, except that q, k, v become one `qkv_proj` and gate,
+up one `gate_up_proj` (as vLLM stacks them): one GEMM each instead of three and two, and
+rotary embedding applied to q and k in one pass. `load_decoder` concatenates the
+checkpoint's weights; LoRA still adds each module's own delta to its slice of the output.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -32,7 +34,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.ops import SegmentPlan, lora_delta, lora_delta_gathered
+from tasktune.lora.ops import SegmentPlan, gather_rows, lora_delta, lora_delta_rows
 from tasktune.lora.triton_ops import lora_apply_
 from tasktune.serve.kv_cache import KVCache
 
@@ -40,6 +42,7 @@ SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
 ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTN_MODULES + MLP_MODULES
+FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
 
 
 class UnsupportedModel(TasktuneError):
@@ -136,6 +139,7 @@ class Batch:
     shape: tuple[int, int, int]  # (B, T, L)
     decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
+    lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
 
 
 def make_batch(
@@ -215,8 +219,9 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        # in float32, then the weight in the model's dtype, as Hugging Face's Llama does;
+        # F.rms_norm is one fused kernel on recent GPUs instead of five elementwise ones
+        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
         return self.weight * h.to(x.dtype)
 
 
@@ -226,7 +231,7 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
 
 
 class Block(nn.Module):
-    """One pre-norm transformer layer; `lin` applies base + LoRA to a named linear."""
+    """One pre-norm transformer layer; `lin` applies base + LoRA to a (fused) linear."""
 
     def __init__(self, cfg: DecoderConfig, index: int):
         super().__init__()
@@ -235,53 +240,65 @@ class Block(nn.Module):
         self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         attn = nn.Module()
-        attn.q_proj = nn.Linear(cfg.hidden_size, h * hd, bias=cfg.attention_bias)
-        attn.k_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
-        attn.v_proj = nn.Linear(cfg.hidden_size, kvh * hd, bias=cfg.attention_bias)
+        attn.qkv_proj = nn.Linear(cfg.hidden_size, (h + 2 * kvh) * hd, bias=cfg.attention_bias)
         attn.o_proj = nn.Linear(h * hd, cfg.hidden_size, bias=cfg.o_proj_bias)
         mlp = nn.Module()
-        mlp.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
-        mlp.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        mlp.gate_up_proj = nn.Linear(cfg.hidden_size, 2 * cfg.intermediate_size, bias=False)
         mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.self_attn, self.mlp = attn, mlp
+        # each LoRA module's (name, first output column, width) inside its fused linear
+        self.parts = {
+            "qkv_proj": (("q_proj", 0, h * hd), ("k_proj", h * hd, kvh * hd), ("v_proj", (h + kvh) * hd, kvh * hd)),
+            "gate_up_proj": (("gate_proj", 0, cfg.intermediate_size),
+                             ("up_proj", cfg.intermediate_size, cfg.intermediate_size)),
+        }
 
     def lin(self, parent: nn.Module, name: str, x: torch.Tensor, batch: Batch, lora: LoraStacks | None) -> torch.Tensor:
         layer: nn.Linear = getattr(parent, name)
         y = F.linear(x, layer.weight, layer.bias)  # x: [N, d_in] -> [N, d_out]
         if lora is not None and batch.use_lora:
-            ab = lora.weights.get((self.index, name))
-            if ab is not None:
-                if batch.decode and lora.kernels:  # Triton BGMV: each row reads its adapter in place
-                    lora_apply_(y, x, ab[0], ab[1], lora.scaling, batch.lora_ids)
-                elif batch.decode:  # no host sync: the decode step may be a CUDA graph
-                    y = y + lora_delta_gathered(x, ab[0], ab[1], lora.scaling, batch.lora_ids)
-                else:
-                    y = y + lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids, batch.plan)
+            for module, start, width in self.parts.get(name, ((name, 0, y.shape[1]),)):
+                ab = lora.weights.get((self.index, module))
+                if ab is not None:
+                    add_lora_(y[:, start:start + width], x, ab, lora, batch)
         return y
 
     def forward(self, x, batch: Batch, cos, sin, cache: KVCache, lora: LoraStacks | None) -> torch.Tensor:
         cfg, a = self.cfg, self.self_attn
+        H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         N, (B, T, L) = x.shape[0], batch.shape
         h = self.input_layernorm(x)
-        q = self.lin(a, "q_proj", h, batch, lora).view(N, cfg.num_heads, cfg.head_dim)
-        k = self.lin(a, "k_proj", h, batch, lora).view(N, cfg.num_kv_heads, cfg.head_dim)
-        v = self.lin(a, "v_proj", h, batch, lora).view(N, cfg.num_kv_heads, cfg.head_dim)
-        q = q * cos + rotate_half(q) * sin  # cos, sin: [N, 1, head_dim]
-        k = k * cos + rotate_half(k) * sin
+        qkv = self.lin(a, "qkv_proj", h, batch, lora)  # [N, (H + 2 kv_heads) * hd]
+        qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
+        qk = qk * cos + rotate_half(qk) * sin  # q and k heads together; cos, sin: [N, 1, head_dim]
+        q, k = qk[:, :H], qk[:, H:]
+        v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
         cache.write(self.index, batch.token_slots, batch.positions, k, v)
         if batch.decode:  # row b = slot b, one query each
             kc, vc = cache.first(self.index, B, L)  # views [B, kv_heads, L, head_dim]
             o = grouped_attention(q.unsqueeze(2), kc, vc, batch.mask).reshape(N, -1)  # [N, H*hd]
         else:
             kc, vc = cache.read(self.index, batch.slots, L)  # [B, kv_heads, L, head_dim]
-            qp = q.index_select(0, batch.pad_index).view(B, T, cfg.num_heads, cfg.head_dim).transpose(1, 2)
+            qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
             o = grouped_attention(qp, kc, vc, batch.mask)  # [B, H, T, hd]
             o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
         x = x + self.lin(a, "o_proj", o, batch, lora)
         h = self.post_attention_layernorm(x)
-        m = self.mlp
-        g = F.silu(self.lin(m, "gate_proj", h, batch, lora)) * self.lin(m, "up_proj", h, batch, lora)
-        return x + self.lin(m, "down_proj", g, batch, lora)
+        gu = self.lin(self.mlp, "gate_up_proj", h, batch, lora)  # [N, 2 * intermediate]
+        inter = cfg.intermediate_size
+        return x + self.lin(self.mlp, "down_proj", F.silu(gu[:, :inter]) * gu[:, inter:], batch, lora)
+
+
+def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
+              batch: Batch) -> None:
+    """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
+    if batch.decode and lora.kernels:  # Triton BGMV: each row reads its adapter in place
+        lora_apply_(y, x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+    elif batch.decode:  # no host sync: the decode step may be a CUDA graph
+        rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
+        y.add_(lora_delta_rows(x, ab[0], ab[1], *rows).to(y.dtype))
+    else:
+        y.add_(lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids, batch.plan).to(y.dtype))
 
 
 class Decoder(nn.Module):
@@ -296,10 +313,14 @@ class Decoder(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
-        """module name -> (d_in, d_out) of every adaptable linear."""
+        """module name -> (d_in, d_out) of every adaptable linear (Hugging Face's names)."""
         b = self.model.layers[0]
-        mods = {**{n: getattr(b.self_attn, n) for n in ATTN_MODULES}, **{n: getattr(b.mlp, n) for n in MLP_MODULES}}
-        return {n: (m.in_features, m.out_features) for n, m in mods.items()}
+        shapes = {}
+        for parent in (b.self_attn, b.mlp):
+            for name, layer in parent.named_children():
+                for module, _, width in b.parts.get(name, ((name, 0, layer.out_features),)):
+                    shapes[module] = (layer.in_features, width)
+        return {n: shapes[n] for n in LORA_MODULES}
 
     def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin: [length, head_dim] in float32, computed as Hugging Face does."""
@@ -315,6 +336,9 @@ class Decoder(nn.Module):
     def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
         """-> logits of each sequence's last new token: [B, vocab] float32."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
+        if lora is not None and batch.use_lora and batch.decode and not lora.kernels:
+            safe, scale, none = gather_rows(batch.lora_ids, lora.scaling)  # once, for every linear
+            batch = replace(batch, lora_rows=(safe, scale.to(x.dtype), none))
         cos_t, sin_t = self.rope_table(cache.max_len, x.device)
         cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
         sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
@@ -328,6 +352,22 @@ class Decoder(nn.Module):
         """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] float32.
         Only device work after the rope table exists, so it can be captured in a CUDA graph."""
         return self(decode_batch(tokens, positions, lora_ids, context, use_lora), cache, lora)
+
+
+def fuse_projections(state: dict[str, torch.Tensor], num_layers: int) -> dict[str, torch.Tensor]:
+    """Hugging Face's q/k/v and gate/up weights (and biases) -> the fused qkv_proj and
+    gate_up_proj, concatenated along the output dimension. Names that are missing stay
+    missing, so load_state_dict reports them."""
+    state = dict(state)
+    for i in range(num_layers):
+        for parent, (fused, parts) in (("self_attn", ("qkv_proj", FUSED["qkv_proj"])),
+                                       ("mlp", ("gate_up_proj", FUSED["gate_up_proj"]))):
+            prefix = f"model.layers.{i}.{parent}."
+            for kind in ("weight", "bias"):
+                keys = [f"{prefix}{p}.{kind}" for p in parts]
+                if all(k in state for k in keys):
+                    state[f"{prefix}{fused}.{kind}"] = torch.cat([state.pop(k) for k in keys])
+    return state
 
 
 def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None) -> Decoder:
@@ -349,6 +389,7 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: to
     state = {k: v for k, v in state.items() if not k.endswith("rotary_emb.inv_freq")}
     if cfg.tie_word_embeddings or "lm_head.weight" not in state:
         state["lm_head.weight"] = state["model.embed_tokens.weight"]
+    state = fuse_projections(state, cfg.num_layers)
     with torch.device("meta"):
         model = Decoder(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
