@@ -219,15 +219,16 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # in float32, then the weight in the model's dtype, as Hugging Face's Llama does;
-        # F.rms_norm is one fused kernel on recent GPUs instead of five elementwise ones
-        h = F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps)
-        return self.weight * h.to(x.dtype)
+        # normalised in float32 and rounded to the model's dtype, then times the weight in
+        # that dtype, as Hugging Face's Llama does (F.rms_norm computes in float32 inside:
+        # no copies in and out, and one fused kernel on recent GPUs)
+        return self.weight * F.rms_norm(x, (x.shape[-1],), eps=self.eps)
 
 
-def rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin_signed: torch.Tensor) -> torch.Tensor:
+    """Hugging Face's x * cos + rotate_half(x) * sin with the sign of rotate_half folded into
+    sin_signed = cat(-sin_1, sin_2): the same values from 4 ops instead of 5 (roll, no cat)."""
+    return x * cos + x.roll(x.shape[-1] // 2, dims=-1) * sin_signed
 
 
 class Block(nn.Module):
@@ -270,7 +271,7 @@ class Block(nn.Module):
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora)  # [N, (H + 2 kv_heads) * hd]
         qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
-        qk = qk * cos + rotate_half(qk) * sin  # q and k heads together; cos, sin: [N, 1, head_dim]
+        qk = apply_rope(qk, cos, sin)  # q and k heads together; cos, sin: [N, 1, head_dim]
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
         cache.write(self.index, batch.token_slots, batch.positions, k, v)
@@ -323,19 +324,25 @@ class Decoder(nn.Module):
         return {n: shapes[n] for n in LORA_MODULES}
 
     def rope_table(self, length: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos, sin: [length, head_dim] in float32, computed as Hugging Face does."""
+        """cos, sin_signed: [length, head_dim] in float32, computed as Hugging Face does; the
+        first half of sin negated (see apply_rope)."""
         if self._rope is None or self._rope[0].shape[0] < length or self._rope[0].device != device:
             dim = self.cfg.head_dim
             inv = 1.0 / (self.cfg.rope_theta ** (torch.arange(0, dim, 2, dtype=torch.int64, device=device).float() / dim))
             freqs = torch.arange(length, device=device).float()[:, None] * inv[None, :]
             emb = torch.cat((freqs, freqs), dim=-1)
-            self._rope = (emb.cos(), emb.sin())
+            sin = emb.sin()
+            sin[:, : dim // 2].neg_()
+            self._rope = (emb.cos(), sin)
         return self._rope
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot write the KV cache under it
     def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
         """-> logits of each sequence's last new token: [B, vocab] float32."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
+        if batch.mask.dtype == torch.bool:  # additive once, instead of inside every layer's attention
+            additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
+            batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
         if lora is not None and batch.use_lora and batch.decode and not lora.kernels:
             safe, scale, none = gather_rows(batch.lora_ids, lora.scaling)  # once, for every linear
             batch = replace(batch, lora_rows=(safe, scale.to(x.dtype), none))
