@@ -23,7 +23,8 @@ import torch
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
 from tasktune.serve.cuda_graphs import DecodeStep
-from tasktune.serve.decoder import Decoder, load_decoder, make_batch
+from tasktune.serve.decoder import Decoder, make_batch
+from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import SamplingParams, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
