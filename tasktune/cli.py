@@ -160,7 +160,7 @@ def serve(
     base: Optional[str] = typer.Option(None, "--base", help="base model folder (default: the run's model)"),
     host: str = typer.Option("127.0.0.1", "--host"),
     port: int = typer.Option(8000, "--port"),
-    device: str = typer.Option("cpu", "--device", help="cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help="auto (cuda when there is a GPU) | cpu | cuda | cuda:N"),
     adapter_root: Optional[str] = typer.Option(None, "--adapter-root", help="folder adapters may be loaded from at run time"),
     api_key: Optional[str] = typer.Option(None, "--api-key", envvar="TASKTUNE_API_KEY"),
     max_num_seqs: int = typer.Option(32, "--max-num-seqs", min=1, help="sequences decoded together (encoder: batch size)"),

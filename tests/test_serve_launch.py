@@ -82,3 +82,15 @@ def test_serve_limits_reach_the_engine(tiny_llama, adapter_root):
         assert ok.status_code == 200, ok.text
     with pytest.raises(TasktuneError, match="--dtype 'int8'"):
         build_server(folders, str(tiny_llama), dtype="int8")
+
+
+def test_device_auto_and_bad_devices():
+    from tasktune.serve.launch import resolve_device
+
+    assert resolve_device("auto") == ("cuda" if torch.cuda.is_available() else "cpu")
+    assert resolve_device("cpu") == "cpu"
+    with pytest.raises(TasktuneError, match="--device 'gpu0': use auto, cpu, cuda or cuda:N"):
+        resolve_device("gpu0")
+    if not torch.cuda.is_available():
+        with pytest.raises(TasktuneError, match=r"--device 'cuda:1': PyTorch sees 0 GPU\(s\) here"):
+            resolve_device("cuda:1")

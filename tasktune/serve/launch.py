@@ -73,6 +73,7 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     from tasktune.serve.api import create_app, task_predictor
     from tasktune.serve.engine import Engine
 
+    device = resolve_device(device)
     if len(paths) == 1 and is_encoder_run(paths[0]):
         return build_encoder_server(Path(paths[0]), base, device=device, adapter_root=adapter_root, api_key=api_key,
                                     max_batch=max_running)
@@ -97,6 +98,23 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     predictor = task_predictor(served.tasks) if served.tasks else None  # adapter folders only: the built-in tasks
     app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters)
     return app, sorted(adapters)
+
+
+def resolve_device(device: str) -> str:
+    """'auto' -> 'cuda' when PyTorch sees a GPU, else 'cpu'; a named device must exist."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise TasktuneError(f"--device '{device}': use auto, cpu, cuda or cuda:N") from None
+    if dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise TasktuneError(f"--device '{device}': PyTorch sees {torch.cuda.device_count()} GPU(s) here")
+    if dev.type not in ("cpu", "cuda"):
+        raise TasktuneError(f"--device '{device}': use auto, cpu, cuda or cuda:N")
+    return device
 
 
 def _dtype(name: str | None):
