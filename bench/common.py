@@ -52,6 +52,23 @@ def qwen_config(tiny: bool, **overrides):
     return Qwen2Config(**fields)
 
 
+def bpe_tokenizer(texts: list[str], vocab: int):
+    """A byte-level BPE trained on `texts` (no Qwen tokenizer offline); EOS = pad =
+    <|endoftext|>, no BOS, like Qwen's."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
 def model_facts(config) -> dict:
     """The shape fields a result records about its model."""
     keys = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",

@@ -42,8 +42,9 @@ sys.path.insert(0, str(REPO))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from common import LORA_TARGETS as TARGETS, bpe_tokenizer  # noqa: E402
+
 TASKS = ["clinc150", "snips_intent", "snips_slots", "circa"]
-TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
 # --- model, tokenizer, project ---------------------------------------------------------------
@@ -60,22 +61,6 @@ def task_texts(per_task: int, seed: int) -> list[str]:
             rendered = render(loaded[n]["train"].task, ex, seed)
             texts.append(rendered.prompt + " " + rendered.target)
     return texts
-
-
-def build_tokenizer(texts: list[str], vocab: int):
-    """Byte-level BPE; EOS = pad = <|endoftext|>, no BOS (like Qwen's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
 
 
 def build_model(folder: Path, tokenizer, tiny: bool, seed: int) -> dict:
@@ -206,7 +191,7 @@ def main() -> None:
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="ddp_check-"))
     t0 = time.perf_counter()
-    tokenizer = build_tokenizer(task_texts(args.per_task, args.seed), 4000 if cpu else 32000)
+    tokenizer = bpe_tokenizer(task_texts(args.per_task, args.seed), 4000 if cpu else 32000)
     model_shape = build_model(work / "model", tokenizer, tiny=cpu, seed=args.seed)
     print(f"model and tokenizer built in {time.perf_counter() - t0:.0f}s -> {work}", flush=True)
 

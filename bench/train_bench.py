@@ -46,7 +46,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from common import (  # noqa: E402
-    H100_BF16_PEAK, LORA_TARGETS, device_name, free, fx, guarded, linear_shapes, matmul_peak, model_facts,
+    H100_BF16_PEAK, LORA_TARGETS, bpe_tokenizer, device_name, free, fx, guarded, linear_shapes, matmul_peak, model_facts,
     pick_device, print_table, profile_steps, profile_text, qwen_config, random_causal_lm, ratio, sync, time_steps, versions,
     write_json,
 )
@@ -69,25 +69,6 @@ FLOP_FORMULA = (
 
 
 # --- tokenizer and data ----------------------------------------------------------------------
-def build_tokenizer(texts: list[str], vocab: int):
-    """A byte-level BPE trained on the bundled task texts; EOS = pad = <|endoftext|>, no BOS
-    (like Qwen's)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab, special_tokens=["<|endoftext|>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    return fast
-
-
-
 def load_du(per_task: int, seed: int):
     from tasktune.data.load import load_tasks
     from tasktune.tasks.builtin import builtin_tasks
@@ -603,7 +584,7 @@ def main() -> None:
         for ex in examples[n]:
             rd = render(tasks[n], ex, seed)
             texts.append(rd.prompt + " " + rd.target)
-    tokenizer = build_tokenizer(texts, 4000 if tiny else 32000)
+    tokenizer = bpe_tokenizer(texts, 4000 if tiny else 32000)
     result["tokenizer"] = (f"byte-level BPE (HF tokenizers), vocab {tokenizer.vocab_size}, trained in this run on the "
                            f"rendered train texts of {', '.join(DU_TASKS)} ({len(texts)} examples); EOS = pad = "
                            "<|endoftext|>, no BOS")
