@@ -105,6 +105,7 @@ class WeightingConfig(_Strict):
 class TrainSettings(_Strict):
     lr: float = Field(default=5e-4, gt=0)  # LoRA adapters
     head_lr: float | None = None  # encoder task heads (default: lr)
+    gate_lr: float | None = Field(default=None, gt=0)  # CGC gates (gate_logits, gate_proj; default: lr)
     full_lr: float = Field(default=5e-5, gt=0)  # all weights, strategy `full`
     max_grad_norm: float = 1.0
     val_examples: int = Field(default=256, gt=0)  # per task, for validation loss

@@ -47,3 +47,29 @@ def test_compile_compiles_the_blocks_before_training(tmp_path, tiny_llama, monke
         _, result, _ = run.train_strategy(cfg, "single", folder / "run", progress=False)
         assert result.steps == 2 and len(calls) == int(compile_)
         assert yaml.safe_load((folder / "run" / "config.json").read_text())["train"]["compile"] is compile_
+
+
+@pytest.mark.parametrize("gate_lr", [None, 0.05])
+def test_cgc_gates_get_their_own_learning_rate(tmp_path, tiny_bert, gate_lr):
+    """train.gate_lr puts every CGC gate parameter (and nothing else) in its own optimizer
+    group; without it the gates learn with the adapters."""
+    from tasktune.model.load import load_model
+    from tasktune.train.loop import _optimizer
+    from tasktune.train.run import build_runner, prepare_data
+
+    extra = {"gate_lr": gate_lr} if gate_lr else {}
+    cfg = tiny_config(tmp_path, tiny_bert, **extra)
+    loaded = load_model(cfg.model)
+    data = prepare_data(cfg, loaded.family, tokenizer=loaded.tokenizer)
+    runner = build_runner(cfg, loaded, data.tasks, "cgc")
+    gates = {id(p) for n, p in runner.model.named_parameters() if n.endswith(".gate_logits")}
+    assert gates  # one per adapted linear
+    groups = _optimizer(runner, cfg.train, []).param_groups
+    grouped = [{id(p) for p in g["params"]} for g in groups]
+    if gate_lr:
+        (k,) = [i for i, g in enumerate(grouped) if g & gates]  # one group holds the gates, nothing else
+        assert grouped[k] == gates and groups[k]["lr"] == gate_lr and groups[k]["weight_decay"] == 0.0
+    else:
+        assert gates <= grouped[0] and groups[0]["lr"] == cfg.train.lr
+    everything = {id(p) for p in runner.trainable_parameters()}
+    assert set().union(*grouped) == everything and sum(len(g) for g in grouped) == len(everything)

@@ -60,10 +60,17 @@ def total_steps(settings: TrainSettings, train_sizes: dict[str, int], world: int
     return max(1, math.ceil(settings.epochs * sum(train_sizes.values()) / per_step))
 
 
+CGC_GATES = ("gate_logits", "gate_proj")  # CGCLoRALinear's gate parameters (lora/cgc.py)
+
+
 def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]) -> torch.optim.Optimizer:
-    body = [p for p in runner.model.parameters() if p.requires_grad]
+    named = [(n, p) for n, p in runner.model.named_parameters() if p.requires_grad]
+    gates = [p for n, p in named if n.rsplit(".", 1)[-1] in CGC_GATES] if settings.gate_lr else []
+    body = [p for n, p in named if not any(p is g for g in gates)]
     lr = settings.full_lr if runner.handle is None else settings.lr
     groups = [{"params": body, "lr": lr, "weight_decay": settings.weight_decay}]
+    if gates:  # a router learns at its own rate (no weight decay: it would pull the gate to uniform)
+        groups.append({"params": gates, "lr": settings.gate_lr, "weight_decay": 0.0})
     if len(runner.heads):
         groups.append({"params": list(runner.heads.parameters()), "lr": settings.head_lr or settings.lr, "weight_decay": 0.0})
     groups += extra_groups
