@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Every GPU benchmark in one device call (device time is scarce): the serving bench, the
+# training bench with compiled blocks, and on 2+ GPUs the DDP check. Each step has its own
+# time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
+# the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
+#   run(command="bash bench/gpu_all.sh", carry=[".whl"])
+set -u
+OUT=${OUT:-/tmp/gpu_all}
+export PYTHONPATH=.
+if ! python3 -c 'import pydantic, typer' 2>/dev/null && ls .whl/*.whl >/dev/null 2>&1; then  # the GPU image
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:.
+fi
+export HF_HUB_OFFLINE=1
+
+step() {  # step NAME SECONDS COMMAND...
+  local name=$1 limit=$2
+  shift 2
+  mkdir -p "$OUT/$name"
+  timeout "$limit" "$@" > "$OUT/$name/log.txt" 2>&1
+  echo "rc=$?" >> "$OUT/$name/log.txt"
+  echo "== $name"
+  grep -v 'it/s' "$OUT/$name/log.txt" | tail -n "${TAIL:-22}"
+}
+
+step serve "${SERVE_S:-300}" python3 bench/serve_bench.py --out "$OUT/serve"
+step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
+  --results "$OUT/train/train_bench.json"
+if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+  step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"
+fi
