@@ -30,6 +30,8 @@ class Served:
 
 
 def collect_adapters(paths: list[Path]) -> Served:
+    """Every adapter in the given run folders and PEFT adapter folders, with what the runs
+    record about their base model and tasks."""
     from tasktune.model.restore import read_run, run_task_adapters, run_tasks
 
     served = Served()
@@ -38,12 +40,11 @@ def collect_adapters(paths: list[Path]) -> Served:
         if (path / CONFIG).is_file():
             folders = [path]
         elif (path / "run.json").is_file():
-            record = json.loads((path / "run.json").read_text())
+            cfg, record = read_run(path)
             if record.get("family") == "encoder":
                 raise TasktuneError(f"{path}: an encoder run is served alone (`tasktune serve {path}`)")
             served.base = served.base or record.get("model_path") or record.get("model")
             folders = sorted(p for p in (path / "adapters").iterdir() if (p / CONFIG).is_file())
-            cfg, record = read_run(path)
             for task in run_tasks(cfg, record):
                 if task.name in served.tasks:
                     raise TasktuneError(f"task '{task.name}' is served by two runs (the second: {path}); serve one of them")
