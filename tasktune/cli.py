@@ -108,8 +108,11 @@ def eval_cmd(
     """Score a trained run on every task's test split, with 95% bootstrap CIs."""
     from tasktune.eval.evaluate import evaluate_run, print_scores
 
-    scores = evaluate_run(run_dir, mode=mode)
-    print_scores(scores, console)
+    result = evaluate_run(run_dir, mode=mode)
+    for task, rows in result.skipped.items():
+        err.print(f"{task}: {len(rows)} invalid test row(s) left out of the scores (listed in eval.json), "
+                  f"first: {rows[0]}", highlight=False)
+    print_scores(result.scores, console)
 
 
 @app.command()

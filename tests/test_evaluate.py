@@ -29,3 +29,35 @@ def test_causal_likelihood_and_generation(tmp_path, tiny_llama):
     slots = scores["snips_slots"]
     assert slots.n == 3 and 0 <= slots.invalid <= 3  # an untrained model writes mostly junk: counted
     assert "slot_f1" in slots.metrics and "accuracy" in scores["home_intent"].metrics
+
+
+def test_eval_lists_invalid_test_rows_instead_of_dropping_them_silently(tmp_path, tiny_bert):
+    """`tasktune eval RUN_DIR` scores the valid rows and names every row it left out."""
+    import json
+    import shutil
+
+    import yaml
+
+    from projects import EXAMPLES, tiny_project
+    from tasktune.config import load_config
+    from tasktune.eval.evaluate import evaluate_run
+    from tasktune.train.run import train_strategy
+
+    data = tmp_path / "data"
+    shutil.copytree(EXAMPLES, data)
+    path = tiny_project(tmp_path, tiny_bert, max_steps=1)
+    raw = yaml.safe_load(path.read_text())
+    for key, name in (("path", "train"), ("validation_path", "validation"), ("eval_path", "test")):
+        raw["tasks"][0][key] = str(data / f"{name}.jsonl")
+    path.write_text(yaml.safe_dump(raw))
+    train_strategy(load_config(path), "single", tmp_path / "run", progress=False)
+    test_file = data / "test.jsonl"
+    good = len(test_file.read_text().splitlines())
+    with test_file.open("a") as f:
+        f.write(json.dumps({"text": "dim the hall lights"}) + "\n")  # no intent: line good + 1
+    result = evaluate_run(tmp_path / "run", n_resamples=20)
+    assert result.scores["home_intent"].n == good
+    (row,) = result.skipped["home_intent"]
+    assert row.startswith(f"{test_file}:{good + 1}: field 'intent'")
+    saved = json.loads((tmp_path / "run" / "eval.json").read_text())
+    assert saved["home_intent"]["skipped_test_rows"] == [row]

@@ -7,6 +7,7 @@ is exactly the trained and exported one. Invalid outputs stay in the denominator
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -63,8 +64,19 @@ def evaluate_runner(
     return out
 
 
-def evaluate_run(run_dir: Path, *, mode: str = "auto", n_resamples: int = 1000) -> dict[str, TaskResult]:
-    """`tasktune eval RUN_DIR`: restore the run, score its tasks' test splits, write eval.json."""
+@dataclass
+class RunEvaluation:
+    """What `tasktune eval` found: scores per task, and the test rows it could not score
+    (invalid records, each as 'file:line: field ...: what is wrong'), per task."""
+
+    scores: dict[str, TaskResult]
+    skipped: dict[str, list[str]]
+
+
+def evaluate_run(run_dir: Path, *, mode: str = "auto", n_resamples: int = 1000) -> RunEvaluation:
+    """`tasktune eval RUN_DIR`: restore the run, score its tasks' test splits, write eval.json.
+    Invalid test rows are left out of the scores and listed (returned, and in eval.json), so
+    nothing disappears silently."""
     from dataclasses import asdict
 
     from tasktune.data.load import load_tasks
@@ -76,10 +88,13 @@ def evaluate_run(run_dir: Path, *, mode: str = "auto", n_resamples: int = 1000) 
     max_examples = {e.task_name: e.max_examples for e in cfg.tasks if e.max_examples is not None}
     loaded = load_tasks(tasks, skip_invalid=True, max_examples=max_examples or None)
     test = {t.name: loaded[t.name]["test"].examples for t in tasks if "test" in loaded[t.name]}
+    skipped = {t.name: [str(i) for i in loaded[t.name]["test"].skipped] for t in tasks
+               if "test" in loaded[t.name] and loaded[t.name]["test"].skipped}
     scores = evaluate_runner(runner, test, mode=mode, n_resamples=n_resamples, seed=cfg.seed)
-    payload = {t: {"metrics": {k: asdict(v) for k, v in r.metrics.items()}, "n": r.n, "invalid": r.invalid} for t, r in scores.items()}
+    payload = {t: {"metrics": {k: asdict(v) for k, v in r.metrics.items()}, "n": r.n, "invalid": r.invalid,
+                   "skipped_test_rows": skipped.get(t, [])} for t, r in scores.items()}
     (Path(run_dir) / "eval.json").write_text(json.dumps(payload, indent=2))
-    return scores
+    return RunEvaluation(scores, skipped)
 
 
 def print_scores(scores: dict[str, TaskResult], console) -> None:
