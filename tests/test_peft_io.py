@@ -29,7 +29,9 @@ def folders(tiny_llama, tiny_bert):
 
 
 def load(folders, family):
-    return CASES[family][0].from_pretrained(folders[family], dtype=torch.float32).eval()
+    # float64: ours and PEFT add the same numbers in different orders; in float32 that can
+    # differ by more than assert_close allows, depending on how the BLAS blocks each shape
+    return CASES[family][0].from_pretrained(folders[family], dtype=torch.float64).eval()
 
 
 def outputs(model, family, seed=0):
