@@ -52,4 +52,5 @@ def plan_for(strategy: str, task_names: list[str], groups: list[list[str]] | Non
         if missing:
             raise TasktuneError(f"tasks not in any group: {', '.join(missing)}")
         return AdapterPlan("grouped", names, mapping)
-    raise TasktuneError(f"unknown strategy '{strategy}'; choose from {', '.join(STRATEGIES)}")
+    check_strategy(strategy)  # raises for an unknown one
+    raise AssertionError(f"strategy {strategy!r} is in STRATEGIES but plan_for has no branch for it")

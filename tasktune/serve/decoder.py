@@ -245,11 +245,12 @@ class Block(nn.Module):
         mlp.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.self_attn, self.mlp = attn, mlp
         # each LoRA module's (name, first output column, width) inside its fused linear
-        self.parts = {
-            "qkv_proj": (("q_proj", 0, h * hd), ("k_proj", h * hd, kvh * hd), ("v_proj", (h + kvh) * hd, kvh * hd)),
-            "gate_up_proj": (("gate_proj", 0, cfg.intermediate_size),
-                             ("up_proj", cfg.intermediate_size, cfg.intermediate_size)),
-        }
+        widths = {"q_proj": h * hd, "k_proj": kvh * hd, "v_proj": kvh * hd,
+                  "gate_proj": cfg.intermediate_size, "up_proj": cfg.intermediate_size}
+        self.parts = {}
+        for fused, modules in FUSED.items():
+            starts = [sum(widths[m] for m in modules[:i]) for i in range(len(modules))]
+            self.parts[fused] = tuple((m, start, widths[m]) for m, start in zip(modules, starts))
 
     def lin(self, parent: nn.Module, name: str, x: torch.Tensor, batch: Batch, lora: LoraStacks | None) -> torch.Tensor:
         layer: nn.Linear = getattr(parent, name)

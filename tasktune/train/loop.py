@@ -65,8 +65,9 @@ CGC_GATES = ("gate_logits", "gate_proj")  # CGCLoRALinear's gate parameters (lor
 
 def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]) -> torch.optim.Optimizer:
     named = [(n, p) for n, p in runner.model.named_parameters() if p.requires_grad]
-    gates = [p for n, p in named if n.rsplit(".", 1)[-1] in CGC_GATES] if settings.gate_lr else []
-    body = [p for n, p in named if not any(p is g for g in gates)]
+    own_lr = lambda name: settings.gate_lr is not None and name.rsplit(".", 1)[-1] in CGC_GATES  # noqa: E731
+    gates = [p for n, p in named if own_lr(n)]
+    body = [p for n, p in named if not own_lr(n)]
     lr = settings.full_lr if runner.handle is None else settings.lr
     groups = [{"params": body, "lr": lr, "weight_decay": settings.weight_decay}]
     if gates:  # a router learns at its own rate (no weight decay: it would pull the gate to uniform)
