@@ -89,7 +89,7 @@ def measure(layers: int) -> dict[str, collections.Counter]:
         (layer, name): (torch.randn(N_ADAPTERS, R, d_in, generator=g).to(DTYPE),
                         torch.randn(N_ADAPTERS, d_out, R, generator=g).to(DTYPE))
         for layer in range(layers) for name, (d_in, d_out) in ours.lora_shapes().items()
-    }, torch.ones(N_ADAPTERS))
+    }, scaling=torch.ones(N_ADAPTERS))
     positions = torch.full((B,), CTX // 2)
     counts = {
         "ours_base": count(lambda: ours.decode(tokens, positions, ids, CTX, cache, stacks, False)),

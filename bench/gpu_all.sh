@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# Every GPU benchmark in one device call (device time is scarce): the serving bench, the
-# training bench with compiled blocks, and on 2+ GPUs the DDP check. Each step has its own
+# Every GPU benchmark in one device call (device time is scarce): the serving bench (and
+# with STEPS naming serve_compile, its compiled decode), the training bench with compiled
+# blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
 # the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
 #   run(command="bash bench/gpu_all.sh", carry=[".whl"])
@@ -23,9 +24,12 @@ step() {  # step NAME SECONDS COMMAND...
   grep -v 'it/s' "$OUT/$name/log.txt" | tail -n "${TAIL:-22}"
 }
 
-step serve "${SERVE_S:-300}" python3 bench/serve_bench.py --out "$OUT/serve"
-step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
+want() { [[ " ${STEPS:-serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
+want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py --out "$OUT/serve"
+want serve_compile && TORCH_LOGS=recompiles step serve_compile "${SERVE_COMPILE_S:-300}" \
+  python3 bench/serve_bench.py --compile --skip-peft --out "$OUT/serve_compile"
+want train && step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
-if [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
+if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"
 fi

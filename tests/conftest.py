@@ -14,6 +14,11 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 import torch  # noqa: E402
 
+# Without a GPU, the Triton kernels (decode-time LoRA) run under Triton's interpreter, so
+# the CPU tests exercise them too (set before anything imports triton).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 from tiny_models import make_adapters, tiny_bert_dir, tiny_llama_dir  # noqa: E402
 
 # Tiny matmuls gain nothing from threads, and on a shared 2-core machine spinning

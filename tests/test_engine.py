@@ -14,6 +14,7 @@ import torch
 from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from tasktune.lora import triton_ops
 from tasktune.serve.engine import Engine, PromptTooLong, Request
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
@@ -65,9 +66,10 @@ def drain(engine: Engine) -> None:
     raise AssertionError("engine did not finish")
 
 
-def test_greedy_matches_hf_peft_with_mixed_adapters_and_arrivals(engine, reference):
+def run_mixed(engine: Engine, reference) -> None:
+    """18 requests over 8 adapters and the base, joining while others decode -> each one's
+    greedy tokens equal HF + PEFT's for that request alone."""
     adapters = [None] + [f"task-{i}" for i in range(8)]
-    assert len({tuple(reference(PROMPTS[1], a, 8)) for a in adapters}) >= 7  # adapters really differ
     jobs = [(PROMPTS[i % len(PROMPTS)], adapters[i % len(adapters)], 6 + (i * 5) % 11) for i in range(18)]
     seqs = [engine.submit(Request(p, a, SamplingParams(max_tokens=n, ignore_eos=False))) for p, a, n in jobs[:7]]
     for _ in range(3):
@@ -81,6 +83,44 @@ def test_greedy_matches_hf_peft_with_mixed_adapters_and_arrivals(engine, referen
     for (prompt, adapter, n), seq in zip(jobs, seqs):
         assert seq.output_ids == reference(prompt, adapter, n), (prompt, adapter)
         assert seq.finish_reason in ("length", "stop")
+
+
+def test_greedy_matches_hf_peft_with_mixed_adapters_and_arrivals(engine, reference):
+    assert len({tuple(reference(PROMPTS[1], a, 8)) for a in [None] + [f"task-{i}" for i in range(8)]}) >= 7
+    run_mixed(engine, reference)
+
+
+KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON_INTERPRET=1 and Triton on the CPU"
+
+
+@pytest.mark.parametrize("variant", [
+    pytest.param("kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
+    "compiled",
+    pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
+])
+def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
+    """What the GPU runs, on the CPU: the decode step's LoRA through the Triton kernels (one
+    launch pair per fused linear, under the interpreter) and/or every block through
+    torch.compile (aot_eager: no C compiler needed) -> the same greedy tokens."""
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=6, max_waiting=64, max_len=128)
+    eng.pool.register_root()
+    launches = []
+    if "kernels" in variant:
+        eng.pool.stacks.kernels = True
+        assert {name for _, name in eng.pool.stacks.fused} == {"qkv_proj", "gate_up_proj"}
+        apply = triton_ops.lora_apply_
+        monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a: launches.append(a[6]) or apply(*a))
+    if "compiled" in variant:
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        eng.model.compile_decode(backend="aot_eager")
+    run_mixed(eng, reference)
+    if "kernels" in variant:  # 4 per layer and decode step: fused qkv (2 bounds), o, fused gate_up (1), down
+        assert len(launches) % 4 == 0 and len(launches) > 0
+        assert [len(b) for b in launches[:4]] == [2, 0, 1, 0]
+    if "compiled" in variant:
+        assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 
 
 def test_base_rows_equal_plain_hf_and_generate_returns_in_order(engine, reference):

@@ -79,6 +79,46 @@ def test_matches_torch_reference(case, dtype):
     assert torch.equal(out[skip], y[skip])
 
 
+FUSED = {  # name: (d_in, module widths, r, ids)
+    "qkv r16": (96, (112, 16, 16), 16, [0, 2, -1, 1, 2, 2]),  # GQA widths, bounds inside output tiles
+    "gate_up r8": (64, (200, 200), 8, [1, -1, 0]),
+    "ragged r24": (130, (33, 70, 5), 24, [2, 1, 0, -1]),
+}
+
+
+@needs_kernels
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("case", list(FUSED))
+def test_fused_modules_match_each_module_alone(case, dtype):
+    # one launch pair for modules sharing x == each module's own update on its columns
+    d_in, widths, r, ids = FUSED[case]
+    ids = torch.tensor(ids, device=DEVICE)
+    x, A, B, scaling, y = make(len(ids), d_in, sum(widths), r * len(widths), 3, dtype, seed=6)
+    B = B[:, :, :r].contiguous()  # [slots, d_out, r]: each column's own module's B
+    starts = [sum(widths[:i]) for i in range(len(widths))]
+    expected = torch.cat([
+        reference(y[:, s:s + w], x, A[:, m * r:(m + 1) * r], B[:, s:s + w], scaling, ids)
+        for m, (s, w) in enumerate(zip(starts, widths))
+    ], dim=1)
+    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids, bounds=tuple(starts[1:]))
+    torch.testing.assert_close(out, expected, **TOL[dtype])
+    assert torch.equal(out[ids < 0], y[ids < 0])
+    op = y.clone()
+    torch.ops.tasktune.bgmv_lora(op, x, A, B, scaling, ids, list(starts[1:]))  # the operator the decoder calls
+    assert torch.equal(op, out)
+
+
+@needs_kernels
+def test_rejects_bad_bounds():
+    x, A, B, scaling, y = make(2, 16, 20, 48, 1, torch.float32)
+    ids = torch.zeros(2, dtype=torch.long, device=DEVICE)
+    B = B[:, :, :16].contiguous()
+    # (rows of A, bounds): 2 modules' rows but no bound; a bound past d_out; one at 0; unsorted; 4 modules
+    for rows, bounds in [(32, ()), (32, (25,)), (32, (0,)), (48, (10, 5)), (64, (2, 4, 6))]:
+        with pytest.raises(ValueError, match="bounds"):
+            triton_ops.lora_apply_(y, x, torch.zeros(1, rows, 16, device=DEVICE), B, scaling, ids, bounds=bounds)
+
+
 @needs_kernels
 def test_in_place_on_row_strided_views():
     # y and x as column slices of wider buffers (row stride != width), as a fused qkv output would be

@@ -16,6 +16,13 @@ Two launches, with fixed grids for given shapes, no host sync (CUDA-graph captur
 Rows with id < 0 return at once in both kernels: they never read an adapter, so a
 non-finite value in some adapter reaches only the rows that use it.
 
+Fused linears (qkv_proj, gate_up_proj: modules that share their input) take one launch
+pair for all their modules: A stacks the modules' A along its rank axis
+([n_slots, M * rank, d_in]: one shrink reads x once for all of them) and B stacks their B
+along d_out ([n_slots, d_out, rank]); output columns from bounds[i] on belong to module
+i + 1, whose rows of h start at (i + 1) * rank. Four launch pairs per decoder layer
+instead of seven.
+
 Limits: r <= 64 (the rank is padded to a power of two >= 16 in registers, masked on
 load); A, B, x, y each bf16, fp16 or fp32 (all upcast to fp32 on load, y rounded once);
 scaling any float dtype; ids int32 or int64 in [-1, n_slots) (not checked, that would
@@ -85,24 +92,27 @@ if triton is not None:
     @triton.jit
     def bgmv_expand(
         h_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # h: [N, S, R] fp32, B: [n_slots, d_out, r], y: [N, d_out]
-        d_out, r, stride_yn,
-        R: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+        d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
+        R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
         slot = tl.load(ids_ptr + n).to(tl.int64)
         if slot < 0:
             return
-        offs_r = tl.arange(0, R)
-        h = tl.zeros((R,), dtype=tl.float32)
-        for s in range(S):  # the shrink's partial sums, in a fixed order
-            h += tl.load(h_ptr + (n * S + s) * R + offs_r)
         offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         o_ok = offs_o < d_out
-        b_ptrs = b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :]  # [BLOCK_N, R]
-        b = tl.load(b_ptrs, mask=o_ok[:, None] & (offs_r[None, :] < r), other=0.0)
+        module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
+        offs_r = tl.arange(0, R_MODULE)
+        r_ok = offs_r[None, :] < r
+        h_cols = module[:, None] * r + offs_r[None, :]  # [BLOCK_N, R_MODULE]: each column's rows of h
+        h = tl.zeros((BLOCK_N, R_MODULE), dtype=tl.float32)
+        for s in range(S):  # the shrink's partial sums, in a fixed order
+            h += tl.load(h_ptr + (n * S + s) * R + h_cols, mask=r_ok, other=0.0)
+        b_ptrs = b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :]  # [BLOCK_N, R_MODULE]
+        b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok, other=0.0)
         scale = tl.load(scaling_ptr + slot).to(tl.float32)
-        delta = tl.sum(b.to(tl.float32) * h[None, :], axis=1) * scale  # [BLOCK_N]
+        delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
         y_ptrs = y_ptr + n * stride_yn + offs_o
         y = tl.load(y_ptrs, mask=o_ok, other=0.0)
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
@@ -117,7 +127,8 @@ def _pow2_at_least(v: int, lo: int) -> int:
 
 @dataclass(frozen=True)
 class LaunchConfig:
-    R: int  # the rank padded to a power of two >= 16
+    R: int  # the rows of A (every module's rank) padded to a power of two >= 16
+    R_MODULE: int  # one module's rank padded likewise
     BLOCK_K: int  # shrink: d_in elements per step
     K_SPLIT: int  # shrink: d_in elements per program (a multiple of BLOCK_K)
     S: int  # shrink: programs per row, cdiv(d_in, K_SPLIT)
@@ -125,29 +136,38 @@ class LaunchConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def launch_config(n_rows: int, d_in: int, d_out: int, r: int) -> LaunchConfig:
-    """The fixed launch configuration for these shapes (a function of the shapes alone)."""
-    R = _pow2_at_least(r, 16)
+def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) -> LaunchConfig:
+    """The fixed launch configuration for these shapes (a function of the shapes alone);
+    r: one module's rank, A holding `modules` of them."""
+    R = _pow2_at_least(r * modules, 16)
+    R_MODULE = _pow2_at_least(r, 16)
     block_k = max(64, min(256, TILE // R))
     blocks = triton.cdiv(d_in, block_k)
     want = max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, n_rows)))
     per_split = triton.cdiv(blocks, want)  # BLOCK_K blocks per program
-    return LaunchConfig(R=R, BLOCK_K=block_k, K_SPLIT=per_split * block_k, S=triton.cdiv(blocks, per_split),
-                        BLOCK_N=max(32, min(256, TILE // 2 // R)))
+    return LaunchConfig(R=R, R_MODULE=R_MODULE, BLOCK_K=block_k, K_SPLIT=per_split * block_k,
+                        S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(256, TILE // 2 // R_MODULE)))
 
 
 def lora_apply_(
-    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor
+    y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
+    bounds: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
     y: [N, d_out], x: [N, d_in], A: [n_slots, r, d_in], B: [n_slots, d_out, r], scaling: [n_slots],
-    ids: [N] int. y and x may be row-strided views (unit stride along the feature dim)."""
+    ids: [N] int. y and x may be row-strided views (unit stride along the feature dim).
+    A fused linear of M modules (bounds: the first output column of modules 2..M, at most
+    3 modules): A: [n_slots, M * r, d_in], B: [n_slots, d_out, r], and column c uses the
+    rank-r block of A of the module it belongs to."""
     n_rows, d_in = x.shape
-    n_slots, r, _ = A.shape
-    d_out = B.shape[1]
-    if A.shape != (n_slots, r, d_in) or B.shape != (n_slots, d_out, r) or y.shape != (n_rows, d_out):
-        raise ValueError(f"shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}")
+    n_slots, rows, _ = A.shape
+    d_out, r = B.shape[1], B.shape[2]
+    modules = len(bounds) + 1
+    if (modules > 3 or A.shape != (n_slots, modules * r, d_in) or B.shape[0] != n_slots or y.shape != (n_rows, d_out)
+            or list(bounds) != sorted(bounds) or any(not 0 < b < d_out for b in bounds)):
+        raise ValueError(f"shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"bounds {tuple(bounds)}")
     if r > MAX_RANK:
         raise ValueError(f"rank {r} > {MAX_RANK}")
     if not all(t.is_contiguous() for t in (A, B, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
@@ -156,12 +176,27 @@ def lora_apply_(
         raise ValueError("all tensors must be on one device")
     if n_rows == 0:
         return y
-    cfg = launch_config(n_rows, d_in, d_out, r)
+    cfg = launch_config(n_rows, d_in, d_out, r, modules)
+    b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, d_in, r, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
+        x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
-        h, B, scaling, ids, y, d_out, r, y.stride(0), R=cfg.R, BLOCK_N=cfg.BLOCK_N, S=cfg.S,
+        h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
+        S=cfg.S,
     )
     return y
+
+
+@torch.library.custom_op("tasktune::bgmv_lora", mutates_args=("y",))
+def bgmv_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
+              ids: torch.Tensor, bounds: list[int]) -> None:
+    """`lora_apply_` as an operator torch.compile keeps whole (an opaque call that writes y)
+    instead of tracing into the launches; the decoder calls this one."""
+    lora_apply_(y, x, A, B, scaling, ids, tuple(bounds))
+
+
+@bgmv_lora.register_fake
+def _(y, x, A, B, scaling, ids, bounds) -> None:
+    return None

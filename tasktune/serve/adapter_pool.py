@@ -78,6 +78,31 @@ def check_name(name: str) -> str:
     return name
 
 
+def stack_storage(num_layers: int, shapes: dict[str, tuple[int, int]], groups: dict[str, tuple[str, ...]],
+                  slots: int, rank: int, device: torch.device, dtype: torch.dtype):
+    """Zeroed stacks for every (layer, module): A [slots, rank, d_in], B [slots, d_out, rank].
+    The modules of a group (sharing d_in) are views into one A [slots, M * rank, d_in] and
+    one B [slots, sum of d_out, rank], returned too: (per module, per group)."""
+    weights, fused = {}, {}
+    zeros = lambda *shape: torch.zeros(*shape, device=device, dtype=dtype)  # noqa: E731
+    for layer in range(num_layers):
+        grouped = set()
+        for name, modules in groups.items():
+            if not all(m in shapes for m in modules) or len({shapes[m][0] for m in modules}) != 1:
+                continue
+            A, B = zeros(slots, len(modules) * rank, shapes[modules[0]][0]), zeros(slots, sum(shapes[m][1] for m in modules), rank)
+            start = 0
+            for i, m in enumerate(modules):
+                weights[(layer, m)] = (A[:, i * rank:(i + 1) * rank], B[:, start:start + shapes[m][1]])
+                start += shapes[m][1]
+            fused[(layer, name)] = (A, B)
+            grouped.update(modules)
+        for m, (d_in, d_out) in shapes.items():
+            if m not in grouped:
+                weights[(layer, m)] = (zeros(slots, rank, d_in), zeros(slots, d_out, rank))
+    return weights, fused
+
+
 class AdapterPool:
     def __init__(
         self,
@@ -93,23 +118,20 @@ class AdapterPool:
         device: str | torch.device = "cpu",
         dtype: torch.dtype = torch.float32,
         lora_kernels: bool = True,
+        groups: dict[str, tuple[str, ...]] | None = None,
     ):
         """root: the only folder adapters may be loaded from (None: any path; trusted callers only).
-        lora_kernels: decode with the Triton kernels where they can run (a GPU with Triton)."""
+        lora_kernels: decode with the Triton kernels where they can run (a GPU with Triton).
+        groups: fused linear -> the modules it holds (decoder.FUSED); their stacks share one
+        tensor, so one kernel launch pair serves the whole fused linear."""
         self.num_layers, self.shapes, self.base_name = num_layers, shapes, base_name
         self.base_path = Path(base_path).resolve() if base_path else None
         self.root = Path(root).resolve() if root else None
         self.max_resident, self.max_rank, self.max_cpu = max_resident, max_rank, max_cpu
         self.device, self.dtype = torch.device(device), dtype
-        weights = {
-            (layer, m): (
-                torch.zeros(max_resident, max_rank, d_in, device=self.device, dtype=dtype),
-                torch.zeros(max_resident, d_out, max_rank, device=self.device, dtype=dtype),
-            )
-            for layer in range(num_layers)
-            for m, (d_in, d_out) in shapes.items()
-        }
-        self.stacks = LoraStacks(weights, torch.zeros(max_resident, device=self.device, dtype=torch.float32),
+        self.stacks = LoraStacks(*stack_storage(num_layers, shapes, groups or {}, max_resident, max_rank,
+                                                self.device, dtype),
+                                 scaling=torch.zeros(max_resident, device=self.device, dtype=torch.float32),
                                  kernels=lora_kernels and self.device.type == "cuda" and triton_ops.available(self.device)
                                  and max_rank <= triton_ops.MAX_RANK)
         self._adapters: dict[str, AdapterInfo] = {}

@@ -38,11 +38,11 @@ def context_bucket(needed: int, max_len: int) -> int:
 class DecodeStep:
     def __init__(self, model: Decoder, cache: KVCache, lora: LoraStacks | None, *, use_graphs: bool,
                  compile: bool = False):
-        """compile: run the step through torch.compile (Inductor fuses the norms, rotary
-        embedding, residual adds and activation into a few kernels per layer); shapes are
-        compiled once as dynamic, then each bucket is captured as usual."""
+        """compile: run each block of the step through torch.compile (`Decoder.compile_decode`:
+        a few fused kernels per layer); each bucket is then captured as usual."""
         self.model, self.cache, self.lora = model, cache, lora
-        self._decode = torch.compile(model.decode, dynamic=True) if compile else model.decode
+        if compile:
+            model.compile_decode()
         device = cache.k.device
         self.use_graphs = use_graphs and device.type == "cuda"
         n = cache.num_slots
@@ -78,7 +78,7 @@ class DecodeStep:
 
     def _step(self, B: int, L: int, use_lora: bool) -> torch.Tensor:
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
-        return self._decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
+        return self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
 
     def _capture(self, B: int, L: int, use_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         side = torch.cuda.Stream()

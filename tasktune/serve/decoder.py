@@ -24,7 +24,7 @@ checkpoint's weights; LoRA still adds each module's own delta to its slice of th
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn.functional as F
@@ -32,7 +32,7 @@ from torch import nn
 
 from tasktune.errors import TasktuneError
 from tasktune.lora.ops import SegmentPlan, gather_rows, lora_delta, lora_delta_rows
-from tasktune.lora.triton_ops import lora_apply_
+from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -108,11 +108,28 @@ class LoraStacks:
     """The pool's stacked adapter weights, read by every adapted linear.
 
     weights: (layer, module) -> (A [slots, r, d_in], B [slots, d_out, r]); scaling: [slots].
+    fused: (layer, fused linear) -> (A, B) of all its modules at once, whose per-module
+    views `weights` holds (adapter_pool.stack_storage); the Triton path reads these.
     The pool updates these tensors in place, so the decoder keeps one reference."""
 
     weights: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]]
-    scaling: torch.Tensor
+    fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
+    _layers: dict = field(default_factory=dict, repr=False)
+
+    def layer(self, index: int) -> "LayerLora":
+        """One layer's stacks, keyed by module name (built once: the tensors never change)."""
+        if index not in self._layers:
+            pick = lambda d: {m: ab for (i, m), ab in d.items() if i == index}  # noqa: E731
+            self._layers[index] = LayerLora(pick(self.weights), pick(self.fused))
+        return self._layers[index]
+
+
+@dataclass(frozen=True)
+class LayerLora:
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    fused: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
 @dataclass
@@ -252,47 +269,60 @@ class Block(nn.Module):
             starts = [sum(widths[m] for m in modules[:i]) for i in range(len(modules))]
             self.parts[fused] = tuple((m, start, widths[m]) for m, start in zip(modules, starts))
 
-    def lin(self, parent: nn.Module, name: str, x: torch.Tensor, batch: Batch, lora: LoraStacks | None) -> torch.Tensor:
+    def lin(self, parent: nn.Module, name: str, x: torch.Tensor, batch: Batch, lora: LoraStacks | None,
+            stacks: LayerLora | None) -> torch.Tensor:
         layer: nn.Linear = getattr(parent, name)
         y = F.linear(x, layer.weight, layer.bias)  # x: [N, d_in] -> [N, d_out]
-        if lora is not None and batch.use_lora:
-            for module, start, width in self.parts.get(name, ((name, 0, y.shape[1]),)):
-                ab = lora.weights.get((self.index, module))
-                if ab is not None:
-                    add_lora_(y[:, start:start + width], x, ab, lora, batch)
+        if stacks is None or not batch.use_lora:
+            return y
+        parts = self.parts.get(name, ((name, 0, y.shape[1]),))
+        if batch.decode and lora.kernels and name in stacks.fused:  # one launch pair for the fused linear
+            A, B = stacks.fused[name]
+            torch.ops.tasktune.bgmv_lora(y, x, A, B, lora.scaling, batch.lora_ids, [start for _, start, _ in parts[1:]])
+            return y
+        for module, start, width in parts:
+            ab = stacks.weights.get(module)
+            if ab is not None:
+                add_lora_(y[:, start:start + width], x, ab, lora, batch)
         return y
 
-    def forward(self, x, batch: Batch, cos, sin, cache: KVCache, lora: LoraStacks | None) -> torch.Tensor:
+    def forward(self, x, batch: Batch, cos, sin, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks | None,
+                stacks: LayerLora | None) -> torch.Tensor:
+        """kv: this layer's cache (KVCache.layer); stacks: its adapters (LoraStacks.layer).
+        Nothing here reads the layer's index, so one compiled code serves every layer."""
         cfg, a = self.cfg, self.self_attn
         H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        N, (B, T, L) = x.shape[0], batch.shape
+        N = x.shape[0]
         h = self.input_layernorm(x)
-        qkv = self.lin(a, "qkv_proj", h, batch, lora)  # [N, (H + 2 kv_heads) * hd]
+        qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]
         qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
         qk = apply_rope(qk, cos, sin)  # q and k heads together; cos, sin: [N, 1, head_dim]
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
-        cache.write(self.index, batch.token_slots, batch.positions, k, v)
-        if batch.decode:  # row b = slot b, one query each
-            kc, vc = cache.first(self.index, B, L)  # views [B, kv_heads, L, head_dim]
-            o = grouped_attention(q.unsqueeze(2), kc, vc, batch.mask).reshape(N, -1)  # [N, H*hd]
+        kc, vc = kv
+        kc[batch.token_slots, :, batch.positions] = k.to(kc.dtype)
+        vc[batch.token_slots, :, batch.positions] = v.to(vc.dtype)
+        L = batch.mask.shape[-1]
+        if batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
+            o = grouped_attention(q.unsqueeze(2), kc[:N, :, :L], vc[:N, :, :L], batch.mask).reshape(N, -1)
         else:
-            kc, vc = cache.read(self.index, batch.slots, L)  # [B, kv_heads, L, head_dim]
+            B, T = batch.shape[:2]
+            kb, vb = kc[:, :, :L].index_select(0, batch.slots), vc[:, :, :L].index_select(0, batch.slots)
             qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
-            o = grouped_attention(qp, kc, vc, batch.mask)  # [B, H, T, hd]
+            o = grouped_attention(qp, kb, vb, batch.mask)  # [B, H, T, hd]
             o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
-        x = x + self.lin(a, "o_proj", o, batch, lora)
+        x = x + self.lin(a, "o_proj", o, batch, lora, stacks)
         h = self.post_attention_layernorm(x)
-        gu = self.lin(self.mlp, "gate_up_proj", h, batch, lora)  # [N, 2 * intermediate]
+        gu = self.lin(self.mlp, "gate_up_proj", h, batch, lora, stacks)  # [N, 2 * intermediate]
         inter = cfg.intermediate_size
-        return x + self.lin(self.mlp, "down_proj", F.silu(gu[:, :inter]) * gu[:, inter:], batch, lora)
+        return x + self.lin(self.mlp, "down_proj", F.silu(gu[:, :inter]) * gu[:, inter:], batch, lora, stacks)
 
 
 def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
               batch: Batch) -> None:
     """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
     if batch.decode and lora.kernels:  # Triton BGMV: each row reads its adapter in place
-        lora_apply_(y, x, ab[0], ab[1], lora.scaling, batch.lora_ids)
+        torch.ops.tasktune.bgmv_lora(y, x, ab[0].contiguous(), ab[1].contiguous(), lora.scaling, batch.lora_ids, [])
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
         y.add_(lora_delta_rows(x, ab[0], ab[1], *rows).to(y.dtype))
@@ -310,6 +340,17 @@ class Decoder(nn.Module):
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._compiled_block = None  # decode steps run each block through this (compile_decode)
+
+    def compile_decode(self, **options) -> None:
+        """Decode steps run every block through one torch.compile'd Block.forward (Inductor
+        fuses the norms, rotary embedding, residual adds and activation); blocks differ only
+        in their weights, which the compiled code takes as inputs. Shapes start dynamic
+        (batch and context buckets). Prefill stays eager. `options` go to torch.compile
+        (e.g. backend="aot_eager" where there is no C compiler)."""
+        options.setdefault("dynamic", True)
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
+        self._compiled_block = torch.compile(Block.forward, **options)
 
     def lora_shapes(self) -> dict[str, tuple[int, int]]:
         """module name -> (d_in, d_out) of every adaptable linear (Hugging Face's names)."""
@@ -347,8 +388,10 @@ class Decoder(nn.Module):
         cos_t, sin_t = self.rope_table(cache.max_len, x.device)
         cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
         sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
-        for layer in self.model.layers:
-            x = layer(x, batch, cos, sin, cache, lora)
+        compiled = self._compiled_block if batch.decode else None
+        for i, layer in enumerate(self.model.layers):
+            kv, stacks = cache.layer(i), (lora.layer(i) if lora is not None else None)
+            x = compiled(layer, x, batch, cos, sin, kv, lora, stacks) if compiled else layer(x, batch, cos, sin, kv, lora, stacks)
         h = self.model.norm(x if batch.last is None else x.index_select(0, batch.last))
         return self.lm_head(h).float()
 

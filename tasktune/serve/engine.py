@@ -23,7 +23,7 @@ import torch
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
 from tasktune.serve.cuda_graphs import DecodeStep
-from tasktune.serve.decoder import Decoder, make_batch
+from tasktune.serve.decoder import FUSED, Decoder, make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import SamplingParams, make_generator, sample
@@ -113,7 +113,7 @@ class Engine:
 
         model = load_decoder(path, device, dtype)
         name = base_name or Path(path).resolve().name
-        pool = AdapterPool(num_layers=model.cfg.num_layers, shapes=model.lora_shapes(), base_name=name,
+        pool = AdapterPool(num_layers=model.cfg.num_layers, shapes=model.lora_shapes(), groups=FUSED, base_name=name,
                            base_path=path, root=adapter_root, max_resident=max_resident, max_rank=max_rank,
                            device=device, dtype=next(model.parameters()).dtype)
         return cls(model, AutoTokenizer.from_pretrained(path), pool, base_name=name, **kwargs)

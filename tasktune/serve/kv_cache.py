@@ -47,17 +47,7 @@ class KVCache:
         heapq.heappush(self._free, slot)
 
     # device side
-    def write(self, layer: int, slots: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """slots, positions: [N]; k, v: [N, kv_heads, head_dim] -> stored at [layer, slot, :, pos]."""
-        self.k[layer, slots, :, positions] = k.to(self.k.dtype)
-        self.v[layer, slots, :, positions] = v.to(self.v.dtype)
-
-    def read(self, layer: int, slots: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """slots: [B] -> k, v: [B, kv_heads, length, head_dim] (positions 0..length-1)."""
-        k = self.k[layer, :, :, :length].index_select(0, slots)
-        v = self.v[layer, :, :, :length].index_select(0, slots)
-        return k, v
-
-    def first(self, layer: int, count: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """Views of slots 0..count-1, positions 0..length-1: [count, kv_heads, length, head_dim]."""
-        return self.k[layer, :count, :, :length], self.v[layer, :count, :, :length]
+    def layer(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """k, v of one layer: views [slots, kv_heads, max_len, head_dim]; the decoder writes
+        token t of slot s at [s, :, position] and reads the slots' first positions."""
+        return self.k[layer], self.v[layer]
