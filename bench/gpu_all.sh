@@ -27,8 +27,8 @@ step() {  # step NAME SECONDS COMMAND...
 want() { [[ " ${STEPS:-serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py --out "$OUT/serve"
 want serve_compile && TORCH_LOGS=recompiles step serve_compile "${SERVE_COMPILE_S:-300}" \
-  python3 bench/serve_bench.py --compile --skip-peft --out "$OUT/serve_compile"
-want train && step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
+  python3 bench/serve_bench.py --compile --skip-peft ${SERVE_COMPILE_ARGS:-} --out "$OUT/serve_compile"
+want train && TORCH_LOGS=${TRAIN_LOGS:-} step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
 if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"

@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 
+TOP_KERNELS = 14  # the profile lists the kernels that take most of a decode step's device time
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
 FORMULAS = {
@@ -224,7 +225,10 @@ def profile_decode_step(engine, prompts, adapters, device) -> dict:
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
             kernels += 1
             busy_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
-    return {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6}
+    top = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
+                  if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:TOP_KERNELS]
+    return {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6,
+            "top_kernels": [{"name": n[:90], "count": c, "time_us": round(t, 1)} for n, c, t in top]}
 
 
 # --- PEFT baseline ---------------------------------------------------------------------------
@@ -246,6 +250,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine case (median reported)")
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--compile", action="store_true", help="decode step through torch.compile (then CUDA graphs)")
     args = ap.parse_args()
 
@@ -350,10 +355,14 @@ def main() -> None:
     if device.type == "cuda":
         try:
             result["profile"] = {k: profile_decode_step(engine, prompts, cases[k], device) for k in ("base", f"a{n_adapters}")}
-            print("profile of one decode step:", result["profile"], flush=True)
+            for case, prof in result["profile"].items():
+                print(f"profile of one {case} decode step: {prof['kernels']} kernels, "
+                      f"{prof['kernel_time_s'] * 1e3:.2f} ms of device time", flush=True)
+                for k in prof["top_kernels"]:
+                    print(f"  {k['time_us']:>8.1f} us {k['count']:>5}x  {k['name']}", flush=True)
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    if device.type == "cuda":  # what each piece buys, on the same work: eager step, torch LoRA in graphs
+    if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work: eager step, torch LoRA in graphs
         from tasktune.serve.cuda_graphs import DecodeStep
 
         main_step, kernels = engine.decode_step, engine.pool.stacks.kernels

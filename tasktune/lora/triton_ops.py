@@ -93,7 +93,7 @@ if triton is not None:
     def bgmv_expand(
         h_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # h: [N, S, R] fp32, B: [n_slots, d_out, r], y: [N, d_out]
         d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
-        R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+        R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
@@ -102,13 +102,24 @@ if triton is not None:
             return
         offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         o_ok = offs_o < d_out
-        module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
         offs_r = tl.arange(0, R_MODULE)
-        r_ok = offs_r[None, :] < r
-        h_cols = module[:, None] * r + offs_r[None, :]  # [BLOCK_N, R_MODULE]: each column's rows of h
-        h = tl.zeros((BLOCK_N, R_MODULE), dtype=tl.float32)
+        r_ok = offs_r < r
+        h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
+        h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
+        h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
         for s in range(S):  # the shrink's partial sums, in a fixed order
-            h += tl.load(h_ptr + (n * S + s) * R + h_cols, mask=r_ok, other=0.0)
+            row = h_ptr + (n * S + s) * R + offs_r
+            h0 += tl.load(row, mask=r_ok, other=0.0)
+            if MODULES > 1:
+                h1 += tl.load(row + r, mask=r_ok, other=0.0)
+            if MODULES > 2:
+                h2 += tl.load(row + 2 * r, mask=r_ok, other=0.0)
+        h = tl.broadcast_to(h0[None, :], (BLOCK_N, R_MODULE))
+        if MODULES > 1:  # each column takes the h of the module it belongs to
+            module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
+            h = tl.where(module[:, None] == 1, h1[None, :], h)
+            h = tl.where(module[:, None] == 2, h2[None, :], h)
+        r_ok = r_ok[None, :]
         b_ptrs = b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :]  # [BLOCK_N, R_MODULE]
         b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok, other=0.0)
         scale = tl.load(scaling_ptr + slot).to(tl.float32)
@@ -184,7 +195,7 @@ def lora_apply_(
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S,
+        S=cfg.S, MODULES=modules,
     )
     return y
 
