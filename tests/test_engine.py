@@ -99,8 +99,8 @@ KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON
     pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
 ])
 def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
-    """What the GPU runs, on the CPU: the decode step's LoRA through the Triton kernels (one
-    launch pair per fused linear, under the interpreter) and/or every block through
+    """What the GPU runs, on the CPU: the decode step's LoRA and attention through the Triton
+    kernels (one LoRA launch pair per fused linear; under the interpreter) and/or every block through
     torch.compile (aot_eager: no C compiler needed) -> the same greedy tokens."""
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
@@ -109,6 +109,8 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     if "kernels" in variant:
         eng.pool.stacks.kernels = True
         assert {name for _, name in eng.pool.stacks.fused} == {"qkv_proj", "gate_up_proj"}
+        assert eng.model.can_use_attention_kernel()
+        eng.model.attention_kernel = True
         apply = triton_ops.lora_apply_
         monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a: launches.append(a[6]) or apply(*a))
     if "compiled" in variant:

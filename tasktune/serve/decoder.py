@@ -33,6 +33,7 @@ from torch import nn
 from tasktune.errors import TasktuneError
 from tasktune.lora.ops import SegmentPlan, gather_rows, lora_delta, lora_delta_rows
 from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
+from tasktune.serve import triton_attention
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -152,6 +153,7 @@ class Batch:
     use_lora: bool
     shape: tuple[int, int, int]  # (B, T, L)
     decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
+    attention_kernel: bool = False  # decode: attention through triton_attention (no mask needed)
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
     lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
 
@@ -201,7 +203,7 @@ def make_batch(
 
 
 def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-                 use_lora: bool) -> Batch:
+                 use_lora: bool, attention_kernel: bool = False) -> Batch:
     """The decode layout from device tensors only (capturable): tokens, positions,
     lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context)."""
     B, device = tokens.shape[0], tokens.device
@@ -209,7 +211,7 @@ def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.
     mask = torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
     return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
                  pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
-                 shape=(B, 1, context), decode=True)
+                 shape=(B, 1, context), decode=True, attention_kernel=attention_kernel)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -303,7 +305,9 @@ class Block(nn.Module):
         kc[batch.token_slots, :, batch.positions] = k.to(kc.dtype)
         vc[batch.token_slots, :, batch.positions] = v.to(vc.dtype)
         L = batch.mask.shape[-1]
-        if batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
+        if batch.decode and batch.attention_kernel:  # row b = slot b: reads its own keys in place
+            o = torch.ops.tasktune.decode_attention(q, kc, vc, batch.positions, L).reshape(N, -1)
+        elif batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
             o = grouped_attention(q.unsqueeze(2), kc[:N, :, :L], vc[:N, :, :L], batch.mask).reshape(N, -1)
         else:
             B, T = batch.shape[:2]
@@ -341,6 +345,12 @@ class Decoder(nn.Module):
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._compiled_block = None  # decode steps run each block through this (compile_decode)
+        self.attention_kernel = False  # decode attention in Triton (load_decoder: on a GPU with Triton)
+
+    def can_use_attention_kernel(self) -> bool:
+        """Triton runs here and the head size suits the kernel (a power of two)."""
+        hd = self.cfg.head_dim
+        return triton_attention.available(self.lm_head.weight.device) and hd & (hd - 1) == 0 and hd >= 16
 
     def compile_decode(self, **options) -> None:
         """Decode steps run every block through one torch.compile'd Block.forward (Inductor
@@ -379,7 +389,7 @@ class Decoder(nn.Module):
     def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
         """-> logits of each sequence's last new token: [B, vocab] float32."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
-        if batch.mask.dtype == torch.bool:  # additive once, instead of inside every layer's attention
+        if batch.mask.dtype == torch.bool and not batch.attention_kernel:  # additive once, instead of inside every layer's attention
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
         if lora is not None and batch.use_lora and batch.decode and not lora.kernels:
@@ -399,4 +409,4 @@ class Decoder(nn.Module):
                cache: KVCache, lora: LoraStacks | None, use_lora: bool) -> torch.Tensor:
         """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] float32.
         Only device work after the rope table exists, so it can be captured in a CUDA graph."""
-        return self(decode_batch(tokens, positions, lora_ids, context, use_lora), cache, lora)
+        return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel), cache, lora)

@@ -57,4 +57,6 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: to
     if missing or unexpected:
         raise UnsupportedModel(f"{folder}: weights do not match a {cfg.model_type} decoder: "
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
-    return model.to(device=device, dtype=dtype).eval()
+    model = model.to(device=device, dtype=dtype).eval()
+    model.attention_kernel = device.type == "cuda" and model.can_use_attention_kernel()
+    return model

@@ -1,0 +1,100 @@
+"""Decode attention in Triton: one query token per sequence against its KV-cache slot.
+
+The decode step (row b = KV slot b, `decoder.Decoder.decode`) attended through
+`F.scaled_dot_product_attention` over a view of the cache with an additive mask: on an
+H200 that was cuDNN's flash kernel (tiles of 64 query rows for the 7 query heads of a
+Qwen2.5-0.5B KV head) plus two copies of the strided K and V views per layer, 11 us a
+layer for 6 MB of keys and values. Here one program per (sequence, KV head) reads that
+head's keys once for all the query heads that share it (grouped-query attention), reads
+only the sequence's own keys (loads past its length are masked off), and keeps an online
+softmax in fp32 (flash-decoding without the split: contexts here are a few hundred keys).
+
+`decode_attention(q, k, v, positions, length)`: q [N, H, hd] (row-strided views allowed),
+k, v: one layer of the cache [slots, kv_heads, max_len, hd]; row n attends to keys
+0..min(positions[n], length - 1) of slot n. Registered as `torch.ops.tasktune.decode_attention`
+so torch.compile keeps it whole. Runs on the CPU under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tasktune.lora.triton_ops import available, triton
+
+__all__ = ["available", "decode_attention"]
+
+if triton is not None:
+    import triton.language as tl
+
+    @triton.jit
+    def _decode_attention(
+        q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr,
+        sm_scale,
+        stride_qn, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_on, stride_oh,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+        LENGTH: tl.constexpr,  # the context bucket (a few values): a constant loop bound
+    ):
+        b = tl.program_id(0)
+        kv = tl.program_id(1)
+        n_keys = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, LENGTH)
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < GROUP
+        heads = kv * GROUP + offs_g
+        offs_d = tl.arange(0, HD)
+        q = tl.load(q_ptr + b * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
+        m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+        denom = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
+        for start in range(0, LENGTH, BLOCK_L):  # blocks past n_keys load nothing (masked)
+            offs_l = start + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < n_keys
+            k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [G_PAD, BLOCK_L] fp32
+            s = tl.where(l_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            p = tl.exp(s - m_new[:, None])
+            alpha = tl.exp(m - m_new)
+            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        o = acc / denom[:, None]
+        tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=g_ok[:, None])
+
+
+def _pow2_at_least(v: int, lo: int) -> int:
+    p = lo
+    while p < v:
+        p *= 2
+    return p
+
+
+@torch.library.custom_op("tasktune::decode_attention", mutates_args=())
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
+                     length: int) -> torch.Tensor:
+    """q: [N, H, hd], k, v: [slots >= N, kv_heads, max_len, hd], positions: [N] -> [N, H, hd]."""
+    n, heads, hd = q.shape
+    kv_heads = k.shape[1]
+    if heads % kv_heads or k.shape[0] < n or k.shape[3] != hd or v.shape != k.shape or q.stride(2) != 1 \
+            or k.stride(3) != 1 or v.stride(3) != 1 or hd & (hd - 1) or not 0 < length <= k.shape[2]:
+        raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
+                         f"length {length}")
+    out = torch.empty(n, heads, hd, dtype=q.dtype, device=q.device)
+    if n == 0:
+        return out
+    group = heads // kv_heads
+    _decode_attention[(n, kv_heads)](
+        q, k, v, positions, out, hd ** -0.5,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        out.stride(0), out.stride(1),
+        GROUP=group, G_PAD=_pow2_at_least(group, 16), HD=hd, BLOCK_L=64, LENGTH=length,
+    )
+    return out
+
+
+@decode_attention.register_fake
+def _(q, k, v, positions, length):
+    return q.new_empty(q.shape)
