@@ -172,6 +172,8 @@ def serve(
     max_lora_rank: int = typer.Option(64, "--max-lora-rank", min=1),
     max_waiting: int = typer.Option(256, "--max-waiting", min=1, help="queued requests before 429"),
     dtype: str = typer.Option("auto", "--dtype", help="auto | float32 | bfloat16 | float16"),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile",
+                                           help="decode step through torch.compile (default: on a GPU)"),
 ):
     """OpenAI-compatible server: one base model, many adapters (model = adapter name). An
     encoder run answers its tasks at /v1/tasks/{task}/predict."""
@@ -182,6 +184,7 @@ def serve(
     app_, names = build_server(
         paths, base, device=device, adapter_root=adapter_root, api_key=api_key, max_resident=max_loras,
         max_rank=max_lora_rank, max_running=max_num_seqs, max_waiting=max_waiting, max_len=max_model_len, dtype=dtype,
+        compile=compile,
     )
     what = "task(s)" if len(paths) == 1 and is_encoder_run(paths[0]) else "adapter(s)"
     console.print(f"serving {len(names)} {what} on http://{host}:{port}/v1: {', '.join(names)}", highlight=False)

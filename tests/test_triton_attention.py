@@ -17,6 +17,7 @@ pytestmark = pytest.mark.skipif(not triton_attention.available(DEVICE), reason="
 
 
 def reference(q, k, v, positions, length):
+    """q [N, H, hd]; k, v: the cache with this step's keys already written."""
     n = q.shape[0]
     mask = torch.arange(length, device=q.device).view(1, 1, 1, length) <= positions.view(n, 1, 1, 1)
     out = grouped_attention(q.unsqueeze(2), k[:n, :, :length], v[:n, :, :length], mask)  # [N, H, 1, hd]
@@ -39,7 +40,12 @@ def test_matches_sdpa_with_the_position_mask(case):
     k = torch.randn(slots, kvh, max_len, hd, generator=g).to(DEVICE)
     v = torch.randn(slots, kvh, max_len, hd, generator=g).to(DEVICE)
     pos = torch.tensor(positions, device=DEVICE)
-    out = torch.ops.tasktune.decode_attention(q, k, v, pos, length)
+    k_new, v_new = qkv[:, heads:heads + kvh], qkv[:, heads + kvh:]  # row-strided views too
+    kc, vc = k.clone(), v.clone()
+    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, kc, vc, pos, length)
+    rows = torch.arange(n, device=DEVICE)
+    k[rows, :, pos], v[rows, :, pos] = k_new, v_new  # what the kernel writes, written by torch
+    assert torch.equal(kc, k) and torch.equal(vc, v)  # and nothing else
     torch.testing.assert_close(out, reference(q, k, v, pos, length), rtol=1e-5, atol=1e-5)
 
 
@@ -50,9 +56,10 @@ def test_keys_past_a_rows_position_are_never_read():
     k, v = torch.randn(4, kvh, L, hd).to(DEVICE), torch.randn(4, kvh, L, hd).to(DEVICE)
     pos = torch.tensor([5, 20, 63], device=DEVICE)
     for b, p in enumerate(pos.tolist()):
-        k[b, :, p + 1:] = float("nan")
-        v[b, :, p + 1:] = float("inf")
-    out = torch.ops.tasktune.decode_attention(q, k, v, pos, L)
+        k[b, :, p:] = float("nan")  # position p itself is overwritten with this step's key
+        v[b, :, p:] = float("inf")
+    k_new, v_new = torch.randn(n, kvh, hd).to(DEVICE), torch.randn(n, kvh, hd).to(DEVICE)
+    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, k, v, pos, L)
     assert torch.isfinite(out).all()
     clean = k.nan_to_num(0.0), v.nan_to_num(0.0, posinf=0.0)
     torch.testing.assert_close(out, reference(q, *clean, pos, L), rtol=1e-5, atol=1e-5)
@@ -62,4 +69,4 @@ def test_rejects_shapes_it_cannot_run():
     q = torch.randn(2, 6, 24).to(DEVICE)  # head_dim 24: not a power of two
     k = torch.randn(2, 2, 8, 24).to(DEVICE)
     with pytest.raises(ValueError, match="decode_attention"):
-        torch.ops.tasktune.decode_attention(q, k, k, torch.zeros(2, dtype=torch.long, device=DEVICE), 8)
+        torch.ops.tasktune.decode_attention(q, k[:, :, 0], k[:, :, 0], k, k, torch.zeros(2, dtype=torch.long, device=DEVICE), 8)

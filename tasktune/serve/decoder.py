@@ -302,12 +302,13 @@ class Block(nn.Module):
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
         kc, vc = kv
+        L = batch.mask.shape[-1]
+        if batch.decode and batch.attention_kernel:  # row b = slot b: writes and reads its keys in place
+            o = torch.ops.tasktune.decode_attention(q, k, v, kc, vc, batch.positions, L).reshape(N, -1)
+            return self.rest(x, o, batch, lora, stacks)
         kc[batch.token_slots, :, batch.positions] = k.to(kc.dtype)
         vc[batch.token_slots, :, batch.positions] = v.to(vc.dtype)
-        L = batch.mask.shape[-1]
-        if batch.decode and batch.attention_kernel:  # row b = slot b: reads its own keys in place
-            o = torch.ops.tasktune.decode_attention(q, kc, vc, batch.positions, L).reshape(N, -1)
-        elif batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
+        if batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
             o = grouped_attention(q.unsqueeze(2), kc[:N, :, :L], vc[:N, :, :L], batch.mask).reshape(N, -1)
         else:
             B, T = batch.shape[:2]
@@ -315,6 +316,11 @@ class Block(nn.Module):
             qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
             o = grouped_attention(qp, kb, vb, batch.mask)  # [B, H, T, hd]
             o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
+        return self.rest(x, o, batch, lora, stacks)
+
+    def rest(self, x, o, batch: Batch, lora: LoraStacks | None, stacks: LayerLora | None) -> torch.Tensor:
+        """After attention: output projection, residual, MLP, residual."""
+        cfg, a = self.cfg, self.self_attn
         x = x + self.lin(a, "o_proj", o, batch, lora, stacks)
         h = self.post_attention_layernorm(x)
         gu = self.lin(self.mlp, "gate_up_proj", h, batch, lora, stacks)  # [N, 2 * intermediate]

@@ -66,10 +66,12 @@ def is_encoder_run(path: Path) -> bool:
 
 def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", adapter_root: str | None = None,
                  api_key: str | None = None, max_resident: int = 8, max_rank: int = 64, max_running: int = 32,
-                 max_waiting: int = 256, max_len: int = 512, dtype: str | None = None):
+                 max_waiting: int = 256, max_len: int = 512, dtype: str | None = None, compile: bool | None = None):
     """The app and the names it serves: adapters, or an encoder run's tasks. The limits
     mirror vLLM's: max_running = --max-num-seqs, max_len = --max-model-len, max_resident =
-    --max-loras, max_rank = --max-lora-rank; an encoder run reads max_running as its batch."""
+    --max-loras, max_rank = --max-lora-rank; an encoder run reads max_running as its batch.
+    compile: the decode step through torch.compile (None: on a GPU). On a GPU the decode
+    step's CUDA graphs are captured here, before the first request."""
     from tasktune.model.load import resolve
     from tasktune.serve.api import create_app, task_predictor
     from tasktune.serve.engine import Engine
@@ -89,6 +91,7 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     engine = Engine.from_pretrained(
         where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device,
         dtype=_dtype(dtype), max_running=max_running, max_waiting=max_waiting, max_len=max_len,
+        compile=device.startswith("cuda") if compile is None else compile,
     )
     root, engine.pool.root = engine.pool.root, None  # command-line adapters are trusted
     try:
@@ -96,6 +99,7 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
             engine.pool.register(name, folder)
     finally:
         engine.pool.root = root
+    engine.warmup()
     predictor = task_predictor(served.tasks) if served.tasks else None  # adapter folders only: the built-in tasks
     app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters)
     return app, sorted(adapters)

@@ -9,9 +9,11 @@ head's keys once for all the query heads that share it (grouped-query attention)
 only the sequence's own keys (loads past its length are masked off), and keeps an online
 softmax in fp32 (flash-decoding without the split: contexts here are a few hundred keys).
 
-`decode_attention(q, k, v, positions, length)`: q [N, H, hd] (row-strided views allowed),
-k, v: one layer of the cache [slots, kv_heads, max_len, hd]; row n attends to keys
-0..min(positions[n], length - 1) of slot n. Registered as `torch.ops.tasktune.decode_attention`
+`decode_attention(q, k, v, k_cache, v_cache, positions, length)`: q [N, H, hd], this step's
+k, v [N, kv_heads, hd] (row-strided views allowed), one layer of the cache [slots,
+kv_heads, max_len, hd]; row n's key and value are written at positions[n] of slot n, then
+it attends to keys 0..min(positions[n], length - 1) of slot n. Writing inside the kernel
+also spares the copy torch.compile added after its own cache write (a graph input view). Registered as `torch.ops.tasktune.decode_attention`
 so torch.compile keeps it whole. Runs on the CPU under TRITON_INTERPRET=1 (tests).
 """
 
@@ -28,15 +30,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention(
-        q_ptr, k_ptr, v_ptr, pos_ptr, o_ptr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, o_ptr,
         sm_scale,
-        stride_qn, stride_qh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_on, stride_oh,
+        stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl, stride_on, stride_oh,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
         LENGTH: tl.constexpr,  # the context bucket (a few values): a constant loop bound
     ):
         b = tl.program_id(0)
         kv = tl.program_id(1)
-        n_keys = tl.minimum(tl.load(pos_ptr + b).to(tl.int32) + 1, LENGTH)
+        pos = tl.load(pos_ptr + b).to(tl.int32)
+        n_keys = tl.minimum(pos + 1, LENGTH)
         offs_g = tl.arange(0, G_PAD)
         g_ok = offs_g < GROUP
         heads = kv * GROUP + offs_g
@@ -44,6 +47,10 @@ if triton is not None:
         q = tl.load(q_ptr + b * stride_qn + heads[:, None] * stride_qh + offs_d[None, :], mask=g_ok[:, None], other=0.0)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
+        # this token's key and value go into the cache first (only this program reads them)
+        tl.store(k_base + pos * stride_kl + offs_d, tl.load(kn_ptr + b * stride_knn + kv * stride_knh + offs_d))
+        tl.store(v_base + pos * stride_vl + offs_d, tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d))
+        tl.debug_barrier()  # the stores are visible to every thread of the program before the loop reads them
         m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
@@ -72,23 +79,28 @@ def _pow2_at_least(v: int, lo: int) -> int:
     return p
 
 
-@torch.library.custom_op("tasktune::decode_attention", mutates_args=())
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, positions: torch.Tensor,
-                     length: int) -> torch.Tensor:
-    """q: [N, H, hd], k, v: [slots >= N, kv_heads, max_len, hd], positions: [N] -> [N, H, hd]."""
+@torch.library.custom_op("tasktune::decode_attention", mutates_args=("k_cache", "v_cache"))
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                     positions: torch.Tensor, length: int) -> torch.Tensor:
+    """q: [N, H, hd], k, v: [N, kv_heads, hd] (this step's token), k_cache, v_cache: one
+    layer [slots >= N, kv_heads, max_len, hd], positions: [N] -> [N, H, hd]. Writes k[n], v[n]
+    at [n, :, positions[n]] of the caches, then attends (one kernel: no separate write)."""
     n, heads, hd = q.shape
-    kv_heads = k.shape[1]
-    if heads % kv_heads or k.shape[0] < n or k.shape[3] != hd or v.shape != k.shape or q.stride(2) != 1 \
-            or k.stride(3) != 1 or v.stride(3) != 1 or hd & (hd - 1) or not 0 < length <= k.shape[2]:
+    slots, kv_heads, max_len, _ = k_cache.shape
+    if (heads % kv_heads or slots < n or k_cache.shape[3] != hd or v_cache.shape != k_cache.shape
+            or k.shape != (n, kv_heads, hd) or v.shape != k.shape or hd & (hd - 1) or not 0 < length <= max_len
+            or any(t.stride(-1) != 1 for t in (q, k, v, k_cache, v_cache))):
         raise ValueError(f"decode_attention: q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)}, "
-                         f"length {length}")
+                         f"cache {tuple(k_cache.shape)}, length {length}")
     out = torch.empty(n, heads, hd, dtype=q.dtype, device=q.device)
     if n == 0:
         return out
     group = heads // kv_heads
+    k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
     _decode_attention[(n, kv_heads)](
-        q, k, v, positions, out, hd ** -0.5,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k.stride(2), v.stride(0), v.stride(1), v.stride(2),
+        q, k, v, k_cache, v_cache, positions, out, hd ** -0.5,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
         out.stride(0), out.stride(1),
         GROUP=group, G_PAD=_pow2_at_least(group, 16), HD=hd, BLOCK_L=64, LENGTH=length,
     )
@@ -96,5 +108,5 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, position
 
 
 @decode_attention.register_fake
-def _(q, k, v, positions, length):
+def _(q, k, v, k_cache, v_cache, positions, length):
     return q.new_empty(q.shape)
