@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
-# with STEPS naming serve_compile, its compiled decode), the training bench with compiled
+# with STEPS naming serve_eager, the decode step without torch.compile), the training bench with compiled
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
 # the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
@@ -25,9 +25,9 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 want() { [[ " ${STEPS:-serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
-want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py --out "$OUT/serve"
-want serve_compile && TORCH_LOGS=recompiles step serve_compile "${SERVE_COMPILE_S:-300}" \
-  python3 bench/serve_bench.py --compile --skip-peft ${SERVE_COMPILE_ARGS:-} --out "$OUT/serve_compile"
+want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
+want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
+  python3 bench/serve_bench.py --no-compile --skip-peft ${SERVE_EAGER_ARGS:-} --out "$OUT/serve_eager"
 want train && TORCH_LOGS=${TRAIN_LOGS:-} step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
 if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then

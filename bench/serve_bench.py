@@ -251,7 +251,8 @@ def main() -> None:
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
-    ap.add_argument("--compile", action="store_true", help="decode step through torch.compile (then CUDA graphs)")
+    ap.add_argument("--no-compile", action="store_true",
+                    help="decode step eager (then CUDA graphs); by default it is compiled on a GPU, as `tasktune serve` does")
     args = ap.parse_args()
 
     tiny = args.tiny
@@ -304,11 +305,12 @@ def main() -> None:
     prompt_ids = torch.randint(2, config.vocab_size, (batch, prompt_len), generator=g)
     prompts = [row.tolist() for row in prompt_ids]
 
+    compile_ = device.type == "cuda" and not args.no_compile
     engine = Engine.from_pretrained(base_dir, adapter_root=root, max_resident=n_adapters, max_rank=r, device=str(device),
                                     dtype=dtype, max_running=batch, max_len=prompt_len + new_tokens + 8,
-                                    max_prefill_tokens=batch * prompt_len, compile=args.compile)
+                                    max_prefill_tokens=batch * prompt_len, compile=compile_)
     result["engine"] = {"cuda_graphs": engine.decode_step.use_graphs, "triton_lora": engine.pool.stacks.kernels,
-                        "compile": args.compile}
+                        "compile": compile_, "attention_kernel": engine.model.attention_kernel}
     engine.pool.register_root()
     sync(device)
     t = time.perf_counter()
@@ -362,11 +364,11 @@ def main() -> None:
                     print(f"  {k['time_us']:>8.1f} us {k['count']:>5}x  {k['name']}", flush=True)
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work: eager step, torch LoRA in graphs
+    if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work: no CUDA graphs, torch LoRA in graphs
         from tasktune.serve.cuda_graphs import DecodeStep
 
         main_step, kernels = engine.decode_step, engine.pool.stacks.kernels
-        variants = {"eager": (False, kernels, ("base", f"a{n_adapters}")),
+        variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}"))}
         for label, (graphs, use_kernels, names_) in variants.items():
             if label == "graphs_torch_lora" and not kernels:

@@ -80,6 +80,8 @@ def run_mixed(engine: Engine, reference) -> None:
     drain(engine)
     assert engine.cache.free_slots == engine.cache.num_slots
     assert engine.pool.loads > 4  # max_resident 4 < 8 adapters in use: evicted and reloaded
+    step = engine.decode_step  # greedy rows: steps launched ahead were taken, and some discarded (arrivals, ends)
+    assert step.ahead_used > 10 and step.ahead_wasted > 0
     for (prompt, adapter, n), seq in zip(jobs, seqs):
         assert seq.output_ids == reference(prompt, adapter, n), (prompt, adapter)
         assert seq.finish_reason in ("length", "stop")

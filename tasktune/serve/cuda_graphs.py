@@ -16,6 +16,8 @@ tests exercise exactly the code the graphs capture.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from tasktune.serve.decoder import Decoder, LoraStacks
@@ -35,6 +37,22 @@ def context_bucket(needed: int, max_len: int) -> int:
     return min(-(-needed // CONTEXT_STEP) * CONTEXT_STEP, max_len)
 
 
+@dataclass
+class _Ahead:
+    """A step launched before its inputs were confirmed (`DecodeStep.greedy`)."""
+
+    slots: list[int]
+    lora_ids: list[int]
+    positions: list[int]
+    host: torch.Tensor  # where its tokens land (by slot)
+    done: torch.cuda.Event | None
+    tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
+
+    def matches(self, slots, tokens, positions, lora_ids) -> bool:
+        return (self.slots == list(slots) and self.lora_ids == list(lora_ids) and self.positions == list(positions)
+                and self.tokens == list(tokens))
+
+
 class DecodeStep:
     def __init__(self, model: Decoder, cache: KVCache, lora: LoraStacks | None, *, use_graphs: bool,
                  compile: bool = False):
@@ -47,40 +65,100 @@ class DecodeStep:
         self.use_graphs = use_graphs and device.type == "cuda"
         n = cache.num_slots
         self.inputs = torch.zeros(3, n, dtype=torch.long, device=device)  # tokens, positions, adapter ids
-        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._active = torch.zeros(n, dtype=torch.long, device=device)  # 1 on rows of running sequences
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
+        self._ahead: _Ahead | None = None  # the step launched ahead by `greedy`
+        self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
+        self._flip, self._last_argmax, self._last_use_lora = 0, None, False
+        self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
         """One decode step for the sequences in KV `slots` (each fed `tokens[i]` at
         `positions[i]` under adapter `lora_ids[i]`) -> logits [len(slots), vocab] float32,
         in the order given."""
+        self._ahead = None
+        logits, _ = self._launch(slots, tokens, positions, lora_ids)
+        index = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
+        return logits.index_select(0, index)
+
+    def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
+               ahead: bool) -> list[int]:
+        """The same step for rows that all decode greedily -> each row's argmax token.
+
+        ahead=True (the caller knows every row goes on at least one more step unless it
+        samples an end token): before reading this step's tokens back, launch the next step
+        on the device with them as inputs, so the GPU computes step n+1 while the host
+        handles step n. The next call takes that result if its inputs are what was assumed
+        (same slots and adapters, positions one further, these tokens), else it runs afresh;
+        the discarded step only wrote KV entries that a real step rewrites before any read."""
+        ahead_step, self._ahead = self._ahead, None
+        if ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids):
+            host, done = ahead_step.host, ahead_step.done
+            self.ahead_used += 1
+        else:
+            self.ahead_wasted += ahead_step is not None
+            _, argmax = self._launch(slots, tokens, positions, lora_ids)
+            host, done = self._to_host(argmax)
+        if ahead:
+            B = batch_bucket(max(slots) + 1, self.cache.num_slots)
+            nxt = [p + 1 for p in positions]
+            self.inputs[0, :B].copy_(self._last_argmax[:B])  # row b = slot b: this step's tokens, on the device
+            self.inputs[1, :B].add_(self._active[:B])
+            _, argmax = self._run(B, context_bucket(max(nxt) + 1, self.cache.max_len), self._last_use_lora)
+            self._ahead = _Ahead(list(slots), list(lora_ids), nxt, *self._to_host(argmax))
+        if done is not None:
+            done.synchronize()
+        out = host.tolist()
+        if self._ahead is not None:
+            self._ahead.tokens = [out[s] for s in slots]
+        return [out[s] for s in slots]
+
+    def _launch(self, slots, tokens, positions, lora_ids) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cache
         B = batch_bucket(max(slots) + 1, cache.num_slots)
         L = context_bucket(max(positions) + 1, cache.max_len)
         use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
-        rows = [[0] * B, [cache.max_len - 1] * B, [-1] * B]
+        rows = [[0] * B, [cache.max_len - 1] * B, [-1] * B, [0] * B]
         for s, t, p, a in zip(slots, tokens, positions, lora_ids):
-            rows[0][s], rows[1][s], rows[2][s] = t, p, a
-        self.inputs[:, :B].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        logits = self._run(B, L, use_lora)
-        index = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
-        return logits.index_select(0, index)
+            rows[0][s], rows[1][s], rows[2][s], rows[3][s] = t, p, a, 1
+        staged = torch.tensor(rows, dtype=torch.long)
+        self.inputs[:, :B].copy_(staged[:3], non_blocking=True)
+        self._active[:B].copy_(staged[3], non_blocking=True)
+        self._last_use_lora = use_lora
+        return self._run(B, L, use_lora)
 
-    def _run(self, B: int, L: int, use_lora: bool) -> torch.Tensor:
+    def _to_host(self, argmax: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Copy this step's tokens into a host buffer without waiting (a pinned buffer and an
+        event on a GPU); the graph's output is overwritten by the next replay."""
+        B = argmax.shape[0]
+        if not self.use_graphs:
+            self._last_argmax = argmax.clone()
+            return self._last_argmax, None
+        self._flip ^= 1
+        host = self._host[self._flip][:B]
+        host.copy_(argmax, non_blocking=True)
+        self._last_argmax = argmax
+        done = torch.cuda.Event()
+        done.record()
+        return host, done
+
+    def _run(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:
             return self._step(B, L, use_lora)
         key = (B, L, use_lora)
         if key not in self.graphs:
             self.graphs[key] = self._capture(B, L, use_lora)
-        graph, logits = self.graphs[key]
+        graph, outputs = self.graphs[key]
         graph.replay()
-        return logits  # static memory of the graph: read before the next replay
+        return outputs  # static memory of the graph: read before the next replay
 
-    def _step(self, B: int, L: int, use_lora: bool) -> torch.Tensor:
+    def _step(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
-        return self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
+        logits = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
+        return logits, logits.argmax(dim=-1)
 
-    def _capture(self, B: int, L: int, use_lora: bool) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+    def _capture(self, B: int, L: int, use_lora: bool):
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
@@ -89,9 +167,9 @@ class DecodeStep:
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(B, L, use_lora)
+            outputs = self._step(B, L, use_lora)
         self._pool = graph.pool()
-        return graph, logits
+        return graph, outputs
 
     def warmup(self, max_rows: int) -> int:
         """Capture every (batch, context) bucket up to max_rows rows, with and without
@@ -102,6 +180,7 @@ class DecodeStep:
         batches = [b for b in BATCH_BUCKETS if b < top] + [top]
         contexts = sorted({context_bucket(n, self.cache.max_len)
                            for n in range(CONTEXT_STEP, self.cache.max_len + CONTEXT_STEP, CONTEXT_STEP)})
+        self._ahead = None
         self.inputs[0].zero_()
         self.inputs[1].fill_(self.cache.max_len - 1)  # padding rows only: writes nothing that is read
         self.inputs[2].fill_(-1)

@@ -215,9 +215,14 @@ class Engine:
         self._sample(seqs, self.model(batch, self.cache, self.pool.stacks))
 
     def _decode(self, seqs: list[Sequence]) -> None:
-        logits = self.decode_step([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs],
-                                  [s.length - 1 for s in seqs], [s.lora_id for s in seqs])
-        self._sample(seqs, logits)
+        inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
+                  [s.lora_id for s in seqs])
+        if all(s.params.greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
+            ahead = all(len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs)
+            for s, t in zip(seqs, self.decode_step.greedy(*inputs, ahead=ahead)):
+                self._append(s, t)
+        else:
+            self._sample(seqs, self.decode_step(*inputs))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
