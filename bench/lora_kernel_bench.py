@@ -2,14 +2,17 @@
 gathered path (tasktune/lora/ops.py) and the base GEMMs alone.
 
 Work: N=32 decode rows, r=16, bf16, the 7 Qwen2.5-0.5B LoRA targets per layer (q, k, v, o,
-gate, up, down) x 24 layers, each module with its own base weight and its own stack of
-32 adapter slots (so a layer's adapters are not in L2 from the previous layer). Rows use
-4 distinct adapters (row i -> slot i % 4) or 32 (row i -> slot i).
-Cases, all timed as ONE CUDA graph of the 168 modules (no launch overhead), median of
-many replays, each timed with its own pair of CUDA events:
-  base    y = F.linear(x, W) for every module
-  torch   y += lora_delta_gathered(x, A, B, scaling, ids)   (index_select copies + bmm)
-  triton  lora_apply_(y, x, A, B, scaling, ids)              (BGMV shrink + expand)
+gate, up, down) x 24 layers laid out as the served decoder holds them: q, k, v fused into
+one qkv linear and gate, up into one gate_up (their adapter stacks too), so 4 linears a
+layer, each with its own base weight and its own stack of 32 adapter slots (so a layer's
+adapters are not in L2 from the previous layer). Rows use 4 distinct adapters (row i ->
+slot i % 4) or 32 (row i -> slot i).
+Cases, all timed as ONE CUDA graph of the 96 linears (launch gaps inside a graph only),
+median of many replays, each timed with its own pair of CUDA events:
+  base    y = F.linear(x, W) for every linear
+  torch   y[:, module] += lora_delta_gathered(x, A_m, B_m, scaling, ids) per module
+  split   lora_apply_(..., one_launch=False): BGMV shrink + expand, 2 launches a linear
+  one     lora_apply_(...): shrink and expand in one launch (bgmv_one)
 One graph per path; the adapter mix changes only the ids tensor the graph reads.
 
     PYTHONPATH=. python3 bench/lora_kernel_bench.py     # GPU: writes $OUT/ or bench/results/
@@ -42,6 +45,7 @@ QWEN_MODULES = [("q_proj", 896, 896), ("k_proj", 896, 128), ("v_proj", 896, 128)
                 ("gate_proj", 896, 4864), ("up_proj", 896, 4864), ("down_proj", 4864, 896)]
 SMOKE_MODULES = [(name, 64 if d_in == 896 else 176, {896: 64, 128: 16, 4864: 176}[d_out])
                  for name, d_in, d_out in QWEN_MODULES]
+LINEARS = [("q_proj", "k_proj", "v_proj"), ("o_proj",), ("gate_proj", "up_proj"), ("down_proj",)]  # decoder.FUSED
 
 FORMULAS = {
     "step_us": "median time of one replay of the graph of all modules x layers, CUDA events (host clock with --smoke)",
@@ -56,29 +60,45 @@ FORMULAS = {
 
 @dataclass
 class Module:
-    x: torch.Tensor  # [N, d_in] (shared by the modules of one d_in)
+    """One (fused) linear of the decoder and its adapter stacks (as adapter_pool.stack_storage)."""
+
+    x: torch.Tensor  # [N, d_in] (shared by the linears of one d_in)
     W: torch.Tensor  # [d_out, d_in]
-    A: torch.Tensor  # [n_slots, r, d_in]
+    A: torch.Tensor  # [n_slots, M * r, d_in]
     B: torch.Tensor  # [n_slots, d_out, r]
     scaling: torch.Tensor  # [n_slots] fp32
     y: torch.Tensor  # [N, d_out], updated in place by the LoRA paths
+    starts: tuple[int, ...]  # first output column of each of its M modules
 
 
 def build(shapes, layers: int, n_rows: int, r: int, n_slots: int, device, dtype) -> list[Module]:
     g = torch.Generator(device=device).manual_seed(0)
+    dims = {name: (d_in, d_out) for name, d_in, d_out in shapes}
     xs = {d: torch.randn(n_rows, d, device=device, dtype=dtype, generator=g) for d in {s[1] for s in shapes}}
     mods = []
     for _ in range(layers):
-        for _, d_in, d_out in shapes:
+        for names in LINEARS:
+            d_in, widths = dims[names[0]][0], [dims[n][1] for n in names]
+            d_out = sum(widths)
             mods.append(Module(
                 x=xs[d_in],
                 W=torch.randn(d_out, d_in, device=device, dtype=dtype, generator=g) / d_in**0.5,
-                A=torch.randn(n_slots, r, d_in, device=device, dtype=dtype, generator=g) / d_in**0.5,
+                A=torch.randn(n_slots, len(names) * r, d_in, device=device, dtype=dtype, generator=g) / d_in**0.5,
                 B=torch.randn(n_slots, d_out, r, device=device, dtype=dtype, generator=g) / r**0.5,
                 scaling=torch.full((n_slots,), 2.0, device=device),
                 y=torch.zeros(n_rows, d_out, device=device, dtype=dtype),
+                starts=tuple(sum(widths[:i]) for i in range(len(names))),
             ))
     return mods
+
+
+def torch_delta_(m: Module, y: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """The decoder's torch path: each module's delta on its slice of y."""
+    r = m.B.shape[2]
+    ends = m.starts[1:] + (y.shape[1],)
+    for i, (a, b) in enumerate(zip(m.starts, ends)):
+        y[:, a:b].add_(lora_delta_gathered(m.x, m.A[:, i * r:(i + 1) * r], m.B[:, a:b], m.scaling, ids))
+    return y
 
 
 def step_fn(path: str, mods: list[Module], ids: torch.Tensor):
@@ -89,13 +109,15 @@ def step_fn(path: str, mods: list[Module], ids: torch.Tensor):
 
     def torch_path():
         for m in mods:
-            m.y.add_(lora_delta_gathered(m.x, m.A, m.B, m.scaling, ids))
+            torch_delta_(m, m.y, ids)
 
-    def triton_path():
-        for m in mods:
-            triton_ops.lora_apply_(m.y, m.x, m.A, m.B, m.scaling, ids)
+    def triton_path(one: bool):
+        def run():
+            for m in mods:
+                triton_ops.lora_apply_(m.y, m.x, m.A, m.B, m.scaling, ids, m.starts[1:], one_launch=one)
+        return run
 
-    return {"base": base, "torch": torch_path, "triton": triton_path}[path]
+    return {"base": base, "torch": torch_path, "split": triton_path(False), "one": triton_path(True)}[path]
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -159,12 +181,12 @@ def base_bytes(shapes, layers: int, n_rows: int, elem: int = 2) -> int:
     return layers * sum(d_out * d_in + n_rows * d_in + n_rows * d_out for _, d_in, d_out in shapes) * elem
 
 
-def check_paths_agree(mods: list[Module], ids: torch.Tensor) -> float:
-    """Max |triton - torch| / max |torch| of the LoRA delta alone (y = 0), first layer's modules."""
+def check_paths_agree(mods: list[Module], ids: torch.Tensor, one: bool) -> float:
+    """Max |triton - torch| / max |torch| of the LoRA delta alone (y = 0), first layer's linears."""
     worst = 0.0
-    for m in mods[:7]:
-        ref = lora_delta_gathered(m.x, m.A, m.B, m.scaling, ids)
-        out = triton_ops.lora_apply_(torch.zeros_like(m.y), m.x, m.A, m.B, m.scaling, ids)
+    for m in mods[:len(LINEARS)]:
+        ref = torch_delta_(m, torch.zeros_like(m.y), ids)
+        out = triton_ops.lora_apply_(torch.zeros_like(m.y), m.x, m.A, m.B, m.scaling, ids, m.starts[1:], one_launch=one)
         worst = max(worst, ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
     return worst
 
@@ -183,7 +205,7 @@ def main() -> None:
     shapes = SMOKE_MODULES if smoke else QWEN_MODULES
     layers, n_rows, r, n_slots = (2, 8, 16, 8) if smoke else (24, 32, 16, 32)
     reps = 3 if smoke else args.reps
-    paths = ["base", "torch"] if smoke else ["base", "torch", "triton"]
+    paths = ["base", "torch"] if smoke else ["base", "torch", "split", "one"]
     mixes = {"a4": 4, "a32": 32} if not smoke else {"a4": 4, "a8": 8}
 
     mods = build(shapes, layers, n_rows, r, n_slots, device, torch.bfloat16)
@@ -199,28 +221,28 @@ def main() -> None:
                      bytes=base_bytes(shapes, layers, n_rows)))
     for mix, distinct in mixes.items():
         ids.copy_(torch.arange(n_rows, device=device) % distinct)
-        if "triton" in paths:
-            agree[mix] = check_paths_agree(mods, ids)
-            if agree[mix] > 5e-2:  # bf16 rounding of the torch path is ~1e-2 at most
-                sys.exit(f"triton and torch disagree on {mix}: max rel. diff {agree[mix]:.2e}")
+        for kernel in [p for p in paths if p in ("split", "one")]:
+            agree[f"{kernel} {mix}"] = check_paths_agree(mods, ids, kernel == "one")
+            if agree[f"{kernel} {mix}"] > 5e-2:  # bf16 rounding of the torch path is ~1e-2 at most
+                sys.exit(f"triton ({kernel}) and torch disagree on {mix}: max rel. diff {agree[f'{kernel} {mix}']:.2e}")
         for path in paths[1:]:
             rows.append(dict(case=f"{path} {mix}", path=path, distinct=distinct, step_us=measure(path) * 1e6,
                              bytes=lora_bytes(shapes, layers, n_rows, r, distinct)))
-    n_mod = layers * len(shapes)
+    n_mod = layers * len(LINEARS)
     for row in rows:
         row["module_us"] = row["step_us"] / n_mod
         row["eff_GB_s"] = row["bytes"] / (row["step_us"] * 1e-6) / 1e9
         row["vs_base"] = row["step_us"] / (base_s * 1e6)
 
-    print(f"{'case':<12} {'step us':>9} {'module us':>10} {'MB moved':>9} {'eff GB/s':>9} {'x base':>7}")
+    print(f"{'case':<12} {'step us':>9} {'linear us':>10} {'MB moved':>9} {'eff GB/s':>9} {'x base':>7}")
     for row in rows:
         print(f"{row['case']:<12} {row['step_us']:>9.1f} {row['module_us']:>10.2f} {row['bytes'] / 1e6:>9.1f} "
               f"{row['eff_GB_s']:>9.1f} {row['vs_base']:>7.2f}")
     by_case = {row["case"]: row for row in rows}
-    speedup = {mix: by_case[f"torch {mix}"]["step_us"] / by_case[f"triton {mix}"]["step_us"]
-               for mix in mixes if f"triton {mix}" in by_case}
-    for mix, s in speedup.items():
-        print(f"triton vs torch, {mix}: {s:.2f}x faster; max rel. diff on layer 0: {agree[mix]:.1e}")
+    speedup = {f"{kernel} {mix}": by_case[f"torch {mix}"]["step_us"] / by_case[f"{kernel} {mix}"]["step_us"]
+               for mix in mixes for kernel in ("split", "one") if f"{kernel} {mix}" in by_case}
+    for case, x in speedup.items():
+        print(f"triton {case} vs torch: {x:.2f}x faster; max rel. diff on layer 0: {agree[case]:.1e}")
 
     result = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -228,8 +250,12 @@ def main() -> None:
         triton=getattr(triton_ops.triton, "__version__", None),
         n_rows=n_rows, r=r, n_slots=n_slots, layers=layers, modules=[list(s) for s in shapes], dtype="bf16",
         reps=reps, rows=rows, speedup_triton_vs_torch=speedup, max_rel_diff_triton_vs_torch=agree,
-        launch_configs=None if smoke else {f"{d_in}x{d_out}": asdict(triton_ops.launch_config(n_rows, d_in, d_out, r))
-                                           for _, d_in, d_out in shapes},
+        linears=[list(names) for names in LINEARS],
+        launch_configs=None if smoke else {
+            f"{m.A.shape[2]}x{m.B.shape[1]}": {"split": asdict(triton_ops.launch_config(n_rows, m.A.shape[2], m.B.shape[1], r,
+                                                                                         len(m.starts))),
+                                               "one": asdict(triton_ops.one_launch_config(n_rows, m.B.shape[1], r))}
+            for m in mods[:len(LINEARS)]},
         copy_GB_s=None if smoke else copy_bandwidth(device) / 1e9, formulas=FORMULAS,
     )
     if result["copy_GB_s"]:

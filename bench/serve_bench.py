@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 
+FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
 TOP_KERNELS = 14  # the profile lists the kernels that take most of a decode step's device time
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
@@ -220,14 +221,16 @@ def profile_decode_step(engine, prompts, adapters, device) -> dict:
         wall = time.perf_counter() - t0
     while engine.has_work:
         engine.step()
-    kernels, busy_us = 0, 0.0
+    kernels, busy_us, timeline = 0, 0.0, []
     for e in prof.events():
         if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
             kernels += 1
             busy_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
+            timeline.append((e.time_range.start, e.name[:60]))
     top = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
                   if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:TOP_KERNELS]
     return {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6,
+            "first_kernels": [name for _, name in sorted(timeline)[:FIRST_KERNELS]],
             "top_kernels": [{"name": n[:90], "count": c, "time_us": round(t, 1)} for n, c, t in top]}
 
 
