@@ -11,8 +11,9 @@ Cases, all timed as ONE CUDA graph of the 96 linears (launch gaps inside a graph
 median of many replays, each timed with its own pair of CUDA events:
   base    y = F.linear(x, W) for every linear
   torch   y[:, module] += lora_delta_gathered(x, A_m, B_m, scaling, ids) per module
-  split   lora_apply_(..., one_launch=False): BGMV shrink + expand, 2 launches a linear
-  one     lora_apply_(...): shrink and expand in one launch (bgmv_one)
+  triton  lora_apply_(...): BGMV shrink + expand, 2 launches a linear, with the launch
+          configuration of triton_ops, then each configuration of SWEEP (how many
+          programs the shrink splits d_in over, how many columns an expand program takes)
 One graph per path; the adapter mix changes only the ids tensor the graph reads.
 
     PYTHONPATH=. python3 bench/lora_kernel_bench.py     # GPU: writes $OUT/ or bench/results/
@@ -111,13 +112,11 @@ def step_fn(path: str, mods: list[Module], ids: torch.Tensor):
         for m in mods:
             torch_delta_(m, m.y, ids)
 
-    def triton_path(one: bool):
-        def run():
-            for m in mods:
-                triton_ops.lora_apply_(m.y, m.x, m.A, m.B, m.scaling, ids, m.starts[1:], one_launch=one)
-        return run
+    def triton_path():
+        for m in mods:
+            triton_ops.lora_apply_(m.y, m.x, m.A, m.B, m.scaling, ids, m.starts[1:])
 
-    return {"base": base, "torch": torch_path, "split": triton_path(False), "one": triton_path(True)}[path]
+    return {"base": base, "torch": torch_path}.get(path, triton_path)
 
 
 def capture(fn) -> torch.cuda.CUDAGraph:
@@ -181,12 +180,23 @@ def base_bytes(shapes, layers: int, n_rows: int, elem: int = 2) -> int:
     return layers * sum(d_out * d_in + n_rows * d_in + n_rows * d_out for _, d_in, d_out in shapes) * elem
 
 
-def check_paths_agree(mods: list[Module], ids: torch.Tensor, one: bool) -> float:
+SWEEP = {  # label: (TARGET_PROGRAMS, MAX_SPLIT, EXPAND_TILE) of triton_ops, tried after its defaults
+    "t256 s8": (256, 8, 2048), "t128 s4": (128, 4, 2048), "t64 s2": (64, 2, 2048), "t32 s1": (32, 1, 2048),
+    "t512 s16 n256": (512, 16, 4096), "t128 s4 n256": (128, 4, 4096), "t128 s4 n64": (128, 4, 1024),
+}
+
+
+def set_launch(target: int, max_split: int, expand_tile: int) -> None:
+    triton_ops.TARGET_PROGRAMS, triton_ops.MAX_SPLIT, triton_ops.EXPAND_TILE = target, max_split, expand_tile
+    triton_ops.launch_config.cache_clear()
+
+
+def check_paths_agree(mods: list[Module], ids: torch.Tensor) -> float:
     """Max |triton - torch| / max |torch| of the LoRA delta alone (y = 0), first layer's linears."""
     worst = 0.0
     for m in mods[:len(LINEARS)]:
         ref = torch_delta_(m, torch.zeros_like(m.y), ids)
-        out = triton_ops.lora_apply_(torch.zeros_like(m.y), m.x, m.A, m.B, m.scaling, ids, m.starts[1:], one_launch=one)
+        out = triton_ops.lora_apply_(torch.zeros_like(m.y), m.x, m.A, m.B, m.scaling, ids, m.starts[1:])
         worst = max(worst, ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item())
     return worst
 
@@ -205,12 +215,18 @@ def main() -> None:
     shapes = SMOKE_MODULES if smoke else QWEN_MODULES
     layers, n_rows, r, n_slots = (2, 8, 16, 8) if smoke else (24, 32, 16, 32)
     reps = 3 if smoke else args.reps
-    paths = ["base", "torch"] if smoke else ["base", "torch", "split", "one"]
+    default = (triton_ops.TARGET_PROGRAMS, triton_ops.MAX_SPLIT, triton_ops.EXPAND_TILE)
+    launches = {"triton": default, **{f"triton {k}": v for k, v in SWEEP.items()}}
+    paths = ["base", "torch"] if smoke else ["base", "torch", *launches]
     mixes = {"a4": 4, "a32": 32} if not smoke else {"a4": 4, "a8": 8}
 
     mods = build(shapes, layers, n_rows, r, n_slots, device, torch.bfloat16)
     ids = torch.zeros(n_rows, dtype=torch.long, device=device)  # the graphs' input, rewritten per mix
-    graphs = {} if smoke else {path: capture(step_fn(path, mods, ids)) for path in paths}
+    graphs = {}
+    for path in [] if smoke else paths:  # each launch configuration captured into its own graph
+        set_launch(*launches.get(path, default))
+        graphs[path] = capture(step_fn(path, mods, ids))
+    set_launch(*default)
 
     def measure(path: str) -> float:
         return time_cpu(step_fn(path, mods, ids), reps) if smoke else time_gpu(graphs[path], reps)
@@ -221,10 +237,10 @@ def main() -> None:
                      bytes=base_bytes(shapes, layers, n_rows)))
     for mix, distinct in mixes.items():
         ids.copy_(torch.arange(n_rows, device=device) % distinct)
-        for kernel in [p for p in paths if p in ("split", "one")]:
-            agree[f"{kernel} {mix}"] = check_paths_agree(mods, ids, kernel == "one")
-            if agree[f"{kernel} {mix}"] > 5e-2:  # bf16 rounding of the torch path is ~1e-2 at most
-                sys.exit(f"triton ({kernel}) and torch disagree on {mix}: max rel. diff {agree[f'{kernel} {mix}']:.2e}")
+        if "triton" in paths:
+            agree[mix] = check_paths_agree(mods, ids)
+            if agree[mix] > 5e-2:  # bf16 rounding of the torch path is ~1e-2 at most
+                sys.exit(f"triton and torch disagree on {mix}: max rel. diff {agree[mix]:.2e}")
         for path in paths[1:]:
             rows.append(dict(case=f"{path} {mix}", path=path, distinct=distinct, step_us=measure(path) * 1e6,
                              bytes=lora_bytes(shapes, layers, n_rows, r, distinct)))
@@ -234,15 +250,19 @@ def main() -> None:
         row["eff_GB_s"] = row["bytes"] / (row["step_us"] * 1e-6) / 1e9
         row["vs_base"] = row["step_us"] / (base_s * 1e6)
 
-    print(f"{'case':<12} {'step us':>9} {'linear us':>10} {'MB moved':>9} {'eff GB/s':>9} {'x base':>7}")
+    print(f"{'case':<24} {'step us':>9} {'linear us':>10} {'MB moved':>9} {'eff GB/s':>9} {'x base':>7}")
     for row in rows:
-        print(f"{row['case']:<12} {row['step_us']:>9.1f} {row['module_us']:>10.2f} {row['bytes'] / 1e6:>9.1f} "
+        print(f"{row['case']:<24} {row['step_us']:>9.1f} {row['module_us']:>10.2f} {row['bytes'] / 1e6:>9.1f} "
               f"{row['eff_GB_s']:>9.1f} {row['vs_base']:>7.2f}")
     by_case = {row["case"]: row for row in rows}
-    speedup = {f"{kernel} {mix}": by_case[f"torch {mix}"]["step_us"] / by_case[f"{kernel} {mix}"]["step_us"]
-               for mix in mixes for kernel in ("split", "one") if f"{kernel} {mix}" in by_case}
-    for case, x in speedup.items():
-        print(f"triton {case} vs torch: {x:.2f}x faster; max rel. diff on layer 0: {agree[case]:.1e}")
+    speedup = {mix: by_case[f"torch {mix}"]["step_us"] / by_case[f"triton {mix}"]["step_us"]
+               for mix in mixes if f"triton {mix}" in by_case}
+    for mix, x in speedup.items():
+        print(f"triton vs torch, {mix}: {x:.2f}x faster; max rel. diff on layer 0: {agree[mix]:.1e}")
+    best = {mix: min((row for row in rows if row["path"] in launches and row["distinct"] == d), key=lambda r: r["step_us"])
+            for mix, d in mixes.items()} if "triton" in paths else {}
+    for mix, row in best.items():
+        print(f"fastest launch configuration, {mix}: {row['path']} {launches[row['path']]} {row['step_us']:.1f} us")
 
     result = dict(
         device=torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu",
@@ -252,10 +272,11 @@ def main() -> None:
         reps=reps, rows=rows, speedup_triton_vs_torch=speedup, max_rel_diff_triton_vs_torch=agree,
         linears=[list(names) for names in LINEARS],
         launch_configs=None if smoke else {
-            f"{m.A.shape[2]}x{m.B.shape[1]}": {"split": asdict(triton_ops.launch_config(n_rows, m.A.shape[2], m.B.shape[1], r,
-                                                                                         len(m.starts))),
-                                               "one": asdict(triton_ops.one_launch_config(n_rows, m.B.shape[1], r))}
+            f"{m.A.shape[2]}x{m.B.shape[1]}": asdict(triton_ops.launch_config(n_rows, m.A.shape[2], m.B.shape[1], r,
+                                                                              len(m.starts)))
             for m in mods[:len(LINEARS)]},
+        sweep={k: dict(zip(("TARGET_PROGRAMS", "MAX_SPLIT", "EXPAND_TILE"), v)) for k, v in launches.items()},
+        fastest={mix: row["path"] for mix, row in best.items()},
         copy_GB_s=None if smoke else copy_bandwidth(device) / 1e9, formulas=FORMULAS,
     )
     if result["copy_GB_s"]:

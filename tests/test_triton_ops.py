@@ -65,19 +65,15 @@ CASES = {  # name: (d_in, d_out, r, n_slots, ids)
 }
 
 
-ONE = pytest.mark.parametrize("one_launch", [True, False], ids=["one-launch", "shrink+expand"])
-
-
 @needs_kernels
-@ONE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_torch_reference(case, dtype, one_launch):
+def test_matches_torch_reference(case, dtype):
     d_in, d_out, r, n_slots, ids = CASES[case]
     ids = torch.tensor(ids, device=DEVICE)
     x, A, B, scaling, y = make(len(ids), d_in, d_out, r, n_slots, dtype)
     expected = reference(y, x, A, B, scaling, ids)
-    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids, one_launch=one_launch)
+    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids)
     torch.testing.assert_close(out, expected, **TOL[dtype])
     skip = ids < 0
     assert torch.equal(out[skip], y[skip])
@@ -91,10 +87,9 @@ FUSED = {  # name: (d_in, module widths, r, ids)
 
 
 @needs_kernels
-@ONE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("case", list(FUSED))
-def test_fused_modules_match_each_module_alone(case, dtype, one_launch):
+def test_fused_modules_match_each_module_alone(case, dtype):
     # one launch pair for modules sharing x == each module's own update on its columns
     d_in, widths, r, ids = FUSED[case]
     ids = torch.tensor(ids, device=DEVICE)
@@ -105,13 +100,12 @@ def test_fused_modules_match_each_module_alone(case, dtype, one_launch):
         reference(y[:, s:s + w], x, A[:, m * r:(m + 1) * r], B[:, s:s + w], scaling, ids)
         for m, (s, w) in enumerate(zip(starts, widths))
     ], dim=1)
-    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids, bounds=tuple(starts[1:]), one_launch=one_launch)
+    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids, bounds=tuple(starts[1:]))
     torch.testing.assert_close(out, expected, **TOL[dtype])
     assert torch.equal(out[ids < 0], y[ids < 0])
     op = y.clone()
     torch.ops.tasktune.bgmv_lora(op, x, A, B, scaling, ids, list(starts[1:]))  # the operator the decoder calls
-    if one_launch:  # its default
-        assert torch.equal(op, out)
+    assert torch.equal(op, out)
 
 
 @needs_kernels
@@ -141,16 +135,15 @@ def test_in_place_on_row_strided_views():
 
 
 @needs_kernels
-@ONE
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-def test_non_finite_adapter_does_not_leak(dtype, one_launch):
+def test_non_finite_adapter_does_not_leak(dtype):
     x, A, B, scaling, y = make(7, 257, 129, 16, 4, dtype, seed=2)
     A[0, 3, 100] = float("nan")  # slot 0: what -1 rows would read if they read anything
     B[0, 5, 2] = float("inf")
     A[2].fill_(float("inf"))  # slot 2: used by no row
     B[2, :, 0] = float("nan")
     ids = torch.tensor([1, -1, 3, 1, -1, 3, 3], device=DEVICE)
-    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids, one_launch=one_launch)
+    out = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids)
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out, reference(y, x, A, B, scaling, ids), **TOL[dtype])
     assert torch.equal(out[ids < 0], y[ids < 0])

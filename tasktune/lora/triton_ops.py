@@ -50,7 +50,7 @@ MAX_RANK = 64
 TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [BLOCK_N, R])
 TARGET_PROGRAMS = 512  # shrink: split d_in until N * S reaches about this many programs
 MAX_SPLIT = 16  # ... but at most this many splits (expand re-reads all S partial sums)
-TARGET_ONE = 264  # the one-launch kernel: about two programs per SM of an H100 / H200
+EXPAND_TILE = 2048  # expand: elements of B one program holds ([BLOCK_N, R])
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -130,81 +130,6 @@ if triton is not None:
         tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
 
 
-if triton is not None:
-
-    @triton.jit
-    def bgmv_one(
-        x_ptr, a_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # as in bgmv_shrink and bgmv_expand
-        d_out, r, rows, stride_xn, stride_yn, bound1, bound2,
-        D_IN: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr,
-        TILES: tl.constexpr, MODULES: tl.constexpr,
-    ):
-        """Shrink and expand in one launch: program (n, g) computes each module's h = A_m @ x[n]
-        itself (the A rows are L2-resident after the first of the row's programs) and updates
-        TILES column tiles of y[n]."""
-        n = tl.program_id(0)
-        g = tl.program_id(1)
-        slot = tl.load(ids_ptr + n).to(tl.int64)
-        if slot < 0:
-            return
-        offs_r = tl.arange(0, R_MODULE)
-        r_ok = offs_r < r
-        a_base = a_ptr + slot * rows * D_IN
-        h0 = tl.zeros((R_MODULE,), dtype=tl.float32)
-        h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
-        h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
-        for k0 in range(0, D_IN, BLOCK_K):
-            k = k0 + tl.arange(0, BLOCK_K)
-            k_ok = k < D_IN
-            xk = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0).to(tl.float32)[None, :]
-            ak_ok = r_ok[:, None] & k_ok[None, :]
-            a = tl.load(a_base + offs_r[:, None] * D_IN + k[None, :], mask=ak_ok, other=0.0)
-            h0 += tl.sum(a.to(tl.float32) * xk, axis=1)
-            if MODULES > 1:
-                a = tl.load(a_base + (r + offs_r)[:, None] * D_IN + k[None, :], mask=ak_ok, other=0.0)
-                h1 += tl.sum(a.to(tl.float32) * xk, axis=1)
-            if MODULES > 2:
-                a = tl.load(a_base + (2 * r + offs_r)[:, None] * D_IN + k[None, :], mask=ak_ok, other=0.0)
-                h2 += tl.sum(a.to(tl.float32) * xk, axis=1)
-        scale = tl.load(scaling_ptr + slot).to(tl.float32)
-        for t in range(TILES):
-            offs_o = (g * TILES + t) * BLOCK_N + tl.arange(0, BLOCK_N)
-            o_ok = offs_o < d_out
-            h = tl.broadcast_to(h0[None, :], (BLOCK_N, R_MODULE))
-            if MODULES > 1:
-                module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)
-                h = tl.where(module[:, None] == 1, h1[None, :], h)
-                h = tl.where(module[:, None] == 2, h2[None, :], h)
-            b = tl.load(b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :],
-                        mask=o_ok[:, None] & r_ok[None, :], other=0.0)
-            delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale
-            y_ptrs = y_ptr + n * stride_yn + offs_o
-            y = tl.load(y_ptrs, mask=o_ok, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
-
-
-@dataclass(frozen=True)
-class OneLaunch:
-    R_MODULE: int
-    BLOCK_K: int
-    BLOCK_N: int
-    TILES: int  # column tiles per program
-    GROUPS: int  # programs per row
-
-
-@functools.lru_cache(maxsize=None)
-def one_launch_config(n_rows: int, d_out: int, r: int) -> OneLaunch:
-    """Enough programs to fill the GPU (about TARGET_ONE per launch), each recomputing its
-    row's h: more programs per row means more (L2) reads of A, so no more than needed."""
-    R_MODULE = _pow2_at_least(r, 16)
-    block_n = max(32, min(256, TILE // R_MODULE))
-    tiles = triton.cdiv(d_out, block_n)
-    want = max(1, min(tiles, triton.cdiv(TARGET_ONE, n_rows)))
-    per = triton.cdiv(tiles, want)
-    return OneLaunch(R_MODULE=R_MODULE, BLOCK_K=max(64, min(256, TILE // R_MODULE)), BLOCK_N=block_n, TILES=per,
-                     GROUPS=triton.cdiv(tiles, per))
-
-
 def _pow2_at_least(v: int, lo: int) -> int:
     p = lo
     while p < v:
@@ -233,12 +158,12 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
     want = max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, n_rows)))
     per_split = triton.cdiv(blocks, want)  # BLOCK_K blocks per program
     return LaunchConfig(R=R, R_MODULE=R_MODULE, BLOCK_K=block_k, K_SPLIT=per_split * block_k,
-                        S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(256, TILE // 2 // R_MODULE)))
+                        S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(256, EXPAND_TILE // R_MODULE)))
 
 
 def lora_apply_(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-    bounds: tuple[int, ...] = (), one_launch: bool = True,
+    bounds: tuple[int, ...] = (),
 ) -> torch.Tensor:
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
@@ -246,8 +171,7 @@ def lora_apply_(
     ids: [N] int. y and x may be row-strided views (unit stride along the feature dim).
     A fused linear of M modules (bounds: the first output column of modules 2..M, at most
     3 modules): A: [n_slots, M * r, d_in], B: [n_slots, d_out, r], and column c uses the
-    rank-r block of A of the module it belongs to.
-    one_launch: shrink and expand in one kernel (`bgmv_one`) instead of two."""
+    rank-r block of A of the module it belongs to."""
     n_rows, d_in = x.shape
     n_slots, rows, _ = A.shape
     d_out, r = B.shape[1], B.shape[2]
@@ -265,13 +189,6 @@ def lora_apply_(
     if n_rows == 0:
         return y
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
-    if one_launch:
-        one = one_launch_config(n_rows, d_out, r)
-        bgmv_one[(n_rows, one.GROUPS)](
-            x, A, B, scaling, ids, y, d_out, r, rows, x.stride(0), y.stride(0), b1, b2, D_IN=d_in,
-            R_MODULE=one.R_MODULE, BLOCK_K=one.BLOCK_K, BLOCK_N=one.BLOCK_N, TILES=one.TILES, MODULES=modules,
-        )
-        return y
     cfg = launch_config(n_rows, d_in, d_out, r, modules)
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
     bgmv_shrink[(n_rows, cfg.S)](
