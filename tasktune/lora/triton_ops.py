@@ -48,8 +48,8 @@ except ImportError:  # CPU-only installs and CI: the caller falls back to torch
 
 MAX_RANK = 64
 TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [BLOCK_N, R])
-TARGET_PROGRAMS = 512  # shrink: split d_in until N * S reaches about this many programs
-MAX_SPLIT = 16  # ... but at most this many splits (expand re-reads all S partial sums)
+TARGET_PROGRAMS = 1024  # shrink: split d_in until N * S reaches about this many programs (swept on an H200)
+MAX_SPLIT = 32  # ... but at most this many splits (expand re-reads all S partial sums)
 EXPAND_TILE = 2048  # expand: elements of B one program holds ([BLOCK_N, R])
 
 
