@@ -19,6 +19,7 @@ from __future__ import annotations
 import gc
 import json
 import platform
+import statistics
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -115,6 +116,33 @@ def versions(*packages: str) -> dict[str, str]:
     if torch.version.cuda:
         out["cuda"] = torch.version.cuda
     return out
+
+
+def copy_bandwidth(device: torch.device, n: int = 1 << 30) -> dict:
+    """Device-to-device copy of n bytes (read + written), median of 10 after 3 warm-ups:
+    the bandwidth a memory-bound step can hope for on this device."""
+    src = torch.randn(n // 2, device=device, dtype=torch.bfloat16)
+    dst = torch.empty_like(src)
+    times = []
+    for i in range(13):
+        sync(device)
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            dst.copy_(src)
+            e1.record()
+            e1.synchronize()
+            dt = e0.elapsed_time(e1) / 1e3
+        else:
+            dst.copy_(src)
+            dt = time.perf_counter() - t0
+        if i >= 3:
+            times.append(dt)
+    med = statistics.median(times)
+    assert torch.equal(dst, src)
+    del src, dst
+    return {"bytes_src": n, "median_s": med, "bytes_per_s": 2 * n / med, "repeats": len(times)}
 
 
 def sync(device: torch.device) -> None:

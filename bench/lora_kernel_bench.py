@@ -39,6 +39,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from common import copy_bandwidth  # noqa: E402
 from tasktune.lora import triton_ops  # noqa: E402
 from tasktune.lora.ops import lora_delta_gathered  # noqa: E402
 
@@ -157,20 +158,6 @@ def time_cpu(fn, reps: int) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth(device) -> float:
-    src = torch.empty(1 << 29, device=device, dtype=torch.bfloat16)  # 1 GiB
-    dst = torch.empty_like(src)
-    times = []
-    for _ in range(10):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        dst.copy_(src)
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-    return 2 * src.numel() * src.element_size() / statistics.median(times[2:])
-
-
 def lora_bytes(shapes, layers: int, n_rows: int, r: int, distinct: int, elem: int = 2) -> int:
     per_layer = sum(distinct * r * (d_in + d_out) + n_rows * d_in + 2 * n_rows * d_out for _, d_in, d_out in shapes)
     return layers * per_layer * elem
@@ -278,7 +265,7 @@ def main() -> None:
             for m in mods[:len(LINEARS)]},
         sweep={k: dict(zip(("TARGET_PROGRAMS", "MAX_SPLIT", "EXPAND_TILE"), v)) for k, v in launches.items()},
         fastest={mix: row["path"] for mix, row in best.items()},
-        copy_GB_s=None if smoke else copy_bandwidth(device) / 1e9, formulas=FORMULAS,
+        copy_GB_s=None if smoke else copy_bandwidth(device)["bytes_per_s"] / 1e9, formulas=FORMULAS,
     )
     if result["copy_GB_s"]:
         print(f"device copy bandwidth: {result['copy_GB_s']:.0f} GB/s ({result['device']})")

@@ -43,7 +43,8 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from common import LORA_TARGETS as TARGETS, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
+from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
+from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
 
 FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
 TOP_KERNELS = 14  # the profile lists the kernels that take most of a decode step's device time
@@ -65,103 +66,6 @@ FORMULAS = {
     "peft_decode_tok_s": "batch * n_peft / (t(generate 1 + n_peft new tokens) - t(generate 1 new token))",
     "peft_e2e_tok_s": "batch * (1 + n_peft) / t(generate 1 + n_peft new tokens)",
 }
-
-
-def build_tokenizer(vocab: int):
-    """A word-level tokenizer over the whole vocabulary (token i is 't<i>'); built in
-    well under a second, no training data and no network needed."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({f"t{i}": i for i in range(vocab)}, unk_token="t1"))
-    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="t0", pad_token="t0", unk_token="t1")
-
-
-def copy_bandwidth(device, tiny: bool) -> dict:
-    n = (1 << 24) if tiny else (1 << 30)  # bytes of the source
-    src = torch.randn(n // 2, device=device, dtype=torch.bfloat16)
-    dst = torch.empty_like(src)
-    times = []
-    for i in range(13):
-        sync(device)
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            dst.copy_(src)
-            e1.record()
-            e1.synchronize()
-            dt = e0.elapsed_time(e1) / 1e3
-        else:
-            dst.copy_(src)
-            dt = time.perf_counter() - t0
-        if i >= 3:
-            times.append(dt)
-    med = statistics.median(times)
-    assert torch.equal(dst, src)
-    del src, dst
-    return {"bytes_src": n, "median_s": med, "bytes_per_s": 2 * n / med, "repeats": len(times)}
-
-
-def model_read_bytes(model, batch: int) -> int:
-    """Bytes of base weights one decode step reads: every layer parameter, the final norm,
-    the LM head; the embedding table only for the batch's rows."""
-    total = sum(p.numel() * p.element_size() for p in model.model.layers.parameters())
-    total += sum(p.numel() * p.element_size() for p in model.model.norm.parameters())
-    total += model.lm_head.weight.numel() * model.lm_head.weight.element_size()
-    emb = model.model.embed_tokens.weight
-    if emb.data_ptr() != model.lm_head.weight.data_ptr():
-        pass  # untied: still only the rows
-    total += batch * emb.shape[1] * emb.element_size()
-    return total
-
-
-def adapter_bytes(cfg, r: int, elem: int) -> int:
-    d, i, hd = cfg.hidden_size, cfg.intermediate_size, cfg.head_dim
-    q, kv = cfg.num_heads * hd, cfg.num_kv_heads * hd
-    shapes = [(d, q), (d, kv), (d, kv), (q, d), (d, i), (d, i), (i, d)]
-    return cfg.num_layers * sum(r * (a + b) for a, b in shapes) * elem
-
-
-def kv_bytes(cfg, batch: int, ctx: float, elem: int) -> float:
-    return cfg.num_layers * 2 * cfg.num_kv_heads * cfg.head_dim * elem * batch * ctx
-
-
-# --- setup ---------------------------------------------------------------------------------
-def make_base_and_adapters(config, folder: Path, n_adapters: int, r: int, alpha: float, device, seed=0):
-    """Save the random base (+ tokenizer) and n_adapters PEFT folders; return the PeftModel
-    holding all adapters (names a00, a01, ...) for the PEFT baseline."""
-    from peft import LoraConfig, get_peft_model
-    from transformers import Qwen2ForCausalLM
-
-    torch.manual_seed(seed)
-    with torch.device(device):
-        base = Qwen2ForCausalLM(config)
-    base = base.to(torch.bfloat16).eval()
-    base_dir = folder / "base"
-    base.save_pretrained(base_dir, safe_serialization=True)
-    build_tokenizer(config.vocab_size).save_pretrained(base_dir)
-    base.config.name_or_path = str(base_dir)  # adapters record it; the pool checks it
-    base.config._name_or_path = str(base_dir)
-    root = folder / "adapters"
-    names = [f"a{i:02d}" for i in range(n_adapters)]
-    lcfg = LoraConfig(r=r, lora_alpha=alpha, target_modules=TARGETS, lora_dropout=0.0)
-    model = get_peft_model(base, lcfg, adapter_name=names[0])
-    for name in names[1:]:
-        model.add_adapter(name, lcfg)
-    g = torch.Generator(device=device).manual_seed(seed + 1)
-    with torch.no_grad():
-        for pname, p in model.named_parameters():
-            if ".lora_A." in pname:  # A ~ N(0, 1/d_in), B ~ N(0, 0.02^2): a visible but bounded update
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) / p.shape[1] ** 0.5)
-            elif ".lora_B." in pname:
-                p.copy_(torch.randn(p.shape, generator=g, device=device, dtype=torch.float32) * 0.02)
-    for name in names:
-        model.save_pretrained(root, selected_adapters=[name])  # -> root/<name>/
-    lora_dtype = next(p.dtype for n, p in model.named_parameters() if "lora_A" in n)
-    model.eval()  # generate(adapter_names=...) refuses training mode
-    return base_dir, root, names, model, lora_dtype
 
 
 # --- engine cases ----------------------------------------------------------------------------
@@ -292,7 +196,7 @@ def main() -> None:
             p.parent.mkdir(parents=True, exist_ok=True)
             p.write_text(text)
 
-    bw = copy_bandwidth(device, tiny)
+    bw = copy_bandwidth(device, (1 << 24) if tiny else (1 << 30))
     result["copy_bandwidth"] = bw
     print(f"device {result['device']}: copy {bw['bytes_per_s'] / 1e12:.3f} TB/s (read+write)", flush=True)
 

@@ -92,3 +92,51 @@ def test_incremental_detokenisation_equals_full_decode(text):
         assert "\ufffd" not in piece
         pieces.append(piece)
     assert "".join(pieces) == text
+
+
+def test_greedy_steps_launched_ahead_equal_fresh_steps(engine):
+    """`DecodeStep.greedy(ahead=True)` computes step n+1 from step n's argmax before the host
+    reads it: the tokens equal step-by-step argmax of the logits path; a step whose inputs
+    differ from the assumed ones (a token the host changed) is recomputed, and the discarded
+    step leaves no trace in what follows."""
+    model, cache, stacks, step = engine.model, engine.cache, engine.pool.stacks, engine.decode_step
+    ids = [engine.pool.acquire(f"task-{i}") for i in range(2)]
+    g = torch.Generator().manual_seed(7)
+    slots, lora = [0, 3, 5], [ids[0], -1, ids[1]]
+    prompts = [torch.randint(3, model.cfg.vocab_size, (9 + k,), generator=g).tolist() for k in range(3)]
+
+    def prefill():
+        model(make_batch([p[:-1] for p in prompts], [0] * 3, slots, lora, engine.device), cache, stacks)
+        return [p[-1] for p in prompts], [len(p) - 1 for p in prompts]
+
+    def reference(tokens, positions, n, swap_at=None):
+        out = []
+        for i in range(n):
+            if i == swap_at:
+                tokens = tokens[:1] + [7] + tokens[2:]
+            tokens = step(slots, tokens, positions, lora).argmax(-1).tolist()
+            positions = [p + 1 for p in positions]
+            out.append(tokens)
+        return out
+
+    def ahead(tokens, positions, n, swap_at=None):
+        out = []
+        for i in range(n):
+            if i == swap_at:  # the host feeds something else than the argmax the step ahead assumed
+                tokens = tokens[:1] + [7] + tokens[2:]
+            tokens = step.greedy(slots, tokens, positions, lora, ahead=i < n - 1)
+            positions = [p + 1 for p in positions]
+            out.append(tokens)
+        return out
+
+    plain = reference(*prefill(), 6)
+    used, wasted = step.ahead_used, step.ahead_wasted
+    assert ahead(*prefill(), 6) == plain
+    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (5, 0)
+    want = reference(*prefill(), 6, swap_at=3)
+    assert want[3:] != plain[3:]  # the swapped token changes what follows
+    used, wasted = step.ahead_used, step.ahead_wasted
+    assert ahead(*prefill(), 6, swap_at=3) == want
+    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (4, 1)
+    for i in range(2):
+        engine.pool.release(f"task-{i}")
