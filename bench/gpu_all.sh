@@ -29,7 +29,7 @@ want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
   python3 bench/serve_bench.py --no-compile --skip-peft ${SERVE_EAGER_ARGS:-} --out "$OUT/serve_eager"
-want train && TORCH_LOGS=${TRAIN_LOGS:-} step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --out "$OUT/train" \
+want train && TORCH_LOGS=${TRAIN_LOGS:-} step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile ${TRAIN_ARGS:-} --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
 if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"
