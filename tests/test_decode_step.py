@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from tasktune.serve.cuda_graphs import CONTEXT_STEP, DecodeStep, batch_bucket, context_bucket
-from tasktune.serve.decoder import make_batch
+from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.engine import Engine, detokenize_step
 from tasktune.serve.scheduler import Sequence
 from tasktune.serve.sampling import SamplingParams

@@ -7,7 +7,6 @@ admission waits for slots and adapters are evicted and reloaded mid-run.
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch

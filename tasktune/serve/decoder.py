@@ -6,7 +6,7 @@ itself, and every adapted linear (q, k, v, o, gate, up, down) computes
 `base(x) + lora_delta(x, A, B, scaling, ids)` with ids per token from the adapter pool's
 stacked, device-resident weights.
 
-Two attention layouts:
+Two attention layouts (`forward_batch.py` builds their inputs):
 - prefill (`make_batch`): ragged chunks padded to [sequences, query_len], the cache rows
   of their slots gathered;
 - decode (`Decoder.decode`): one token per row and row b IS KV slot b, so attention reads
@@ -31,9 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.ops import SegmentPlan, gather_rows, lora_delta, lora_delta_rows
+from tasktune.lora.ops import gather_rows, lora_delta, lora_delta_rows
 from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
 from tasktune.serve import triton_attention
+from tasktune.serve.forward_batch import Batch, decode_batch
 from tasktune.serve.kv_cache import KVCache
 
 SUPPORTED_TYPES = ("llama", "qwen2", "mistral")
@@ -131,87 +132,6 @@ class LoraStacks:
 class LayerLora:
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]]
     fused: dict[str, tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class Batch:
-    """One forward's inputs, built once per step on the device.
-
-    Flat layout (linears): tokens, positions, lora_ids, token_slots: [N].
-    Padded layout (attention): B sequences x T query tokens over L cached positions.
-    """
-
-    tokens: torch.Tensor  # [N]
-    positions: torch.Tensor  # [N]
-    lora_ids: torch.Tensor  # [N], -1 = base model
-    token_slots: torch.Tensor  # [N] KV-cache slot of each token
-    slots: torch.Tensor  # [B]
-    pad_index: torch.Tensor  # [B*T] flat row feeding each padded query (0 for padding)
-    valid: torch.Tensor  # [B*T] indices of real queries in padded order = flat order
-    mask: torch.Tensor  # [B, 1, T, L] key position <= query position
-    last: torch.Tensor | None  # [B] flat index of each sequence's last token (None: every row)
-    use_lora: bool
-    shape: tuple[int, int, int]  # (B, T, L)
-    decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
-    attention_kernel: bool = False  # decode: attention through triton_attention (no mask needed)
-    plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
-    lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
-
-
-def make_batch(
-    chunks: list[list[int]], starts: list[int], slots: list[int], lora_ids: list[int], device: torch.device
-) -> Batch:
-    """chunks[b]: the new tokens of sequence b, written from position starts[b] into KV slot slots[b]."""
-    lens = [len(c) for c in chunks]
-    B, T, L = len(chunks), max(lens), max(s + n for s, n in zip(starts, lens))
-    tokens = [t for c in chunks for t in c]
-    positions = [s + i for s, n in zip(starts, lens) for i in range(n)]
-    token_slots = [sl for sl, n in zip(slots, lens) for _ in range(n)]
-    token_lora = [a for a, n in zip(lora_ids, lens) for _ in range(n)]
-    offsets = [0]
-    for n in lens:
-        offsets.append(offsets[-1] + n)
-    pad_index, valid, q_pos = [], [], []
-    for b, (s, n) in enumerate(zip(starts, lens)):
-        for t in range(T):
-            pad_index.append(offsets[b] + t if t < n else 0)
-            q_pos.append(s + t if t < n else 0)  # padding attends to key 0 only: no empty rows
-            if t < n:
-                valid.append(b * T + t)
-    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=device)  # noqa: E731
-    distinct = sorted({a for a in lora_ids if a >= 0})
-    if len(distinct) == 1 and min(lora_ids) >= 0:
-        plan = [(distinct[0], None)]
-    else:
-        plan = [(a, as_long([i for i, x in enumerate(token_lora) if x == a])) for a in distinct]
-    q = as_long(q_pos).view(B, 1, T, 1)
-    mask = torch.arange(L, device=device).view(1, 1, 1, L) <= q
-    return Batch(
-        tokens=as_long(tokens),
-        positions=as_long(positions),
-        lora_ids=as_long(token_lora),
-        token_slots=as_long(token_slots),
-        slots=as_long(slots),
-        pad_index=as_long(pad_index),
-        valid=as_long(valid),
-        mask=mask,
-        last=as_long([o - 1 for o in offsets[1:]]),
-        use_lora=bool(distinct),
-        shape=(B, T, L),
-        plan=plan,
-    )
-
-
-def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-                 use_lora: bool, attention_kernel: bool = False) -> Batch:
-    """The decode layout from device tensors only (capturable): tokens, positions,
-    lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context)."""
-    B, device = tokens.shape[0], tokens.device
-    rows = torch.arange(B, device=device)
-    mask = torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
-    return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
-                 pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
-                 shape=(B, 1, context), decode=True, attention_kernel=attention_kernel)
 
 
 def grouped_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

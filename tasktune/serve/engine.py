@@ -23,7 +23,8 @@ import torch
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
 from tasktune.serve.cuda_graphs import DecodeStep
-from tasktune.serve.decoder import FUSED, Decoder, make_batch
+from tasktune.serve.decoder import FUSED, Decoder
+from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import SamplingParams, make_generator, sample
