@@ -138,5 +138,12 @@ def test_greedy_steps_launched_ahead_equal_fresh_steps(engine):
     used, wasted = step.ahead_used, step.ahead_wasted
     assert ahead(*prefill(), 6, swap_at=3) == want
     assert (step.ahead_used - used, step.ahead_wasted - wasted) == (4, 1)
+    # freeing a slot (the engine calls drop_ahead then) forgets the step launched ahead
+    tokens, positions = prefill()
+    first = step.greedy(slots, tokens, positions, lora, ahead=True)
+    used, wasted = step.ahead_used, step.ahead_wasted
+    step.drop_ahead()
+    assert step.greedy(slots, first, [p + 1 for p in positions], lora, ahead=False) == plain[1]
+    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (0, 1)
     for i in range(2):
         engine.pool.release(f"task-{i}")

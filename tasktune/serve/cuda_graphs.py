@@ -114,6 +114,12 @@ class DecodeStep:
             self._ahead.tokens = [out[s] for s in slots]
         return [out[s] for s in slots]
 
+    def drop_ahead(self) -> None:
+        """Forget the step launched ahead: a KV slot it read is being freed (and may be
+        reused by a new sequence whose inputs could look the same)."""
+        if self._ahead is not None:
+            self._ahead, self.ahead_wasted = None, self.ahead_wasted + 1
+
     def _launch(self, slots, tokens, positions, lora_ids) -> tuple[torch.Tensor, torch.Tensor]:
         cache = self.cache
         B = batch_bucket(max(slots) + 1, cache.num_slots)

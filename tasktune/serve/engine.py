@@ -190,6 +190,7 @@ class Engine:
 
     def _free(self, s: Sequence) -> None:
         if s.kv_slot >= 0:
+            self.decode_step.drop_ahead()  # a step launched ahead must not outlive the slots it read
             self.cache.free(s.kv_slot)
             s.kv_slot = -1
         if s.adapter is not None and s.lora_id >= 0:
