@@ -20,6 +20,12 @@ Parameter names mirror Hugging Face's, except that q, k, v become one `qkv_proj`
 up one `gate_up_proj` (as vLLM stacks them): one GEMM each instead of three and two, and
 rotary embedding applied to q and k in one pass. `weights.load_decoder` concatenates the
 checkpoint's weights; LoRA still adds each module's own delta to its slice of the output.
+
+On a GPU the decode step reads its adapters through Triton BGMV kernels (one launch pair
+per fused linear, lora/triton_ops.py) and attends through a Triton kernel that also
+writes the step's keys and values (triton_attention.py); `compile_decode` runs each block
+through one torch.compile'd `Block.forward`. The CPU runs the torch paths, and the tests
+run the kernels under Triton's interpreter against them.
 """
 
 from __future__ import annotations
