@@ -131,6 +131,26 @@ def test_tensor_problems(root):
         pool_for(root).register("shapes", "shapes")
 
 
+def test_non_finite_weights_are_refused_when_loaded(root, tiny_llama):  # noqa: F811
+    """Rows of many tenants share each matmul: an adapter with NaN / inf never enters the
+    pool (the request gets the error; other adapters keep serving)."""
+    folder = variant(root, "nan")
+    tensors = load_file(folder / "adapter_model.safetensors")
+    key = next(k for k in tensors if "v_proj.lora_B" in k)
+    tensors[key][0, 0] = float("inf")
+    save_file(tensors, folder / "adapter_model.safetensors")
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=root, max_resident=2, max_rank=8, max_len=64)
+    eng.pool.register("nan", "nan")  # registration reads headers only
+    eng.pool.register("good", "good")
+    bad = eng.submit(Request(PROMPTS[0], "nan", SamplingParams(max_tokens=3)))
+    good = eng.submit(Request(PROMPTS[0], "good", SamplingParams(max_tokens=3)))
+    while eng.has_work:
+        eng.step()
+    assert bad.finish_reason == "error" and "has NaN or infinite values" in bad.error and key in bad.error
+    assert good.finish_reason in ("length", "stop") and len(good.output_ids) == 3
+    assert "nan" not in eng.pool.resident()
+
+
 def test_registry_errors(root):
     pool = pool_for(root)
     pool.register("good", "good")

@@ -147,3 +147,27 @@ def test_greedy_steps_launched_ahead_equal_fresh_steps(engine):
     assert (step.ahead_used - used, step.ahead_wasted - wasted) == (0, 1)
     for i in range(2):
         engine.pool.release(f"task-{i}")
+
+
+def test_prefill_with_several_adapters_takes_the_masked_path(engine, monkeypatch):
+    """Prefill with several adapters: one masked matmul pair a linear over the batch's adapters
+    (serve/decoder.py) gives the logits of one matmul pair per adapter (the segmented path)."""
+    from tasktune.lora import ops
+    from tasktune.serve import decoder
+
+    model, cache, stacks = engine.model, engine.cache, engine.pool.stacks
+    ids = [engine.pool.acquire(f"task-{i}") for i in range(3)]
+    g = torch.Generator().manual_seed(3)
+    slots, lora = [0, 2, 3, 5], [ids[0], -1, ids[2], ids[1]]
+    prompts = [torch.randint(3, model.cfg.vocab_size, (5 + 3 * k,), generator=g).tolist() for k in range(4)]
+    calls = []
+    masked = ops.lora_delta_masked
+    monkeypatch.setattr(decoder, "lora_delta_masked", lambda *a: calls.append(1) or masked(*a))
+    got = model(make_batch(prompts, [0] * 4, slots, lora, engine.device), cache, stacks)
+    assert len(calls) == 7 * model.cfg.num_layers  # every adapted module of every layer
+    monkeypatch.setattr(decoder, "PREFILL_MASKED_MAX_COLS", 0)  # force the segmented path
+    want = model(make_batch(prompts, [0] * 4, slots, lora, engine.device), cache, stacks)
+    assert len(calls) == 7 * model.cfg.num_layers
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for i in range(3):
+        engine.pool.release(f"task-{i}")

@@ -230,6 +230,8 @@ class AdapterPool:
             m = KEY_RE.search(key)
             if m is None:
                 raise InvalidAdapter(f"adapter {info.name!r}: unexpected tensor {key!r}")
+            if not bool(torch.isfinite(t).all()):  # batched with other tenants' rows: refuse, never mix it in
+                raise InvalidAdapter(f"adapter {info.name!r}: tensor {key!r} in {WEIGHTS} has NaN or infinite values")
             weights.setdefault((int(m[1]), m[2]), {})[m[3]] = t.to(self.dtype)
         self.loads += 1
         self._cpu[info.name] = weights

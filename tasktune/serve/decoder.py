@@ -37,7 +37,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasktune.errors import TasktuneError
-from tasktune.lora.ops import gather_rows, lora_delta, lora_delta_rows
+from tasktune.lora.ops import (
+    adapter_column_mask, gather_rows, lora_delta, lora_delta_masked, lora_delta_rows,
+)
 from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
 from tasktune.serve import triton_attention
 from tasktune.serve.forward_batch import Batch, decode_batch
@@ -48,6 +50,10 @@ ATTN_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj")
 MLP_MODULES = ("gate_proj", "up_proj", "down_proj")
 LORA_MODULES = ATTN_MODULES + MLP_MODULES
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
+# Prefill with several adapters: each adapted linear runs one masked matmul pair over the
+# batch's adapters (ops.lora_delta_masked: the rows' own rank columns kept) while they have
+# at most this many columns together, instead of a matmul pair and a scatter per adapter.
+PREFILL_MASKED_MAX_COLS = 1024
 
 
 class UnsupportedModel(TasktuneError):
@@ -125,6 +131,11 @@ class LoraStacks:
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
     _layers: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def rank(self) -> int:
+        """The stacks' rank (the pool's max rank; smaller adapters are zero-padded)."""
+        return next(iter(self.weights.values()))[0].shape[1]
 
     def layer(self, index: int) -> "LayerLora":
         """One layer's stacks, keyed by module name (built once: the tensors never change)."""
@@ -262,6 +273,9 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Te
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
         y.add_(lora_delta_rows(x, ab[0], ab[1], *rows).to(y.dtype))
+    elif batch.lora_mask is not None:  # prefill, several adapters: a few dense ops over the batch's adapters
+        A, B, scale = (t.index_select(0, batch.active) for t in (ab[0], ab[1], lora.scaling))
+        y.add_(lora_delta_masked(x, A, B, scale, batch.active_ids, batch.lora_mask).to(y.dtype))
     else:
         y.add_(lora_delta(x, ab[0], ab[1], lora.scaling, batch.lora_ids, batch.plan).to(y.dtype))
 
@@ -324,6 +338,10 @@ class Decoder(nn.Module):
         if batch.mask.dtype == torch.bool and not batch.attention_kernel:  # additive once, instead of inside every layer's attention
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
+        if lora is not None and batch.use_lora and not batch.decode and batch.active is not None:
+            k, r = batch.active.shape[0], lora.rank
+            if 1 < k and k * r <= PREFILL_MASKED_MAX_COLS:  # else one matmul pair per adapter (segmented)
+                batch = replace(batch, lora_mask=adapter_column_mask(batch.active_ids, k, r))
         if lora is not None and batch.use_lora and batch.decode and not lora.kernels:
             safe, scale, none = gather_rows(batch.lora_ids, lora.scaling)  # once, for every linear
             batch = replace(batch, lora_rows=(safe, scale.to(x.dtype), none))

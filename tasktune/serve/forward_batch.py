@@ -38,6 +38,9 @@ class Batch:
     attention_kernel: bool = False  # decode: attention through triton_attention (no mask needed)
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
     lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
+    active: torch.Tensor | None = None  # prefill: the distinct adapters of the batch [k] ...
+    active_ids: torch.Tensor | None = None  # ... and each token's index among them [N] (-1: none)
+    lora_mask: torch.Tensor | None = None  # prefill: adapter_column_mask of active_ids, once per forward
 
 
 def make_batch(
@@ -66,6 +69,7 @@ def make_batch(
         plan = [(distinct[0], None)]
     else:
         plan = [(a, as_long([i for i, x in enumerate(token_lora) if x == a])) for a in distinct]
+    where = {a: i for i, a in enumerate(distinct)}
     q = as_long(q_pos).view(B, 1, T, 1)
     mask = torch.arange(L, device=device).view(1, 1, 1, L) <= q
     return Batch(
@@ -81,6 +85,8 @@ def make_batch(
         use_lora=bool(distinct),
         shape=(B, T, L),
         plan=plan,
+        active=as_long(distinct),
+        active_ids=as_long([where.get(a, -1) for a in token_lora]),
     )
 
 
