@@ -11,7 +11,8 @@ import torch
 
 from tasktune.config import WeightingConfig
 from tasktune.errors import TasktuneError
-from tasktune.train.weighting import dwa_weights, make_weighter, pcgrad_combine
+from tasktune.train.gradient_weighting import pcgrad_combine
+from tasktune.train.weighting import dwa_weights, make_weighter
 
 D64 = torch.float64
 
