@@ -300,11 +300,16 @@ class Decoder(nn.Module):
 
     def compile_decode(self, **options) -> None:
         """Decode steps run every block through one torch.compile'd Block.forward (Inductor
-        fuses the norms, rotary embedding, residual adds and activation); blocks differ only
-        in their weights, which the compiled code takes as inputs. Shapes start dynamic
+        fuses the norms, rotary embedding, residual adds and activation; residual adds are
+        kept out of cuBLAS, compile_passes.py); blocks differ only in their weights, which
+        the compiled code takes as inputs. Shapes start dynamic
         (batch and context buckets). Prefill stays eager. `options` go to torch.compile
         (e.g. backend="aot_eager" where there is no C compiler)."""
         options.setdefault("dynamic", True)
+        if options.get("backend", "inductor") == "inductor" and "mode" not in options:
+            from tasktune.serve.compile_passes import UnfuseResidualAddmm
+
+            options.setdefault("options", {}).setdefault("post_grad_custom_post_pass", UnfuseResidualAddmm())
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self._compiled_block = torch.compile(Block.forward, **options)
 
