@@ -70,3 +70,32 @@ def test_rejects_shapes_it_cannot_run():
     k = torch.randn(2, 2, 8, 24).to(DEVICE)
     with pytest.raises(ValueError, match="decode_attention"):
         torch.ops.tasktune.decode_attention(q, k[:, :, 0], k[:, :, 0], k, k, torch.zeros(2, dtype=torch.long, device=DEVICE), 8)
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_rotary_inside_the_kernel_equals_rotating_first(case):
+    """Given the rotary tables, the kernel rotates q and the new key by their positions:
+    the same output and cache as `decoder.apply_rope` first, then the kernel without them."""
+    from tasktune.serve.decoder import apply_rope
+
+    n, slots, heads, kvh, hd, max_len, length, positions = CASES[case]
+    g = torch.Generator().manual_seed(1)
+    qkv = torch.randn(n, heads + 2 * kvh, hd, generator=g).to(DEVICE)
+    k0 = torch.randn(slots, kvh, max_len, hd, generator=g).to(DEVICE)
+    v0 = torch.randn(slots, kvh, max_len, hd, generator=g).to(DEVICE)
+    pos = torch.tensor(positions, device=DEVICE)
+    inv = 1.0 / (10000.0 ** (torch.arange(0, hd, 2).float() / hd))
+    emb = torch.cat([torch.arange(max_len).float()[:, None] * inv] * 2, dim=-1)
+    sin = emb.sin()
+    sin[:, :hd // 2].neg_()
+    cos, sin = emb.cos().to(DEVICE), sin.to(DEVICE)
+    rotated = apply_rope(qkv[:, :heads + kvh], cos[pos].unsqueeze(1), sin[pos].unsqueeze(1))
+    kc, vc = k0.clone(), v0.clone()
+    want = torch.ops.tasktune.decode_attention(rotated[:, :heads], rotated[:, heads:], qkv[:, heads + kvh:], kc, vc,
+                                               pos, length)
+    kc2, vc2 = k0.clone(), v0.clone()
+    got = torch.ops.tasktune.decode_attention(qkv[:, :heads], qkv[:, heads:heads + kvh], qkv[:, heads + kvh:], kc2,
+                                              vc2, pos, length, cos, sin)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(kc2, kc, rtol=1e-6, atol=1e-6)
+    assert torch.equal(vc2, vc)

@@ -234,15 +234,16 @@ class Block(nn.Module):
         N = x.shape[0]
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]
+        kc, vc = kv
+        L = batch.mask.shape[-1]
+        if batch.decode and batch.attention_kernel:  # row b = slot b: rotates, writes and reads its keys in place
+            q, k, v = (qkv[:, lo * hd:hi * hd].view(N, -1, hd) for lo, hi in ((0, H), (H, H + kvh), (H + kvh, H + 2 * kvh)))
+            o = torch.ops.tasktune.decode_attention(q, k, v, kc, vc, batch.positions, L, *batch.rope).reshape(N, -1)
+            return self.rest(x, o, batch, lora, stacks)
         qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
         qk = apply_rope(qk, cos, sin)  # q and k heads together; cos, sin: [N, 1, head_dim]
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
-        kc, vc = kv
-        L = batch.mask.shape[-1]
-        if batch.decode and batch.attention_kernel:  # row b = slot b: writes and reads its keys in place
-            o = torch.ops.tasktune.decode_attention(q, k, v, kc, vc, batch.positions, L).reshape(N, -1)
-            return self.rest(x, o, batch, lora, stacks)
         kc[batch.token_slots, :, batch.positions] = k.to(kc.dtype)
         vc[batch.token_slots, :, batch.positions] = v.to(vc.dtype)
         if batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
@@ -351,8 +352,11 @@ class Decoder(nn.Module):
             safe, scale, none = gather_rows(batch.lora_ids, lora.scaling)  # once, for every linear
             batch = replace(batch, lora_rows=(safe, scale.to(x.dtype), none))
         cos_t, sin_t = self.rope_table(cache.max_len, x.device)
-        cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
-        sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
+        if batch.decode and batch.attention_kernel:  # the attention kernel rotates q and k itself
+            batch, cos, sin = replace(batch, rope=(cos_t, sin_t)), None, None
+        else:
+            cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
+            sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
         compiled = self._compiled_block if batch.decode else None
         for i, layer in enumerate(self.model.layers):
             kv, stacks = cache.layer(i), (lora.layer(i) if lora is not None else None)

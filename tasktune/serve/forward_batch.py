@@ -36,6 +36,7 @@ class Batch:
     shape: tuple[int, int, int]  # (B, T, L)
     decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
     attention_kernel: bool = False  # decode: attention through triton_attention (no mask needed)
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None  # ... which rotates q, k itself with these tables
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
     lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
     active: torch.Tensor | None = None  # prefill: the distinct adapters of the batch [k] ...
