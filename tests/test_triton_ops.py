@@ -83,6 +83,7 @@ FUSED = {  # name: (d_in, module widths, r, ids)
     "qkv r16": (96, (112, 16, 16), 16, [0, 2, -1, 1, 2, 2]),  # GQA widths, bounds inside output tiles
     "gate_up r8": (64, (200, 200), 8, [1, -1, 0]),
     "ragged r24": (130, (33, 70, 5), 24, [2, 1, 0, -1]),
+    "qkv r64": (200, (112, 16, 16), 64, [1, -1, 0]),  # 192 rows of A: a [256, 16] tile per step
 }
 
 

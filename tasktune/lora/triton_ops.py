@@ -153,7 +153,7 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
     r: one module's rank, A holding `modules` of them."""
     R = _pow2_at_least(r * modules, 16)
     R_MODULE = _pow2_at_least(r, 16)
-    block_k = max(64, min(256, TILE // R))
+    block_k = max(16, min(256, TILE // R))  # R up to 256 (a fused qkv of rank 64): [R, BLOCK_K] stays TILE
     blocks = triton.cdiv(d_in, block_k)
     want = max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, n_rows)))
     per_split = triton.cdiv(blocks, want)  # BLOCK_K blocks per program
