@@ -16,10 +16,9 @@ on q,k,v,o,gate,up,down; AdamW. Three cases, every number measured in the same r
 3. `single` (one adapter per task, 4 tasks in every batch) vs `multi` on the same packed
    batches of clinc150, snips_intent, snips_slots, circa: step-time ratio.
 
-Before timing, our loss is compared with PEFT's on the same batch at step 0 and again
-after one AdamW step from identical LoRA weights (dense and DU batches). --profile adds,
-per case, where the time of a step goes (device busy time, host ops, syncs; see
-common.profile_steps); --compile times ours with its blocks compiled (Runner.compile_blocks).
+Before timing, our loss is compared with PEFT's on the same batch, at step 0 and after
+AdamW steps from identical LoRA weights. --profile adds where a step's time goes (device
+busy time, host ops, syncs: common.profile_steps); --compile compiles our blocks.
 
     PYTHONPATH=. python3 bench/train_bench.py            # on the GPU (writes $OUT too)
     .venv/bin/python bench/train_bench.py --tiny         # 2 layers, hidden 64, on the CPU
