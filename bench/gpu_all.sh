@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
-# with STEPS naming them: the LoRA kernel bench, the decode step without torch.compile), the training bench with compiled
+# with STEPS naming them: the Triton kernel tests on the GPU, the LoRA kernel bench, the
+# decode step without torch.compile), the training bench with compiled
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
 # the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
@@ -24,7 +25,9 @@ step() {  # step NAME SECONDS COMMAND...
   grep -v 'it/s' "$OUT/$name/log.txt" | tail -n "${TAIL:-22}"
 }
 
-want() { [[ " ${STEPS:-serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
+want() { [[ " ${STEPS:-kernel_tests serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
+want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
+  tests/test_triton_ops.py tests/test_triton_attention.py tests/test_decode_step.py
 want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out "$OUT/lora/lora_kernel_bench.json"
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
