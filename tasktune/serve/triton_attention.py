@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from tasktune.lora.triton_ops import available, triton
+from tasktune.lora.triton_ops import _pow2_at_least, available, triton
 
 __all__ = ["available", "decode_attention"]
 
@@ -83,13 +83,6 @@ if triton is not None:
         o = acc / denom[:, None]
         tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=g_ok[:, None])
-
-
-def _pow2_at_least(v: int, lo: int) -> int:
-    p = lo
-    while p < v:
-        p *= 2
-    return p
 
 
 @torch.library.custom_op("tasktune::decode_attention", mutates_args=("k_cache", "v_cache"))
