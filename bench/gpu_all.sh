@@ -26,13 +26,14 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 want() { [[ " ${STEPS:-kernel_tests serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
-want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider \
-  tests/test_triton_ops.py tests/test_triton_attention.py tests/test_decode_step.py
+KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_attention.py tests/test_decode_step.py tests/test_graphed_step.py}
+want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs $KERNEL_TESTS
 want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out "$OUT/lora/lora_kernel_bench.json"
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
   python3 bench/serve_bench.py --no-compile --skip-peft ${SERVE_EAGER_ARGS:-} --out "$OUT/serve_eager"
-want train && TORCH_LOGS=${TRAIN_LOGS:-} step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile ${TRAIN_ARGS:-} --out "$OUT/train" \
+[ -n "${TRAIN_LOGS:-}" ] && export TORCH_LOGS=$TRAIN_LOGS  # an empty TORCH_LOGS breaks `import torch`
+want train && step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile ${TRAIN_ARGS:-} --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
 if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"

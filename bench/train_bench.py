@@ -49,7 +49,8 @@ from common import (  # noqa: E402
 
 from train_setup import (  # noqa: E402
     DU_TASKS, IGNORE, SINGLE_TASKS, TARGETS, Setup, check_text, compile_warmup, copy_peft_lora_into_ours, dense_batch,
-    load_du, loss_check, make_optimizer, make_peft, make_runner, max_memory, mixture, ours_step_fn, padded_batch,
+    graph_counts, load_du, loss_check, make_optimizer, make_peft, make_runner, max_memory, mixture, ours_optimizer,
+    ours_step_fn, padded_batch,
     peft_step_fn, reset_memory, step_flops,
 )
 
@@ -79,9 +80,9 @@ def dense_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
     ours = make_runner(s, "multi", SINGLE_TASKS, T, max(T, s.pack_tokens))
     peft_model = make_peft(copy.deepcopy(s.pristine), s.r, s.alpha)
     copy_peft_lora_into_ours(peft_model, ours)
-    ours_opt = make_optimizer(ours.trainable_parameters(), s.lr)
+    ours_opt = ours_optimizer(s, ours.trainable_parameters())
     peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], s.lr)
-    ours_step = ours_step_fn(ours, ours_opt, device)
+    ours_step = ours_step_fn(ours, ours_opt, device, graphs=s.cuda_graphs)
     ours_batches = [dense_batch(x) for x in dense_ids]
     peft_batches = [{"input_ids": x, "labels": x.clone()} for x in dense_ids]
     res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
@@ -89,6 +90,7 @@ def dense_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
     print(f"dense loss check: {res['loss_check_vs_peft_plain']}", flush=True)
 
     res["ours"] = time_steps(ours_step, ours_batches, s.warmup, s.steps, device)
+    res["ours"]["cuda_graphs"] = graph_counts(ours_step)
     max_memory(res["ours"], device)
     if s.profile:
         res["ours"]["profile"] = guarded(profile_steps, ours_step, ours_batches, device)
@@ -160,9 +162,9 @@ def du_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
     }
     peft_model = make_peft(copy.deepcopy(s.pristine), s.r, s.alpha)
     copy_peft_lora_into_ours(peft_model, ours)
-    ours_opt = make_optimizer(ours.trainable_parameters(), s.lr)
+    ours_opt = ours_optimizer(s, ours.trainable_parameters())
     peft_opt = make_optimizer([p for p in peft_model.parameters() if p.requires_grad], s.lr)
-    ours_step = ours_step_fn(ours, ours_opt, device)
+    ours_step = ours_step_fn(ours, ours_opt, device, graphs=s.cuda_graphs)
     res["loss_check_vs_peft_plain"] = guarded(loss_check, ours_step, peft_step_fn(peft_model, peft_opt, device, False),
                                               ours_batches[0], peft_batches[0], [ours_opt, peft_opt], s.check_steps)
     print(f"DU loss check: {res['loss_check_vs_peft_plain']}", flush=True)
@@ -188,6 +190,7 @@ def du_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
 
     res["ours_compile_warmup_s"] = compile_warmup(s, ours_step, ours_batches)
     res["ours"] = per_batch_rates(time_steps(ours_step, ours_batches, warmup, steps, device))
+    res["ours"]["cuda_graphs"] = graph_counts(ours_step)
     res["ours"]["loss_first_last"] = [res["ours"]["losses"][0], res["ours"]["losses"][-1]]
     max_memory(res["ours"], device)
     if s.profile:
@@ -203,6 +206,7 @@ def du_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
         bb = [ours.collate(g, pack=True) for g in big]
         compile_s = compile_warmup(s, ours_step, bb)
         timed = time_steps(ours_step, bb, warmup, len(bb) - warmup, device)
+        timed["cuda_graphs"] = graph_counts(ours_step)
         eff_b = [int(b_.attention_mask.sum()) for b_ in bb]
         fl = []
         for g in big:
@@ -256,10 +260,11 @@ def single_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
     for strategy in ("multi", "single"):
         runner = make_runner(s, strategy, SINGLE_TASKS, s.max_length, s.pack_tokens)
         batches = [runner.collate(gr, pack=True) for gr in groups]
-        opt = make_optimizer(runner.trainable_parameters(), s.lr)
-        step = ours_step_fn(runner, opt, s.device)
+        opt = ours_optimizer(s, runner.trainable_parameters())
+        step = ours_step_fn(runner, opt, s.device, graphs=s.cuda_graphs)
         compile_s = compile_warmup(s, step, batches)
         timed = time_steps(step, batches, s.warmup, s.steps, s.device)
+        timed["cuda_graphs"] = graph_counts(step)
         timed["compile_warmup_s"] = compile_s
         timed["total_timed_s"] = sum(timed["times_s"])
         timed["adapters"] = len(runner.plan.adapters)
@@ -303,6 +308,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--cases", default="dense,du,single", help="comma-separated subset of dense,du,single")
     ap.add_argument("--compile", nargs="?", const="inductor", default=None, metavar="BACKEND",
                     help="torch.compile our blocks (Runner.compile_blocks) with BACKEND (default inductor)")
+    ap.add_argument("--cuda-graphs", action="store_true",
+                    help="our steps as CUDA graphs, one per batch shape (tasktune/train/graphed_step.py)")
     ap.add_argument("--profile", action="store_true", help="also profile a few steps of ours and PEFT (autocast)")
     return ap.parse_args(argv)
 
@@ -343,7 +350,7 @@ def main() -> None:
             "warmup_steps": warmup, "timed_steps": steps, "timing": "median of per-step host times, device synced "
                                                                        "around each step; batch transfer included",
             "dense_batch": list(dense_shape), "du_batch_examples": du_batch, "max_length": args.max_length,
-            "pack_tokens": args.pack_tokens, "pack_multiple": pack_multiple, "ours_compile": args.compile,
+            "pack_tokens": args.pack_tokens, "pack_multiple": pack_multiple, "ours_compile": args.compile, "ours_cuda_graphs": args.cuda_graphs,
             "per_task_train_examples": per_task, "seed": seed,
         },
         "flops_formula": FLOP_FORMULA,
@@ -381,7 +388,7 @@ def main() -> None:
         warmup=warmup, steps=steps, du_batch=du_batch, dense_shape=dense_shape, max_length=args.max_length,
         pack_tokens=args.pack_tokens, pack_multiple=pack_multiple, compile=args.compile, profile=args.profile,
         check_steps=2 if args.smoke else 6, peak=H100_BF16_PEAK, peak_measured=peak_measured, r=r, alpha=alpha,
-        lr=lr, seed=seed,
+        lr=lr, seed=seed, cuda_graphs=args.cuda_graphs,
     )
     table: list[tuple[str, str]] = []
     for name, key, run in (("dense", "dense", dense_case), ("du", "du", du_case), ("single", "single_vs_multi", single_case)):

@@ -99,6 +99,7 @@ class Setup:
     alpha: float = 32.0
     lr: float = 1e-4
     seed: int = 0
+    cuda_graphs: bool = False  # our steps through train/graphed_step.py (one CUDA graph per batch shape)
 
 
 def make_runner(s: Setup, strategy: str, task_names: list[str], max_length: int, pack_tokens: int):
@@ -124,12 +125,12 @@ def compile_warmup(s: "Setup", step, batches) -> float | None:
     """With --compile: one untimed step per distinct batch shape, so the timed steps measure
     compiled code and not compilation (Dynamo recompiles once per new shape, then goes
     dynamic). Returns the seconds this took, or None without --compile."""
-    if not s.compile:
+    if not (s.compile or s.cuda_graphs):
         return None
     t0 = time.perf_counter()
     seen = set()
     for b in batches:
-        shape = tuple(b.input_ids.shape)
+        shape = step.key(b) if hasattr(step, "key") else tuple(b.input_ids.shape)  # graphs: one per key
         if shape not in seen:
             seen.add(shape)
             step(b)
@@ -137,7 +138,18 @@ def compile_warmup(s: "Setup", step, batches) -> float | None:
     return time.perf_counter() - t0
 
 
-def ours_step_fn(runner, opt, device, autocast=True):
+def ours_step_fn(runner, opt, device, autocast=True, graphs=False):
+    if graphs:  # opt from ours_optimizer(graphs=True)
+        from tasktune.train.graphed_step import GraphedStep
+
+        graphed = GraphedStep(runner, opt, autocast=torch.bfloat16 if autocast else None)
+
+        def step(batch):
+            return float(sum(graphed(batch).values()))
+
+        step.key, step.graphed = graphed.key, graphed
+        return step
+
     def step(batch):
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=autocast):
             losses = runner.task_losses(batch)
@@ -153,7 +165,8 @@ def dense_batch(input_ids):
     from tasktune.model.batches import Batch
 
     B = input_ids.shape[0]
-    return Batch(row_tasks=["dense"] * B, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
+    # row_tasks: a task the runner knows (CUDA-graphed steps check it; the loss is the same)
+    return Batch(row_tasks=[SINGLE_TASKS[0]] * B, input_ids=input_ids, attention_mask=torch.ones_like(input_ids),
                  adapter_ids=torch.zeros(B, dtype=torch.long), labels=input_ids.clone())
 
 
@@ -182,6 +195,28 @@ def make_optimizer(params, lr):
     return torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
 
 
+def ours_optimizer(s: "Setup", params):
+    """The same AdamW; with CUDA graphs the capturable fused one with a tensor lr."""
+    if s.cuda_graphs:
+        from tasktune.train.graphed_step import graphable_adamw
+
+        return graphable_adamw(list(params), s.lr, s.device, weight_decay=0.0)
+    return make_optimizer(params, s.lr)
+
+
+def graph_counts(step) -> dict | None:
+    """How many steps a graphed step captured, replayed and ran eagerly (None: no graphs)."""
+    g = getattr(step, "graphed", None)
+    return None if g is None else {"graphs": len(g.graphs), "captured": g.captured, "replayed": g.replayed, "eager": g.eager}
+
+
+def set_lr(group: dict, lr) -> None:
+    if isinstance(group["lr"], torch.Tensor):
+        group["lr"].fill_(float(lr))  # a captured graph reads this tensor
+    else:
+        group["lr"] = lr
+
+
 def copy_peft_lora_into_ours(peft_model, runner):
     """Our single adapter slot 0 := PEFT's default adapter (A random, B zero at init)."""
     inner = peft_model.base_model.model
@@ -195,15 +230,15 @@ def loss_check(ours_step, peft_step, ours_batch, peft_batch, opts, n_steps=6, lr
     """Same weights (LoRA A copied from PEFT, B = 0): the loss at step 0 and after each of
     `n_steps` AdamW steps (lr raised to `lr` for the check) on the same batch, ours and
     PEFT's (plain). The two curves must agree at steps 0 and 1 and both fall."""
-    saved = [[g["lr"] for g in o.param_groups] for o in opts]
+    saved = [[float(g["lr"]) for g in o.param_groups] for o in opts]
     for o in opts:
         for g in o.param_groups:
-            g["lr"] = lr
+            set_lr(g, lr)
     ours = [ours_step(ours_batch) for _ in range(n_steps)]
     peft = [peft_step(peft_batch) for _ in range(n_steps)]
     for o, lrs in zip(opts, saved):
         for g, v in zip(o.param_groups, lrs):
-            g["lr"] = v
+            set_lr(g, v)
     rel = [abs(a - b) / abs(b) for a, b in zip(ours, peft)]
     return {
         "ours_losses": ours, "peft_losses": peft, "rel_diff": rel, "check_lr": lr,

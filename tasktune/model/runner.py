@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tasktune.config import LoRASettings
+from tasktune.data.packing import block_causal_mask
 from tasktune.errors import TasktuneError
 from tasktune.lora.cgc import inject_cgc
 from tasktune.lora.inject import inject_lora, use_adapters
@@ -184,6 +185,23 @@ class Runner(nn.Module):
                 out[name] = part.sum() / total
                 self.last_shares[name] = count / total
         return out
+
+    def static_losses(self, s: dict[str, torch.Tensor], static) -> torch.Tensor:
+        """Per-task loss contributions [n_tasks] (order: `static.names`) of a causal batch
+        given as device tensors (train/graphed_step.py's StaticBatch): no host reads and no
+        host-dependent shapes, so a CUDA graph can capture it. Equals `task_losses` up to
+        summation order; absent tasks get exactly 0."""
+        mask = None
+        if "segment_ids" in s:  # packed rows or padding: the additive block-causal mask
+            mask = block_causal_mask(s["segment_ids"], torch.float32).to(self.model.dtype)
+        with use_adapters(self.handle, s["adapter_ids"]) if self.handle is not None else nullcontext():
+            hidden = self.model.base_model(
+                input_ids=s["input_ids"], attention_mask=mask, position_ids=s.get("position_ids"), use_cache=False,
+            ).last_hidden_state
+        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, s["position"])
+        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), scored, s["labels"])  # 0 where IGNORE
+        sums = torch.zeros(len(static.names), dtype=tok_loss.dtype, device=tok_loss.device)
+        return sums.index_add(0, s["task"], tok_loss) * s["inv_total"]
 
     def compile_blocks(self, **options) -> int:
         """Opt-in speed: torch.compile each repeated block of the model (the decoder or
