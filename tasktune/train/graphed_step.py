@@ -8,7 +8,8 @@ optimizer) is one `graph.replay()`.
 What a captured step may not do, and how this file avoids it:
 - read the device from the host: the loss is built from device tensors only
   (`Runner.static_losses`: scored positions padded to a bucket, per-task sums by
-  `index_add_`, 1 / total as a tensor), and HF never gets a 2-D mask it would inspect;
+  `index_add_`, 1 / total as a tensor), and HF always gets a 4-D mask (a 2-D one it
+  would inspect; no mask it would treat differently during capture);
 - depend on host values that change per batch: the graph key is everything host-side the
   step reads (rows, width, scored-position bucket, mask kind); the per-task split is a
   device index, and tasks absent from a batch add exactly zero;
@@ -45,7 +46,7 @@ class StaticBatch:
 
     input_ids: Tensor  # [B, T]
     position_ids: Tensor | None  # [B, T]; None: 0..T-1 (unpacked rows)
-    segment_ids: Tensor | None  # [B, T], -1 = padding; None: no padding, plain causal
+    segment_ids: Tensor  # [B, T] example of each token, -1 = padding
     adapter_ids: Tensor  # [B] or [B, T]
     position: Tensor  # [N_pad] flat index of each scored position (0 for padding)
     labels: Tensor  # [N_pad] (IGNORE for padding)
@@ -87,8 +88,10 @@ def static_batch(batch: Batch, names: tuple[str, ...]) -> StaticBatch:
     task = torch.repeat_interleave(torch.tensor([names.index(x) for x in t.names], dtype=torch.long), torch.tensor(t.counts))
     pad = n_pad - n
     segment = batch.segment_ids
-    if segment is None and not bool(batch.attention_mask.all()):
-        segment = torch.where(batch.attention_mask.bool(), 0, -1)  # one example a row, padding apart
+    if segment is None:  # one example a row, padding apart. Always an explicit mask: without one
+        # HF skips the mask for plain causal rows, but not while a graph is being captured
+        # (it cannot tell then), and the capture would compile another block variant.
+        segment = torch.where(batch.attention_mask.bool(), 0, -1)
     return StaticBatch(
         input_ids=batch.input_ids, position_ids=batch.position_ids, segment_ids=segment, adapter_ids=batch.adapter_ids,
         position=torch.cat([t.position, t.position.new_zeros(pad)]),
@@ -133,6 +136,8 @@ class GraphedStep:
         self.runner, self.optimizer = runner, optimizer
         self.names = tuple(runner.tasks)
         self.weights = {n: float((weights or {}).get(n, 1.0)) for n in self.names}
+        # on the device before any capture (a capture may not copy from pageable host memory)
+        self._weights = torch.tensor([self.weights[n] for n in self.names], device=runner.device)
         self.clip, self.autocast = clip, autocast
         self.device = runner.device
         self.capture = self.device.type == "cuda" if capture is None else capture
@@ -159,8 +164,7 @@ class GraphedStep:
         amp = torch.autocast(self.device.type, dtype=self.autocast, cache_enabled=False) if self.autocast else nullcontext()
         with amp:
             sums = self.runner.static_losses(s, static)  # [n_tasks]
-        w = torch.tensor([self.weights[n] for n in self.names], dtype=sums.dtype, device=sums.device)
-        (sums * w).sum().backward()
+        (sums * self._weights.to(sums.dtype)).sum().backward()
         if self.clip:
             torch.nn.utils.clip_grad_norm_(self.runner.trainable_parameters(), self.clip, foreach=True)
         self.optimizer.step()
