@@ -124,6 +124,9 @@ class TrainSettings(_Strict):
     log_every: int = 10
     deterministic: bool = False  # torch deterministic algorithms (also: TASKTUNE_DETERMINISTIC=1)
     compile: bool = False  # torch.compile the model's repeated blocks (Runner.compile_blocks); needs a C compiler
+    # causal LMs: each batch shape's whole step replayed as one CUDA graph (train/graphed_step.py);
+    # static loss weights, grad_accum 1, one process. Without a GPU the same step runs eagerly.
+    cuda_graphs: bool = False
     head_dropout: float = Field(default=0.1, ge=0, lt=1)  # encoder task heads, before the linear layer
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
 

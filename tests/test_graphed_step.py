@@ -4,6 +4,7 @@ step (CPU, capture off), and on a GPU its replays equal eager steps."""
 from __future__ import annotations
 
 import copy
+import json
 
 import pytest
 import torch
@@ -11,8 +12,9 @@ import torch
 from projects import tiny_config
 from tasktune.errors import TasktuneError
 from tasktune.model.load import load_model
+from tasktune.train import loop
 from tasktune.train.graphed_step import GraphedStep, graphable_adamw, scored_bucket, static_batch
-from tasktune.train.run import build_runner, prepare_data
+from tasktune.train.run import build_runner, prepare_data, train_strategy
 
 
 def _setup(tmp_path, model_dir, strategy="single", device="cpu"):
@@ -106,3 +108,50 @@ def test_replayed_graph_steps_equal_eager_steps_on_the_gpu(tmp_path, tiny_llama)
     assert step.captured == 1 and step.replayed == 3
     for a, b in zip(_lora_state(runner), _lora_state(twin)):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def _trained_adapters(tmp_path, model_dir, name, **train):
+    (tmp_path / name).mkdir()
+    cfg = tiny_config(tmp_path / name, model_dir, max_steps=4, batch_size=6, log_every=2, **train)
+    cfg.lora.dropout = 0.0  # the static step and the plain one draw dropout in another order
+    runner, result, _ = train_strategy(cfg, "multi", tmp_path / name / "out", progress=False)
+    return _lora_state(runner), (tmp_path / name / "out" / "metrics.jsonl").read_text()
+
+
+def test_the_loop_with_cuda_graphs_trains_like_the_plain_loop(tmp_path, tiny_llama):
+    """train.cuda_graphs: on the CPU the loop takes the static step (what the GPU captures)."""
+    plain, plain_log = _trained_adapters(tmp_path, tiny_llama, "plain")
+    graphed, graphed_log = _trained_adapters(tmp_path, tiny_llama, "graphed", cuda_graphs=True)
+    for a, b in zip(graphed, plain):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+    rows = [json.loads(x) for x in graphed_log.splitlines()]
+    ref = [json.loads(x) for x in plain_log.splitlines()]
+    assert [r["step"] for r in rows] == [r["step"] for r in ref] == [2, 4]
+    for r, q in zip(rows, ref):
+        assert r["task_loss"] == pytest.approx(q["task_loss"], rel=1e-4) and r["lr"] == pytest.approx(q["lr"])
+
+
+def test_cuda_graphs_refuse_what_cannot_be_captured(tmp_path, tiny_llama):
+    cfg = tiny_config(tmp_path, tiny_llama, max_steps=1, batch_size=4, cuda_graphs=True, grad_accum=2,
+                      weighting={"method": "dwa"})
+    with pytest.raises(TasktuneError, match="static loss weights only.*grad_accum 1 only"):
+        train_strategy(cfg, "multi", tmp_path / "out", progress=False)
+
+
+def test_a_graphed_run_resumes_from_its_checkpoint(tmp_path, tiny_llama, monkeypatch):
+    """The capturable optimizer (tensor learning rates, device step counts) goes through a
+    checkpoint and back: 2 steps, then resumed to 4, ends where 4 straight steps do."""
+    opts = dict(batch_size=6, log_every=2, cuda_graphs=True, schedule="constant", warmup_ratio=0.0, checkpoint_every=2)
+    whole = tiny_config(tmp_path, tiny_llama, max_steps=4, **opts)
+    whole.lora.dropout = 0.0
+    ref, _, _ = train_strategy(whole, "multi", tmp_path / "whole", progress=False)
+    first = whole.model_copy(deep=True)
+    first.train.max_steps = 2
+    train_strategy(first, "multi", tmp_path / "cut", progress=False)
+    loaded = []
+    original = loop.load_checkpoint
+    monkeypatch.setattr(loop, "load_checkpoint", lambda path, **kw: loaded.append(path.name) or original(path, **kw))
+    resumed, result, _ = train_strategy(whole, "multi", tmp_path / "cut", resume=True, progress=False)
+    assert loaded == ["checkpoint-2"] and result.steps == 4
+    for a, b in zip(_lora_state(resumed), _lora_state(ref)):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

@@ -32,13 +32,15 @@ from tqdm.auto import tqdm
 
 from tasktune.config import MixingConfig, TrainSettings, WeightingConfig
 from tasktune.data.sampler import MixtureSampler
+from tasktune.errors import TasktuneError
 from tasktune.model.runner import Runner
 from tasktune.tasks.spec import Example
 from tasktune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from tasktune.train.distributed import GlobalLosses, check_weighting, make_accelerator, sync_unless
+from tasktune.train.graphed_step import GraphedStep, graphable_adamw
 from tasktune.train.schedule import make_scheduler, warmup_steps_from_ratio
 from tasktune.train.validation import validation_losses
-from tasktune.train.weighting import make_weighter
+from tasktune.train.weighting import StaticWeighter, make_weighter
 
 
 @dataclass
@@ -63,7 +65,7 @@ def total_steps(settings: TrainSettings, train_sizes: dict[str, int], world: int
 CGC_GATES = ("gate_logits", "gate_proj")  # CGCLoRALinear's gate parameters (lora/cgc.py)
 
 
-def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]) -> torch.optim.Optimizer:
+def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict], graphs: bool = False) -> torch.optim.Optimizer:
     named = [(n, p) for n, p in runner.model.named_parameters() if p.requires_grad]
     own_lr = lambda name: settings.gate_lr is not None and name.rsplit(".", 1)[-1] in CGC_GATES  # noqa: E731
     gates = [p for n, p in named if own_lr(n)]
@@ -78,7 +80,31 @@ def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]
     # On GPUs the fused AdamW (one kernel per step for all parameters, what HF Trainer's
     # adamw_torch_fused does) instead of the multi-tensor loop; the CPU keeps the default.
     fused = all(p.is_cuda for g in groups for p in g["params"])
+    if graphs:  # capturable, learning rates as tensors the scheduler updates in place
+        return graphable_adamw(groups, lr, runner.device)
     return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
+
+
+def _graphed_step(runner: Runner, settings: TrainSettings, weighter, optimizer, world: int) -> GraphedStep | None:
+    """The CUDA-graphed step when the config asks for it and the run allows it (clear
+    errors otherwise); None for the plain loop."""
+    if not settings.cuda_graphs:
+        return None
+    why = [
+        reason for reason, bad in (
+            ("causal LMs only", runner.family != "causal"),
+            ("static loss weights only (the others read losses on the host or differentiate twice)",
+             not isinstance(weighter, StaticWeighter)),
+            ("grad_accum 1 only", settings.grad_accum != 1),
+            ("one process only", world != 1),
+        ) if bad
+    ]
+    if why:
+        raise TasktuneError("train.cuda_graphs: " + "; ".join(why))
+    weights = dict(zip(weighter.task_names, weighter.weights))
+    autocast = torch.bfloat16 if settings.precision == "bf16" else None
+    return GraphedStep(runner, getattr(optimizer, "optimizer", optimizer), weights=weights,
+                       clip=settings.max_grad_norm or None, autocast=autocast)
 
 
 def _trainable_state(runner: Runner) -> dict[str, torch.Tensor]:
@@ -124,10 +150,11 @@ def train(
         weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window,
         device=accelerator.device,
     )
-    optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups())
+    optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups(), graphs=settings.cuda_graphs)
     scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
     sampler = MixtureSampler(sizes, mixing, seed)
     model, optimizer = accelerator.prepare(runner, optimizer)
+    graphed = _graphed_step(runner, settings, weighter, optimizer, world)
     start = 0
     best_val, best_state, bad_evals, stopped = math.inf, None, 0, False
     best_task_val: dict[str, float] = {}
@@ -167,6 +194,12 @@ def train(
             # stream is the same for any number of processes.
             mine = sampler.draw_shard(settings.batch_size, rank, world)
             batch = runner.collate([train_data[t][i] for t, i in mine], pack=runner.family == "causal")
+            if graphed is not None:  # forward, backward, clip and optimizer step in one replay
+                losses, means = global_losses(graphed(batch), runner, batch)
+                weights = {t: graphed.weights[t] for t in losses}
+                sums = {t: sums.get(t, 0.0) + m for t, m in means.items()}
+                seen = {t: seen.get(t, 0) + 1 for t in means}
+                continue
             with sync_unless(micro == settings.grad_accum - 1, accelerator, model):
                 with accelerator.autocast():
                     losses = model(batch)
@@ -174,17 +207,18 @@ def train(
                 weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
             for t, mean in means.items():
                 sums[t], seen[t] = sums.get(t, 0.0) + mean, seen.get(t, 0) + 1
-        if settings.max_grad_norm:
-            accelerator.clip_grad_norm_(runner.trainable_parameters(), settings.max_grad_norm)
-        optimizer.step()
+        if graphed is None:
+            if settings.max_grad_norm:
+                accelerator.clip_grad_norm_(runner.trainable_parameters(), settings.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
         scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
         window = {t: sums[t] / seen[t] for t in sums}  # each task's own mean loss over the micro-batches it was in
         last.update(window)
         bar.update(1)
         if main and ((step + 1) % settings.log_every == 0 or step + 1 == steps):
             task_loss, used = read_values(window, weights)  # the one device read of a log step
-            record = {"step": step + 1, "lr": scheduler.get_last_lr()[0], "task_loss": task_loss, "weights": used}
+            record = {"step": step + 1, "lr": float(scheduler.get_last_lr()[0]), "task_loss": task_loss, "weights": used}
             log.write(json.dumps(record) + "\n")
             log.flush()
             if writer:
