@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
 # with STEPS naming them: the Triton kernel tests on the GPU, the LoRA kernel bench, the
-# decode step without torch.compile), the training bench with compiled
+# decode step without torch.compile), the training bench with compiled, CUDA-graphed
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
 # the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
@@ -33,7 +33,7 @@ want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
   python3 bench/serve_bench.py --no-compile --skip-peft ${SERVE_EAGER_ARGS:-} --out "$OUT/serve_eager"
 [ -n "${TRAIN_LOGS:-}" ] && export TORCH_LOGS=$TRAIN_LOGS  # an empty TORCH_LOGS breaks `import torch`
-want train && step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile ${TRAIN_ARGS:-} --out "$OUT/train" \
+want train && step train "${TRAIN_S:-240}" python3 bench/train_bench.py --compile --cuda-graphs ${TRAIN_ARGS:-} --out "$OUT/train" \
   --results "$OUT/train/train_bench.json"
 if want ddp && [ "$(python3 -c 'import torch; print(torch.cuda.device_count())')" -ge 2 ]; then
   step ddp "${DDP_S:-200}" python3 bench/ddp_check.py --results "$OUT/ddp/ddp_check.json"

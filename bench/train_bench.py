@@ -17,12 +17,9 @@ on q,k,v,o,gate,up,down; AdamW. Three cases, every number measured in the same r
    batches of clinc150, snips_intent, snips_slots, circa: step-time ratio.
 
 Before timing, our loss is compared with PEFT's on the same batch, at step 0 and after
-AdamW steps from identical LoRA weights. --profile adds where a step's time goes (device
-busy time, host ops, syncs: common.profile_steps); --compile compiles our blocks.
-
-    PYTHONPATH=. python3 bench/train_bench.py            # on the GPU (writes $OUT too)
-    .venv/bin/python bench/train_bench.py --tiny         # 2 layers, hidden 64, on the CPU
-    .venv/bin/python bench/train_bench.py --smoke        # the same, less data and steps: seconds
+AdamW steps from identical LoRA weights. --profile: where a step's time goes
+(common.profile_steps); --compile: our blocks compiled; --cuda-graphs: our steps replayed
+as CUDA graphs (train/graphed_step.py). Runs: bench/README.md.
 """
 
 from __future__ import annotations
@@ -44,13 +41,13 @@ import torch  # noqa: E402
 
 from common import (  # noqa: E402
     H100_BF16_PEAK, bpe_tokenizer, device_name, free, fx, guarded, matmul_peak, model_facts, pick_device, print_table,
-    profile_steps, profile_text, qwen_config, random_causal_lm, ratio, time_steps, versions, write_json,
+    profile_steps, qwen_config, random_causal_lm, ratio, time_steps, versions, write_json,
 )
 
 from train_setup import (  # noqa: E402
     DU_TASKS, IGNORE, SINGLE_TASKS, TARGETS, Setup, check_text, compile_warmup, copy_peft_lora_into_ours, dense_batch,
     graph_counts, load_du, loss_check, make_optimizer, make_peft, make_runner, max_memory, mixture, ours_optimizer,
-    ours_step_fn, padded_batch,
+    ours_step_fn, padded_batch, profile_rows,
     peft_step_fn, reset_memory, step_flops,
 )
 
@@ -282,11 +279,6 @@ def single_case(s: Setup) -> tuple[dict, list[tuple[str, str]]]:
         ("multi | single eff tok/s", f"{res['multi']['effective_tokens_per_s']:,.0f} | {res['single']['effective_tokens_per_s']:,.0f}"),
     ]
     return res, table
-
-
-def profile_rows(case: str, res: dict, keys) -> list[tuple[str, str]]:
-    """Table rows for the profiles the case took (see common.profile_text)."""
-    return [(f"{case} {k} profile per step", profile_text(res[k]["profile"])) for k in keys if "profile" in res.get(k, {})]
 
 
 # --- main ------------------------------------------------------------------------------------

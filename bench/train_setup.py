@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from common import LORA_TARGETS, linear_shapes, sync
+from common import LORA_TARGETS, linear_shapes, profile_text, sync
 
 TARGETS = LORA_TARGETS
 DU_TASKS = ["clinc150", "snips_intent", "snips_slots", "circa", "dialogsum"]
@@ -264,3 +264,8 @@ def max_memory(res: dict, device) -> None:
 def reset_memory(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+
+
+def profile_rows(case: str, res: dict, keys) -> list[tuple[str, str]]:
+    """Table rows for the profiles the case took (see common.profile_text)."""
+    return [(f"{case} {k} profile per step", profile_text(res[k]["profile"])) for k in keys if "profile" in res.get(k, {})]
