@@ -278,11 +278,15 @@ def main() -> None:
         from tasktune.serve.cuda_graphs import DecodeStep
 
         main_step, kernels = engine.decode_step, engine.pool.stacks.kernels
+        from tasktune.serve import triton_attention
+
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
-                    "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}"))}
+                    "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
+                    "attention_no_split": (True, kernels, ("base", f"a{n_adapters}"))}  # one program per (row, KV head)
         for label, (graphs, use_kernels, names_) in variants.items():
             if label == "graphs_torch_lora" and not kernels:
                 continue  # the main run already used torch LoRA
+            triton_attention.default_splits = 1 if label == "attention_no_split" else 0
             engine.pool.stacks.kernels = use_kernels
             engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
             engine.warmup()
@@ -294,6 +298,7 @@ def main() -> None:
                 print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
                       f"{c[f'{label}_tokens_equal']}", flush=True)
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
+        triton_attention.default_splits = 0
     a_tokens = result.pop("_tokens")
     del engine
     free()

@@ -31,8 +31,10 @@ CASES = {  # name: (rows, slots, heads, kv_heads, head_dim, max_len, length, pos
 }
 
 
+@pytest.mark.parametrize("splits", [1, 3])
 @pytest.mark.parametrize("case", list(CASES))
-def test_matches_sdpa_with_the_position_mask(case):
+def test_matches_sdpa_with_the_position_mask(case, splits):
+    """splits=3: the context in chunks attended apart, then combined (flash-decoding)."""
     n, slots, heads, kvh, hd, max_len, length, positions = CASES[case]
     g = torch.Generator().manual_seed(0)
     qkv = torch.randn(n, heads + 2 * kvh, hd, generator=g).to(DEVICE)
@@ -42,14 +44,15 @@ def test_matches_sdpa_with_the_position_mask(case):
     pos = torch.tensor(positions, device=DEVICE)
     k_new, v_new = qkv[:, heads:heads + kvh], qkv[:, heads + kvh:]  # row-strided views too
     kc, vc = k.clone(), v.clone()
-    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, kc, vc, pos, length)
+    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, kc, vc, pos, length, splits=splits)
     rows = torch.arange(n, device=DEVICE)
     k[rows, :, pos], v[rows, :, pos] = k_new, v_new  # what the kernel writes, written by torch
     assert torch.equal(kc, k) and torch.equal(vc, v)  # and nothing else
     torch.testing.assert_close(out, reference(q, k, v, pos, length), rtol=1e-5, atol=1e-5)
 
 
-def test_keys_past_a_rows_position_are_never_read():
+@pytest.mark.parametrize("splits", [1, 4])
+def test_keys_past_a_rows_position_are_never_read(splits):
     # non-finite values past each row's position (stale cache) must not reach it
     n, heads, kvh, hd, L = 3, 4, 2, 16, 64
     q = torch.randn(n, heads, hd).to(DEVICE)
@@ -59,7 +62,7 @@ def test_keys_past_a_rows_position_are_never_read():
         k[b, :, p:] = float("nan")  # position p itself is overwritten with this step's key
         v[b, :, p:] = float("inf")
     k_new, v_new = torch.randn(n, kvh, hd).to(DEVICE), torch.randn(n, kvh, hd).to(DEVICE)
-    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, k, v, pos, L)
+    out = torch.ops.tasktune.decode_attention(q, k_new, v_new, k, v, pos, L, splits=splits)
     assert torch.isfinite(out).all()
     clean = k.nan_to_num(0.0), v.nan_to_num(0.0, posinf=0.0)
     torch.testing.assert_close(out, reference(q, *clean, pos, L), rtol=1e-5, atol=1e-5)
@@ -72,8 +75,9 @@ def test_rejects_shapes_it_cannot_run():
         torch.ops.tasktune.decode_attention(q, k[:, :, 0], k[:, :, 0], k, k, torch.zeros(2, dtype=torch.long, device=DEVICE), 8)
 
 
+@pytest.mark.parametrize("splits", [1, 2])
 @pytest.mark.parametrize("case", list(CASES))
-def test_rotary_inside_the_kernel_equals_rotating_first(case):
+def test_rotary_inside_the_kernel_equals_rotating_first(case, splits):
     """Given the rotary tables, the kernel rotates q and the new key by their positions:
     the same output and cache as `decoder.apply_rope` first, then the kernel without them."""
     from tasktune.serve.decoder import apply_rope
@@ -95,7 +99,7 @@ def test_rotary_inside_the_kernel_equals_rotating_first(case):
                                                pos, length)
     kc2, vc2 = k0.clone(), v0.clone()
     got = torch.ops.tasktune.decode_attention(qkv[:, :heads], qkv[:, heads:heads + kvh], qkv[:, heads + kvh:], kc2,
-                                              vc2, pos, length, cos, sin)
+                                              vc2, pos, length, cos, sin, splits)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(kc2, kc, rtol=1e-6, atol=1e-6)
     assert torch.equal(vc2, vc)

@@ -7,7 +7,10 @@ Qwen2.5-0.5B KV head) plus two copies of the strided K and V views per layer, 11
 layer for 6 MB of keys and values. Here one program per (sequence, KV head) reads that
 head's keys once for all the query heads that share it (grouped-query attention), reads
 only the sequence's own keys (loads past its length are masked off), and keeps an online
-softmax in fp32 (flash-decoding without the split: contexts here are a few hundred keys).
+softmax in fp32. A batch of 32 with 2 KV heads is only 64 such programs for 132 SMs, so on
+a GPU the context is also split into chunks attended by separate programs whose partial
+softmax states a second kernel combines (flash-decoding; `splits`). The split is not yet
+timed on a GPU: the serve bench's `attention_no_split` variant times the kernel without it.
 
 `decode_attention(q, k, v, k_cache, v_cache, positions, length)`: q [N, H, hd], this step's
 k, v [N, kv_heads, hd] (row-strided views allowed), one layer of the cache [slots,
@@ -20,6 +23,8 @@ so torch.compile keeps it whole. Runs on the CPU under TRITON_INTERPRET=1 (tests
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -85,15 +90,114 @@ if triton is not None:
                  mask=g_ok[:, None])
 
 
+if triton is not None:
+
+    @triton.jit
+    def _decode_attention_split(
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, pm_ptr, pd_ptr, pacc_ptr,
+        sm_scale,
+        stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
+        LENGTH: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, ROPE: tl.constexpr,
+    ):
+        """One (sequence, KV head, chunk of the context): the chunk's partial softmax state
+        (max, denominator, unnormalised output) into the scratch buffers. Chunks read only
+        keys written by earlier steps (l < position); chunk 0 also writes this step's key and
+        value into the cache and attends to the new key from registers, so no program reads
+        what another writes in the same launch."""
+        b = tl.program_id(0)
+        kv = tl.program_id(1)
+        c = tl.program_id(2)
+        pos = tl.load(pos_ptr + b).to(tl.int32)
+        n_old = tl.minimum(pos, LENGTH)  # keys already in the cache that this row attends
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < GROUP
+        heads = kv * GROUP + offs_g
+        offs_d = tl.arange(0, HD)
+        q_rows = q_ptr + b * stride_qn + heads[:, None] * stride_qh
+        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        if ROPE:
+            rolled = (offs_d + HD // 2) % HD
+            cos = tl.load(cos_ptr + pos * HD + offs_d)
+            sin = tl.load(sin_ptr + pos * HD + offs_d)
+            q_src = tl.load(q_rows + rolled[None, :], mask=g_ok[:, None], other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + q_src.to(tl.float32) * sin[None, :]).to(q.dtype)
+        k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
+        v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
+        m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
+        denom = tl.zeros((G_PAD,), dtype=tl.float32)
+        acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
+        if c == 0:
+            kn_row = kn_ptr + b * stride_knn + kv * stride_knh
+            k_new = tl.load(kn_row + offs_d)
+            if ROPE:
+                k_new = k_new.to(tl.float32) * cos + tl.load(kn_row + rolled).to(tl.float32) * sin
+            k_new = k_new.to(k_ptr.dtype.element_ty)
+            v_new = tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d).to(v_ptr.dtype.element_ty)
+            tl.store(k_base + pos * stride_kl + offs_d, k_new)
+            tl.store(v_base + pos * stride_vl + offs_d, v_new)
+            if pos < LENGTH:  # the new key is inside this bucket's context: attend to it
+                s_new = tl.sum(q.to(tl.float32) * k_new.to(tl.float32)[None, :], axis=1) * sm_scale  # [G_PAD]
+                m = s_new
+                denom = tl.full((G_PAD,), 1.0, dtype=tl.float32)
+                acc = tl.zeros((G_PAD, HD), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
+        for start in range(0, CHUNK, BLOCK_L):  # blocks past n_old load nothing
+            offs_l = c * CHUNK + start + tl.arange(0, BLOCK_L)
+            l_ok = offs_l < n_old
+            k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
+            s = tl.where(l_ok[None, :], s, float("-inf"))
+            m_new = tl.maximum(m, tl.max(s, axis=1))
+            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with no key yet: exp(-inf) = 0
+            p = tl.exp(s - m_safe[:, None])
+            alpha = tl.exp(m - m_safe)
+            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+            denom = denom * alpha + tl.sum(p, axis=1)
+            m = m_new
+        part = (b * tl.num_programs(1) + kv) * SPLITS + c
+        tl.store(pm_ptr + part * G_PAD + offs_g, m)
+        tl.store(pd_ptr + part * G_PAD + offs_g, denom)
+        tl.store(pacc_ptr + (part * G_PAD + offs_g[:, None]) * HD + offs_d[None, :], acc)
+
+    @triton.jit
+    def _combine_splits(
+        pm_ptr, pd_ptr, pacc_ptr, o_ptr, stride_on, stride_oh,
+        GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    ):
+        """The chunks' partial states of one (sequence, KV head) -> its output rows."""
+        b = tl.program_id(0)
+        kv = tl.program_id(1)
+        offs_s = tl.arange(0, S_PAD)
+        offs_g = tl.arange(0, G_PAD)
+        offs_d = tl.arange(0, HD)
+        s_ok = offs_s < SPLITS
+        part = (b * tl.num_programs(1) + kv) * SPLITS + offs_s  # [S_PAD]
+        idx = part[:, None] * G_PAD + offs_g[None, :]  # [S_PAD, G_PAD]
+        m = tl.load(pm_ptr + idx, mask=s_ok[:, None], other=float("-inf"))
+        d = tl.load(pd_ptr + idx, mask=s_ok[:, None], other=0.0)
+        m_all = tl.max(m, axis=0)  # [G_PAD]; every row attends at least one key, so finite
+        w = tl.exp(m - m_all[None, :])  # [S_PAD, G_PAD]; 0 for chunks without keys
+        denom = tl.sum(w * d, axis=0)
+        acc = tl.load(pacc_ptr + idx[:, :, None] * HD + offs_d[None, None, :], mask=s_ok[:, None, None], other=0.0)
+        o = tl.sum(acc * w[:, :, None], axis=0) / denom[:, None]  # [G_PAD, HD]
+        heads = kv * GROUP + offs_g
+        tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
+                 mask=(offs_g < GROUP)[:, None])
+
+
 @torch.library.custom_op("tasktune::decode_attention", mutates_args=("k_cache", "v_cache"))
 def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                      positions: torch.Tensor, length: int, cos: torch.Tensor | None = None,
-                     sin: torch.Tensor | None = None) -> torch.Tensor:
+                     sin: torch.Tensor | None = None, splits: int = 0) -> torch.Tensor:
     """q: [N, H, hd], k, v: [N, kv_heads, hd] (this step's token), k_cache, v_cache: one
     layer [slots >= N, kv_heads, max_len, hd], positions: [N] -> [N, H, hd]. Writes k[n], v[n]
     at [n, :, positions[n]] of the caches, then attends (one kernel: no separate write).
     cos, sin: fp32 rotary tables [>= max_len, hd] (Decoder.rope_table, sin sign-folded):
-    q and k are then rotated here, by their position, instead of by a kernel of their own."""
+    q and k are then rotated here, by their position, instead of by a kernel of their own.
+    splits: chunks of the context attended by separate programs and then combined
+    (flash-decoding), so that a small batch still fills the GPU; 0 = enough chunks for
+    about two programs per SM (one, without a split, on the CPU)."""
     n, heads, hd = q.shape
     slots, kv_heads, max_len, _ = k_cache.shape
     rope = cos is not None
@@ -109,17 +213,61 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     if n == 0:
         return out
     group = heads // kv_heads
+    g_pad = _pow2_at_least(group, 16)
     k, v = k.to(k_cache.dtype), v.to(v_cache.dtype)
-    _decode_attention[(n, kv_heads)](
-        q, k, v, k_cache, v_cache, positions, out, cos if rope else q, sin if rope else q, hd ** -0.5,
+    n_blocks = -(-length // BLOCK_L)
+    splits = min(splits if splits > 0 else _auto_splits(n * kv_heads, q.device), n_blocks)
+    chunk_blocks = -(-n_blocks // max(splits, 1))
+    splits = -(-n_blocks // chunk_blocks)
+    tables = (cos if rope else q, sin if rope else q)
+    strides = (
         q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
-        out.stride(0), out.stride(1),
-        GROUP=group, G_PAD=_pow2_at_least(group, 16), HD=hd, BLOCK_L=64, LENGTH=length, ROPE=rope,
+    )
+    if splits == 1:
+        _decode_attention[(n, kv_heads)](
+            q, k, v, k_cache, v_cache, positions, out, *tables, hd ** -0.5, *strides, out.stride(0), out.stride(1),
+            GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope,
+        )
+        return out
+    parts = n * kv_heads * splits * g_pad
+    m = torch.empty(parts, dtype=torch.float32, device=q.device)
+    d = torch.empty(parts, dtype=torch.float32, device=q.device)
+    acc = torch.empty(parts * hd, dtype=torch.float32, device=q.device)
+    _decode_attention_split[(n, kv_heads, splits)](
+        q, k, v, k_cache, v_cache, positions, *tables, m, d, acc, hd ** -0.5, *strides,
+        GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, CHUNK=chunk_blocks * BLOCK_L, SPLITS=splits,
+        ROPE=rope,
+    )
+    _combine_splits[(n, kv_heads)](
+        m, d, acc, out, out.stride(0), out.stride(1),
+        GROUP=group, G_PAD=g_pad, HD=hd, SPLITS=splits, S_PAD=_pow2_at_least(splits, 2),
     )
     return out
 
 
+BLOCK_L = 64  # keys a loop iteration reads
+
+
+@functools.cache
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+# splits=0 means this many chunks when > 0 (benchmarks set 1 to time the kernel without the
+# split); 0: `_auto_splits`.
+default_splits = 0
+
+
+def _auto_splits(programs: int, device: torch.device) -> int:
+    """Chunks per (sequence, KV head) for about two programs per SM; 1 on the CPU."""
+    if default_splits > 0:
+        return default_splits
+    if device.type != "cuda":
+        return 1
+    return max(1, -(-2 * _sm_count(device) // max(programs, 1)))
+
+
 @decode_attention.register_fake
-def _(q, k, v, k_cache, v_cache, positions, length, cos=None, sin=None):
+def _(q, k, v, k_cache, v_cache, positions, length, cos=None, sin=None, splits=0):
     return q.new_empty(q.shape)
