@@ -36,6 +36,41 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
+    def _rope_tables(pos, cos_ptr, sin_ptr, HD: tl.constexpr):
+        """x * cos + roll(x, HD / 2) * sin_signed (decoder.apply_rope): the rolled index and
+        the position's rows of the fp32 tables."""
+        offs_d = tl.arange(0, HD)
+        return (offs_d + HD // 2) % HD, tl.load(cos_ptr + pos * HD + offs_d), tl.load(sin_ptr + pos * HD + offs_d)
+
+    @triton.jit
+    def _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh,
+                GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, ROPE: tl.constexpr):
+        """The query heads sharing KV head kv [G_PAD, HD] (rows past GROUP are 0), rotated by
+        pos when ROPE (in fp32, rounded once to q's dtype)."""
+        offs_g = tl.arange(0, G_PAD)
+        g_ok = offs_g < GROUP
+        offs_d = tl.arange(0, HD)
+        rows = q_ptr + b * stride_qn + (kv * GROUP + offs_g)[:, None] * stride_qh
+        q = tl.load(rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
+        if ROPE:
+            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
+            src = tl.load(rows + rolled[None, :], mask=g_ok[:, None], other=0.0)
+            q = (q.to(tl.float32) * cos[None, :] + src.to(tl.float32) * sin[None, :]).to(q.dtype)
+        return q
+
+    @triton.jit
+    def _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD: tl.constexpr, ROPE: tl.constexpr):
+        """This step's key for KV head kv [HD], rotated by pos when ROPE (then fp32: the
+        caller's store rounds it once)."""
+        offs_d = tl.arange(0, HD)
+        row = kn_ptr + b * stride_knn + kv * stride_knh
+        k = tl.load(row + offs_d)
+        if ROPE:
+            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
+            k = k.to(tl.float32) * cos + tl.load(row + rolled).to(tl.float32) * sin
+        return k
+
+    @triton.jit
     def _decode_attention(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, cos_ptr, sin_ptr,
         sm_scale,
@@ -52,17 +87,8 @@ if triton is not None:
         g_ok = offs_g < GROUP
         heads = kv * GROUP + offs_g
         offs_d = tl.arange(0, HD)
-        q_rows = q_ptr + b * stride_qn + heads[:, None] * stride_qh
-        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-        kn_row = kn_ptr + b * stride_knn + kv * stride_knh
-        k_new = tl.load(kn_row + offs_d)
-        if ROPE:  # x * cos + roll(x, HD / 2) * sin_signed (decoder.apply_rope), in fp32, rounded once
-            rolled = (offs_d + HD // 2) % HD
-            cos = tl.load(cos_ptr + pos * HD + offs_d)
-            sin = tl.load(sin_ptr + pos * HD + offs_d)
-            q_src = tl.load(q_rows + rolled[None, :], mask=g_ok[:, None], other=0.0)
-            q = (q.to(tl.float32) * cos[None, :] + q_src.to(tl.float32) * sin[None, :]).to(q.dtype)
-            k_new = k_new.to(tl.float32) * cos + tl.load(kn_row + rolled).to(tl.float32) * sin
+        q = _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
+        k_new = _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD, ROPE)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
         # this token's key and value go into the cache first (only this program reads them)
@@ -111,27 +137,15 @@ if triton is not None:
         pos = tl.load(pos_ptr + b).to(tl.int32)
         n_old = tl.minimum(pos, LENGTH)  # keys already in the cache that this row attends
         offs_g = tl.arange(0, G_PAD)
-        g_ok = offs_g < GROUP
-        heads = kv * GROUP + offs_g
         offs_d = tl.arange(0, HD)
-        q_rows = q_ptr + b * stride_qn + heads[:, None] * stride_qh
-        q = tl.load(q_rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
-        if ROPE:
-            rolled = (offs_d + HD // 2) % HD
-            cos = tl.load(cos_ptr + pos * HD + offs_d)
-            sin = tl.load(sin_ptr + pos * HD + offs_d)
-            q_src = tl.load(q_rows + rolled[None, :], mask=g_ok[:, None], other=0.0)
-            q = (q.to(tl.float32) * cos[None, :] + q_src.to(tl.float32) * sin[None, :]).to(q.dtype)
+        q = _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
         m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
         if c == 0:
-            kn_row = kn_ptr + b * stride_knn + kv * stride_knh
-            k_new = tl.load(kn_row + offs_d)
-            if ROPE:
-                k_new = k_new.to(tl.float32) * cos + tl.load(kn_row + rolled).to(tl.float32) * sin
+            k_new = _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD, ROPE)
             k_new = k_new.to(k_ptr.dtype.element_ty)
             v_new = tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d).to(v_ptr.dtype.element_ty)
             tl.store(k_base + pos * stride_kl + offs_d, k_new)
