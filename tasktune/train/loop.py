@@ -197,14 +197,12 @@ def train(
             if graphed is not None:  # forward, backward, clip and optimizer step in one replay
                 losses, means = global_losses(graphed(batch), runner, batch)
                 weights = {t: graphed.weights[t] for t in losses}
-                sums = {t: sums.get(t, 0.0) + m for t, m in means.items()}
-                seen = {t: seen.get(t, 0) + 1 for t in means}
-                continue
-            with sync_unless(micro == settings.grad_accum - 1, accelerator, model):
-                with accelerator.autocast():
-                    losses = model(batch)
-                losses, means = global_losses(losses, runner, batch)
-                weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
+            else:
+                with sync_unless(micro == settings.grad_accum - 1, accelerator, model):
+                    with accelerator.autocast():
+                        losses = model(batch)
+                    losses, means = global_losses(losses, runner, batch)
+                    weights = weighter.backward(losses, shared, scale=1.0 / settings.grad_accum)
             for t, mean in means.items():
                 sums[t], seen[t] = sums.get(t, 0.0) + mean, seen.get(t, 0) + 1
         if graphed is None:
