@@ -1,4 +1,5 @@
 """Data-parallel training matches one process (issue #3): 1 GPU vs W GPUs, same global batch.
+`--strategy full --fsdp`: the W-process run shards the whole model (train.fsdp) instead.
 
 Builds a randomly initialised Qwen2 (Qwen2.5-0.5B-shaped layers, vocab = a byte-level BPE
 trained in the run on the bundled task texts; `--cpu`: 2 layers, hidden 64), writes a
@@ -92,6 +93,7 @@ def write_project(path: Path, model: Path, args, batch_size: int) -> Path:
         "train": {
             "batch_size": batch_size, "max_steps": args.steps, "lr": args.lr, "warmup_ratio": 0.0,
             "schedule": "constant", "log_every": 1, "precision": args.precision, "max_tokens": args.pack_tokens,
+            "fsdp": args.fsdp, "full_lr": args.lr,
         },
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -100,14 +102,14 @@ def write_project(path: Path, model: Path, args, batch_size: int) -> Path:
 
 
 # --- runs --------------------------------------------------------------------------------------
-def launch(config: Path, out: Path, procs: int, cpu: bool) -> dict:
-    """`torchrun --nproc_per_node procs -m tasktune.cli train config --strategy multi`."""
+def launch(config: Path, out: Path, procs: int, cpu: bool, strategy: str) -> dict:
+    """`torchrun --nproc_per_node procs -m tasktune.cli train config --strategy STRATEGY`."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
     if cpu:
         env.update(CUDA_VISIBLE_DEVICES="", OMP_NUM_THREADS=env.get("OMP_NUM_THREADS", "1"))
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-        "-m", "tasktune.cli", "train", str(config), "--strategy", "multi", "--out", str(out),
+        "-m", "tasktune.cli", "train", str(config), "--strategy", strategy, "--out", str(out),
     ]
     t0 = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -123,6 +125,7 @@ def launch(config: Path, out: Path, procs: int, cpu: bool) -> dict:
         "train_seconds": record["result"]["seconds"],
         "launch_wall_seconds": wall,
         "peak_memory_mb": record["result"]["peak_memory_mb"],
+        "sharded": record["result"].get("sharded", False),
         "device": record["versions"]["device"],
         "task_loss": [row["task_loss"] for row in log],
     }
@@ -176,8 +179,10 @@ def main() -> None:
     ap.add_argument("--max-length", type=int, default=256)
     ap.add_argument("--pack-tokens", type=int, default=2048)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--strategy", choices=["multi", "full"], default="multi")
+    ap.add_argument("--fsdp", action="store_true", help="train.fsdp: shard the model over the processes (strategy full)")
     ap.add_argument("--rtol", type=float, default=None, help="pass if every loss is this close (default 1e-3; --cpu 1e-4)")
-    ap.add_argument("--results", default=None, help="JSON path (default bench/results/ddp_check.json, --cpu: ddp_check_cpu.json)")
+    ap.add_argument("--results", default=None, help="JSON path (default bench/results/ddp_check[_fsdp][_cpu].json)")
     ap.add_argument("--workdir", default=None, help="keep the model and run folders here (default: a temporary folder)")
     args = ap.parse_args()
     cpu = args.cpu
@@ -185,7 +190,8 @@ def main() -> None:
     args.steps = args.steps or (5 if cpu else 40)
     args.per_task = args.per_task or (40 if cpu else 2000)
     rtol = args.rtol or (1e-4 if cpu else 1e-3)
-    results = Path(args.results or REPO / "bench" / "results" / ("ddp_check_cpu.json" if cpu else "ddp_check.json"))
+    name = "ddp_check" + ("_fsdp" if args.fsdp else "") + ("_cpu" if cpu else "") + ".json"
+    results = Path(args.results or REPO / "bench" / "results" / name)
     if not cpu and torch.cuda.device_count() < args.procs:
         raise SystemExit(f"{args.procs} GPUs needed, {torch.cuda.device_count()} visible (use --cpu for a smoke run)")
 
@@ -200,7 +206,7 @@ def main() -> None:
     par_cfg = write_project(work / "par" / "project.yaml", work / "model", args, args.batch)
     runs = {}
     for key, config, procs in (("reference", ref_cfg, 1), ("parallel", par_cfg, args.procs)):
-        runs[key] = launch(config, config.parent / "run", procs, cpu)
+        runs[key] = launch(config, config.parent / "run", procs, cpu, args.strategy)
         print(f"{key}: {procs} process(es) x batch {runs[key]['batch_size_per_process']}: "
               f"{runs[key]['train_seconds']:.1f}s training", flush=True)
     counted = consumed_tokens(ref_cfg, args.steps)
@@ -220,7 +226,7 @@ def main() -> None:
         "versions": {"torch": torch.__version__, "transformers": transformers.__version__,
                      "accelerate": accelerate.__version__, "python": platform.python_version()},
         "config": {
-            "model": model_shape, "tasks": TASKS, "per_task_train_examples": args.per_task, "strategy": "multi",
+            "model": model_shape, "tasks": TASKS, "per_task_train_examples": args.per_task, "strategy": args.strategy, "fsdp": args.fsdp,
             "lora": {"r": 16, "alpha": 32, "dropout": 0.0, "targets": TARGETS}, "steps": args.steps,
             "global_batch": global_batch, "processes": args.procs, "batch_per_process": args.batch,
             "lr": args.lr, "schedule": "constant", "precision": args.precision, "max_length": args.max_length,

@@ -127,6 +127,9 @@ class TrainSettings(_Strict):
     # causal LMs: each batch shape's whole step replayed as one CUDA graph (train/graphed_step.py);
     # static loss weights, grad_accum 1, one process. Without a GPU the same step runs eagerly.
     cuda_graphs: bool = False
+    # strategy `full` on causal LMs under torchrun / accelerate launch: the model, gradients and
+    # AdamW state sharded over the processes (FSDP2, train/sharded.py) instead of DDP copies
+    fsdp: bool = False
     head_dropout: float = Field(default=0.1, ge=0, lt=1)  # encoder task heads, before the linear layer
     weighting: WeightingConfig = Field(default_factory=WeightingConfig)
 

@@ -1,7 +1,8 @@
 """Data-parallel training (tasktune/train/distributed.py): two gloo processes on the CPU
 with batch b follow one process with batch 2b, step for step, and end with the same
-adapters and heads; a two-process run resumed from rank 0's checkpoint ends exactly
-where the uninterrupted one ends.
+adapters and heads, or with strategy `full` sharded over the two (FSDP2, sharded.py) the
+same model; a two-process run resumed from rank 0's checkpoint ends exactly where the
+uninterrupted one ends (DDP and sharded).
 
 Runs without dropout (LoRA dropout 0, a BERT copy with dropout 0, `train.head_dropout: 0`),
 so that neither run draws random numbers and only float round-off differs.
@@ -46,7 +47,8 @@ def _log(run_dir: Path) -> list[dict]:
 
 def _tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     out = {}
-    for f in sorted(run_dir.glob("adapters/*/adapter_model.safetensors")) + sorted(run_dir.glob("heads/*.safetensors")):
+    files = ("adapters/*/adapter_model.safetensors", "heads/*.safetensors", "model/*.safetensors")  # model/: strategy full
+    for f in [f for pattern in files for f in sorted(run_dir.glob(pattern))]:
         out.update({f"{f.parent.name}/{f.name}/{k}": v for k, v in load_file(str(f)).items()})
     return out
 
@@ -73,6 +75,7 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_
         "llama_multi": (tiny_llama, "multi", {}),  # packed causal batches, static weights
         "llama_single": (tiny_llama, "single", {}),  # an adapter per task: unused on a rank without the task
         "bert_multi": (bert, "multi", {"weighting": {"method": "uncertainty"}}),  # heads, token + sequence tasks
+        "llama_full_fsdp": (tiny_llama, "full", {"fsdp": True}),  # sharded (FSDP2); one process: plain
     }
     jobs = []
     for name, (model, strategy, extra) in cases.items():
@@ -83,6 +86,8 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_
         jobs.append({"config": str(tmp_path / f"{name}_w2" / "project.yaml"), "strategy": strategy, "out": str(tmp_path / f"{name}_w2" / "run")})
     resumed = tmp_path / "llama_multi_w2" / "resumed"
     jobs.append({**jobs[0], "out": str(resumed), "resume_from": jobs[0]["out"], "at_step": 2})
+    resumed_fsdp = tmp_path / "llama_full_fsdp_w2" / "resumed"  # weights and AdamW state gathered, then sharded again
+    jobs.append({**jobs[3], "out": str(resumed_fsdp), "resume_from": jobs[3]["out"], "at_step": 2})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
@@ -98,12 +103,13 @@ def test_two_processes_follow_one_process_with_the_doubled_batch(tmp_path, tiny_
         _assert_same_curve(one, two_dir)
         record = json.loads((two_dir / "run.json").read_text())
         assert record["result"]["processes"] == 2 and record["result"]["steps"] == STEPS
+        assert record["result"]["sharded"] == (strategy == "full")
         assert sorted(p.name for p in (two_dir / "checkpoints").iterdir()) == ["checkpoint-2", "checkpoint-4"]
 
-    full = tmp_path / "llama_multi_w2" / "run"
-    assert _log(resumed) == _log(full)
-    ta, tb = _tensors(full), _tensors(resumed)
-    assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
+    for done, again in ((tmp_path / "llama_multi_w2" / "run", resumed), (tmp_path / "llama_full_fsdp_w2" / "run", resumed_fsdp)):
+        assert _log(again) == _log(done)
+        ta, tb = _tensors(done), _tensors(again)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def test_task_units_match_the_runner(tmp_path, tiny_llama, tiny_bert):
@@ -133,3 +139,12 @@ def test_per_task_gradient_weightings_need_one_process():
             check_weighting(method, 2)
     for method in ("static", "uncertainty", "dwa"):
         check_weighting(method, 2)
+
+
+def test_sharding_is_refused_where_it_does_not_apply(tmp_path, tiny_llama, tiny_bert):
+    for model, strategy, why in ((tiny_llama, "multi", "strategy `full` only"), (tiny_bert, "full", "causal LMs only")):
+        folder = tmp_path / f"{model.name}-{strategy}"
+        folder.mkdir()
+        cfg = load_config(tiny_project(folder, model, max_steps=1, fsdp=True))
+        with pytest.raises(TasktuneError, match=f"train.fsdp: .*{why}"):
+            run.train_strategy(cfg, strategy, folder / "run", progress=False)

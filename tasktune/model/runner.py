@@ -40,6 +40,18 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return torch.cat(losses) if losses else hidden.new_zeros(0)
 
 
+def scored_token_losses(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask, position_ids, position: torch.Tensor, labels: torch.Tensor,
+) -> torch.Tensor:
+    """A causal LM's per-token losses [N] at the scored positions only (flat indices into
+    its [B * T] hidden states): the LM head never sees the prompt or padding positions."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, use_cache=False,
+    ).last_hidden_state  # [B, T, H]
+    scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, position)  # [N, H]
+    return chunked_lm_loss(model.get_output_embeddings(), scored, labels)
+
+
 class Runner(nn.Module):
     def __init__(
         self, loaded: LoadedModel, tasks: list[Task], plan: AdapterPlan, lora: LoRASettings, *, max_length: int, seed: int = 0,
@@ -58,6 +70,7 @@ class Runner(nn.Module):
         self.pack_tokens = max(max_length, pack_tokens)
         self.pack_multiple = pack_multiple  # packed rows are padded to a multiple of this (few shapes)
         self.handle = None
+        self.gathered_weights: dict[str, torch.Tensor] | None = None  # strategy `full` after sharded training
         if plan.uses_lora:
             for p in self.model.parameters():
                 p.requires_grad_(False)
@@ -170,13 +183,8 @@ class Runner(nn.Module):
         # Unpacked batches: HF reads the device once per forward to simplify the mask
         # (an all-ones check); packed ones (training) come with the mask built here.
         mask = dev.attention_4d(self.model.dtype) if dev.packed else dev.attention_mask
-        with self._routing(batch.adapter_ids):
-            hidden = self.model.base_model(
-                input_ids=dev.input_ids, attention_mask=mask, position_ids=dev.position_ids, use_cache=False,
-            ).last_hidden_state  # [B, T, H]
-        # predict token t+1 from position t; only scored positions reach the LM head
-        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, t.position)  # [N, H]
-        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), scored, t.labels)  # [N], grouped by task
+        with self._routing(batch.adapter_ids):  # predict token t+1 from position t
+            tok_loss = self._token_losses(dev.input_ids, mask, dev.position_ids, t.position, t.labels)  # [N], by task
         total = max(sum(targets.counts), 1)
         out: dict[str, torch.Tensor] = {}
         self.last_shares = {}
@@ -195,13 +203,27 @@ class Runner(nn.Module):
         if "segment_ids" in s:  # packed rows or padding: the additive block-causal mask
             mask = block_causal_mask(s["segment_ids"], torch.float32).to(self.model.dtype)
         with use_adapters(self.handle, s["adapter_ids"]) if self.handle is not None else nullcontext():
-            hidden = self.model.base_model(
-                input_ids=s["input_ids"], attention_mask=mask, position_ids=s.get("position_ids"), use_cache=False,
-            ).last_hidden_state
-        scored = hidden.reshape(-1, hidden.shape[-1]).index_select(0, s["position"])
-        tok_loss = chunked_lm_loss(self.model.get_output_embeddings(), scored, s["labels"])  # 0 where IGNORE
+            tok_loss = self._token_losses(s["input_ids"], mask, s.get("position_ids"), s["position"], s["labels"])  # 0: IGNORE
         sums = torch.zeros(len(static.names), dtype=tok_loss.dtype, device=tok_loss.device)
         return sums.index_add(0, s["task"], tok_loss) * s["inv_total"]
+
+    def _token_losses(self, *args) -> torch.Tensor:
+        """scored_token_losses on this model; sharded (train/sharded.py), through the method
+        registered as an FSDP forward so that the root's weights are gathered for it."""
+        from tasktune.train.sharded import FORWARD
+
+        method = getattr(self.model, FORWARD, None)
+        return method(*args) if method is not None else scored_token_losses(self.model, *args)
+
+    def repeated_blocks(self) -> nn.ModuleList:
+        """The model's list of repeated blocks (decoder or encoder layers): the largest
+        ModuleList whose members share one type."""
+        lists = [
+            m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
+        ]
+        if not lists:
+            raise TasktuneError("the model has no list of repeated blocks")
+        return max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
 
     def compile_blocks(self, **options) -> int:
         """Opt-in speed: torch.compile each repeated block of the model (the decoder or
@@ -210,12 +232,7 @@ class Runner(nn.Module):
         eager glue between blocks (embeddings, mask, LM head, loss) are unchanged.
         `options` go to torch.compile (e.g. backend="aot_eager" on a machine without a
         compiler). Returns the number of blocks compiled."""
-        lists = [
-            m for m in self.model.modules() if isinstance(m, nn.ModuleList) and len(m) and len({type(b) for b in m}) == 1
-        ]
-        if not lists:
-            raise TasktuneError("compile_blocks: the model has no list of repeated blocks to compile")
-        blocks = max(lists, key=lambda m: sum(p.numel() for p in m.parameters()))
+        blocks = self.repeated_blocks()
         # Every block shares one compiled code object, and training feeds it several
         # variants: the first block's input needs no grad, the others' do; packed batches
         # change rows and length every step (and a size of 1 is always specialised). Start
@@ -271,8 +288,8 @@ class Runner(nn.Module):
                 folder = out_dir / "adapters" / name
                 save_adapter(self.handle, name, folder, self.loaded.path, task_type=task_type)
                 written[name] = folder
-        else:
-            self.model.save_pretrained(out_dir / "model", safe_serialization=True)
+        else:  # sharded training leaves the whole weights gathered on rank 0 (train/sharded.py)
+            self.model.save_pretrained(out_dir / "model", safe_serialization=True, state_dict=self.gathered_weights)
             self.tokenizer.save_pretrained(out_dir / "model")
             written["model"] = out_dir / "model"
         for head in self.heads.values():

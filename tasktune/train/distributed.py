@@ -21,8 +21,8 @@ float round-off. Three pieces make that true:
 
 Not covered: PCGrad and GradNorm need each task's gradient over the global batch (K
 all-reduces of the shared gradients per step); they are refused with W > 1. Sharded
-training (FSDP, DeepSpeed) is refused: checkpoints and saved models would need the
-gathered state. Dropout masks are drawn per rank (all ranks share the seed), so with
+training is tasktune's own (`train.fsdp`, strategy `full`: sharded.py); accelerate's FSDP
+and DeepSpeed launches are refused. Dropout masks are drawn per rank (all ranks share the seed), so with
 dropout > 0 the curves match in distribution only, and a resumed run restores rank 0's
 RNG state on every rank.
 
@@ -67,10 +67,9 @@ def make_accelerator(precision: str, runner: Runner) -> Accelerator:
     fsdp_asked = os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     if fsdp_asked or (kind != DistributedType.NO and not kind.value.startswith("MULTI_")):
         raise TasktuneError(
-            f"tasktune trains data-parallel (DDP) only; this launch asks for {'FSDP' if fsdp_asked else kind.value}. "
-            "Sharded training is not supported yet: checkpoints and the saved model would hold one rank's shard "
-            "(and accelerate ignores FSDP on CPU). Launch with torchrun or `accelerate launch --multi_gpu`; "
-            "strategy `full` runs under DDP when the model and its AdamW state fit on one device."
+            f"this launch asks accelerate for {'FSDP' if fsdp_asked else kind.value}; tasktune shards itself. "
+            "Launch with torchrun or `accelerate launch --multi_gpu` (data-parallel, DDP), and for strategy `full` "
+            "set `train: {fsdp: true}` to shard the model, gradients and optimizer state (FSDP2)."
         )
     return accelerator
 
@@ -97,7 +96,12 @@ def check_weighting(method: str, world: int) -> None:
 
 
 def sync_unless(last: bool, accelerator: Accelerator, model):
-    """Skip DDP's gradient all-reduce on every micro-batch but the last of a step."""
+    """Skip the gradient reduction on every micro-batch but the last of a step: DDP's
+    all-reduce, or a sharded runner's reduce-scatter (FSDP2, train/sharded.py)."""
+    sharded = getattr(model, "model", None)
+    if hasattr(sharded, "set_requires_gradient_sync"):
+        sharded.set_requires_gradient_sync(last)
+        return nullcontext()
     return nullcontext() if last else accelerator.no_sync(model)
 
 

@@ -36,6 +36,7 @@ from tasktune.errors import TasktuneError
 from tasktune.model.runner import Runner
 from tasktune.tasks.spec import Example
 from tasktune.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from tasktune.train import sharded
 from tasktune.train.distributed import GlobalLosses, check_weighting, make_accelerator, sync_unless
 from tasktune.train.graphed_step import GraphedStep, graphable_adamw
 from tasktune.train.schedule import make_scheduler, warmup_steps_from_ratio
@@ -52,6 +53,7 @@ class TrainResult:
     best_val_loss: dict[str, float] = field(default_factory=dict)
     stopped_early: bool = False
     processes: int = 1  # data-parallel world size; examples per step = processes x batch_size x grad_accum
+    sharded: bool = False  # the model, gradients and optimizer state were sharded over the processes (train.fsdp)
 
 
 def total_steps(settings: TrainSettings, train_sizes: dict[str, int], world: int = 1) -> int:
@@ -108,10 +110,14 @@ def _graphed_step(runner: Runner, settings: TrainSettings, weighter, optimizer, 
 
 
 def _trainable_state(runner: Runner) -> dict[str, torch.Tensor]:
+    if sharded.is_sharded(runner):  # gathered: a collective, the tensors on rank 0
+        return sharded.trainable_state(runner)
     return {n: p.detach().clone() for n, p in runner.named_parameters() if p.requires_grad}
 
 
 def _load_trainable(runner: Runner, tensors: dict[str, torch.Tensor]) -> None:
+    if sharded.is_sharded(runner):
+        return sharded.load_trainable(runner, tensors)
     params = dict(runner.named_parameters())
     with torch.no_grad():
         for name, value in tensors.items():
@@ -150,16 +156,22 @@ def train(
         weighting, tasks, task_weights=task_weights, seed=seed, dwa_window=settings.weighting.dwa_window,
         device=accelerator.device,
     )
+    if settings.fsdp:
+        sharded.check_fsdp(runner, world)
+    fsdp = settings.fsdp and world > 1  # one process: nothing to shard
+    if fsdp:  # before the optimizer: it holds the shards
+        sharded.shard(runner, runner.repeated_blocks())
     optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups(), graphs=settings.cuda_graphs)
     scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
     sampler = MixtureSampler(sizes, mixing, seed)
-    model, optimizer = accelerator.prepare(runner, optimizer)
+    model, optimizer = (runner, optimizer) if fsdp else accelerator.prepare(runner, optimizer)  # FSDP reduces the gradients
+    optimizer_io = sharded.OptimizerState(runner, optimizer) if fsdp else optimizer  # what checkpoints read and write
     graphed = _graphed_step(runner, settings, weighter, optimizer, world)
     start = 0
     best_val, best_state, bad_evals, stopped = math.inf, None, 0, False
     best_task_val: dict[str, float] = {}
     if resume and (ckpt := latest_checkpoint(out_dir / "checkpoints")):
-        loaded = load_checkpoint(ckpt, optimizer=optimizer, scheduler=scheduler)
+        loaded = load_checkpoint(ckpt, optimizer=optimizer_io, scheduler=scheduler)
         _load_trainable(runner, {k: v for k, v in loaded.tensors.items() if not k.startswith("best/")})
         best = {k.removeprefix("best/"): v for k, v in loaded.tensors.items() if k.startswith("best/")}
         best_state = best or None
@@ -241,14 +253,17 @@ def train(
                 if settings.early_stopping_patience and bad_evals >= settings.early_stopping_patience:
                     stopped = True
                     break
-        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and main:
-            tensors = _trainable_state(runner)
-            tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
-            early = {"best_val": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals, "best_task_val": best_task_val}
-            save_checkpoint(
-                out_dir / "checkpoints", step + 1, tensors=tensors, optimizer=optimizer, scheduler=scheduler,
-                extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict(), "early": early},
-            )
+        if settings.checkpoint_every and (step + 1) % settings.checkpoint_every == 0 and (main or fsdp):
+            tensors = _trainable_state(runner)  # sharded: every rank gathers, rank 0 writes
+            if fsdp:
+                optimizer_io.gather()
+            if main:
+                tensors.update({f"best/{k}": v for k, v in (best_state or {}).items()})
+                early = {"best_val": best_val if math.isfinite(best_val) else None, "bad_evals": bad_evals, "best_task_val": best_task_val}
+                save_checkpoint(
+                    out_dir / "checkpoints", step + 1, tensors=tensors, optimizer=optimizer_io, scheduler=scheduler,
+                    extra={"sampler": sampler.state_dict(), "weighter": weighter.state_dict(), "early": early},
+                )
     (final,) = read_values(last)  # also waits for the queued steps, so the time below is theirs
     bar.close()
     if log:
@@ -258,10 +273,12 @@ def train(
     accelerator.wait_for_everyone()
     if best_state is not None:
         _load_trainable(runner, best_state)
+    if fsdp:  # the whole weights, for rank 0 to save (Runner.save)
+        runner.gathered_weights = sharded.full_weights(runner)
     runner.eval()
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else _rss_mb()
     done = step + 1 if steps > start else start
-    return TrainResult(done, time.perf_counter() - t0, peak, final, best_task_val, stopped, world)
+    return TrainResult(done, time.perf_counter() - t0, peak, final, best_task_val, stopped, world, fsdp)
 
 
 def read_values(*groups: dict[str, float | Tensor]) -> list[dict[str, float]]:
