@@ -161,6 +161,8 @@ def main() -> None:
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
+    ap.add_argument("--autotune-variant", action="store_true",
+                    help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
     ap.add_argument("--no-compile", action="store_true",
                     help="decode step eager (then CUDA graphs); by default it is compiled on a GPU, as `tasktune serve` does")
     args = ap.parse_args()
@@ -283,11 +285,15 @@ def main() -> None:
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
                     "attention_no_split": (True, kernels, ("base", f"a{n_adapters}"))}  # one program per (row, KV head)
+        if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
+            variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
         for label, (graphs, use_kernels, names_) in variants.items():
             if label == "graphs_torch_lora" and not kernels:
                 continue  # the main run already used torch LoRA
             triton_attention.default_splits = 1 if label == "attention_no_split" else 0
             engine.pool.stacks.kernels = use_kernels
+            if label == "gemm_autotune":
+                engine.model.compile_decode(autotune=True)
             engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
             engine.warmup()
             for name in names_:

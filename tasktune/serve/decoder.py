@@ -299,18 +299,23 @@ class Decoder(nn.Module):
         hd = self.cfg.head_dim
         return triton_attention.available(self.lm_head.weight.device) and hd & (hd - 1) == 0 and hd >= 16
 
-    def compile_decode(self, **options) -> None:
+    def compile_decode(self, autotune: bool = False, **options) -> None:
         """Decode steps run every block through one torch.compile'd Block.forward (Inductor
         fuses the norms, rotary embedding, residual adds and activation; residual adds are
         kept out of cuBLAS, compile_passes.py); blocks differ only in their weights, which
         the compiled code takes as inputs. Shapes start dynamic
         (batch and context buckets). Prefill stays eager. `options` go to torch.compile
-        (e.g. backend="aot_eager" where there is no C compiler)."""
+        (e.g. backend="aot_eager" where there is no C compiler). autotune: Inductor times
+        its Triton GEMM templates against cuBLAS for each projection (max_autotune; the
+        decode GEMMs are small and latency-bound) at the price of a longer compile."""
         options.setdefault("dynamic", True)
         if options.get("backend", "inductor") == "inductor" and "mode" not in options:
             from tasktune.serve.compile_passes import UnfuseResidualAddmm
 
-            options.setdefault("options", {}).setdefault("post_grad_custom_post_pass", UnfuseResidualAddmm())
+            inductor = options.setdefault("options", {})
+            inductor.setdefault("post_grad_custom_post_pass", UnfuseResidualAddmm())
+            if autotune:
+                inductor.setdefault("max_autotune", True)
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 32)
         self._compiled_block = torch.compile(Block.forward, **options)
 
