@@ -40,6 +40,11 @@ def chunked_lm_loss(head: nn.Module, hidden: torch.Tensor, labels: torch.Tensor,
     return torch.cat(losses) if losses else hidden.new_zeros(0)
 
 
+# The name under which sharded training (train/sharded.py) registers scored_token_losses on
+# the model as an FSDP forward method.
+SHARDED_FORWARD = "tasktune_token_losses"
+
+
 def scored_token_losses(
     model: nn.Module, input_ids: torch.Tensor, attention_mask, position_ids, position: torch.Tensor, labels: torch.Tensor,
 ) -> torch.Tensor:
@@ -210,9 +215,7 @@ class Runner(nn.Module):
     def _token_losses(self, *args) -> torch.Tensor:
         """scored_token_losses on this model; sharded (train/sharded.py), through the method
         registered as an FSDP forward so that the root's weights are gathered for it."""
-        from tasktune.train.sharded import FORWARD
-
-        method = getattr(self.model, FORWARD, None)
+        method = getattr(self.model, SHARDED_FORWARD, None)
         return method(*args) if method is not None else scored_token_losses(self.model, *args)
 
     def repeated_blocks(self) -> nn.ModuleList:

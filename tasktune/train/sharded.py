@@ -26,8 +26,7 @@ import torch
 from torch import nn
 
 from tasktune.errors import TasktuneError
-
-FORWARD = "tasktune_token_losses"  # the runner's loss method, registered on the sharded model
+from tasktune.model.runner import SHARDED_FORWARD, scored_token_losses
 
 
 def check_fsdp(runner, world: int) -> None:
@@ -46,13 +45,11 @@ def shard(runner, blocks: nn.ModuleList) -> None:
     """fully_shard each block, then the whole model as the root group (in place)."""
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
 
-    from tasktune.model.runner import scored_token_losses
-
     for block in blocks:
         fully_shard(block)
     fully_shard(runner.model)
-    setattr(runner.model, FORWARD, types.MethodType(scored_token_losses, runner.model))
-    register_fsdp_forward_method(runner.model, FORWARD)
+    setattr(runner.model, SHARDED_FORWARD, types.MethodType(scored_token_losses, runner.model))
+    register_fsdp_forward_method(runner.model, SHARDED_FORWARD)
 
 
 def is_sharded(runner) -> bool:
