@@ -71,6 +71,25 @@ if triton is not None:
         return k
 
     @triton.jit
+    def _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl, stride_vl,
+                      HD: tl.constexpr):
+        """One block of keys into the online softmax state (max m, denominator, unnormalised
+        output acc): keys at offs_l >= n_keys are not read. A state with no key yet keeps
+        m = -inf and adds nothing (exp(-inf) = 0)."""
+        offs_d = tl.arange(0, HD)
+        l_ok = offs_l < n_keys
+        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+        s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [G_PAD, BLOCK_L] fp32
+        s = tl.where(l_ok[None, :], s, float("-inf"))
+        m_new = tl.maximum(m, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.exp(s - m_safe[:, None])
+        alpha = tl.exp(m - m_safe)
+        v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
+        return m_new, denom * alpha + tl.sum(p, axis=1), acc
+
+    @triton.jit
     def _decode_attention(
         q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, o_ptr, cos_ptr, sin_ptr,
         sm_scale,
@@ -100,17 +119,8 @@ if triton is not None:
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
         for start in range(0, LENGTH, BLOCK_L):  # blocks past n_keys load nothing (masked)
             offs_l = start + tl.arange(0, BLOCK_L)
-            l_ok = offs_l < n_keys
-            k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [G_PAD, BLOCK_L] fp32
-            s = tl.where(l_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            p = tl.exp(s - m_new[:, None])
-            alpha = tl.exp(m - m_new)
-            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            denom = denom * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl,
+                                          stride_vl, HD)
         o = acc / denom[:, None]
         tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=g_ok[:, None])
@@ -157,18 +167,8 @@ if triton is not None:
                 acc = tl.zeros((G_PAD, HD), dtype=tl.float32) + v_new.to(tl.float32)[None, :]
         for start in range(0, CHUNK, BLOCK_L):  # blocks past n_old load nothing
             offs_l = c * CHUNK + start + tl.arange(0, BLOCK_L)
-            l_ok = offs_l < n_old
-            k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-            s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale
-            s = tl.where(l_ok[None, :], s, float("-inf"))
-            m_new = tl.maximum(m, tl.max(s, axis=1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # a chunk with no key yet: exp(-inf) = 0
-            p = tl.exp(s - m_safe[:, None])
-            alpha = tl.exp(m - m_safe)
-            v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
-            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
-            denom = denom * alpha + tl.sum(p, axis=1)
-            m = m_new
+            m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_old, m, denom, acc, sm_scale, stride_kl,
+                                          stride_vl, HD)
         part = (b * tl.num_programs(1) + kv) * SPLITS + c
         tl.store(pm_ptr + part * G_PAD + offs_g, m)
         tl.store(pd_ptr + part * G_PAD + offs_g, denom)
