@@ -284,13 +284,13 @@ def main() -> None:
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
-                    "attention_no_split": (True, kernels, ("base", f"a{n_adapters}"))}  # one program per (row, KV head)
+                    "attention_split4": (True, kernels, ("base", f"a{n_adapters}"))}  # context in 4 chunks (flash-decoding)
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
             variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
         for label, (graphs, use_kernels, names_) in variants.items():
             if label == "graphs_torch_lora" and not kernels:
                 continue  # the main run already used torch LoRA
-            triton_attention.default_splits = 1 if label == "attention_no_split" else 0
+            triton_attention.default_splits = 4 if label == "attention_split4" else 0
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
