@@ -222,7 +222,8 @@ def main() -> None:
                                     dtype=dtype, max_running=batch, max_len=prompt_len + new_tokens + 8,
                                     max_prefill_tokens=batch * prompt_len, compile=compile_)
     result["engine"] = {"cuda_graphs": engine.decode_step.use_graphs, "triton_lora": engine.pool.stacks.kernels,
-                        "compile": compile_, "attention_kernel": engine.model.attention_kernel}
+                        "compile": compile_, "attention_kernel": engine.model.attention_kernel,
+                        "linear_kernel": engine.model.linear_kernel}
     engine.pool.register_root()
     sync(device)
     t = time.perf_counter()
@@ -279,18 +280,20 @@ def main() -> None:
     if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work: no CUDA graphs, torch LoRA in graphs
         from tasktune.serve.cuda_graphs import DecodeStep
 
-        main_step, kernels = engine.decode_step, engine.pool.stacks.kernels
+        main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
         from tasktune.serve import triton_attention
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
-                    "attention_split4": (True, kernels, ("base", f"a{n_adapters}"))}  # context in 4 chunks (flash-decoding)
+                    "attention_split4": (True, kernels, ("base", f"a{n_adapters}")),  # context in 4 chunks (flash-decoding)
+                    "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # cuBLAS + LoRA pairs
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
             variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
         for label, (graphs, use_kernels, names_) in variants.items():
             if label == "graphs_torch_lora" and not kernels:
                 continue  # the main run already used torch LoRA
             triton_attention.default_splits = 4 if label == "attention_split4" else 0
+            engine.model.linear_kernel = fused_linears and label != "unfused_linears"
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
@@ -304,7 +307,7 @@ def main() -> None:
                 print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
                       f"{c[f'{label}_tokens_equal']}", flush=True)
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
-        triton_attention.default_splits = 0
+        triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
     a_tokens = result.pop("_tokens")
     del engine
     free()

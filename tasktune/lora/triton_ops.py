@@ -94,6 +94,7 @@ if triton is not None:
     def bgmv_expand(
         h_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # h: [N, S, R] fp32, B: [n_slots, d_out, r], y: [N, d_out]
         d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
+        stride_bs, stride_bo, stride_br,  # B's strides (the pool stores it rank-major)
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
     ):
         n = tl.program_id(0)
@@ -121,7 +122,7 @@ if triton is not None:
             h = tl.where(module[:, None] == 1, h1[None, :], h)
             h = tl.where(module[:, None] == 2, h2[None, :], h)
         r_ok = r_ok[None, :]
-        b_ptrs = b_ptr + slot * d_out * r + offs_o[:, None] * r + offs_r[None, :]  # [BLOCK_N, R_MODULE]
+        b_ptrs = b_ptr + slot * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br  # [BLOCK_N, R_MODULE]
         b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok, other=0.0)
         scale = tl.load(scaling_ptr + slot).to(tl.float32)
         delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
@@ -168,7 +169,8 @@ def lora_apply_(
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
     y: [N, d_out], x: [N, d_in], A: [n_slots, r, d_in], B: [n_slots, d_out, r], scaling: [n_slots],
-    ids: [N] int. y and x may be row-strided views (unit stride along the feature dim).
+    ids: [N] int. y and x may be row-strided views (unit stride along the feature dim); B
+    may have any strides.
     A fused linear of M modules (bounds: the first output column of modules 2..M, at most
     3 modules): A: [n_slots, M * r, d_in], B: [n_slots, d_out, r], and column c uses the
     rank-r block of A of the module it belongs to."""
@@ -182,8 +184,8 @@ def lora_apply_(
                          f"bounds {tuple(bounds)}")
     if r > MAX_RANK:
         raise ValueError(f"rank {r} > {MAX_RANK}")
-    if not all(t.is_contiguous() for t in (A, B, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("A, B, scaling, ids must be contiguous, x and y unit-stride along the feature dim")
+    if not all(t.is_contiguous() for t in (A, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("A, scaling, ids must be contiguous, x and y unit-stride along the feature dim")
     if len({t.device for t in (y, x, A, B, scaling, ids)}) != 1:
         raise ValueError("all tensors must be on one device")
     if n_rows == 0:
@@ -195,7 +197,7 @@ def lora_apply_(
         x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
-        h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
+        h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
         S=cfg.S, MODULES=modules,
     )
     return y

@@ -41,7 +41,7 @@ from tasktune.lora.ops import (
     adapter_column_mask, gather_rows, lora_delta, lora_delta_masked, lora_delta_rows,
 )
 from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
-from tasktune.serve import triton_attention
+from tasktune.serve import triton_attention, triton_linear  # noqa: F401  (registers the decode ops)
 from tasktune.serve.forward_batch import Batch, decode_batch
 from tasktune.serve.kv_cache import KVCache
 
@@ -232,14 +232,14 @@ class Block(nn.Module):
         cfg, a = self.cfg, self.self_attn
         H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         N = x.shape[0]
+        if batch.linear_kernel and (lora is None or lora.kernels):
+            return self.forward_fused(x, batch, kv, lora, stacks)
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]
         kc, vc = kv
         L = batch.mask.shape[-1]
         if batch.decode and batch.attention_kernel:  # row b = slot b: rotates, writes and reads its keys in place
-            q, k, v = (qkv[:, lo * hd:hi * hd].view(N, -1, hd) for lo, hi in ((0, H), (H, H + kvh), (H + kvh, H + 2 * kvh)))
-            o = torch.ops.tasktune.decode_attention(q, k, v, kc, vc, batch.positions, L, *batch.rope).reshape(N, -1)
-            return self.rest(x, o, batch, lora, stacks)
+            return self.rest(x, self.attend_decode(qkv, batch, kv), batch, lora, stacks)
         qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
         qk = apply_rope(qk, cos, sin)  # q and k heads together; cos, sin: [N, 1, head_dim]
         q, k = qk[:, :H], qk[:, H:]
@@ -256,6 +256,41 @@ class Block(nn.Module):
             o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
         return self.rest(x, o, batch, lora, stacks)
 
+    def attend_decode(self, qkv: torch.Tensor, batch: Batch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Decode attention in Triton on views of the qkv output: row b = slot b, which it
+        rotates, writes into the cache and attends to in place -> [N, H * hd]."""
+        cfg, N = self.cfg, qkv.shape[0]
+        H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        q, k, v = (qkv[:, lo * hd:hi * hd].view(N, -1, hd) for lo, hi in ((0, H), (H, H + kvh), (H + kvh, H + 2 * kvh)))
+        L = batch.mask.shape[-1]
+        return torch.ops.tasktune.decode_attention(q, k, v, *kv, batch.positions, L, *batch.rope).reshape(N, -1)
+
+    def forward_fused(self, x, batch: Batch, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks | None,
+                      stacks: LayerLora | None) -> torch.Tensor:
+        """The decode step through four fused linear launches (serve/triton_linear.py): RMSNorm +
+        qkv + LoRA; attention; o + LoRA + residual; RMSNorm + gate_up + LoRA + silu * up;
+        down + LoRA + residual. Norms, activation and residual adds need no kernels of their own."""
+        a, m, eps = self.self_attn, self.mlp, self.cfg.rms_norm_eps
+        lin = torch.ops.tasktune.decode_linear
+
+        def adapters(name: str) -> tuple:
+            """(A, B, scaling, ids, bounds) of a (fused) linear, Nones when no row has an adapter."""
+            if stacks is None or not batch.use_lora:
+                return None, None, None, None, []
+            ab = (stacks.fused if name in self.parts else stacks.weights).get(name)
+            if ab is None:
+                return None, None, None, None, []
+            bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
+            return ab[0], ab[1], lora.scaling, batch.lora_ids, bounds
+
+        qkv = lin(x, a.qkv_proj.weight, a.qkv_proj.bias, None, self.input_layernorm.weight, eps, False,
+                  *adapters("qkv_proj"))
+        o = self.attend_decode(qkv, batch, kv)
+        x = lin(o, a.o_proj.weight, a.o_proj.bias, x, None, eps, False, *adapters("o_proj"))
+        act = lin(x, m.gate_up_proj.weight, None, None, self.post_attention_layernorm.weight, eps, True,
+                  *adapters("gate_up_proj"))
+        return lin(act, m.down_proj.weight, None, x, None, eps, False, *adapters("down_proj"))
+
     def rest(self, x, o, batch: Batch, lora: LoraStacks | None, stacks: LayerLora | None) -> torch.Tensor:
         """After attention: output projection, residual, MLP, residual."""
         cfg, a = self.cfg, self.self_attn
@@ -270,7 +305,7 @@ def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Te
               batch: Batch) -> None:
     """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
     if batch.decode and lora.kernels:  # Triton BGMV: each row reads its adapter in place
-        torch.ops.tasktune.bgmv_lora(y, x, ab[0].contiguous(), ab[1].contiguous(), lora.scaling, batch.lora_ids, [])
+        torch.ops.tasktune.bgmv_lora(y, x, ab[0].contiguous(), ab[1], lora.scaling, batch.lora_ids, [])
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
         y.add_(lora_delta_rows(x, ab[0], ab[1], *rows).to(y.dtype))
@@ -293,6 +328,7 @@ class Decoder(nn.Module):
         self._rope: tuple[torch.Tensor, torch.Tensor] | None = None
         self._compiled_block = None  # decode steps run each block through this (compile_decode)
         self.attention_kernel = False  # decode attention in Triton (load_decoder: on a GPU with Triton)
+        self.linear_kernel = False  # decode linears fused in Triton (triton_linear; load_decoder: on a GPU)
 
     def can_use_attention_kernel(self) -> bool:
         """Triton runs here and the head size suits the kernel (a power of two)."""
@@ -373,4 +409,5 @@ class Decoder(nn.Module):
                cache: KVCache, lora: LoraStacks | None, use_lora: bool) -> torch.Tensor:
         """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] float32.
         Only device work after the rope table exists, so it can be captured in a CUDA graph."""
-        return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel), cache, lora)
+        return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel,
+                                 self.linear_kernel), cache, lora)

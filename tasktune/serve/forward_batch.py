@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from tasktune.lora.ops import SegmentPlan
+from tasktune.serve.triton_linear import MAX_ROWS
 
 
 @dataclass
@@ -36,6 +37,7 @@ class Batch:
     shape: tuple[int, int, int]  # (B, T, L)
     decode: bool = False  # the decode layout: T == 1, row b is KV slot b, no gathers
     attention_kernel: bool = False  # decode: attention through triton_attention (no mask needed)
+    linear_kernel: bool = False  # decode: each linear, with its norm, LoRA and residual, one triton_linear launch
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # ... which rotates q, k itself with these tables
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
     lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
@@ -92,12 +94,14 @@ def make_batch(
 
 
 def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-                 use_lora: bool, attention_kernel: bool = False) -> Batch:
+                 use_lora: bool, attention_kernel: bool = False, linear_kernel: bool = False) -> Batch:
     """The decode layout from device tensors only (capturable): tokens, positions,
-    lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context)."""
+    lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context).
+    linear_kernel: fused linears where they apply (with the attention kernel, B <= MAX_ROWS)."""
     B, device = tokens.shape[0], tokens.device
     rows = torch.arange(B, device=device)
     mask = torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
     return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
                  pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
-                 shape=(B, 1, context), decode=True, attention_kernel=attention_kernel)
+                 shape=(B, 1, context), decode=True, attention_kernel=attention_kernel,
+                 linear_kernel=linear_kernel and attention_kernel and B <= MAX_ROWS)

@@ -59,4 +59,5 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: to
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
     model.attention_kernel = device.type == "cuda" and model.can_use_attention_kernel()
+    model.linear_kernel = model.attention_kernel  # the fused linears need the attention kernel's decode layout
     return model

@@ -1,0 +1,212 @@
+"""The decode step's linears: cuBLAS (+ the LoRA kernel pair) against one fused Triton launch.
+
+Work: the four linears of a Qwen2.5-0.5B layer as the served decoder runs them at a decode
+batch of M rows (default 32), bf16: RMSNorm + qkv (bias), o (+ residual), RMSNorm + gate_up
++ silu(gate) * up, down (+ residual). Each linear has 24 weight copies (one per layer) so weights come from
+HBM, not L2. Every case is ONE CUDA graph of the 24 calls, replayed many times (median of
+CUDA-event timings): per-call time includes the launch gaps a graph has.
+  cublas   F.linear + the eager ops around it (RMSNorm before, bias inside cuBLAS, silu * up
+           after gate_up, + residual after), and with adapters the Triton BGMV shrink + expand
+           pair (triton_ops)
+  fused    tasktune.serve.triton_linear.decode_linear: one launch, each configuration of a
+           sweep (N block, K block, K splits), then warps / stages for the best
+Adapters: 32 slots r=16 per linear (its own stack per layer), rows over 4 or 32 of them.
+
+    PYTHONPATH=. python3 bench/decode_linear_bench.py          # GPU: writes $OUT/ and bench/results/
+    .venv/bin/python bench/decode_linear_bench.py --smoke      # CPU: tiny shapes, the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import copy_bandwidth, device_name, versions  # noqa: E402
+
+# name, weight rows, K (weight [rows, K]), bias, residual, RMSNorm in, swiglu out, fused LoRA module widths
+QWEN = [("qkv", 1152, 896, True, False, True, False, (896, 128, 128)), ("o", 896, 896, False, True, False, False, (896,)),
+        ("gate_up", 9728, 896, False, False, True, True, (4864, 4864)), ("down", 896, 4864, False, True, False, False, (896,))]
+SMOKE = [("qkv", 96, 64, True, False, True, False, (64, 16, 16)), ("o", 64, 64, False, True, False, False, (64,)),
+         ("gate_up", 256, 64, False, False, True, True, (128, 128)), ("down", 64, 128, False, True, False, False, (64,))]
+
+
+def timed_graph(fn, device, replays: int) -> float:
+    """Median seconds of one replay of a CUDA graph of fn() (fn runs every layer's call)."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        fn()
+        fn()
+    torch.cuda.current_stream().wait_stream(side)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        fn()
+    g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(replays):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / 1e3)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    ap.add_argument("--results", default=None)
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from tasktune.lora.triton_ops import lora_apply_
+    from tasktune.serve.triton_linear import _sms, decode_linear, linear_config
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    shapes, layers, replays = (SMOKE, 2, 1) if args.smoke else (QWEN, 24, 50)
+    M, r, slots, dt = args.rows, 16, 32, torch.bfloat16
+    sms = _sms(device)
+    g = torch.Generator(device="cpu").manual_seed(0)
+    result = {"bench": "decode_linear_bench", "device": device_name(device), "versions": versions("triton"),
+              "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
+              "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "linears": {}}
+    bw = result["copy_bandwidth"]["bytes_per_s"]
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(device)
+
+    for name, rows, K, has_bias, has_res, has_norm, swiglu, widths in shapes:
+        N = rows // 2 if swiglu else rows
+        Ws = [rand(rows, K, scale=K ** -0.5) for _ in range(layers)]
+        biases = [rand(rows) if has_bias else None for _ in range(layers)]
+        norm = (rand(K), 1e-6) if has_norm else None
+        x = rand(M, K)
+        res = rand(M, N) if has_res else None
+        mods = len(widths)
+        As = [rand(slots, mods * r, K, scale=K ** -0.5) for _ in range(layers)]
+        Bs = [rand(slots, rows, r, scale=0.1) for _ in range(layers)]
+        Bt = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in Bs]  # rank-major storage, as the pool keeps B
+        scaling = torch.full((slots,), 2.0, device=device)
+        bounds = tuple(itertools.accumulate(widths))[:-1]
+        ids_by_case = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
+
+        def eager(i, ids):
+            h = norm[0] * F.rms_norm(x, (K,), eps=norm[1]) if norm else x
+            y = F.linear(h, Ws[i], biases[i])
+            if ids is not None:
+                lora_apply_(y, h, As[i], Bs[i], scaling, ids, bounds)
+            if swiglu:
+                y = F.silu(y[:, :N]) * y[:, N:]
+            return y + res if res is not None else y
+
+        def cublas(ids):
+            def fn():
+                for i in range(layers):
+                    eager(i, ids)
+            return fn
+
+        def fused(ids, cfg):
+            def fn():
+                for i in range(layers):
+                    decode_linear(x, Ws[i], biases[i], res, norm=norm, swiglu=swiglu, config=cfg,
+                                  lora=None if ids is None else (As[i], Bt[i], scaling, ids), bounds=bounds)
+            return fn
+
+        # correctness of the fused launch against the cuBLAS path, with adapters
+        ids = ids_by_case["a32"]
+        want = eager(0, ids)
+        got = decode_linear(x, Ws[0], biases[0], res, norm=norm, swiglu=swiglu, lora=(As[0], Bt[0], scaling, ids),
+                            bounds=bounds)
+        err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
+
+        w_bytes = rows * K * 2
+        entry = {"N": N, "K": K, "weight_bytes": w_bytes, "max_rel_err_vs_cublas_a32": err, "cases": {}}
+        base_us = {c: timed_graph(cublas(i), device, replays) / layers * 1e6 for c, i in ids_by_case.items()}
+        sweep = []
+        block_ns = (16, 32) if args.smoke else (16, 32, 64, 128)
+        block_ks = (64,) if args.smoke else (64, 128, 256)
+        splits = (1, 2) if args.smoke else (1, 2, 4, 8, 16)
+        for bn, bk, sk in itertools.product(block_ns, block_ks, splits):
+            if sk > 1 and -(-K // bk) < sk:
+                continue
+            cfg = linear_config(M, N, K, sms, False, block_n=bn, block_k=bk, split_k=sk)
+            try:
+                us = timed_graph(fused(None, cfg), device, replays) / layers * 1e6
+            except Exception as e:  # a configuration the compiler rejects (shared memory)
+                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+                continue
+            sweep.append((us, cfg))
+        sweep.sort(key=lambda t: t[0])
+        best_us, best = sweep[0]
+        tuned = []
+        for warps, stages in itertools.product((2, 4, 8), (2, 3, 4)) if not args.smoke else [(4, 3)]:
+            cfg = linear_config(M, N, K, sms, False, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
+                                num_warps=warps, num_stages=stages)
+            try:
+                tuned.append((timed_graph(fused(None, cfg), device, replays) / layers * 1e6, cfg))
+            except Exception as e:
+                print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
+        best_us, best = min(tuned + [(best_us, best)], key=lambda t: t[0])
+        default = linear_config(M, N, K, sms)
+        lora_sweep = []  # with adapters the expand's tile (and so the best N block) differs
+        for us, cfg in sweep[:6] + [(best_us, best)]:
+            lora_sweep.append((timed_graph(fused(ids_by_case["a4"], cfg), device, replays) / layers * 1e6, cfg))
+        lora_us, lora_best = min(lora_sweep, key=lambda t: t[0])
+        entry["lora_best_config"] = lora_best.__dict__
+        entry["lora_sweep"] = [{"us_a4": us, **cfg.__dict__} for us, cfg in lora_sweep]
+        for case, ids in ids_by_case.items():
+            c = {"cublas_us": base_us[case],
+                 "fused_best_us": timed_graph(fused(ids, best if ids is None else lora_best), device, replays) / layers * 1e6,
+                 "fused_default_us": timed_graph(fused(ids, default), device, replays) / layers * 1e6}
+            c["speedup_best"] = c["cublas_us"] / c["fused_best_us"]
+            c["speedup_default"] = c["cublas_us"] / c["fused_default_us"]
+            entry["cases"][case] = c
+        entry["best_config"] = best.__dict__
+        entry["default_config"] = default.__dict__
+        entry["weight_TB_s_best_base"] = w_bytes / (entry["cases"]["base"]["fused_best_us"] * 1e-6) / 1e12
+        entry["weight_TB_s_cublas_base"] = w_bytes / (base_us["base"] * 1e-6) / 1e12
+        entry["sweep_top"] = [{"us": us, **cfg.__dict__} for us, cfg in sweep[:8]]
+        result["linears"][name] = entry
+        print(f"{name}: err {err:.2e}; " + ", ".join(
+            f"{case} cublas {c['cublas_us']:.2f} us / fused {c['fused_best_us']:.2f} (default {c['fused_default_us']:.2f})"
+            for case, c in entry["cases"].items()) + f"; best {best}", flush=True)
+
+    layer = {case: {k: sum(result["linears"][n]["cases"][case][k] for n in result["linears"])
+                    for k in ("cublas_us", "fused_best_us", "fused_default_us")} for case in ("base", "a4", "a32")}
+    result["layer_sum_us"] = layer
+    text = json.dumps(result, indent=1)
+    for p in [Path(args.out) / "decode_linear_bench.json"] if args.out else []:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        p.write_text(text)
+    if args.results or device.type == "cuda":
+        p = Path(args.results) if args.results else REPO / "bench" / "results" / "decode_linear_bench.json"
+        p.write_text(text)
+    print(f"\ndecode linears on {result['device']}, M={M}, copy {bw / 1e12:.2f} TB/s; one layer's four linears (us):")
+    print(f"{'case':<6}{'cublas':>10}{'fused best':>12}{'fused default':>15}{'ratio':>8}")
+    for case, v in layer.items():
+        print(f"{case:<6}{v['cublas_us']:>10.2f}{v['fused_best_us']:>12.2f}{v['fused_default_us']:>15.2f}"
+              f"{v['cublas_us'] / v['fused_best_us']:>8.2f}")
+
+
+if __name__ == "__main__":
+    main()
