@@ -281,12 +281,15 @@ def main() -> None:
         from tasktune.serve.cuda_graphs import DecodeStep
 
         main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
+        from tasktune.lora import triton_ops
         from tasktune.serve import triton_attention
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
                     "attention_split4": (True, kernels, ("base", f"a{n_adapters}")),  # context in 4 chunks (flash-decoding)
-                    "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # cuBLAS + LoRA pairs
+                    "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
+                    "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
+                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
             variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
         for label, (graphs, use_kernels, names_) in variants.items():
@@ -294,6 +297,8 @@ def main() -> None:
                 continue  # the main run already used torch LoRA
             triton_attention.default_splits = 4 if label == "attention_split4" else 0
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
+            engine.pool.stacks.fused_linears = label == "fused_lora"
+            triton_ops.PDL = label != "no_pdl"
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
@@ -308,6 +313,7 @@ def main() -> None:
                       f"{c[f'{label}_tokens_equal']}", flush=True)
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
+        engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
     a_tokens = result.pop("_tokens")
     del engine
     free()

@@ -121,6 +121,7 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     fused = []
     if "fused" in variant:
         eng.model.linear_kernel = True
+        eng.pool.stacks.fused_linears = True  # LoRA inside them too (off by default: slower on an H200 so far)
         linear = triton_linear.decode_linear
         monkeypatch.setattr(triton_linear, "decode_linear",
                             lambda *a, **k: fused.append((k["swiglu"], k["lora"] is not None)) or linear(*a, **k))

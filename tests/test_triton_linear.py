@@ -73,7 +73,8 @@ def check(args, dtype, config=None):
     want = reference(**args)
     assert got.dtype == dtype and got.shape == want.shape
     scale = want.abs().max().item()
-    tol = 1e-5 * scale if dtype == torch.float32 else 3e-2 * scale
+    # fp32: tl.dot runs in TF32 on a GPU (~1e-3 relative), exact fp32 under the interpreter
+    tol = (1e-5 if INTERPRET else 5e-3) * scale if dtype == torch.float32 else 3e-2 * scale
     assert (got.double() - want).abs().max().item() <= tol
     assert int(triton_linear._counter_buffer(got.device).abs().sum()) == 0  # every launch leaves them at zero
 
@@ -125,3 +126,47 @@ def test_rejects_what_it_cannot_run():
     with pytest.raises(ValueError, match="LoRA shapes"):
         A, B = torch.zeros(2, 8, 32, device=DEVICE), torch.zeros(2, 16, 8, device=DEVICE)
         decode_linear(x, W, lora=(A, B, torch.ones(2, device=DEVICE), torch.zeros(3, dtype=torch.long, device=DEVICE)))
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs and PDL need a GPU")
+def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
+    """Eight dependent fused linears (norm, split-K, LoRA with its spin-wait, residual) as one
+    CUDA graph with programmatic dependent launch: each launch starts while the previous one
+    finishes, reads its weights, then waits. The replays equal the same chain run eagerly
+    without PDL, bit for bit, and leave the counters at zero."""
+    from tasktune.lora import triton_ops
+
+    M, D, layers = 32, 256, 8
+    g = torch.Generator().manual_seed(3)
+    Ws = [(torch.randn(D, D, generator=g) * D ** -0.5).to(DEVICE, torch.bfloat16) for _ in range(layers)]
+    nw = (torch.rand(D, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    A = (torch.randn(4, 8, D, generator=g) * D ** -0.5).to(DEVICE, torch.bfloat16)
+    B = (torch.randn(4, D, 8, generator=g) * 0.1).to(DEVICE, torch.bfloat16)
+    lora = (A, B, torch.ones(4, device=DEVICE), (torch.arange(M) % 5 - 1).to(DEVICE))
+    x0 = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
+    cfg = linear_config(M, D, D, 132, True, block_n=32, block_k=64, split_k=4)
+
+    def chain(x):
+        for i, W in enumerate(Ws):
+            x = decode_linear(x, W, residual=x, norm=(nw, 1e-6) if i % 2 else None, lora=lora, config=cfg)
+        return x
+
+    triton_ops.PDL = False
+    try:
+        want = chain(x0)
+    finally:
+        triton_ops.PDL = True
+    x = x0.clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert int(triton_linear._counter_buffer(out.device).abs().sum()) == 0

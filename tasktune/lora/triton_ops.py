@@ -64,6 +64,25 @@ def available(device: torch.device | str | None = None) -> bool:
     return on_gpu and torch.cuda.is_available()
 
 
+# Programmatic dependent launch (Hopper+): the decode kernels of serve/ launch with it and
+# wait for the previous kernel inside (`tl.extra.cuda.gdc_wait`), so a kernel's launch and its
+# weight reads overlap the previous kernel's tail. Benchmarks flip this to time without it.
+PDL = True
+
+
+@functools.lru_cache(maxsize=None)
+def _capability(index: int) -> tuple[int, int]:
+    return torch.cuda.get_device_capability(index)
+
+
+def use_pdl(device: torch.device) -> bool:
+    """Whether kernels on `device` launch with programmatic dependent launch: PDL is on, a
+    real GPU of compute capability 9 or more (never under the interpreter)."""
+    if not PDL or device.type != "cuda" or os.environ.get("TRITON_INTERPRET") == "1":
+        return False
+    return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
 if triton is not None:
 
     @triton.jit

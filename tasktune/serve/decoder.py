@@ -130,6 +130,9 @@ class LoraStacks:
     fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
+    # ... and with the fused linears (Decoder.linear_kernel), LoRA inside them too: one launch a
+    # linear instead of three, but slower on an H200 so far (bench/README.md), so off
+    fused_linears: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -232,7 +235,7 @@ class Block(nn.Module):
         cfg, a = self.cfg, self.self_attn
         H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         N = x.shape[0]
-        if batch.linear_kernel and (lora is None or lora.kernels):
+        if batch.linear_kernel and (stacks is None or not batch.use_lora or (lora.kernels and lora.fused_linears)):
             return self.forward_fused(x, batch, kv, lora, stacks)
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]

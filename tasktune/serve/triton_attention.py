@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, triton
+from tasktune.lora.triton_ops import _pow2_at_least, available, triton, use_pdl
 
 __all__ = ["available", "decode_attention"]
 
@@ -100,9 +100,12 @@ if triton is not None:
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
         LENGTH: tl.constexpr,  # the context bucket (a few values): a constant loop bound
         ROPE: tl.constexpr,  # rotate q and the new key by their position first (cos, sin tables)
+        PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait for the previous kernel here
     ):
         b = tl.program_id(0)
         kv = tl.program_id(1)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + b).to(tl.int32)
         n_keys = tl.minimum(pos + 1, LENGTH)
         offs_g = tl.arange(0, G_PAD)
@@ -124,6 +127,8 @@ if triton is not None:
             offs_l = start + tl.arange(0, BLOCK_L)
             m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl,
                                           stride_vl, HD)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         o = acc / denom[:, None]
         tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
                  mask=g_ok[:, None])
@@ -242,9 +247,11 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
     )
     if splits == 1:
+        pdl = use_pdl(q.device)
         _decode_attention[(n, kv_heads)](
             q, k, v, k_cache, v_cache, positions, out, *tables, hd ** -0.5, *strides, out.stride(0), out.stride(1),
-            GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope,
+            GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope, PDL=pdl,
+            **({"launch_pdl": True} if pdl else {}),
         )
         return out
     parts = n * kv_heads * splits * g_pad

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, triton
+from tasktune.lora.triton_ops import _pow2_at_least, available, triton, use_pdl
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
@@ -58,26 +58,46 @@ if triton is not None:
         return v, tl.sum(vf * vf, axis=1)
 
     @triton.jit
-    def _partial(w_ptr, x_ptr, nw_ptr, row0, offs_n, n_ok, offs_m, m_ok, split, stride_xm,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 K_SPLIT: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
-        """W[row0 + offs_n, split's K range] @ act(x)[offs_m, same range]^T -> ([BLOCK_N,
-        BLOCK_M] fp32, the rows' sums of squares over the range)."""
+    def _dot(w, xa, acc, UPCAST: tl.constexpr):
+        if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.x): fp32 there
+            return tl.dot(w.to(tl.float32), tl.trans(xa.to(tl.float32)), acc)
+        return tl.dot(w, tl.trans(xa), acc)
+
+    @triton.jit
+    def _partial(w_ptr, x_ptr, nw_ptr, offs_n, n_ok, offs_m, m_ok, split, stride_xm,
+                 N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                 BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
+                 UPCAST: tl.constexpr, PDL: tl.constexpr):
+        """W[offs_n, split's K range] @ act(x)[offs_m, same range]^T -> ([BLOCK_N, BLOCK_M] fp32;
+        under SWIGLU the same for the up rows N further, else that tile again; the rows' sums
+        of squares over the range). x is loaded once for both. The first weight tile is read
+        before waiting for the previous kernel (PDL): no kernel writes weights."""
         offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K_SPLIT, BLOCK_K):  # (bounds from program ids break the interpreter)
+        k = split * K_SPLIT + offs_k
+        k_ok = k < K
+        w_mask = n_ok[:, None] & k_ok[None, :]
+        w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
+        if SWIGLU:
+            wu = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=w_mask, other=0.0)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        xa, ss = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)  # [BLOCK_M, BLOCK_K]
+        acc = _dot(w, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
+        acc_u = acc
+        if SWIGLU:
+            acc_u = _dot(wu, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
+        for k0 in range(BLOCK_K, K_SPLIT, BLOCK_K):  # (bounds from program ids break the interpreter)
             k = split * K_SPLIT + k0 + offs_k
             k_ok = k < K
-            w = tl.load(w_ptr + (row0 + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            xa, sq = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)  # [BLOCK_M, BLOCK_K]
+            w_mask = n_ok[:, None] & k_ok[None, :]
+            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
+            xa, sq = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
             ss += sq
-            if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.x): fp32 there
-                acc = tl.dot(w.to(tl.float32), tl.trans(xa.to(tl.float32)), acc)
-            else:
-                acc = tl.dot(w, tl.trans(xa), acc)
-        return acc, ss
+            acc = _dot(w, xa, acc, UPCAST)
+            if SWIGLU:
+                wu = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=w_mask, other=0.0)
+                acc_u = _dot(wu, xa, acc_u, UPCAST)
+        return acc, acc_u, ss
 
     @triton.jit
     def _h(s_ptr, offs_m, rr, hmask, col, S: tl.constexpr, R: tl.constexpr):
@@ -127,7 +147,7 @@ if triton is not None:
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, LORA: tl.constexpr, R: tl.constexpr, R_MODULE: tl.constexpr, RC: tl.constexpr,
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
-        UPCAST: tl.constexpr,
+        UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -135,6 +155,8 @@ if triton is not None:
             if pid < M * S:  # the first M * S programs: s[row, chunk, :] = A[ids[row]][:, chunk] @ act(x)[row, chunk]
                 row = pid // S
                 chunk = pid % S
+                if PDL:
+                    tl.extra.cuda.gdc_wait()
                 slot = tl.load(ids_ptr + row).to(tl.int64)
                 if slot >= 0:
                     offs_r = tl.arange(0, R)
@@ -158,11 +180,10 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
         m_ok = offs_m < M
-        acc, ss = _partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
-                           BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
-        if SWIGLU:  # the up rows start N rows further
-            acc_u, _ = _partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
-                                BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        acc, acc_u, ss = _partial(w_ptr, x_ptr, nw_ptr, offs_n, n_ok, offs_m, m_ok, split, stride_xm, N, K, BLOCK_N,
+                                  BLOCK_M, BLOCK_K, K_SPLIT, NORM, SWIGLU, UPCAST, PDL)
+        if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
+            tl.extra.cuda.gdc_launch_dependents()
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -338,6 +359,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         meta = dict(LORA=True, R=R, R_MODULE=R_MODULE, RC=rc, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k)
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
+    pdl = use_pdl(device)
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args,
@@ -345,7 +367,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        UPCAST=device.type != "cuda", num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
