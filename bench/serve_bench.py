@@ -161,6 +161,9 @@ def main() -> None:
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
+    ap.add_argument("--variants", default=None,
+                    help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
+                         "attention_split4, unfused_linears, fused_lora, no_pdl)")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
     ap.add_argument("--no-compile", action="store_true",
@@ -290,6 +293,8 @@ def main() -> None:
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
+        if args.variants:
+            variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
             variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
         for label, (graphs, use_kernels, names_) in variants.items():
