@@ -39,8 +39,11 @@ __all__ = ["available", "decode_linear", "MAX_ROWS"]
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 MAX_RANK = 64
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
-EXPAND_TILE = 4096  # LoRA: elements of the gathered [rows, rank chunk, N block] tile of B; of the shrink's A tile
-SHRINK_K = 1024  # LoRA shrink: K elements a program reduces (more K: more programs a row)
+EXPAND_TILE = 4096  # LoRA: elements of the gathered [rows, rank chunk, N block] tile of B
+SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([R, BLOCK_K])
+SHRINK_SPLITS = 4  # ... and up to this many programs a row, each a contiguous part of K: the
+# expand waits for the shrink, so its latency (steps a program takes) is on the critical path
+# (one program a row was ~8 us for a fused qkv on an H200); the expand sums the parts
 
 if triton is not None:
     import triton.language as tl
@@ -349,8 +352,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                              f"bounds {tuple(bounds)} for a [{rows}, {K}] weight")
         b1, b2 = (list(bounds) + [rows, rows])[:2]
         R, R_MODULE = _pow2_at_least(modules * r, 16), _pow2_at_least(r, 16)
-        shrink_block_k = max(16, min(256, EXPAND_TILE // R))
-        shrink_k = triton.cdiv(min(K, SHRINK_K), shrink_block_k) * shrink_block_k
+        shrink_block_k = max(16, min(256, SHRINK_TILE // R))
+        shrink_k = triton.cdiv(triton.cdiv(K, SHRINK_SPLITS), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k)
         shrink_programs = M * S
         rc = max(1, min(R_MODULE, EXPAND_TILE // (cfg.BLOCK_M * cfg.BLOCK_N)))
