@@ -116,9 +116,10 @@ if triton is not None:
                 stride_br, R: tl.constexpr, R_MODULE: tl.constexpr, RC: tl.constexpr, S: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODULES: tl.constexpr, PER_COLUMN: tl.constexpr):
         """[BLOCK_N, BLOCK_M] LoRA deltas: row_scale[m] * B[slot_m, col0 + n, :] @ h_module[m]
-        for every row at once (a gathered [BLOCK_M, RC, BLOCK_N] tile of B per rank chunk:
-        B is stored rank-major, so a tile row is BLOCK_N consecutive elements); module: the
-        module of each column ([BLOCK_N], PER_COLUMN) or of all of them (a scalar)."""
+        for every row at once (a gathered [BLOCK_M, RC, BLOCK_N] tile of B per rank chunk, any
+        strides: rank-major storage reads whole rows of BLOCK_N, the pool's d_out-major one
+        RC elements at a time); module: the module of each column ([BLOCK_N], PER_COLUMN) or
+        of all of them (a scalar)."""
         delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for r0 in range(0, R_MODULE, RC):
             rr = r0 + tl.arange(0, RC)
