@@ -132,7 +132,7 @@ def test_rejects_what_it_cannot_run():
 def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
     """Eight dependent fused linears (norm, split-K, LoRA with its spin-wait, residual) as one
     CUDA graph with programmatic dependent launch: each launch starts while the previous one
-    finishes, reads its weights, then waits. The replays equal the same chain run eagerly
+    finishes and waits inside for it. The replays equal the same chain run eagerly
     without PDL, bit for bit, and leave the counters at zero."""
     from tasktune.lora import triton_ops
 

@@ -65,8 +65,8 @@ def available(device: torch.device | str | None = None) -> bool:
 
 
 # Programmatic dependent launch (Hopper+): the decode kernels of serve/ launch with it and
-# wait for the previous kernel inside (`tl.extra.cuda.gdc_wait`), so a kernel's launch and its
-# weight reads overlap the previous kernel's tail. Benchmarks flip this to time without it;
+# wait for the previous kernel inside (`tl.extra.cuda.gdc_wait`), so a kernel's launch overlaps
+# the previous kernel's tail. Benchmarks flip this to time without it;
 # TASKTUNE_PDL=0 turns it off (a driver or graph runtime without programmatic edges).
 PDL = os.environ.get("TASKTUNE_PDL", "1") != "0"
 

@@ -67,40 +67,25 @@ if triton is not None:
         return tl.dot(w, tl.trans(xa), acc)
 
     @triton.jit
-    def _partial(w_ptr, x_ptr, nw_ptr, offs_n, n_ok, offs_m, m_ok, split, stride_xm,
-                 N: tl.constexpr, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
-                 BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr,
-                 UPCAST: tl.constexpr, PDL: tl.constexpr):
-        """W[offs_n, split's K range] @ act(x)[offs_m, same range]^T -> ([BLOCK_N, BLOCK_M] fp32;
-        under SWIGLU the same for the up rows N further, else that tile again; the rows' sums
-        of squares over the range). x is loaded once for both. The first weight tile is read
-        before waiting for the previous kernel (PDL): no kernel writes weights."""
+    def _partial(w_ptr, x_ptr, nw_ptr, row0, offs_n, n_ok, offs_m, m_ok, split, stride_xm,
+                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
+                 K_SPLIT: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
+        """W[row0 + offs_n, split's K range] @ act(x)[offs_m, same range]^T -> ([BLOCK_N,
+        BLOCK_M] fp32, the rows' sums of squares over the range). (Reading the first weight
+        tile before the PDL wait, and gate and up sharing one loop, measured 15% slower a
+        decode step on an H200 than this plain loop called twice.)"""
         offs_k = tl.arange(0, BLOCK_K)
-        k = split * K_SPLIT + offs_k
-        k_ok = k < K
-        w_mask = n_ok[:, None] & k_ok[None, :]
-        w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
-        if SWIGLU:
-            wu = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=w_mask, other=0.0)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        xa, ss = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)  # [BLOCK_M, BLOCK_K]
-        acc = _dot(w, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
-        acc_u = acc
-        if SWIGLU:
-            acc_u = _dot(wu, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
-        for k0 in range(BLOCK_K, K_SPLIT, BLOCK_K):  # (bounds from program ids break the interpreter)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K_SPLIT, BLOCK_K):  # (bounds from program ids break the interpreter)
             k = split * K_SPLIT + k0 + offs_k
             k_ok = k < K
-            w_mask = n_ok[:, None] & k_ok[None, :]
-            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=w_mask, other=0.0)
-            xa, sq = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
+            w = tl.load(w_ptr + (row0 + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            xa, sq = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)  # [BLOCK_M, BLOCK_K]
             ss += sq
             acc = _dot(w, xa, acc, UPCAST)
-            if SWIGLU:
-                wu = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=w_mask, other=0.0)
-                acc_u = _dot(wu, xa, acc_u, UPCAST)
-        return acc, acc_u, ss
+        return acc, ss
 
     @triton.jit
     def _h(s_ptr, offs_m, rr, hmask, col, S: tl.constexpr, R: tl.constexpr):
@@ -184,8 +169,13 @@ if triton is not None:
         offs_m = tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
         m_ok = offs_m < M
-        acc, acc_u, ss = _partial(w_ptr, x_ptr, nw_ptr, offs_n, n_ok, offs_m, m_ok, split, stride_xm, N, K, BLOCK_N,
-                                  BLOCK_M, BLOCK_K, K_SPLIT, NORM, SWIGLU, UPCAST, PDL)
+        if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
+            tl.extra.cuda.gdc_wait()
+        acc, ss = _partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                           BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        if SWIGLU:  # the up rows start N rows further
+            acc_u, _ = _partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                                BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
