@@ -1,30 +1,34 @@
-"""One decode-step linear in one Triton launch: GEMM, bias, LoRA, activation and residual.
+"""One decode-step linear in one Triton launch: RMSNorm, GEMM, bias, LoRA, SwiGLU, residual.
 
 At decode batch sizes (M <= 64 rows) a projection is a stream of weights past a few rows:
 cuBLAS ran Qwen2.5-0.5B's qkv and o GEMMs at ~0.4 TB/s on an H200 (4-5 us for 1-2 MB,
 too few programs each reading a long K), its down GEMM as a split-K pair of kernels, and
-every adapted linear added a LoRA shrink and expand launch (8 a layer). In a CUDA graph
-each launch also costs a gap of ~0.5 us. `decode_linear` computes
+the norms, activation and residual adds were small kernels of their own (11.5 launches a
+layer; in a CUDA graph each also costs a gap). `decode_linear` computes
 
-    y = act(x) @ W^T + bias + scaling[ids] * B[ids] @ (A[ids] @ act(x)) (+ residual)
+    y = epi(norm(x) @ W^T + bias + scaling[ids] * B[ids] @ (A[ids] @ norm(x))) (+ residual)
 
-in one launch, where act is the identity or, for the down projection, silu(gate) * up of
-the gate_up output (`gated`). The grid holds three kinds of programs:
+in one launch, where norm is the identity or RMSNorm (x times the norm weight as it is
+loaded, each row scaled by 1 / rms at the end: its sum of squares comes from the same
+loads) and epi the identity or, for gate_up, silu(gate) * up (`swiglu`: a program holds
+the same columns of both halves). A layer is then 4 launches and attention. The grid holds:
 - LoRA shrink programs (lowest program ids): (row, K chunk) -> partial A[ids[row]] @ x;
 - GEMM programs: (N block, K split) -> a partial of W[block] @ x^T for all rows, fp32,
   into a workspace; the last of an N block's splits to finish (an atomic counter) sums
-  the partials, waits for the shrink programs (a spin on a counter: they have lower ids,
-  so they were scheduled first and never wait themselves), adds bias and each row's LoRA
-  expand, rounds, adds the residual and stores the block.
+  the partials in a fixed order, waits for the shrink programs (a spin on a counter:
+  they have lower ids, so they were scheduled first and never wait themselves), adds
+  bias and each row's LoRA expand, rounds, applies epi, adds the residual and stores.
 Counters live in one persistent zeroed buffer and every launch leaves them at zero (the
 last finisher resets them), so the launch needs no memset and can be captured in a graph.
+On Hopper the launch is a programmatic dependent launch (lora.triton_ops.use_pdl): it
+starts while the previous kernel finishes and waits for it inside.
 
-Rounding follows the eager decoder: silu and the product are rounded to the activation
-dtype before the GEMM, the projection (with bias and LoRA) before the residual add.
+Rounding follows the eager decoder where it can: the projection (with bias and LoRA) is
+rounded before silu * up and before the residual add; RMSNorm rounds x * weight instead of
+eager's normalised x (a different, not a larger, error).
 Registered as `torch.ops.tasktune.decode_linear` so torch.compile keeps it whole. Runs on
 the CPU under TRITON_INTERPRET=1 (tests), where programs run one at a time in order.
 """
-
 from __future__ import annotations
 
 import functools
