@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from tasktune.lora.triton_ops import lora_shrink
 from tasktune.serve import triton_linear
 from tasktune.serve.triton_linear import decode_linear, linear_config
 
@@ -67,9 +68,13 @@ def make(M, rows, K, *, dtype, bias=False, residual=False, norm=False, swiglu=Fa
     return args
 
 
-def check(args, dtype, config=None):
+def check(args, dtype, config=None, separate_shrink=False):
+    shrunk = None
+    if separate_shrink:  # the shrink as its own launch (BGMV shrink), the expand in decode_linear's
+        A, B, _, ids = args["lora"]
+        shrunk = lora_shrink(args["x"], A, ids, B.shape[2], args["norm"][0] if args["norm"] else None)
     got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"], swiglu=args["swiglu"],
-                        lora=args.get("lora"), bounds=args.get("bounds", ()), config=config)
+                        lora=args.get("lora"), bounds=args.get("bounds", ()), shrunk=shrunk, config=config)
     want = reference(**args)
     assert got.dtype == dtype and got.shape == want.shape
     scale = want.abs().max().item()
@@ -97,6 +102,13 @@ CASES = {  # M, weight rows, K, options
 def test_matches_eager_reference(name, dtype):
     M, rows, K, opts = CASES[name]
     check(make(M, rows, K, dtype=dtype, **opts), dtype)
+
+
+@pytest.mark.parametrize("name", [n for n in CASES if "lora" in n])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_separate_shrink_gives_the_same_result(name, dtype):
+    M, rows, K, opts = CASES[name]
+    check(make(M, rows, K, dtype=dtype, **opts), dtype, separate_shrink=True)
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])

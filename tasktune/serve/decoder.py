@@ -70,9 +70,12 @@ class LoraStacks:
     fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
-    # ... and with the fused linears (Decoder.linear_kernel), LoRA inside them too: one launch a
-    # linear instead of three, but slower on an H200 so far (bench/README.md), so off
+    # ... and with the fused linears (Decoder.linear_kernel), LoRA through them too: a shrink
+    # launch, then the expand inside the linear's launch (2 launches a linear instead of 3 and
+    # the norm and activation kernels); unmeasured on a GPU, so off. fused_shrink: the shrink
+    # inside the launch as well (one launch; slower on an H200: the expand waits for it)
     fused_linears: bool = False
+    fused_shrink: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -211,28 +214,33 @@ class Block(nn.Module):
     def forward_fused(self, x, batch: Batch, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks | None,
                       stacks: LayerLora | None) -> torch.Tensor:
         """The decode step through four fused linear launches (serve/triton_linear.py): RMSNorm +
-        qkv + LoRA; attention; o + LoRA + residual; RMSNorm + gate_up + LoRA + silu * up;
-        down + LoRA + residual. Norms, activation and residual adds need no kernels of their own."""
-        a, m, eps = self.self_attn, self.mlp, self.cfg.rms_norm_eps
-        lin = torch.ops.tasktune.decode_linear
+        qkv; attention; o + residual; RMSNorm + gate_up + silu * up; down + residual. Norms,
+        activation and residual adds need no kernels of their own. With adapters (when
+        `LoraStacks.fused_linears`) each adds its rows' LoRA expand, after a shrink launch
+        (`triton_ops.lora_shrink`) or, with `fused_shrink`, shrink programs of its own."""
+        a, m = self.self_attn, self.mlp
 
-        def adapters(name: str) -> tuple:
-            """(A, B, scaling, ids, bounds) of a (fused) linear, Nones when no row has an adapter."""
-            if stacks is None or not batch.use_lora:
-                return None, None, None, None, []
-            ab = (stacks.fused if name in self.parts else stacks.weights).get(name)
-            if ab is None:
-                return None, None, None, None, []
-            bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
-            return ab[0], ab[1], lora.scaling, batch.lora_ids, bounds
+        def lin(parent: nn.Module, name: str, x_in: torch.Tensor, norm: RMSNorm | None, residual=None,
+                swiglu: bool = False) -> torch.Tensor:
+            layer: nn.Linear = getattr(parent, name)
+            nw = norm.weight if norm is not None else None
+            A = B = scaling = ids = shrunk = None
+            bounds: list[int] = []
+            ab = (stacks.fused if name in self.parts else stacks.weights).get(name) \
+                if stacks is not None and batch.use_lora else None
+            if ab is not None:
+                (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
+                bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
+                if not lora.fused_shrink:
+                    shrunk = torch.ops.tasktune.lora_shrink(x_in, A, ids, B.shape[2], nw)
+            return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
+                                                    swiglu, A, B, scaling, ids, bounds, shrunk)
 
-        qkv = lin(x, a.qkv_proj.weight, a.qkv_proj.bias, None, self.input_layernorm.weight, eps, False,
-                  *adapters("qkv_proj"))
+        qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)
-        x = lin(o, a.o_proj.weight, a.o_proj.bias, x, None, eps, False, *adapters("o_proj"))
-        act = lin(x, m.gate_up_proj.weight, None, None, self.post_attention_layernorm.weight, eps, True,
-                  *adapters("gate_up_proj"))
-        return lin(act, m.down_proj.weight, None, x, None, eps, False, *adapters("down_proj"))
+        x = lin(a, "o_proj", o, None, residual=x)
+        act = lin(m, "gate_up_proj", x, self.post_attention_layernorm, swiglu=True)
+        return lin(m, "down_proj", act, None, residual=x)
 
     def rest(self, x, o, batch: Batch, lora: LoraStacks | None, stacks: LayerLora | None) -> torch.Tensor:
         """After attention: output projection, residual, MLP, residual."""

@@ -139,12 +139,13 @@ if triton is not None:
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, LORA: tl.constexpr, R: tl.constexpr, R_MODULE: tl.constexpr, RC: tl.constexpr,
-        MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
+        MODULES: tl.constexpr, S: tl.constexpr, SHRINK: tl.constexpr, SHRINK_K: tl.constexpr,
+        SHRINK_BLOCK_K: tl.constexpr,
         UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        if LORA:
+        if LORA and SHRINK:
             if pid < M * S:  # the first M * S programs: s[row, chunk, :] = A[ids[row]][:, chunk] @ act(x)[row, chunk]
                 row = pid // S
                 chunk = pid % S
@@ -217,9 +218,10 @@ if triton is not None:
             if SWIGLU:
                 acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
         if LORA:
-            seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
-            while seen < M * S:  # the shrink programs (lower ids, so scheduled first) are done
+            if SHRINK:
                 seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
+                while seen < M * S:  # the shrink programs (lower ids, so scheduled first) are done
+                    seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
             slots = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
             use = slots >= 0
             slots = tl.maximum(slots, 0)
@@ -236,10 +238,11 @@ if triton is not None:
             else:
                 acc += _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, 0, 0, r, stride_bs,
                                stride_bn, stride_br, R, R_MODULE, RC, S, BLOCK_M, BLOCK_N, MODULES, False)
-            done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
-            if done == n_blocks - 1:  # every block is past the wait: reset for the next launch
-                tl.store(cnt_ptr + n_blocks, 0)
-                tl.store(cnt_ptr + n_blocks + 1, 0)
+            if SHRINK:
+                done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
+                if done == n_blocks - 1:  # every block is past the wait: reset for the next launch
+                    tl.store(cnt_ptr + n_blocks, 0)
+                    tl.store(cnt_ptr + n_blocks + 1, 0)
         out = acc.to(y_ptr.dtype.element_ty)
         if SWIGLU:  # silu(gate) * up, each rounded as the eager decoder rounds them
             gf = out.to(tl.float32)
@@ -299,7 +302,8 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  bounds: tuple[int, ...] = (), config: LinearConfig | None = None) -> torch.Tensor:
+                  bounds: tuple[int, ...] = (), shrunk: torch.Tensor | None = None,
+                  config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
@@ -308,7 +312,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias: one per weight row; residual: [M, N]. lora = (A [slots, modules * r, K] contiguous,
     B [slots, weight rows, r] (any strides; rank-major storage, B.transpose(1, 2)
     contiguous, reads fastest), scaling [slots], ids [M], -1 for no adapter); bounds: the
-    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,))."""
+    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,)). shrunk: the
+    shrink already done (`lora.triton_ops.lora_shrink` of the same x, A, ids and norm
+    weight: [M, S, R] partial sums): the launch then only adds the expand; without it,
+    shrink programs in the same launch compute it first."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -334,7 +341,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if n_blocks + 2 > COUNTERS:
         raise ValueError(f"{N} outputs need {n_blocks + 2} counters (> {COUNTERS})")
     lora_args, strides = (x, x, x, x, x), (0, 0, 0)
-    meta = dict(LORA=False, R=16, R_MODULE=16, RC=1, MODULES=1, S=1, SHRINK_K=16, SHRINK_BLOCK_K=16)
+    meta = dict(LORA=False, R=16, R_MODULE=16, RC=1, MODULES=1, S=1, SHRINK=False, SHRINK_K=16, SHRINK_BLOCK_K=16)
     r, b1, b2, shrink_programs = 1, rows, rows, 0
     if lora is not None:
         A, B, scaling, ids = lora
@@ -350,12 +357,17 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         shrink_block_k = max(16, min(256, SHRINK_TILE // R))
         shrink_k = triton.cdiv(triton.cdiv(K, SHRINK_SPLITS), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k)
-        shrink_programs = M * S
+        if shrunk is not None:
+            if shrunk.dim() != 3 or shrunk.shape[0] != M or shrunk.shape[2] != R or not shrunk.is_contiguous() \
+                    or shrunk.dtype != torch.float32:
+                raise ValueError(f"shrunk {tuple(shrunk.shape)} {shrunk.dtype}: want [{M}, S, {R}] float32, contiguous")
+            S = shrunk.shape[1]
+        shrink_programs = M * S if shrunk is None else 0
         rc = max(1, min(R_MODULE, EXPAND_TILE // (cfg.BLOCK_M * cfg.BLOCK_N)))
-        s = torch.empty(M * S * R, dtype=torch.float32, device=device)
+        s = torch.empty(M * S * R, dtype=torch.float32, device=device) if shrunk is None else shrunk
         lora_args, strides = (A, B, scaling, ids, s), (B.stride(0), B.stride(1), B.stride(2))
-        meta = dict(LORA=True, R=R, R_MODULE=R_MODULE, RC=rc, MODULES=modules, S=S, SHRINK_K=shrink_k,
-                    SHRINK_BLOCK_K=shrink_block_k)
+        meta = dict(LORA=True, R=R, R_MODULE=R_MODULE, RC=rc, MODULES=modules, S=S, SHRINK=shrunk is None,
+                    SHRINK_K=shrink_k, SHRINK_BLOCK_K=shrink_block_k)
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     pdl = use_pdl(device)
     _decode_linear[grid](
@@ -375,12 +387,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int]) -> torch.Tensor:
+                     bounds: list[int], shrunk: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
-                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds))
+                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
+                         shrunk=shrunk)
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, shrunk=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
