@@ -8,12 +8,12 @@ layer for 6 MB of keys and values. Here one program per (sequence, KV head) read
 head's keys once for all the query heads that share it (grouped-query attention), reads
 only the sequence's own keys (loads past its length are masked off), and keeps an online
 softmax in fp32. A batch of 32 with 2 KV heads is only 64 such programs for 132 SMs, so on
-a GPU the context is also split into chunks attended by separate programs whose partial
-softmax states a second kernel combines (flash-decoding; `splits`). Measured on an H200
-(serve bench, 256-token prompts, context ~320): the split kernel plus its combine took 7.9 us
-a layer against 6.8 us unsplit (the extra launch and the partial states cost more than the
-parallelism gained at that length), so the context is split only past
-`SPLIT_MIN_KEYS` keys a chunk.
+a GPU the context can also be split into chunks attended by separate programs whose
+partial softmax states the last chunk to finish combines (flash-decoding; `splits`).
+Measured on an H200 (serve bench, 256-token prompts, context ~320) with the combine as a
+second kernel: 7.9 us a layer against 6.8 us unsplit, so the context is split only past
+`SPLIT_MIN_KEYS` keys a chunk. The combine inside the split launch (the last chunk's
+program, as the fused linears' split-K) is not yet timed: the bench's `attention_split4`.
 
 `decode_attention(q, k, v, k_cache, v_cache, positions, length)`: q [N, H, hd], this step's
 k, v [N, kv_heads, hd] (row-strided views allowed), one layer of the cache [slots,
@@ -138,14 +138,16 @@ if triton is not None:
 
     @triton.jit
     def _decode_attention_split(
-        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, pm_ptr, pd_ptr, pacc_ptr,
+        q_ptr, kn_ptr, vn_ptr, k_ptr, v_ptr, pos_ptr, cos_ptr, sin_ptr, pm_ptr, pd_ptr, pacc_ptr, o_ptr, cnt_ptr,
         sm_scale,
         stride_qn, stride_qh, stride_knn, stride_knh, stride_vnn, stride_vnh, stride_kb, stride_kh, stride_kl, stride_vb, stride_vh, stride_vl,
+        stride_on, stride_oh,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
-        LENGTH: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, ROPE: tl.constexpr,
+        LENGTH: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, ROPE: tl.constexpr,
     ):
         """One (sequence, KV head, chunk of the context): the chunk's partial softmax state
-        (max, denominator, unnormalised output) into the scratch buffers. Chunks read only
+        (max, denominator, unnormalised output) into the scratch buffers; the last chunk to
+        finish (a counter per (sequence, KV head), left at zero) combines them. Chunks read only
         keys written by earlier steps (l < position); chunk 0 also writes this step's key and
         value into the cache and attends to the new key from registers, so no program reads
         what another writes in the same launch."""
@@ -177,31 +179,37 @@ if triton is not None:
             offs_l = c * CHUNK + start + tl.arange(0, BLOCK_L)
             m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_old, m, denom, acc, sm_scale, stride_kl,
                                           stride_vl, HD)
-        part = (b * tl.num_programs(1) + kv) * SPLITS + c
+        pair = b * tl.num_programs(1) + kv
+        part = pair * SPLITS + c
         tl.store(pm_ptr + part * G_PAD + offs_g, m)
         tl.store(pd_ptr + part * G_PAD + offs_g, denom)
         tl.store(pacc_ptr + (part * G_PAD + offs_g[:, None]) * HD + offs_d[None, :], acc)
+        # the last chunk of this (sequence, KV head) to finish combines them all (no second launch)
+        arrived = tl.atomic_add(cnt_ptr + pair, 1, sem="acq_rel")
+        if arrived == SPLITS - 1:
+            _combine_splits(pm_ptr, pd_ptr, pacc_ptr, o_ptr, stride_on, stride_oh, b, kv, pair, GROUP, G_PAD, HD,
+                            SPLITS, S_PAD)
+            tl.store(cnt_ptr + pair, 0)
 
     @triton.jit
     def _combine_splits(
-        pm_ptr, pd_ptr, pacc_ptr, o_ptr, stride_on, stride_oh,
+        pm_ptr, pd_ptr, pacc_ptr, o_ptr, stride_on, stride_oh, b, kv, pair,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr,
     ):
         """The chunks' partial states of one (sequence, KV head) -> its output rows."""
-        b = tl.program_id(0)
-        kv = tl.program_id(1)
         offs_s = tl.arange(0, S_PAD)
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, HD)
         s_ok = offs_s < SPLITS
-        part = (b * tl.num_programs(1) + kv) * SPLITS + offs_s  # [S_PAD]
+        part = pair * SPLITS + offs_s  # [S_PAD]
         idx = part[:, None] * G_PAD + offs_g[None, :]  # [S_PAD, G_PAD]
-        m = tl.load(pm_ptr + idx, mask=s_ok[:, None], other=float("-inf"))
-        d = tl.load(pd_ptr + idx, mask=s_ok[:, None], other=0.0)
+        m = tl.load(pm_ptr + idx, mask=s_ok[:, None], other=float("-inf"), cache_modifier=".cg")
+        d = tl.load(pd_ptr + idx, mask=s_ok[:, None], other=0.0, cache_modifier=".cg")
         m_all = tl.max(m, axis=0)  # [G_PAD]; every row attends at least one key, so finite
         w = tl.exp(m - m_all[None, :])  # [S_PAD, G_PAD]; 0 for chunks without keys
         denom = tl.sum(w * d, axis=0)
-        acc = tl.load(pacc_ptr + idx[:, :, None] * HD + offs_d[None, None, :], mask=s_ok[:, None, None], other=0.0)
+        acc = tl.load(pacc_ptr + idx[:, :, None] * HD + offs_d[None, None, :], mask=s_ok[:, None, None], other=0.0,
+                      cache_modifier=".cg")
         o = tl.sum(acc * w[:, :, None], axis=0) / denom[:, None]  # [G_PAD, HD]
         heads = kv * GROUP + offs_g
         tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
@@ -258,16 +266,30 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     m = torch.empty(parts, dtype=torch.float32, device=q.device)
     d = torch.empty(parts, dtype=torch.float32, device=q.device)
     acc = torch.empty(parts * hd, dtype=torch.float32, device=q.device)
+    counters = _counter_buffer(q.device, n * kv_heads)
     _decode_attention_split[(n, kv_heads, splits)](
-        q, k, v, k_cache, v_cache, positions, *tables, m, d, acc, hd ** -0.5, *strides,
+        q, k, v, k_cache, v_cache, positions, *tables, m, d, acc, out, counters, hd ** -0.5, *strides,
+        out.stride(0), out.stride(1),
         GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, CHUNK=chunk_blocks * BLOCK_L, SPLITS=splits,
-        ROPE=rope,
-    )
-    _combine_splits[(n, kv_heads)](
-        m, d, acc, out, out.stride(0), out.stride(1),
-        GROUP=group, G_PAD=g_pad, HD=hd, SPLITS=splits, S_PAD=_pow2_at_least(splits, 2),
+        S_PAD=_pow2_at_least(splits, 2), ROPE=rope,
     )
     return out
+
+
+_counters: dict[torch.device, torch.Tensor] = {}
+
+
+COUNTERS = 1 << 16
+
+
+def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters, one per (sequence, KV head), that every split launch leaves at
+    zero; one fixed buffer per device (CUDA graphs keep pointers to it)."""
+    if size > COUNTERS:
+        raise ValueError(f"{size} (sequence, KV head) pairs: the split attention counts at most {COUNTERS}")
+    if device not in _counters:
+        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
+    return _counters[device]
 
 
 BLOCK_L = 64  # keys a loop iteration reads
