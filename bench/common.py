@@ -145,6 +145,35 @@ def copy_bandwidth(device: torch.device, n: int = 1 << 30) -> dict:
     return {"bytes_src": n, "median_s": med, "bytes_per_s": 2 * n / med, "repeats": len(times)}
 
 
+def capture_graph(fn) -> torch.cuda.CUDAGraph:
+    """fn() captured as one CUDA graph, after two warm-up calls on a side stream."""
+    side = torch.cuda.Stream()  # warm-up (Triton compiles, cuBLAS picks kernels) off the capture stream
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def time_graph(graph: torch.cuda.CUDAGraph, reps: int) -> float:
+    """Median seconds of one replay (a pair of CUDA events each), after 3 untimed ones."""
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(reps):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        graph.replay()
+        e1.record()
+        e1.synchronize()
+        times.append(e0.elapsed_time(e1) / 1e3)
+    return statistics.median(times)
+
+
 def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()

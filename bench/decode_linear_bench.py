@@ -23,7 +23,6 @@ import argparse
 import itertools
 import json
 import os
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -34,7 +33,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import copy_bandwidth, device_name, versions  # noqa: E402
+from common import capture_graph, copy_bandwidth, device_name, time_graph, versions  # noqa: E402
 
 # name, weight rows, K (weight [rows, K]), bias, residual, RMSNorm in, swiglu out, fused LoRA module widths
 QWEN = [("qkv", 1152, 896, True, False, True, False, (896, 128, 128)), ("o", 896, 896, False, True, False, False, (896,)),
@@ -49,26 +48,7 @@ def timed_graph(fn, device, replays: int) -> float:
         t = time.perf_counter()
         fn()
         return time.perf_counter() - t
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        fn()
-        fn()
-    torch.cuda.current_stream().wait_stream(side)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        fn()
-    g.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        times.append(a.elapsed_time(b) / 1e3)
-    return statistics.median(times)
+    return time_graph(capture_graph(fn), replays)
 
 
 def main() -> None:

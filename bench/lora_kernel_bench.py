@@ -39,7 +39,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import copy_bandwidth  # noqa: E402
+from common import capture_graph, copy_bandwidth, time_graph  # noqa: E402
 from tasktune.lora import triton_ops  # noqa: E402
 from tasktune.lora.ops import lora_delta_gathered  # noqa: E402
 
@@ -120,34 +120,6 @@ def step_fn(path: str, mods: list[Module], ids: torch.Tensor):
     return {"base": base, "torch": torch_path}.get(path, triton_path)
 
 
-def capture(fn) -> torch.cuda.CUDAGraph:
-    side = torch.cuda.Stream()  # warm-up (Triton compiles, cuBLAS picks kernels) off the capture stream
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph
-
-
-def time_gpu(graph: torch.cuda.CUDAGraph, reps: int) -> float:
-    """Median seconds of one replay."""
-    for _ in range(3):
-        graph.replay()
-    times = []
-    for _ in range(reps):
-        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        e0.record()
-        graph.replay()
-        e1.record()
-        e1.synchronize()
-        times.append(e0.elapsed_time(e1) / 1e3)
-    return statistics.median(times)
-
-
 def time_cpu(fn, reps: int) -> float:
     fn()
     times = []
@@ -213,11 +185,11 @@ def main() -> None:
     graphs = {}
     for path in [] if smoke else paths:  # each launch configuration captured into its own graph
         set_launch(*launches.get(path, default))
-        graphs[path] = capture(step_fn(path, mods, ids))
+        graphs[path] = capture_graph(step_fn(path, mods, ids))
     set_launch(*default)
 
     def measure(path: str) -> float:
-        return time_cpu(step_fn(path, mods, ids), reps) if smoke else time_gpu(graphs[path], reps)
+        return time_cpu(step_fn(path, mods, ids), reps) if smoke else time_graph(graphs[path], reps)
 
     rows, agree = [], {}
     base_s = measure("base")
