@@ -59,5 +59,7 @@ def load_decoder(path: str | Path, device: str | torch.device = "cpu", dtype: to
                                f"missing {missing[:5]}, unexpected {unexpected[:5]}")
     model = model.to(device=device, dtype=dtype).eval()
     model.attention_kernel = device.type == "cuda" and model.can_use_attention_kernel()
-    model.linear_kernel = model.attention_kernel  # the fused linears need the attention kernel's decode layout
+    # the fused linears need the attention kernel's decode layout, and run half-precision weights
+    # only (an fp32 tl.dot is TF32 on a GPU: less precise than the fp32 cuBLAS path it replaces)
+    model.linear_kernel = model.attention_kernel and model.lm_head.weight.dtype in (torch.bfloat16, torch.float16)
     return model
