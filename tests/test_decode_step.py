@@ -171,3 +171,18 @@ def test_prefill_with_several_adapters_takes_the_masked_path(engine, monkeypatch
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     for i in range(3):
         engine.pool.release(f"task-{i}")
+
+
+def test_fused_linears_only_where_they_apply():
+    """decode_batch turns the fused linears on only with the attention kernel's layout and
+    up to triton_linear.MAX_ROWS rows (larger buckets run cuBLAS)."""
+    from tasktune.serve.forward_batch import decode_batch
+    from tasktune.serve.triton_linear import MAX_ROWS
+
+    def batch(rows, attention_kernel=True, linear_kernel=True):
+        z = torch.zeros(rows, dtype=torch.long)
+        return decode_batch(z, z, z - 1, 16, False, attention_kernel, linear_kernel)
+
+    assert batch(MAX_ROWS).linear_kernel and batch(1).linear_kernel
+    assert not batch(MAX_ROWS + 1).linear_kernel
+    assert not batch(8, attention_kernel=False).linear_kernel and not batch(8, linear_kernel=False).linear_kernel
