@@ -62,12 +62,11 @@ def main() -> None:
         os.environ.setdefault("TRITON_INTERPRET", "1")
     from tasktune.lora import triton_ops
     from tasktune.lora.triton_ops import lora_apply_
-    from tasktune.serve.triton_linear import _sms, decode_linear, linear_config
+    from tasktune.serve.triton_linear import decode_linear, linear_config
 
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shapes, layers, replays = (SMOKE, 2, 1) if args.smoke else (QWEN, 24, 50)
     M, r, slots, dt = args.rows, 16, 32, torch.bfloat16
-    sms = _sms(device)
     g = torch.Generator(device="cpu").manual_seed(0)
     result = {"bench": "decode_linear_bench", "device": device_name(device), "versions": versions("triton"),
               "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
@@ -131,7 +130,7 @@ def main() -> None:
         for bn, bk, sk in itertools.product(block_ns, block_ks, splits):
             if sk > 1 and -(-K // bk) < sk:
                 continue
-            cfg = linear_config(M, N, K, sms, False, block_n=bn, block_k=bk, split_k=sk)
+            cfg = linear_config(M, N, K, False, block_n=bn, block_k=bk, split_k=sk)
             try:
                 us = timed_graph(fused(None, cfg), device, replays) / layers * 1e6
             except Exception as e:  # a configuration the compiler rejects (shared memory)
@@ -142,14 +141,14 @@ def main() -> None:
         best_us, best = sweep[0]
         tuned = []
         for warps, stages in ((4, 4), (8, 3), (2, 3)) if not args.smoke else [(4, 3)]:
-            cfg = linear_config(M, N, K, sms, False, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
+            cfg = linear_config(M, N, K, False, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
                                 num_warps=warps, num_stages=stages)
             try:
                 tuned.append((timed_graph(fused(None, cfg), device, replays) / layers * 1e6, cfg))
             except Exception as e:
                 print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
         best_us, best = min(tuned + [(best_us, best)], key=lambda t: t[0])
-        default = linear_config(M, N, K, sms)
+        default = linear_config(M, N, K)
         lora_sweep = []  # with adapters the expand's tile (and so the best N block) differs
         for us, cfg in sweep[:6] + [(best_us, best)]:
             lora_sweep.append((timed_graph(fused(ids_by_case["a4"], cfg), device, replays) / layers * 1e6, cfg))

@@ -267,13 +267,13 @@ class LinearConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_config(m: int, n: int, k: int, sms: int, lora: bool = False, block_n: int = 0, block_k: int = 0,
+def linear_config(m: int, n: int, k: int, lora: bool = False, block_n: int = 0, block_k: int = 0,
                   split_k: int = 0, num_warps: int = 4, num_stages: int = 3) -> LinearConfig:
     """The launch for an [m, k] x [n, k]^T product (n: output columns). From a sweep on an
     H200 at m=32 (bench/decode_linear_bench.py): K blocks of 256; a weight of at most 1M
     elements in N blocks of 16 and one split; larger ones in N blocks of 64 (32 with LoRA
     below 4,096 outputs: the gathered B tile grows with the block) and 4 K splits.
-    Explicit block_n / block_k / split_k override (benchmark sweeps); sms is kept for them."""
+    Explicit block_n / block_k / split_k override (benchmark sweeps)."""
     block_m = _pow2_at_least(m, 16)
     small = n * k <= (1 << 20)
     block_k = block_k or min(256 if block_m < 64 else 128, _pow2_at_least(k, 16))
@@ -282,11 +282,6 @@ def linear_config(m: int, n: int, k: int, sms: int, lora: bool = False, block_n:
     want = split_k or (1 if small else min(4, blocks_k))
     per = triton.cdiv(blocks_k, want)
     return LinearConfig(block_m, block_n, block_k, triton.cdiv(blocks_k, per), per * block_k, num_warps, num_stages)
-
-
-@functools.lru_cache(maxsize=None)
-def _sms(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
 
 
 _counters: dict[torch.device, torch.Tensor] = {}
@@ -330,7 +325,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if norm is not None and (norm[0].shape != (K,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {K} inputs")
     device = x.device
-    cfg = config or linear_config(M, N, K, _sms(device), lora is not None)
+    cfg = config or linear_config(M, N, K, lora is not None)
     y = torch.empty(M, N, dtype=x.dtype, device=device)
     n_blocks = triton.cdiv(N, cfg.BLOCK_N)
     parts = 2 if swiglu else 1
