@@ -84,6 +84,19 @@ def use_pdl(device: torch.device) -> bool:
     return _capability(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 
 
+_counters: dict[tuple[str, torch.device], torch.Tensor] = {}
+
+
+def counter_buffer(owner: str, device: torch.device, size: int) -> torch.Tensor:
+    """Zeroed int32 counters for `owner`'s kernels on `device` (split-K and split-attention
+    "last to finish" counts), which every launch leaves at zero: no memset per launch. One
+    fixed tensor per owner and device, never reallocated (CUDA graphs keep its pointer)."""
+    key = (owner, device)
+    if key not in _counters:
+        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+    return _counters[key]
+
+
 if triton is not None:
 
     @triton.jit

@@ -31,7 +31,7 @@ import functools
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton, use_pdl
 
 __all__ = ["available", "decode_attention"]
 
@@ -276,7 +276,6 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     return out
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
 
 
 COUNTERS = 1 << 16
@@ -287,9 +286,7 @@ def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
     zero; one fixed buffer per device (CUDA graphs keep pointers to it)."""
     if size > COUNTERS:
         raise ValueError(f"{size} (sequence, KV head) pairs: the split attention counts at most {COUNTERS}")
-    if device not in _counters:
-        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
+    return counter_buffer("decode_attention", device, COUNTERS)
 
 
 BLOCK_L = 64  # keys a loop iteration reads

@@ -36,7 +36,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton, use_pdl
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
@@ -284,14 +284,9 @@ def linear_config(m: int, n: int, k: int, lora: bool = False, block_n: int = 0, 
     return LinearConfig(block_m, block_n, block_k, triton.cdiv(blocks_k, per), per * block_k, num_warps, num_stages)
 
 
-_counters: dict[torch.device, torch.Tensor] = {}
-
-
 def _counter_buffer(device: torch.device) -> torch.Tensor:
     """The zeroed int32 counters every launch on `device` uses and leaves at zero."""
-    if device not in _counters:
-        _counters[device] = torch.zeros(COUNTERS, dtype=torch.int32, device=device)
-    return _counters[device]
+    return counter_buffer("decode_linear", device, COUNTERS)
 
 
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
