@@ -11,7 +11,8 @@ CUDA-event timings): per-call time includes the launch gaps a graph has.
   fused    tasktune.serve.triton_linear.decode_linear: one launch, each configuration of a
            sweep (N block, K block, K splits), then warps / stages for the best; each also
            without programmatic dependent launch (PDL: a launch overlaps the previous one's tail)
-Adapters: 32 slots r=16 per linear (its own stack per layer), rows over 4 or 32 of them.
+Adapters: 32 slots r=16 per linear (its own stack per layer, B as the pool stores it:
+[slots, rows, r] contiguous), rows over 4 or 32 of them.
 
     PYTHONPATH=. python3 bench/decode_linear_bench.py          # GPU: writes $OUT/ and bench/results/
     .venv/bin/python bench/decode_linear_bench.py --smoke      # CPU: tiny shapes, the interpreter
@@ -55,6 +56,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
     ap.add_argument("--rows", type=int, default=32)
+    ap.add_argument("--no-sweep", action="store_true", help="time the default configuration (and a few with LoRA) only")
     ap.add_argument("--out", default=os.environ.get("OUT"))
     ap.add_argument("--results", default=None)
     args = ap.parse_args()
@@ -86,7 +88,6 @@ def main() -> None:
         mods = len(widths)
         As = [rand(slots, mods * r, K, scale=K ** -0.5) for _ in range(layers)]
         Bs = [rand(slots, rows, r, scale=0.1) for _ in range(layers)]
-        Bt = [b.transpose(1, 2).contiguous().transpose(1, 2) for b in Bs]  # rank-major storage, as the pool keeps B
         scaling = torch.full((slots,), 2.0, device=device)
         bounds = tuple(itertools.accumulate(widths))[:-1]
         ids_by_case = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
@@ -110,13 +111,13 @@ def main() -> None:
             def fn():
                 for i in range(layers):
                     decode_linear(x, Ws[i], biases[i], res, norm=norm, swiglu=swiglu, config=cfg,
-                                  lora=None if ids is None else (As[i], Bt[i], scaling, ids), bounds=bounds)
+                                  lora=None if ids is None else (As[i], Bs[i], scaling, ids), bounds=bounds)
             return fn
 
         # correctness of the fused launch against the cuBLAS path, with adapters
         ids = ids_by_case["a32"]
         want = eager(0, ids)
-        got = decode_linear(x, Ws[0], biases[0], res, norm=norm, swiglu=swiglu, lora=(As[0], Bt[0], scaling, ids),
+        got = decode_linear(x, Ws[0], biases[0], res, norm=norm, swiglu=swiglu, lora=(As[0], Bs[0], scaling, ids),
                             bounds=bounds)
         err = ((got.float() - want.float()).abs().max() / want.float().abs().max()).item()
 
@@ -125,32 +126,39 @@ def main() -> None:
         base_us = {c: timed_graph(cublas(i), device, replays) / layers * 1e6 for c, i in ids_by_case.items()}
         sweep = []
         block_ns = (16, 32) if args.smoke else (16, 32, 64)
+        if args.no_sweep:  # the default configuration only (and the LoRA sweep's few)
+            block_ns = ()
         block_ks = (64,) if args.smoke else (128, 256)
         splits = (1, 2) if args.smoke else (1, 2, 4, 8)
         for bn, bk, sk in itertools.product(block_ns, block_ks, splits):
             if sk > 1 and -(-K // bk) < sk:
                 continue
-            cfg = linear_config(M, N, K, False, block_n=bn, block_k=bk, split_k=sk)
+            cfg = linear_config(M, N, K, block_n=bn, block_k=bk, split_k=sk)
             try:
                 us = timed_graph(fused(None, cfg), device, replays) / layers * 1e6
             except Exception as e:  # a configuration the compiler rejects (shared memory)
                 print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
                 continue
             sweep.append((us, cfg))
+        default = linear_config(M, N, K)
+        if not sweep:
+            sweep.append((timed_graph(fused(None, default), device, replays) / layers * 1e6, default))
         sweep.sort(key=lambda t: t[0])
         best_us, best = sweep[0]
         tuned = []
-        for warps, stages in ((4, 4), (8, 3), (2, 3)) if not args.smoke else [(4, 3)]:
-            cfg = linear_config(M, N, K, False, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
+        for warps, stages in ((4, 4), (8, 3), (2, 3)) if not (args.smoke or args.no_sweep) else []:
+            cfg = linear_config(M, N, K, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
                                 num_warps=warps, num_stages=stages)
             try:
                 tuned.append((timed_graph(fused(None, cfg), device, replays) / layers * 1e6, cfg))
             except Exception as e:
                 print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
         best_us, best = min(tuned + [(best_us, best)], key=lambda t: t[0])
-        default = linear_config(M, N, K)
-        lora_sweep = []  # with adapters the expand's tile (and so the best N block) differs
-        for us, cfg in sweep[:6] + [(best_us, best)]:
+        lora_sweep = []  # with adapters the best N block / split may differ
+        lora_cfgs = [cfg for _, cfg in sweep[:6]] + [best]
+        if args.no_sweep:
+            lora_cfgs += [linear_config(M, N, K, block_n=bn, split_k=sk) for bn, sk in ((32, 0), (64, 2), (64, 8))]
+        for cfg in dict.fromkeys(lora_cfgs):
             lora_sweep.append((timed_graph(fused(ids_by_case["a4"], cfg), device, replays) / layers * 1e6, cfg))
         lora_us, lora_best = min(lora_sweep, key=lambda t: t[0])
         entry["lora_best_config"] = lora_best.__dict__

@@ -163,7 +163,8 @@ def main() -> None:
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, fused_lora_inkernel, no_pdl)")
+                         "attention_split4, unfused_linears, fused_lora, no_pdl)")
+    ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
     ap.add_argument("--no-compile", action="store_true",
@@ -291,8 +292,7 @@ def main() -> None:
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
                     "attention_split4": (True, kernels, ("base", f"a{n_adapters}")),  # context in 4 chunks (flash-decoding)
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
-                    "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # a shrink launch + expand in the fused linear
-                    "fused_lora_inkernel": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # the shrink inside it too
+                    "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
@@ -303,8 +303,7 @@ def main() -> None:
                 continue  # the main run already used torch LoRA
             triton_attention.default_splits = 4 if label == "attention_split4" else 0
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
-            engine.pool.stacks.fused_linears = label.startswith("fused_lora")
-            engine.pool.stacks.fused_shrink = label == "fused_lora_inkernel"
+            engine.pool.stacks.fused_linears = label == "fused_lora"
             triton_ops.PDL = label != "no_pdl"
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
@@ -318,9 +317,14 @@ def main() -> None:
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]
                 print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
                       f"{c[f'{label}_tokens_equal']}", flush=True)
+                if label in args.profile_variants.split(","):
+                    prof = c[f"{label}_profile"] = profile_decode_step(engine, prompts, cases[name], device)
+                    print(f"  profile: {prof['kernels']} kernels, {prof['kernel_time_s'] * 1e3:.2f} ms of device time; "
+                          + ", ".join(f"{k['name'][:28]} {k['time_us']:.0f} us/{k['count']}x"
+                                      for k in prof["top_kernels"][:5]), flush=True)
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
-        engine.pool.stacks.fused_linears, engine.pool.stacks.fused_shrink, triton_ops.PDL = False, False, True
+        engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
     a_tokens = result.pop("_tokens")
     del engine
     free()

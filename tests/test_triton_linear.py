@@ -17,7 +17,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tasktune.lora.triton_ops import lora_shrink
 from tasktune.serve import triton_linear
 from tasktune.serve.triton_linear import decode_linear, linear_config
 
@@ -49,7 +48,7 @@ def reference(x, W, bias=None, residual=None, norm=None, swiglu=False, lora=None
     return y + residual.to(d) if residual is not None else y
 
 
-def make(M, rows, K, *, dtype, bias=False, residual=False, norm=False, swiglu=False, modules=0, seed=0):
+def make(M, rows, K, *, dtype, bias=False, residual=False, norm=False, swiglu=False, modules=0, seed=0, slots=4):
     g = torch.Generator().manual_seed(seed)
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
     N = rows // 2 if swiglu else rows
@@ -57,7 +56,7 @@ def make(M, rows, K, *, dtype, bias=False, residual=False, norm=False, swiglu=Fa
                 residual=rnd(M, N) if residual else None,
                 norm=((torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype), 1e-6) if norm else None, swiglu=swiglu)
     if modules:
-        r, slots = 8, 4
+        r = 8
         bounds = (N,) if swiglu else tuple(sorted(torch.randperm(rows - 1, generator=g)[:modules - 1].add(1).tolist()))
         # B stored rank-major, as the adapter pool keeps it
         B = rnd(slots, r, rows).transpose(1, 2)
@@ -68,13 +67,9 @@ def make(M, rows, K, *, dtype, bias=False, residual=False, norm=False, swiglu=Fa
     return args
 
 
-def check(args, dtype, config=None, separate_shrink=False):
-    shrunk = None
-    if separate_shrink:  # the shrink as its own launch (BGMV shrink), the expand in decode_linear's
-        A, B, _, ids = args["lora"]
-        shrunk = lora_shrink(args["x"], A, ids, B.shape[2], args["norm"][0] if args["norm"] else None)
+def check(args, dtype, config=None):
     got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"], swiglu=args["swiglu"],
-                        lora=args.get("lora"), bounds=args.get("bounds", ()), shrunk=shrunk, config=config)
+                        lora=args.get("lora"), bounds=args.get("bounds", ()), config=config)
     want = reference(**args)
     assert got.dtype == dtype and got.shape == want.shape
     scale = want.abs().max().item()
@@ -104,19 +99,22 @@ def test_matches_eager_reference(name, dtype):
     check(make(M, rows, K, dtype=dtype, **opts), dtype)
 
 
-@pytest.mark.parametrize("name", [n for n in CASES if "lora" in n])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_separate_shrink_gives_the_same_result(name, dtype):
-    M, rows, K, opts = CASES[name]
-    check(make(M, rows, K, dtype=dtype, **opts), dtype, separate_shrink=True)
-
-
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_k_splits_sum_to_the_same_result(split_k):
     """Split-K programs store partials and the last to arrive sums them: any split count
     (including one that leaves an empty last split) gives the one-program result."""
     args = make(8, 96, 320, dtype=torch.float32, residual=True, norm=True, modules=1)
-    check(args, torch.float32, config=linear_config(8, 96, 320, True, block_n=32, block_k=64, split_k=split_k))
+    check(args, torch.float32, config=linear_config(8, 96, 320, block_n=32, block_k=64, split_k=split_k))
+
+
+@pytest.mark.parametrize("split_k", [1, 2, 3])
+def test_many_distinct_adapters_in_chunks_over_splits(split_k):
+    """More distinct adapters than one expand product takes (4 of rank 8): each split
+    handles its chunks of the batch's distinct adapters, whatever their order in the rows."""
+    args = make(40, 96, 192, dtype=torch.float32, norm=True, modules=3, slots=24, seed=5)
+    ids = args["lora"][3]
+    assert len(set(ids.tolist()) - {-1}) > 8
+    check(args, torch.float32, config=linear_config(40, 96, 192, block_n=32, block_k=64, split_k=split_k))
 
 
 def test_rows_without_adapter_equal_the_base_projection():
@@ -156,7 +154,7 @@ def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
     B = (torch.randn(4, D, 8, generator=g) * 0.1).to(DEVICE, torch.bfloat16)
     lora = (A, B, torch.ones(4, device=DEVICE), (torch.arange(M) % 5 - 1).to(DEVICE))
     x0 = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
-    cfg = linear_config(M, D, D, True, block_n=32, block_k=64, split_k=4)
+    cfg = linear_config(M, D, D, block_n=32, block_k=64, split_k=4)
 
     def chain(x):
         for i, W in enumerate(Ws):

@@ -101,16 +101,12 @@ if triton is not None:
 
     @triton.jit
     def bgmv_shrink(
-        x_ptr, a_ptr, ids_ptr, h_ptr, nw_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
+        x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
-        NORM: tl.constexpr = False,  # x times the norm weight nw (rounded to x's dtype), as triton_linear reads it
-        PDL: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
         slot = tl.load(ids_ptr + n).to(tl.int64)
         if slot < 0:
             return
@@ -122,14 +118,9 @@ if triton is not None:
         for k0 in range(0, K_SPLIT, BLOCK_K):
             k = k_start + k0 + offs_k  # [BLOCK_K]
             k_ok = k < d_in
-            xv = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0)  # [BLOCK_K]
-            if NORM:
-                xv = (xv.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(xv.dtype)
-            xk = xv.to(tl.float32)
+            xk = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
             a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
             acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)  # [R]
-        if PDL:
-            tl.extra.cuda.gdc_launch_dependents()
         tl.store(h_ptr + (n * tl.num_programs(1) + s) * R + offs_r, acc)
 
     @triton.jit
@@ -236,7 +227,7 @@ def lora_apply_(
     cfg = launch_config(n_rows, d_in, d_out, r, modules)
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, x, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
+        x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
@@ -257,56 +248,3 @@ def bgmv_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 def _(y, x, A, B, scaling, ids, bounds) -> None:
     return None
 
-
-SHRINK_PARTS = 4  # lora_shrink: programs a row at most (the fused expand sums the parts)
-
-
-@functools.lru_cache(maxsize=None)
-def shrink_config(d_in: int, r: int, modules: int = 1) -> LaunchConfig:
-    """`lora_shrink`'s launch: a function of the weight shapes only (not of the rows, so a
-    compiled decode step does not specialise on the batch), up to SHRINK_PARTS programs a
-    row; BLOCK_N unused."""
-    R = _pow2_at_least(r * modules, 16)
-    block_k = max(16, min(256, TILE // R))
-    per = triton.cdiv(triton.cdiv(d_in, SHRINK_PARTS), block_k) * block_k
-    return LaunchConfig(R=R, R_MODULE=_pow2_at_least(r, 16), BLOCK_K=block_k, K_SPLIT=per, S=triton.cdiv(d_in, per),
-                        BLOCK_N=0)
-
-
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, r: int,
-                norm_weight: torch.Tensor | None = None) -> torch.Tensor:
-    """The shrink alone: h [N, S, R] fp32, S partial sums over parts of d_in of
-    A[ids[n]] @ x[n] (x * norm_weight when given; rows with id -1 are left unwritten), for
-    `serve.triton_linear.decode_linear(..., shrunk=h)`, which adds the expand to its output.
-    A: [n_slots, modules * r, d_in] contiguous."""
-    n_rows, d_in = x.shape
-    modules = A.shape[1] // r
-    if A.shape[1] != modules * r or A.shape[2] != d_in or not 0 < r <= MAX_RANK or modules > 3 \
-            or not A.is_contiguous() or x.stride(1) != 1 or ids.shape != (n_rows,) \
-            or (norm_weight is not None and norm_weight.shape != (d_in,)):
-        raise ValueError(f"lora_shrink: x {tuple(x.shape)}, A {tuple(A.shape)}, r {r}, ids {tuple(ids.shape)}")
-    cfg = shrink_config(d_in, r, modules)
-    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)
-    if n_rows == 0:
-        return h
-    pdl = use_pdl(x.device)
-    bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, norm_weight if norm_weight is not None else x, d_in, A.shape[1], x.stride(0), R=cfg.R,
-        BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, NORM=norm_weight is not None, PDL=pdl,
-        **({"launch_pdl": True} if pdl else {}),
-    )
-    return h
-
-
-@torch.library.custom_op("tasktune::lora_shrink", mutates_args=())
-def lora_shrink_op(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, r: int,
-                   norm_weight: torch.Tensor | None) -> torch.Tensor:
-    """`lora_shrink` as an operator torch.compile keeps whole."""
-    return lora_shrink(x, A, ids, r, norm_weight)
-
-
-@lora_shrink_op.register_fake
-def _(x, A, ids, r, norm_weight):
-    # the weight sizes may be symbolic under a dynamic-shape compile: fixed per model, so specialise
-    cfg = shrink_config(int(x.shape[1]), int(r), int(A.shape[1]) // int(r))
-    return x.new_empty(x.shape[0], cfg.S, cfg.R, dtype=torch.float32)

@@ -70,12 +70,9 @@ class LoraStacks:
     fused: dict[tuple[int, str], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
-    # ... and with the fused linears (Decoder.linear_kernel), LoRA through them too: a shrink
-    # launch, then the expand inside the linear's launch (2 launches a linear instead of 3 and
-    # the norm and activation kernels); unmeasured on a GPU, so off. fused_shrink: the shrink
-    # inside the launch as well (one launch; slower on an H200: the expand waits for it)
+    # ... and with the fused linears (Decoder.linear_kernel), LoRA inside their launches too
+    # (triton_linear: the shrink and expand per distinct adapter, no launch of their own)
     fused_linears: bool = False
-    fused_shrink: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -216,25 +213,22 @@ class Block(nn.Module):
         """The decode step through four fused linear launches (serve/triton_linear.py): RMSNorm +
         qkv; attention; o + residual; RMSNorm + gate_up + silu * up; down + residual. Norms,
         activation and residual adds need no kernels of their own. With adapters (when
-        `LoraStacks.fused_linears`) each adds its rows' LoRA expand, after a shrink launch
-        (`triton_ops.lora_shrink`) or, with `fused_shrink`, shrink programs of its own."""
+        `LoraStacks.fused_linears`) each launch also computes its rows' LoRA deltas."""
         a, m = self.self_attn, self.mlp
 
         def lin(parent: nn.Module, name: str, x_in: torch.Tensor, norm: RMSNorm | None, residual=None,
                 swiglu: bool = False) -> torch.Tensor:
             layer: nn.Linear = getattr(parent, name)
             nw = norm.weight if norm is not None else None
-            A = B = scaling = ids = shrunk = None
+            A = B = scaling = ids = None
             bounds: list[int] = []
             ab = (stacks.fused if name in self.parts else stacks.weights).get(name) \
                 if stacks is not None and batch.use_lora else None
             if ab is not None:
                 (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
-                if not lora.fused_shrink:
-                    shrunk = torch.ops.tasktune.lora_shrink(x_in, A, ids, B.shape[2], nw)
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds, shrunk)
+                                                    swiglu, A, B, scaling, ids, bounds)
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)

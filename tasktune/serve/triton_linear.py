@@ -12,12 +12,20 @@ in one launch, where norm is the identity or RMSNorm (x times the norm weight as
 loaded, each row scaled by 1 / rms at the end: its sum of squares comes from the same
 loads) and epi the identity or, for gate_up, silu(gate) * up (`swiglu`: a program holds
 the same columns of both halves). A layer is then 4 launches and attention. The grid holds:
-- LoRA shrink programs (lowest program ids): (row, K chunk) -> partial A[ids[row]] @ x;
-- GEMM programs: (N block, K split) -> a partial of W[block] @ x^T for all rows, fp32,
-  into a workspace; the last of an N block's splits to finish (an atomic counter) sums
-  the partials in a fixed order, waits for the shrink programs (a spin on a counter:
-  they have lower ids, so they were scheduled first and never wait themselves), adds
-  bias and each row's LoRA expand, rounds, applies epi, adds the residual and stores.
+- LoRA shrink programs (lowest program ids), one per (distinct adapter of the batch, K
+  part): h = A[slot] @ x^T for the rows using it, a tensor-core product over all of its
+  modules' rank rows, so each adapter's A is read once a step (not once a row);
+- GEMM programs: (N block, K split) -> a partial of W[block] @ x^T for all rows, fp32.
+  With adapters each then waits for the shrink programs (a spin on a counter: they have
+  lower ids, so they were scheduled first and never wait themselves) and adds its share
+  of the expand: per distinct adapter, one tensor-core product of its B tile with the h
+  of its rows (others masked), scaled per row. Splits store their partials in a
+  workspace and the last of an N block's splits to finish (an atomic counter) sums them
+  in a fixed order, adds bias, rounds, applies epi, adds the residual and stores.
+Distinct adapters are found in the kernel (a row is an adapter's first if no earlier row
+has its slot), so the launch takes the rows' slots alone and a CUDA graph of it serves
+any mix. (Earlier designs, one shrink program per row with a gathered [rows, rank, N]
+expand tile, or the shrink as a launch of its own, measured slower than cuBLAS + BGMV.)
 Counters live in one persistent zeroed buffer and every launch leaves them at zero (the
 last finisher resets them), so the launch needs no memset and can be captured in a graph.
 On Hopper the launch is a programmatic dependent launch (lora.triton_ops.use_pdl): it
@@ -43,11 +51,10 @@ __all__ = ["available", "decode_linear", "MAX_ROWS"]
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 MAX_RANK = 64
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
-EXPAND_TILE = 4096  # LoRA: elements of the gathered [rows, rank chunk, N block] tile of B
-SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([R, BLOCK_K])
-SHRINK_SPLITS = 4  # ... and up to this many programs a row, each a contiguous part of K: the
-# expand waits for the shrink, so its latency (steps a program takes) is on the critical path
-# (one program a row was ~8 us for a fused qkv on an H200); the expand sums the parts
+EXPAND_RANKS = 64  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product
+SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([modules * r, BLOCK_K])
+SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contiguous part of K:
+# the expand waits for the shrink, so its latency is on the critical path; the expand sums the parts
 
 if triton is not None:
     import triton.language as tl
@@ -92,43 +99,57 @@ if triton is not None:
         return acc, ss
 
     @triton.jit
-    def _h(s_ptr, offs_m, rr, hmask, col, S: tl.constexpr, R: tl.constexpr):
-        """[BLOCK_M, RC] of A @ act(x): the shrink's S partial sums, in a fixed order."""
-        h = tl.zeros(hmask.shape, dtype=tl.float32)
-        for c in range(S):
-            h += tl.load(s_ptr + (offs_m[:, None] * S + c) * R + col + rr[None, :], mask=hmask, other=0.0,
-                         cache_modifier=".cg")
-        return h
+    def _distinct(ids_ptr, offs_m, M):
+        """The rows' adapter slots (-1: none, and past M), which rows are the first of their
+        adapter, and each first row's index among the batch's distinct adapters."""
+        ids_v = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=-1).to(tl.int32)
+        dup = tl.sum(((ids_v[:, None] == ids_v[None, :]) & (offs_m[None, :] < offs_m[:, None])).to(tl.int32), axis=1)
+        first = (dup == 0) & (ids_v >= 0)
+        return ids_v, first, tl.cumsum(first.to(tl.int32), 0) - 1
 
     @triton.jit
-    def _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, col0, module, r, stride_bs, stride_bn,
-                stride_br, R: tl.constexpr, R_MODULE: tl.constexpr, RC: tl.constexpr, S: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, MODULES: tl.constexpr, PER_COLUMN: tl.constexpr):
-        """[BLOCK_N, BLOCK_M] LoRA deltas: row_scale[m] * B[slot_m, col0 + n, :] @ h_module[m]
-        for every row at once (a gathered [BLOCK_M, RC, BLOCK_N] tile of B per rank chunk, any
-        strides: rank-major storage reads whole rows of BLOCK_N, the pool's d_out-major one
-        RC elements at a time); module: the module of each column ([BLOCK_N], PER_COLUMN) or
-        of all of them (a scalar)."""
-        delta = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for r0 in range(0, R_MODULE, RC):
-            rr = r0 + tl.arange(0, RC)
-            r_ok = rr < r
-            hmask = use[:, None] & r_ok[None, :]
-            if PER_COLUMN:
-                h = tl.broadcast_to(_h(s_ptr, offs_m, rr, hmask, 0, S, R)[:, :, None], (BLOCK_M, RC, BLOCK_N))
-                if MODULES > 1:
-                    h1 = _h(s_ptr, offs_m, rr, hmask, r, S, R)
-                    h = tl.where(module[None, None, :] == 1, h1[:, :, None], h)
-                if MODULES > 2:
-                    h2 = _h(s_ptr, offs_m, rr, hmask, 2 * r, S, R)
-                    h = tl.where(module[None, None, :] == 2, h2[:, :, None], h)
-            else:
-                h = _h(s_ptr, offs_m, rr, hmask, module * r, S, R)[:, :, None]
-            b = tl.load(b_ptr + slots[:, None, None] * stride_bs + rr[None, :, None] * stride_br
-                        + (col0 + offs_n)[None, None, :] * stride_bn,
-                        mask=use[:, None, None] & r_ok[None, :, None] & n_ok[None, None, :], other=0.0)
-            delta += tl.sum(b.to(tl.float32) * h, axis=1)
-        return tl.trans(delta * row_scale[:, None])
+    def _lora_delta(s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, split, r, bound1, bound2,
+                    stride_bs, stride_bn, stride_br, MODULE: tl.constexpr, MODULES: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
+                    S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
+        """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
+        of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
+        ...): one tensor-core product per chunk, [BLOCK_N, UC * rank] of the adapters' B
+        tiles by [UC * rank, BLOCK_M] of h, where row m keeps only its own adapter's ranks
+        (others zero). So each distinct adapter's B is read once, not once per row. h is the
+        sum of the shrink programs' S parts. MODULE: the module of every column, or -1:
+        each column's module from the bounds (a fused qkv)."""
+        KC: tl.constexpr = UC * R_MODULE
+        delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        kk = tl.arange(0, KC)
+        jj = kk % R_MODULE
+        n_distinct = tl.sum(first.to(tl.int32))
+        module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
+        for c in range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
+            chunk = split + c * SPLIT_K
+            if chunk * UC < n_distinct:
+                u = chunk * UC + kk // R_MODULE  # [KC] each rank row's distinct adapter
+                sel = first[None, :] & (order[None, :] == u[:, None])  # [KC, BLOCK_M]
+                slot = tl.max(tl.where(sel, ids_v[None, :], -1), axis=1)  # [KC], -1 past the last
+                use = (slot >= 0) & (jj < r)
+                rows = (slot[:, None] == ids_v[None, :]) & use[:, None]  # [KC, BLOCK_M]: row m uses it
+                b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
+                for j in tl.static_range(MODULES if MODULE < 0 else 1):
+                    if MODULE < 0:
+                        mod = j
+                        col_ok = n_ok & (module == j)
+                    else:
+                        mod = MODULE
+                        col_ok = n_ok
+                    if tl.sum(col_ok.to(tl.int32)) > 0:
+                        h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
+                        for p in tl.static_range(S):
+                            h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
+                                         + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
+                        b = tl.load(b_rows + (b_row0 + offs_n)[:, None] * stride_bn,
+                                    mask=col_ok[:, None] & use[None, :], other=0.0)  # [BLOCK_N, KC]
+                        delta = _dot(b, tl.trans(h).to(b.dtype), delta, UPCAST)
+        return delta
 
     @triton.jit
     def _decode_linear(
@@ -138,42 +159,38 @@ if triton is not None:
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_RES: tl.constexpr, LORA: tl.constexpr, R: tl.constexpr, R_MODULE: tl.constexpr, RC: tl.constexpr,
-        MODULES: tl.constexpr, S: tl.constexpr, SHRINK: tl.constexpr, SHRINK_K: tl.constexpr,
-        SHRINK_BLOCK_K: tl.constexpr,
-        UPCAST: tl.constexpr, PDL: tl.constexpr,
+        HAS_RES: tl.constexpr, LORA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
+        MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
+        UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        if LORA and SHRINK:
-            if pid < M * S:  # the first M * S programs: s[row, chunk, :] = A[ids[row]][:, chunk] @ act(x)[row, chunk]
-                row = pid // S
-                chunk = pid % S
+        offs_m = tl.arange(0, BLOCK_M)
+        m_ok = offs_m < M
+        if LORA:
+            if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
+                u = pid // S
+                part = pid % S
                 if PDL:
                     tl.extra.cuda.gdc_wait()
-                slot = tl.load(ids_ptr + row).to(tl.int64)
+                ids_v, first, order = _distinct(ids_ptr, offs_m, M)
+                slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)  # the u-th distinct adapter
                 if slot >= 0:
-                    offs_r = tl.arange(0, R)
-                    offs_k = tl.arange(0, SHRINK_BLOCK_K)
-                    rows1 = tl.full((1,), 0, tl.int32) + row
-                    acc_r = tl.zeros((R,), dtype=tl.float32)
-                    for k0 in range(0, SHRINK_K, SHRINK_BLOCK_K):
-                        k = chunk * SHRINK_K + k0 + offs_k
-                        k_ok = k < K
-                        xk, _ = _act(x_ptr, nw_ptr, rows1, k, rows1 < M, k_ok, stride_xm, NORM)  # [1, BK]
-                        a = tl.load(a_ptr + slot * (MODULES * r) * K + offs_r[:, None] * K + k[None, :],
-                                    mask=(offs_r[:, None] < MODULES * r) & k_ok[None, :], other=0.0)
-                        acc_r += tl.sum(a.to(tl.float32) * xk.to(tl.float32), axis=1)
-                    tl.store(s_ptr + (row * S + chunk) * R + offs_r, acc_r)
+                    rows_u = m_ok & (ids_v == slot)
+                    offs_a = tl.arange(0, RA_PAD)
+                    a_ok = offs_a < MODULES * r
+                    h, _ = _partial(a_ptr + slot.to(tl.int64) * (MODULES * r) * K, x_ptr, nw_ptr, 0, offs_a, a_ok,
+                                    offs_m, rows_u, part, stride_xm, K, RA_PAD, BLOCK_M, SHRINK_BLOCK_K, SHRINK_K,
+                                    NORM, UPCAST)  # [RA_PAD, BLOCK_M]
+                    tl.store(s_ptr + ((part * BLOCK_M + offs_m[None, :]) * BLOCK_M + u) * RA_PAD + offs_a[:, None], h,
+                             mask=a_ok[:, None] & rows_u[None, :])
                 tl.atomic_add(cnt_ptr + n_blocks, 1, sem="release")
                 return
-            pid -= M * S
+            pid -= BLOCK_M * S
         block = pid // SPLIT_K
         split = pid % SPLIT_K
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        offs_m = tl.arange(0, BLOCK_M)
         n_ok = offs_n < N
-        m_ok = offs_m < M
         if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
             tl.extra.cuda.gdc_wait()
         acc, ss = _partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
@@ -183,6 +200,28 @@ if triton is not None:
                                 BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
+        if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
+            seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
+            while seen < BLOCK_M * S:  # the shrink programs (lower ids, so scheduled first) are done
+                seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
+            ids_v, first, order = _distinct(ids_ptr, offs_m, M)
+            row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
+            if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
+                acc += row_scale[None, :] * _lora_delta(
+                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, 0, split, r, bound1, bound2, stride_bs, stride_bn,
+                    stride_br, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
+                acc_u += row_scale[None, :] * _lora_delta(
+                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, N, split, r, bound1, bound2, stride_bs, stride_bn,
+                    stride_br, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
+            else:
+                acc += row_scale[None, :] * _lora_delta(
+                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, 0, split, r, bound1, bound2, stride_bs, stride_bn,
+                    stride_br, -1 if MODULES > 1 else 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K,
+                    UC, UPCAST)
+            done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
+            if done == n_blocks * SPLIT_K - 1:  # every GEMM program is past the wait: reset for the next launch
+                tl.store(cnt_ptr + n_blocks, 0)
+                tl.store(cnt_ptr + n_blocks + 1, 0)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -207,8 +246,7 @@ if triton is not None:
                 if NORM:
                     ss += tl.load(ws_ptr + SS_AT + (block * SPLIT_K + other) * BLOCK_M + offs_m, cache_modifier=".cg")
             tl.store(cnt_ptr + block, 0)
-        rstd = tl.full((BLOCK_M,), 1.0, tl.float32)
-        if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row
+        if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[None, :]
             if SWIGLU:
@@ -217,32 +255,6 @@ if triton is not None:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             if SWIGLU:
                 acc_u += tl.load(bias_ptr + N + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
-        if LORA:
-            if SHRINK:
-                seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
-                while seen < M * S:  # the shrink programs (lower ids, so scheduled first) are done
-                    seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
-            slots = tl.load(ids_ptr + offs_m, mask=m_ok, other=-1).to(tl.int64)
-            use = slots >= 0
-            slots = tl.maximum(slots, 0)
-            row_scale = tl.load(scale_ptr + slots, mask=use, other=0.0).to(tl.float32) * rstd
-            if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
-                acc += _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, 0, 0, r, stride_bs,
-                               stride_bn, stride_br, R, R_MODULE, RC, S, BLOCK_M, BLOCK_N, MODULES, False)
-                acc_u += _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, N, 1, r, stride_bs,
-                                 stride_bn, stride_br, R, R_MODULE, RC, S, BLOCK_M, BLOCK_N, MODULES, False)
-            elif MODULES > 1:  # a fused linear: each column takes its module's h
-                module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)  # [BLOCK_N]
-                acc += _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, 0, module, r, stride_bs,
-                               stride_bn, stride_br, R, R_MODULE, RC, S, BLOCK_M, BLOCK_N, MODULES, True)
-            else:
-                acc += _expand(s_ptr, b_ptr, row_scale, slots, use, offs_m, offs_n, n_ok, 0, 0, r, stride_bs,
-                               stride_bn, stride_br, R, R_MODULE, RC, S, BLOCK_M, BLOCK_N, MODULES, False)
-            if SHRINK:
-                done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
-                if done == n_blocks - 1:  # every block is past the wait: reset for the next launch
-                    tl.store(cnt_ptr + n_blocks, 0)
-                    tl.store(cnt_ptr + n_blocks + 1, 0)
         out = acc.to(y_ptr.dtype.element_ty)
         if SWIGLU:  # silu(gate) * up, each rounded as the eager decoder rounds them
             gf = out.to(tl.float32)
@@ -267,17 +279,16 @@ class LinearConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_config(m: int, n: int, k: int, lora: bool = False, block_n: int = 0, block_k: int = 0,
+def linear_config(m: int, n: int, k: int, block_n: int = 0, block_k: int = 0,
                   split_k: int = 0, num_warps: int = 4, num_stages: int = 3) -> LinearConfig:
     """The launch for an [m, k] x [n, k]^T product (n: output columns). From a sweep on an
     H200 at m=32 (bench/decode_linear_bench.py): K blocks of 256; a weight of at most 1M
-    elements in N blocks of 16 and one split; larger ones in N blocks of 64 (32 with LoRA
-    below 4,096 outputs: the gathered B tile grows with the block) and 4 K splits.
+    elements in N blocks of 16 and one split; larger ones in N blocks of 64 and 4 K splits.
     Explicit block_n / block_k / split_k override (benchmark sweeps)."""
     block_m = _pow2_at_least(m, 16)
     small = n * k <= (1 << 20)
     block_k = block_k or min(256 if block_m < 64 else 128, _pow2_at_least(k, 16))
-    block_n = block_n or (16 if small else 32 if lora and n < 4096 else 64)
+    block_n = block_n or (16 if small else 64)
     blocks_k = triton.cdiv(k, block_k)
     want = split_k or (1 if small else min(4, blocks_k))
     per = triton.cdiv(blocks_k, want)
@@ -292,20 +303,16 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  bounds: tuple[int, ...] = (), shrunk: torch.Tensor | None = None,
-                  config: LinearConfig | None = None) -> torch.Tensor:
+                  bounds: tuple[int, ...] = (), config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
     x: [M, K], M <= MAX_ROWS; norm = (weight [K], eps): the input is RMSNorm(x) * weight.
     weight: [N, K] contiguous (swiglu: [2N, K], gate rows then up rows, as gate_up_proj);
     bias: one per weight row; residual: [M, N]. lora = (A [slots, modules * r, K] contiguous,
-    B [slots, weight rows, r] (any strides; rank-major storage, B.transpose(1, 2)
-    contiguous, reads fastest), scaling [slots], ids [M], -1 for no adapter); bounds: the
-    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,)). shrunk: the
-    shrink already done (`lora.triton_ops.lora_shrink` of the same x, A, ids and norm
-    weight: [M, S, R] partial sums): the launch then only adds the expand; without it,
-    shrink programs in the same launch compute it first."""
+    B [slots, weight rows, r] (any strides; the pool's [slots, rows, r] contiguous reads
+    each adapter's tile as one contiguous run), scaling [slots], ids [M], -1 for no adapter); bounds: the
+    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,))."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -320,7 +327,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if norm is not None and (norm[0].shape != (K,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {K} inputs")
     device = x.device
-    cfg = config or linear_config(M, N, K, lora is not None)
+    cfg = config or linear_config(M, N, K)
     y = torch.empty(M, N, dtype=x.dtype, device=device)
     n_blocks = triton.cdiv(N, cfg.BLOCK_N)
     parts = 2 if swiglu else 1
@@ -331,7 +338,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if n_blocks + 2 > COUNTERS:
         raise ValueError(f"{N} outputs need {n_blocks + 2} counters (> {COUNTERS})")
     lora_args, strides = (x, x, x, x, x), (0, 0, 0)
-    meta = dict(LORA=False, R=16, R_MODULE=16, RC=1, MODULES=1, S=1, SHRINK=False, SHRINK_K=16, SHRINK_BLOCK_K=16)
+    meta = dict(LORA=False, R_MODULE=16, RA_PAD=16, MODULES=1, S=1, SHRINK_K=16, SHRINK_BLOCK_K=16, UC=1)
     r, b1, b2, shrink_programs = 1, rows, rows, 0
     if lora is not None:
         A, B, scaling, ids = lora
@@ -343,21 +350,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
             raise ValueError(f"LoRA shapes: A {tuple(A.shape)}, B {tuple(B.shape)}, ids {tuple(ids.shape)}, "
                              f"bounds {tuple(bounds)} for a [{rows}, {K}] weight")
         b1, b2 = (list(bounds) + [rows, rows])[:2]
-        R, R_MODULE = _pow2_at_least(modules * r, 16), _pow2_at_least(r, 16)
-        shrink_block_k = max(16, min(256, SHRINK_TILE // R))
+        ra_pad = _pow2_at_least(modules * r, 16)
+        shrink_block_k = max(16, min(256, SHRINK_TILE // ra_pad, _pow2_at_least(K, 16)))
         shrink_k = triton.cdiv(triton.cdiv(K, SHRINK_SPLITS), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k)
-        if shrunk is not None:
-            if shrunk.dim() != 3 or shrunk.shape[0] != M or shrunk.shape[2] != R or not shrunk.is_contiguous() \
-                    or shrunk.dtype != torch.float32:
-                raise ValueError(f"shrunk {tuple(shrunk.shape)} {shrunk.dtype}: want [{M}, S, {R}] float32, contiguous")
-            S = shrunk.shape[1]
-        shrink_programs = M * S if shrunk is None else 0
-        rc = max(1, min(R_MODULE, EXPAND_TILE // (cfg.BLOCK_M * cfg.BLOCK_N)))
-        s = torch.empty(M * S * R, dtype=torch.float32, device=device) if shrunk is None else shrunk
-        lora_args, strides = (A, B, scaling, ids, s), (B.stride(0), B.stride(1), B.stride(2))
-        meta = dict(LORA=True, R=R, R_MODULE=R_MODULE, RC=rc, MODULES=modules, S=S, SHRINK=shrunk is None,
-                    SHRINK_K=shrink_k, SHRINK_BLOCK_K=shrink_block_k)
+        shrink_programs = cfg.BLOCK_M * S
+        h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
+        lora_args, strides = (A, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
+        r_module = _pow2_at_least(r, 16)
+        meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
+                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, EXPAND_RANKS // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     pdl = use_pdl(device)
     _decode_linear[grid](
@@ -377,13 +379,12 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int], shrunk: torch.Tensor | None = None) -> torch.Tensor:
+                     bounds: list[int]) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
-                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
-                         shrunk=shrunk)
+                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds))
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, shrunk=None):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
