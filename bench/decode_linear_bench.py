@@ -155,9 +155,10 @@ def main() -> None:
                 print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
         best_us, best = min(tuned + [(best_us, best)], key=lambda t: t[0])
         lora_sweep = []  # with adapters the best N block / split may differ
-        lora_cfgs = [cfg for _, cfg in sweep[:6]] + [best]
+        lora_default = linear_config(M, N, K, True)
+        lora_cfgs = [lora_default] + [cfg for _, cfg in sweep[:6]] + [best]
         if args.no_sweep:
-            lora_cfgs += [linear_config(M, N, K, block_n=bn, split_k=sk) for bn, sk in ((32, 0), (64, 2), (64, 8))]
+            lora_cfgs += [linear_config(M, N, K, True, block_n=bn, split_k=sk) for bn, sk in ((32, 0), (64, 2), (64, 8))]
         for cfg in dict.fromkeys(lora_cfgs):
             lora_sweep.append((timed_graph(fused(ids_by_case["a4"], cfg), device, replays) / layers * 1e6, cfg))
         lora_us, lora_best = min(lora_sweep, key=lambda t: t[0])
@@ -166,7 +167,8 @@ def main() -> None:
         for case, ids in ids_by_case.items():
             c = {"cublas_us": base_us[case],
                  "fused_best_us": timed_graph(fused(ids, best if ids is None else lora_best), device, replays) / layers * 1e6,
-                 "fused_default_us": timed_graph(fused(ids, default), device, replays) / layers * 1e6}
+                 "fused_default_us": timed_graph(fused(ids, default if ids is None else lora_default), device,
+                                                 replays) / layers * 1e6}
             triton_ops.PDL = False  # the same launches without programmatic dependent launch
             c["fused_best_no_pdl_us"] = timed_graph(fused(ids, best if ids is None else lora_best), device,
                                                     replays) / layers * 1e6

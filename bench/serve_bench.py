@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, no_pdl)")
+                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -293,6 +293,7 @@ def main() -> None:
                     "attention_split4": (True, kernels, ("base", f"a{n_adapters}")),  # context in 4 chunks (flash-decoding)
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
+                    "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
                     "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
@@ -303,8 +304,8 @@ def main() -> None:
                 continue  # the main run already used torch LoRA
             triton_attention.default_splits = 4 if label == "attention_split4" else 0
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
-            engine.pool.stacks.fused_linears = label == "fused_lora"
-            triton_ops.PDL = label != "no_pdl"
+            engine.pool.stacks.fused_linears = label.startswith("fused_lora")
+            triton_ops.PDL = not label.endswith("no_pdl")
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)

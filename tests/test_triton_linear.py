@@ -104,7 +104,7 @@ def test_k_splits_sum_to_the_same_result(split_k):
     """Split-K programs store partials and the last to arrive sums them: any split count
     (including one that leaves an empty last split) gives the one-program result."""
     args = make(8, 96, 320, dtype=torch.float32, residual=True, norm=True, modules=1)
-    check(args, torch.float32, config=linear_config(8, 96, 320, block_n=32, block_k=64, split_k=split_k))
+    check(args, torch.float32, config=linear_config(8, 96, 320, True, block_n=32, block_k=64, split_k=split_k))
 
 
 @pytest.mark.parametrize("split_k", [1, 2, 3])
@@ -114,7 +114,7 @@ def test_many_distinct_adapters_in_chunks_over_splits(split_k):
     args = make(40, 96, 192, dtype=torch.float32, norm=True, modules=3, slots=24, seed=5)
     ids = args["lora"][3]
     assert len(set(ids.tolist()) - {-1}) > 8
-    check(args, torch.float32, config=linear_config(40, 96, 192, block_n=32, block_k=64, split_k=split_k))
+    check(args, torch.float32, config=linear_config(40, 96, 192, True, block_n=32, block_k=64, split_k=split_k))
 
 
 def test_rows_without_adapter_equal_the_base_projection():
@@ -154,7 +154,7 @@ def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
     B = (torch.randn(4, D, 8, generator=g) * 0.1).to(DEVICE, torch.bfloat16)
     lora = (A, B, torch.ones(4, device=DEVICE), (torch.arange(M) % 5 - 1).to(DEVICE))
     x0 = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
-    cfg = linear_config(M, D, D, block_n=32, block_k=64, split_k=4)
+    cfg = linear_config(M, D, D, True, block_n=32, block_k=64, split_k=4)
 
     def chain(x):
         for i, W in enumerate(Ws):

@@ -51,7 +51,8 @@ __all__ = ["available", "decode_linear", "MAX_ROWS"]
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 MAX_RANK = 64
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
-EXPAND_RANKS = 64  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product
+EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
+EXPAND_TILE = 8192  # ... and at most this many elements of B in it ([BLOCK_N, rank rows])
 SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([modules * r, BLOCK_K])
 SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contiguous part of K:
 # the expand waits for the shrink, so its latency is on the critical path; the expand sums the parts
@@ -108,47 +109,77 @@ if triton is not None:
         return ids_v, first, tl.cumsum(first.to(tl.int32), 0) - 1
 
     @triton.jit
-    def _lora_delta(s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, split, r, bound1, bound2,
-                    stride_bs, stride_bn, stride_br, MODULE: tl.constexpr, MODULES: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
-                    S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
-        """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
-        of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
-        ...): one tensor-core product per chunk, [BLOCK_N, UC * rank] of the adapters' B
-        tiles by [UC * rank, BLOCK_M] of h, where row m keeps only its own adapter's ranks
-        (others zero). So each distinct adapter's B is read once, not once per row. h is the
-        sum of the shrink programs' S parts. MODULE: the module of every column, or -1:
-        each column's module from the bounds (a fused qkv)."""
+    def _load_acquire(ptr, INTERPRETED: tl.constexpr):
+        """A load with acquire semantics: every program polls one counter, and read-modify-write
+        polls (atomics) would queue at that one address behind each other."""
+        if INTERPRETED:
+            return tl.atomic_add(ptr, 0, sem="acquire")
+        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                         is_pure=False, pack=1)
+
+    @triton.jit
+    def _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
+                    MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
+                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
+        """delta += B tiles of distinct adapters chunk * UC ... + UC - 1 ([BLOCK_N, UC * rank])
+        @ their h ([UC * rank, BLOCK_M], row m keeping only its own adapter's ranks). WAIT:
+        spin until the shrink programs are done (counter at wait_for) after issuing the B
+        loads, which do not depend on them, so their latency hides behind the wait."""
         KC: tl.constexpr = UC * R_MODULE
-        delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         kk = tl.arange(0, KC)
         jj = kk % R_MODULE
-        n_distinct = tl.sum(first.to(tl.int32))
+        u = chunk * UC + kk // R_MODULE  # [KC] each rank row's distinct adapter
+        sel = first[None, :] & (order[None, :] == u[:, None])  # [KC, BLOCK_M]
+        slot = tl.max(tl.where(sel, ids_v[None, :], -1), axis=1)  # [KC], -1 past the last
+        use = (slot >= 0) & (jj < r)
+        rows = (slot[:, None] == ids_v[None, :]) & use[:, None]  # [KC, BLOCK_M]: row m uses it
+        b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
+                    + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
+        if WAIT:  # until the shrink programs (lower ids, so scheduled first) are done
+            seen = _load_acquire(cnt_ptr, UPCAST)
+            while seen < wait_for:
+                seen = _load_acquire(cnt_ptr, UPCAST)
         module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
-        for c in range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
+        for j in tl.static_range(MODULES if MODULE < 0 else 1):
+            if MODULE < 0:  # a fused qkv: the columns of module j take its h
+                mod = j
+                col_ok = module == j
+            else:
+                mod = MODULE
+                col_ok = n_ok
+            if tl.sum(col_ok.to(tl.int32)) > 0:
+                h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
+                for p in tl.static_range(S):
+                    h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
+                                 + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
+                bj = b if MODULE >= 0 else tl.where(col_ok[:, None], b, 0.0).to(b.dtype)
+                delta = _dot(bj, tl.trans(h).to(b.dtype), delta, UPCAST)
+        return delta
+
+    @triton.jit
+    def _lora_delta(s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, split, r,
+                    bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
+                    MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
+                    RA_PAD: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
+        of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
+        ...): one tensor-core product per chunk, so each distinct adapter's B is read once,
+        not once per row. h is the sum of the shrink programs' S parts. MODULE: the module of
+        every column, or -1: each column's module from the bounds (a fused qkv)."""
+        delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        n_distinct = tl.sum(first.to(tl.int32))
+        for c in tl.static_range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
             chunk = split + c * SPLIT_K
-            if chunk * UC < n_distinct:
-                u = chunk * UC + kk // R_MODULE  # [KC] each rank row's distinct adapter
-                sel = first[None, :] & (order[None, :] == u[:, None])  # [KC, BLOCK_M]
-                slot = tl.max(tl.where(sel, ids_v[None, :], -1), axis=1)  # [KC], -1 past the last
-                use = (slot >= 0) & (jj < r)
-                rows = (slot[:, None] == ids_v[None, :]) & use[:, None]  # [KC, BLOCK_M]: row m uses it
-                b_rows = b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
-                for j in tl.static_range(MODULES if MODULE < 0 else 1):
-                    if MODULE < 0:
-                        mod = j
-                        col_ok = n_ok & (module == j)
-                    else:
-                        mod = MODULE
-                        col_ok = n_ok
-                    if tl.sum(col_ok.to(tl.int32)) > 0:
-                        h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
-                        for p in tl.static_range(S):
-                            h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
-                                         + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
-                        b = tl.load(b_rows + (b_row0 + offs_n)[:, None] * stride_bn,
-                                    mask=col_ok[:, None] & use[None, :], other=0.0)  # [BLOCK_N, KC]
-                        delta = _dot(b, tl.trans(h).to(b.dtype), delta, UPCAST)
+            if c == 0:  # always: it holds the wait
+                delta = _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
+                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
+            elif chunk * UC < n_distinct:
+                delta = _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
+                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
         return delta
 
     @triton.jit
@@ -201,27 +232,22 @@ if triton is not None:
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
-            seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
-            while seen < BLOCK_M * S:  # the shrink programs (lower ids, so scheduled first) are done
-                seen = tl.atomic_add(cnt_ptr + n_blocks, 0, sem="acquire")
             ids_v, first, order = _distinct(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
                 acc += row_scale[None, :] * _lora_delta(
-                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, 0, split, r, bound1, bound2, stride_bs, stride_bn,
-                    stride_br, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
+                    s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
                 acc_u += row_scale[None, :] * _lora_delta(
-                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, N, split, r, bound1, bound2, stride_bs, stride_bn,
-                    stride_br, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
+                    s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, N, split,
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
             else:
                 acc += row_scale[None, :] * _lora_delta(
-                    s_ptr, b_ptr, ids_v, first, order, offs_m, offs_n, n_ok, 0, split, r, bound1, bound2, stride_bs, stride_bn,
-                    stride_br, -1 if MODULES > 1 else 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K,
-                    UC, UPCAST)
-            done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
-            if done == n_blocks * SPLIT_K - 1:  # every GEMM program is past the wait: reset for the next launch
-                tl.store(cnt_ptr + n_blocks, 0)
-                tl.store(cnt_ptr + n_blocks + 1, 0)
+                    s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
+                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -246,6 +272,11 @@ if triton is not None:
                 if NORM:
                     ss += tl.load(ws_ptr + SS_AT + (block * SPLIT_K + other) * BLOCK_M + offs_m, cache_modifier=".cg")
             tl.store(cnt_ptr + block, 0)
+        if LORA:  # one count per N block (its last split): every GEMM program is past the wait at the last
+            done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
+            if done == n_blocks - 1:  # reset for the next launch
+                tl.store(cnt_ptr + n_blocks, 0)
+                tl.store(cnt_ptr + n_blocks + 1, 0)
         if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[None, :]
@@ -279,15 +310,18 @@ class LinearConfig:
 
 
 @functools.lru_cache(maxsize=None)
-def linear_config(m: int, n: int, k: int, block_n: int = 0, block_k: int = 0,
-                  split_k: int = 0, num_warps: int = 4, num_stages: int = 3) -> LinearConfig:
+def linear_config(m: int, n: int, k: int, lora: bool = False, block_n: int = 0, block_k: int = 0,
+                  split_k: int = 0, num_warps: int = 4, num_stages: int = 3, elem: int = 2) -> LinearConfig:
     """The launch for an [m, k] x [n, k]^T product (n: output columns). From a sweep on an
     H200 at m=32 (bench/decode_linear_bench.py): K blocks of 256; a weight of at most 1M
-    elements in N blocks of 16 and one split; larger ones in N blocks of 64 and 4 K splits.
+    elements in N blocks of 16 and one split; larger ones, and any with LoRA (whose shrink
+    and expand programs add latency that more, shorter programs hide), in N blocks of 64
+    and 4 K splits.
+    elem: bytes an element (4-byte fp32 gets half the K block: the same shared memory).
     Explicit block_n / block_k / split_k override (benchmark sweeps)."""
     block_m = _pow2_at_least(m, 16)
-    small = n * k <= (1 << 20)
-    block_k = block_k or min(256 if block_m < 64 else 128, _pow2_at_least(k, 16))
+    small = n * k <= (1 << 20) and not lora
+    block_k = block_k or min((256 if block_m < 64 else 128) * 2 // elem, _pow2_at_least(k, 16))
     block_n = block_n or (16 if small else 64)
     blocks_k = triton.cdiv(k, block_k)
     want = split_k or (1 if small else min(4, blocks_k))
@@ -327,7 +361,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     if norm is not None and (norm[0].shape != (K,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {K} inputs")
     device = x.device
-    cfg = config or linear_config(M, N, K)
+    cfg = config or linear_config(M, N, K, lora is not None, elem=max(2, x.element_size()))
     y = torch.empty(M, N, dtype=x.dtype, device=device)
     n_blocks = triton.cdiv(N, cfg.BLOCK_N)
     parts = 2 if swiglu else 1
@@ -359,7 +393,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         lora_args, strides = (A, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
-                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, EXPAND_RANKS // r_module))
+                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     pdl = use_pdl(device)
     _decode_linear[grid](
