@@ -202,9 +202,9 @@ if triton is not None:
             if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
                 u = pid // S
                 part = pid % S
+                ids_v, first, order = _distinct(ids_ptr, offs_m, M)  # the step's inputs: before the wait
                 if PDL:
                     tl.extra.cuda.gdc_wait()
-                ids_v, first, order = _distinct(ids_ptr, offs_m, M)
                 slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)  # the u-th distinct adapter
                 if slot >= 0:
                     rows_u = m_ok & (ids_v == slot)
@@ -222,6 +222,9 @@ if triton is not None:
         split = pid % SPLIT_K
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
+        if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
+            ids_v, first, order = _distinct(ids_ptr, offs_m, M)
+            row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
         if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
             tl.extra.cuda.gdc_wait()
         acc, ss = _partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
@@ -232,8 +235,6 @@ if triton is not None:
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
-            ids_v, first, order = _distinct(ids_ptr, offs_m, M)
-            row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
                 acc += row_scale[None, :] * _lora_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
@@ -261,6 +262,8 @@ if triton is not None:
             arrived = tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel")
             if arrived != SPLIT_K - 1:
                 return
+            if LORA:  # one count per N block (its last split): at the last, every GEMM program is past the wait
+                done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")  # (used at the end: latency hidden)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             if SWIGLU:
                 acc_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -272,11 +275,8 @@ if triton is not None:
                 if NORM:
                     ss += tl.load(ws_ptr + SS_AT + (block * SPLIT_K + other) * BLOCK_M + offs_m, cache_modifier=".cg")
             tl.store(cnt_ptr + block, 0)
-        if LORA:  # one count per N block (its last split): every GEMM program is past the wait at the last
+        elif LORA:
             done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
-            if done == n_blocks - 1:  # reset for the next launch
-                tl.store(cnt_ptr + n_blocks, 0)
-                tl.store(cnt_ptr + n_blocks + 1, 0)
         if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             acc = acc * rstd[None, :]
@@ -296,6 +296,10 @@ if triton is not None:
             res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=ok, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
+        if LORA:
+            if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
+                tl.store(cnt_ptr + n_blocks, 0)
+                tl.store(cnt_ptr + n_blocks + 1, 0)
 
 
 @dataclass(frozen=True)
