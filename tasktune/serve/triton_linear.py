@@ -60,127 +60,7 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    @triton.jit
-    def _act(x_ptr, nw_ptr, rows, k, row_ok, k_ok, stride_xm, NORM: tl.constexpr):
-        """[rows, k] of the linear's input: x, or x * the RMSNorm weight (rounded to x's dtype;
-        the 1 / rms of each row scales the product afterwards, `_decode_linear`) -> (tile,
-        its squares summed over k in fp32)."""
-        v = tl.load(x_ptr + rows[:, None] * stride_xm + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        vf = v.to(tl.float32)
-        if NORM:
-            nw = tl.load(nw_ptr + k, mask=k_ok, other=0.0)
-            v = (vf * nw.to(tl.float32)[None, :]).to(v.dtype)
-        return v, tl.sum(vf * vf, axis=1)
-
-    @triton.jit
-    def _dot(w, xa, acc, UPCAST: tl.constexpr):
-        if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.x): fp32 there
-            return tl.dot(w.to(tl.float32), tl.trans(xa.to(tl.float32)), acc)
-        return tl.dot(w, tl.trans(xa), acc)
-
-    @triton.jit
-    def _partial(w_ptr, x_ptr, nw_ptr, row0, offs_n, n_ok, offs_m, m_ok, split, stride_xm,
-                 K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr,
-                 K_SPLIT: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
-        """W[row0 + offs_n, split's K range] @ act(x)[offs_m, same range]^T -> ([BLOCK_N,
-        BLOCK_M] fp32, the rows' sums of squares over the range). (Reading the first weight
-        tile before the PDL wait, and gate and up sharing one loop, measured 15% slower a
-        decode step on an H200 than this plain loop called twice.)"""
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K_SPLIT, BLOCK_K):  # (bounds from program ids break the interpreter)
-            k = split * K_SPLIT + k0 + offs_k
-            k_ok = k < K
-            w = tl.load(w_ptr + (row0 + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                        other=0.0)
-            xa, sq = _act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)  # [BLOCK_M, BLOCK_K]
-            ss += sq
-            acc = _dot(w, xa, acc, UPCAST)
-        return acc, ss
-
-    @triton.jit
-    def _distinct(ids_ptr, offs_m, M):
-        """The rows' adapter slots (-1: none, and past M), which rows are the first of their
-        adapter, and each first row's index among the batch's distinct adapters."""
-        ids_v = tl.load(ids_ptr + offs_m, mask=offs_m < M, other=-1).to(tl.int32)
-        dup = tl.sum(((ids_v[:, None] == ids_v[None, :]) & (offs_m[None, :] < offs_m[:, None])).to(tl.int32), axis=1)
-        first = (dup == 0) & (ids_v >= 0)
-        return ids_v, first, tl.cumsum(first.to(tl.int32), 0) - 1
-
-    @triton.jit
-    def _load_acquire(ptr, INTERPRETED: tl.constexpr):
-        """A load with acquire semantics: every program polls one counter, and read-modify-write
-        polls (atomics) would queue at that one address behind each other."""
-        if INTERPRETED:
-            return tl.atomic_add(ptr, 0, sem="acquire")
-        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-
-    @triton.jit
-    def _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
-                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
-                    MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
-                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
-        """delta += B tiles of distinct adapters chunk * UC ... + UC - 1 ([BLOCK_N, UC * rank])
-        @ their h ([UC * rank, BLOCK_M], row m keeping only its own adapter's ranks). WAIT:
-        spin until the shrink programs are done (counter at wait_for) after issuing the B
-        loads, which do not depend on them, so their latency hides behind the wait."""
-        KC: tl.constexpr = UC * R_MODULE
-        kk = tl.arange(0, KC)
-        jj = kk % R_MODULE
-        u = chunk * UC + kk // R_MODULE  # [KC] each rank row's distinct adapter
-        sel = first[None, :] & (order[None, :] == u[:, None])  # [KC, BLOCK_M]
-        slot = tl.max(tl.where(sel, ids_v[None, :], -1), axis=1)  # [KC], -1 past the last
-        use = (slot >= 0) & (jj < r)
-        rows = (slot[:, None] == ids_v[None, :]) & use[:, None]  # [KC, BLOCK_M]: row m uses it
-        b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
-                    + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
-        if WAIT:  # until the shrink programs (lower ids, so scheduled first) are done
-            seen = _load_acquire(cnt_ptr, UPCAST)
-            while seen < wait_for:
-                seen = _load_acquire(cnt_ptr, UPCAST)
-        module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
-        for j in tl.static_range(MODULES if MODULE < 0 else 1):
-            if MODULE < 0:  # a fused qkv: the columns of module j take its h
-                mod = j
-                col_ok = module == j
-            else:
-                mod = MODULE
-                col_ok = n_ok
-            if tl.sum(col_ok.to(tl.int32)) > 0:
-                h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
-                for p in tl.static_range(S):
-                    h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
-                                 + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
-                bj = b if MODULE >= 0 else tl.where(col_ok[:, None], b, 0.0).to(b.dtype)
-                delta = _dot(bj, tl.trans(h).to(b.dtype), delta, UPCAST)
-        return delta
-
-    @triton.jit
-    def _lora_delta(s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, split, r,
-                    bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
-                    MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
-                    RA_PAD: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr,
-                    UPCAST: tl.constexpr):
-        """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
-        of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
-        ...): one tensor-core product per chunk, so each distinct adapter's B is read once,
-        not once per row. h is the sum of the shrink programs' S parts. MODULE: the module of
-        every column, or -1: each column's module from the bounds (a fused qkv)."""
-        delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        n_distinct = tl.sum(first.to(tl.int32))
-        for c in tl.static_range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
-            chunk = split + c * SPLIT_K
-            if c == 0:  # always: it holds the wait
-                delta = _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
-                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
-            elif chunk * UC < n_distinct:
-                delta = _lora_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
-                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
-        return delta
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
 
     @triton.jit
     def _decode_linear(
@@ -202,7 +82,7 @@ if triton is not None:
             if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
                 u = pid // S
                 part = pid % S
-                ids_v, first, order = _distinct(ids_ptr, offs_m, M)  # the step's inputs: before the wait
+                ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # the step's inputs: before the wait
                 if PDL:
                     tl.extra.cuda.gdc_wait()
                 slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)  # the u-th distinct adapter
@@ -210,7 +90,7 @@ if triton is not None:
                     rows_u = m_ok & (ids_v == slot)
                     offs_a = tl.arange(0, RA_PAD)
                     a_ok = offs_a < MODULES * r
-                    h, _ = _partial(a_ptr + slot.to(tl.int64) * (MODULES * r) * K, x_ptr, nw_ptr, 0, offs_a, a_ok,
+                    h, _ = k_partial(a_ptr + slot.to(tl.int64) * (MODULES * r) * K, x_ptr, nw_ptr, 0, offs_a, a_ok,
                                     offs_m, rows_u, part, stride_xm, K, RA_PAD, BLOCK_M, SHRINK_BLOCK_K, SHRINK_K,
                                     NORM, UPCAST)  # [RA_PAD, BLOCK_M]
                     tl.store(s_ptr + ((part * BLOCK_M + offs_m[None, :]) * BLOCK_M + u) * RA_PAD + offs_a[:, None], h,
@@ -223,29 +103,29 @@ if triton is not None:
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
-            ids_v, first, order = _distinct(ids_ptr, offs_m, M)
+            ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
         if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
             tl.extra.cuda.gdc_wait()
-        acc, ss = _partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+        acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                            BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if SWIGLU:  # the up rows start N rows further
-            acc_u, _ = _partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+            acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                                 BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
-                acc += row_scale[None, :] * _lora_delta(
+                acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, True, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
                     RA_PAD, S, SPLIT_K, UC, UPCAST)
-                acc_u += row_scale[None, :] * _lora_delta(
+                acc_u += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, N, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
                     RA_PAD, S, SPLIT_K, UC, UPCAST)
             else:
-                acc += row_scale[None, :] * _lora_delta(
+                acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
                     BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
