@@ -76,6 +76,13 @@ def _capability(index: int) -> tuple[int, int]:
     return torch.cuda.get_device_capability(index)
 
 
+@functools.cache
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (132 stands in elsewhere: an H100 / H200,
+    so launch shapes under the interpreter match the GPU this project tunes for)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch: PDL is on, a
     real GPU of compute capability 9 or more (never under the interpreter)."""

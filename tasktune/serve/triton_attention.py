@@ -27,11 +27,10 @@ so torch.compile keeps it whole. Runs on the CPU under TRITON_INTERPRET=1 (tests
 
 from __future__ import annotations
 
-import functools
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
 
 __all__ = ["available", "decode_attention"]
 
@@ -292,11 +291,6 @@ def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
 BLOCK_L = 64  # keys a loop iteration reads
 
 
-@functools.cache
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count
-
-
 # splits=0 means this many chunks when > 0 (benchmarks set 1 to time the kernel without the
 # split); 0: `_auto_splits`.
 default_splits = 0
@@ -312,7 +306,7 @@ def _auto_splits(programs: int, length: int, device: torch.device) -> int:
         return default_splits
     if device.type != "cuda":
         return 1
-    return max(1, min(-(-2 * _sm_count(device) // max(programs, 1)), length // SPLIT_MIN_KEYS))
+    return max(1, min(-(-2 * sm_count(device) // max(programs, 1)), length // SPLIT_MIN_KEYS))
 
 
 @decode_attention.register_fake

@@ -44,7 +44,7 @@ from dataclasses import dataclass
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
@@ -54,8 +54,12 @@ COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
 EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
 EXPAND_TILE = 8192  # ... and at most this many elements of B in it ([BLOCK_N, rank rows])
 SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([modules * r, BLOCK_K])
-SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contiguous part of K:
-# the expand waits for the shrink, so its latency is on the critical path; the expand sums the parts
+SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contiguous part of K
+# (the expand waits for the shrink, so its latency is on the critical path; the expand sums
+# the parts), fewer where the shrink and GEMM programs would not all fit on the SMs at once:
+# a GEMM program that finds no SM free starts only when a shrink program ends, and the
+# shrink programs wait for the previous kernel like the rest (one 144 KB program an SM for
+# 64-column blocks of K 256 in 3 stages)
 
 if triton is not None:
     import triton.language as tl
@@ -270,7 +274,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         b1, b2 = (list(bounds) + [rows, rows])[:2]
         ra_pad = _pow2_at_least(modules * r, 16)
         shrink_block_k = max(16, min(256, SHRINK_TILE // ra_pad, _pow2_at_least(K, 16)))
-        shrink_k = triton.cdiv(triton.cdiv(K, SHRINK_SPLITS), shrink_block_k) * shrink_block_k
+        splits = max(1, min(SHRINK_SPLITS, (sm_count(device) - n_blocks * cfg.SPLIT_K) // cfg.BLOCK_M))
+        shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k)
         shrink_programs = cfg.BLOCK_M * S
         h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
