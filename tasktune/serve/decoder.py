@@ -71,7 +71,9 @@ class LoraStacks:
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
     # ... and with the fused linears (Decoder.linear_kernel), LoRA inside their launches too
-    # (triton_linear: the shrink and expand per distinct adapter, no launch of their own)
+    # (triton_linear: the shrink and expand per distinct adapter, no launch of their own).
+    # Off: slower than cuBLAS + the BGMV pair in the decode step on an H200 (session 7:
+    # 17,199 vs 18,530 tok/s at 4 adapters, 15,124 vs 17,699 at 32; bench/README.md)
     fused_linears: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
