@@ -204,3 +204,40 @@ def test_cuda_graph_replay_with_new_ids():
         torch.cuda.synchronize()
         torch.testing.assert_close(y, reference(y0, x, A, B, scaling, ids), **TOL[torch.bfloat16])
         assert torch.equal(y[ids < 0], y0[ids < 0])
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs and PDL need a GPU")
+def test_chained_pairs_with_pdl_in_a_cuda_graph_equal_eager_launches():
+    """Six dependent linears, each a cuBLAS GEMM then the BGMV pair (the expand launched
+    while the shrink finishes, programmatic dependent launch), as one CUDA graph: its
+    replays equal the same chain run eagerly without PDL, bit for bit."""
+    g = torch.Generator().manual_seed(4)
+    D, M, layers = 256, 32, 6
+    Ws = [(torch.randn(D, D, generator=g) / D**0.5).to(DEVICE, torch.bfloat16) for _ in range(layers)]
+    A = (torch.randn(4, 16, D, generator=g) / D**0.5).to(DEVICE, torch.bfloat16)
+    B = (torch.randn(4, D, 16, generator=g) * 0.1).to(DEVICE, torch.bfloat16)
+    scaling, ids = torch.ones(4, device=DEVICE), (torch.arange(M) % 5 - 1).to(DEVICE)
+    x0 = torch.randn(M, D, generator=g).to(DEVICE, torch.bfloat16)
+
+    def chain(x):
+        for W in Ws:
+            x = triton_ops.lora_apply_(x @ W.T, x, A, B, scaling, ids)
+        return x
+
+    triton_ops.PDL = False
+    try:
+        want = chain(x0)
+    finally:
+        triton_ops.PDL = True
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        chain(x0)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = chain(x0)
+    for _ in range(2):
+        graph.replay()
+        torch.cuda.synchronize()
+        torch.testing.assert_close(out, want, rtol=0, atol=0)

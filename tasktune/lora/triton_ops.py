@@ -111,10 +111,13 @@ if triton is not None:
         x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
+        PDL: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
-        slot = tl.load(ids_ptr + n).to(tl.int64)
+        slot = tl.load(ids_ptr + n).to(tl.int64)  # the step's inputs: readable before the PDL wait
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         if slot < 0:
             return
         offs_r = tl.arange(0, R)
@@ -128,6 +131,8 @@ if triton is not None:
             xk = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
             a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
             acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)  # [R]
+        if PDL:  # the expand may launch now: it reads its B tile, then waits for this grid
+            tl.extra.cuda.gdc_launch_dependents()
         tl.store(h_ptr + (n * tl.num_programs(1) + s) * R + offs_r, acc)
 
     @triton.jit
@@ -136,16 +141,23 @@ if triton is not None:
         d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
         stride_bs, stride_bo, stride_br,  # B's strides (the pool stores it rank-major)
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
+        PDL: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
         slot = tl.load(ids_ptr + n).to(tl.int64)
-        if slot < 0:
-            return
         offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
         o_ok = offs_o < d_out
         offs_r = tl.arange(0, R_MODULE)
         r_ok = offs_r < r
+        # adapter weights and ids are not the shrink's output: B is read before the PDL wait
+        b_ptrs = b_ptr + tl.maximum(slot, 0) * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
+        b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok[None, :] & (slot >= 0), other=0.0)  # [BLOCK_N, R_MODULE]
+        scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if slot < 0:
+            return
         h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
         h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
         h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
@@ -161,10 +173,6 @@ if triton is not None:
             module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
             h = tl.where(module[:, None] == 1, h1[None, :], h)
             h = tl.where(module[:, None] == 2, h2[None, :], h)
-        r_ok = r_ok[None, :]
-        b_ptrs = b_ptr + slot * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br  # [BLOCK_N, R_MODULE]
-        b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok, other=0.0)
-        scale = tl.load(scaling_ptr + slot).to(tl.float32)
         delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
         y_ptrs = y_ptr + n * stride_yn + offs_o
         y = tl.load(y_ptrs, mask=o_ok, other=0.0)
@@ -233,12 +241,14 @@ def lora_apply_(
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     cfg = launch_config(n_rows, d_in, d_out, r, modules)
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
+    pdl = use_pdl(x.device)  # the expand launches while the shrink finishes (Hopper)
+    launch = {"launch_pdl": True} if pdl else {}
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
+        x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl, **launch,
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S, MODULES=modules,
+        S=cfg.S, MODULES=modules, PDL=pdl, **launch,
     )
     return y
 
