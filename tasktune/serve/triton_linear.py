@@ -50,6 +50,7 @@ __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 MAX_RANK = 64
+SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
 EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
 EXPAND_TILE = 8192  # ... and at most this many elements of B in it ([BLOCK_N, rank rows])
@@ -201,14 +202,15 @@ class LinearConfig:
 def linear_config(m: int, n: int, k: int, lora: bool = False, block_n: int = 0, block_k: int = 0,
                   split_k: int = 0, num_warps: int = 4, num_stages: int = 3, elem: int = 2) -> LinearConfig:
     """The launch for an [m, k] x [n, k]^T product (n: output columns). From a sweep on an
-    H200 at m=32 (bench/decode_linear_bench.py): K blocks of 256; a weight of at most 1M
-    elements in N blocks of 16 and one split; larger ones, and any with LoRA (whose shrink
-    and expand programs add latency that more, shorter programs hide), in N blocks of 64
-    and 4 K splits.
+    H200 at m=32 (bench/decode_linear_bench.py): K blocks of 256; a weight under SMALL
+    elements (Qwen2.5-0.5B's o, 0.8M) in N blocks of 16 and one split; larger ones (its
+    qkv, 1.03M: 5.5 us so against 7.5 unsplit in 16-column blocks), and any with LoRA
+    (whose shrink and expand programs add latency that more, shorter programs hide), in N
+    blocks of 64 and 4 K splits.
     elem: bytes an element (4-byte fp32 gets half the K block: the same shared memory).
     Explicit block_n / block_k / split_k override (benchmark sweeps)."""
     block_m = _pow2_at_least(m, 16)
-    small = n * k <= (1 << 20) and not lora
+    small = n * k < SMALL and not lora
     block_k = block_k or min((256 if block_m < 64 else 128) * 2 // elem, _pow2_at_least(k, 16))
     block_n = block_n or (16 if small else 64)
     blocks_k = triton.cdiv(k, block_k)
