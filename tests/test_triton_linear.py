@@ -17,6 +17,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from graph_replay import assert_graph_with_pdl_equals_eager
 from tasktune.serve import triton_linear
 from tasktune.serve.triton_linear import decode_linear, linear_config
 
@@ -144,8 +145,6 @@ def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
     CUDA graph with programmatic dependent launch: each launch starts while the previous one
     finishes and waits inside for it. The replays equal the same chain run eagerly
     without PDL, bit for bit, and leave the counters at zero."""
-    from tasktune.lora import triton_ops
-
     M, D, layers = 32, 256, 8
     g = torch.Generator().manual_seed(3)
     Ws = [(torch.randn(D, D, generator=g) * D ** -0.5).to(DEVICE, torch.bfloat16) for _ in range(layers)]
@@ -161,22 +160,5 @@ def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
             x = decode_linear(x, W, residual=x, norm=(nw, 1e-6) if i % 2 else None, lora=lora, config=cfg)
         return x
 
-    triton_ops.PDL = False
-    try:
-        want = chain(x0)
-    finally:
-        triton_ops.PDL = True
-    x = x0.clone()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(x)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x)
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    out = assert_graph_with_pdl_equals_eager(chain, x0)
     assert int(triton_linear._counter_buffer(out.device).abs().sum()) == 0

@@ -15,6 +15,7 @@ import os
 import pytest
 import torch
 
+from graph_replay import assert_graph_with_pdl_equals_eager
 from tasktune.lora import triton_ops
 from tasktune.lora.ops import lora_delta_gathered
 
@@ -224,20 +225,4 @@ def test_chained_pairs_with_pdl_in_a_cuda_graph_equal_eager_launches():
             x = triton_ops.lora_apply_(x @ W.T, x, A, B, scaling, ids)
         return x
 
-    triton_ops.PDL = False
-    try:
-        want = chain(x0)
-    finally:
-        triton_ops.PDL = True
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        chain(x0)
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        out = chain(x0)
-    for _ in range(2):
-        graph.replay()
-        torch.cuda.synchronize()
-        torch.testing.assert_close(out, want, rtol=0, atol=0)
+    assert_graph_with_pdl_equals_eager(chain, x0)
