@@ -234,8 +234,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     x: [M, K], M <= MAX_ROWS; norm = (weight [K], eps): the input is RMSNorm(x) * weight.
     weight: [N, K] contiguous (swiglu: [2N, K], gate rows then up rows, as gate_up_proj);
     bias: one per weight row; residual: [M, N]. lora = (A [slots, modules * r, K] contiguous,
-    B [slots, weight rows, r] (any strides; the pool's [slots, rows, r] contiguous reads
-    each adapter's tile as one contiguous run), scaling [slots], ids [M], -1 for no adapter); bounds: the
+    B [slots, weight rows, r] (any strides; the pool's contiguous layout reads each
+    adapter's tile as one run), scaling [slots], ids [M], -1 for no adapter); bounds: the
     first weight row of modules 2.. of a fused linear (swiglu: exactly (N,))."""
     M = x.shape[0]
     rows, K = weight.shape
