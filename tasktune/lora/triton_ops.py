@@ -152,7 +152,8 @@ if triton is not None:
         r_ok = offs_r < r
         # adapter weights and ids are not the shrink's output: B is read before the PDL wait
         b_ptrs = b_ptr + tl.maximum(slot, 0) * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
-        b = tl.load(b_ptrs, mask=o_ok[:, None] & r_ok[None, :] & (slot >= 0), other=0.0)  # [BLOCK_N, R_MODULE]
+        has = (tl.zeros((BLOCK_N,), dtype=tl.int64) + slot) >= 0  # (a vector: a scalar mask fails in the interpreter)
+        b = tl.load(b_ptrs, mask=(o_ok & has)[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, R_MODULE]
         scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
