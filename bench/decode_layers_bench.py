@@ -1,0 +1,128 @@
+"""The decode step's linears as the engine chains them, without attention: does a chain of
+different fused linears cost what `decode_linear_bench.py` (24 launches of one linear)
+predicts, with and without LoRA?
+
+Work: 24 layers of Qwen2.5-0.5B's four linears at 32 rows, bf16, each feeding the next as
+in a decode step (attention replaced by the first 896 qkv columns): RMSNorm + qkv; o +
+residual; RMSNorm + gate_up + silu * up; down + residual. One CUDA graph of the 24 layers,
+median of 50 replays. Cases: no adapter, 4 and 32 distinct adapters over the rows (r=16,
+32 slots, B as the pool stores it). Paths: the fused launches (LoRA inside them) and
+cuBLAS + eager ops (+ the BGMV pair), the decoder's two paths.
+
+    PYTHONPATH=. python3 bench/decode_layers_bench.py          # GPU: writes $OUT/ and bench/results/
+    .venv/bin/python bench/decode_layers_bench.py --smoke      # CPU: tiny shapes, the interpreter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import capture_graph, copy_bandwidth, device_name, time_graph, versions  # noqa: E402
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    from tasktune.lora.triton_ops import lora_apply_
+    from tasktune.serve.triton_linear import decode_linear
+
+    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
+    D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
+    M, r, slots, dt = 32, 16, 32, torch.bfloat16
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(dt).to(device)
+
+    # name: (weight rows, K, module widths)
+    shapes = {"qkv": (Q + 2 * KV, D, (Q, KV, KV)), "o": (D, Q, (D,)), "gate_up": (2 * I, D, (I, I)),
+              "down": (D, I, (D,))}
+    W = [{n: rand(rows, k, scale=k ** -0.5) for n, (rows, k, _) in shapes.items()} for _ in range(layers)]
+    bias = [rand(Q + 2 * KV) for _ in range(layers)]
+    norms = [(rand(D).abs() + 0.5, rand(D).abs() + 0.5) for _ in range(layers)]
+    AB = [{n: (rand(slots, len(w) * r, k, scale=k ** -0.5), rand(slots, rows, r, scale=0.1))
+           for n, (rows, k, w) in shapes.items()} for _ in range(layers)]
+    bounds = {n: tuple(sum(w[:i + 1]) for i in range(len(w) - 1)) for n, (_, _, w) in shapes.items()}
+    scaling = torch.full((slots,), 2.0, device=device)
+    x0 = rand(M, D)
+    cases = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
+
+    def fused(ids):
+        def lin(i, n, x, **kw):
+            return decode_linear(x, W[i][n], lora=None if ids is None else (*AB[i][n], scaling, ids),
+                                 bounds=bounds[n], **kw)
+
+        def fn():
+            x = x0
+            for i in range(layers):
+                qkv = lin(i, "qkv", x, bias=bias[i], norm=(norms[i][0], 1e-6))
+                x = lin(i, "o", qkv[:, :Q].contiguous(), residual=x)
+                act = lin(i, "gate_up", x, norm=(norms[i][1], 1e-6), swiglu=True)
+                x = lin(i, "down", act, residual=x)
+            return x
+        return fn
+
+    def eager(ids):
+        def lin(i, n, h, b=None):
+            y = F.linear(h, W[i][n], b)
+            if ids is not None:
+                lora_apply_(y, h, *AB[i][n], scaling, ids, bounds[n])
+            return y
+
+        def fn():
+            x = x0
+            for i in range(layers):
+                qkv = lin(i, "qkv", norms[i][0] * F.rms_norm(x, (D,), eps=1e-6), bias[i])
+                x = x + lin(i, "o", qkv[:, :Q].contiguous())
+                gu = lin(i, "gate_up", norms[i][1] * F.rms_norm(x, (D,), eps=1e-6))
+                x = x + lin(i, "down", F.silu(gu[:, :I]) * gu[:, I:])
+            return x
+        return fn
+
+    def timed(fn) -> float:
+        if device.type != "cuda":
+            t = time.perf_counter()
+            fn()
+            return time.perf_counter() - t
+        return time_graph(capture_graph(fn), replays)
+
+    result = {"bench": "decode_layers_bench", "device": device_name(device), "versions": versions("triton"),
+              "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
+              "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "cases": {}}
+    for case, ids in cases.items():
+        f_out, e_out = fused(ids)(), eager(ids)()
+        err = ((f_out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()
+        c = {"fused_us_per_layer": timed(fused(ids)) / layers * 1e6,
+             "eager_us_per_layer": timed(eager(ids)) / layers * 1e6, "max_rel_err_fused_vs_eager": err}
+        result["cases"][case] = c
+        print(f"{case}: fused {c['fused_us_per_layer']:.1f} us a layer, cuBLAS + eager "
+              f"{c['eager_us_per_layer']:.1f}; fused vs eager max rel err {err:.1e}", flush=True)
+    text = json.dumps(result, indent=1)
+    if args.out:
+        (Path(args.out) / "decode_layers_bench.json").parent.mkdir(parents=True, exist_ok=True)
+        (Path(args.out) / "decode_layers_bench.json").write_text(text)
+    if device.type == "cuda":
+        (REPO / "bench" / "results" / "decode_layers_bench.json").write_text(text)
+    print(f"\nfour linears a layer, chained, {result['device']} (us a layer):")
+    print(f"{'case':<6}{'fused':>9}{'cuBLAS+eager':>14}")
+    for case, c in result["cases"].items():
+        print(f"{case:<6}{c['fused_us_per_layer']:>9.1f}{c['eager_us_per_layer']:>14.1f}")
+
+
+if __name__ == "__main__":
+    main()
