@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
 # with STEPS naming them: the Triton kernel tests on the GPU, the LoRA kernel bench, the fused decode linear bench, the
-# decode step without torch.compile), the training bench with compiled, CUDA-graphed
+# chained decode layers bench, the decode step without torch.compile), the training bench with compiled, CUDA-graphed
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
 # the last lines of each log are printed. Run bench/fetch_wheels.sh here first and carry .whl:
