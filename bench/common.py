@@ -322,3 +322,13 @@ def print_table(title: str, table: list[tuple[str, str]]) -> None:
     width = max((len(k) for k, _ in table), default=0)
     for k, v in table:
         print(f"{k:<{width}}  {v}")
+
+
+def timed_graph(fn, device: torch.device, replays: int) -> float:
+    """Median seconds of one replay of a CUDA graph of fn(); on the CPU (a smoke run under the
+    Triton interpreter) one plain call, timed."""
+    if device.type != "cuda":
+        t = time.perf_counter()
+        fn()
+        return time.perf_counter() - t
+    return time_graph(capture_graph(fn), replays)

@@ -19,7 +19,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -28,7 +27,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import capture_graph, copy_bandwidth, device_name, time_graph, versions  # noqa: E402
+from common import copy_bandwidth, device_name, timed_graph, versions  # noqa: E402
 
 
 def main() -> None:
@@ -94,21 +93,14 @@ def main() -> None:
             return x
         return fn
 
-    def timed(fn) -> float:
-        if device.type != "cuda":
-            t = time.perf_counter()
-            fn()
-            return time.perf_counter() - t
-        return time_graph(capture_graph(fn), replays)
-
     result = {"bench": "decode_layers_bench", "device": device_name(device), "versions": versions("triton"),
               "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
               "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "cases": {}}
     for case, ids in cases.items():
         f_out, e_out = fused(ids)(), eager(ids)()
         err = ((f_out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()
-        c = {"fused_us_per_layer": timed(fused(ids)) / layers * 1e6,
-             "eager_us_per_layer": timed(eager(ids)) / layers * 1e6, "max_rel_err_fused_vs_eager": err}
+        c = {"fused_us_per_layer": timed_graph(fused(ids), device, replays) / layers * 1e6,
+             "eager_us_per_layer": timed_graph(eager(ids), device, replays) / layers * 1e6, "max_rel_err_fused_vs_eager": err}
         result["cases"][case] = c
         print(f"{case}: fused {c['fused_us_per_layer']:.1f} us a layer, cuBLAS + eager "
               f"{c['eager_us_per_layer']:.1f}; fused vs eager max rel err {err:.1e}", flush=True)

@@ -25,7 +25,6 @@ import itertools
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -34,22 +33,13 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import capture_graph, copy_bandwidth, device_name, time_graph, versions  # noqa: E402
+from common import copy_bandwidth, device_name, timed_graph, versions  # noqa: E402
 
 # name, weight rows, K (weight [rows, K]), bias, residual, RMSNorm in, swiglu out, fused LoRA module widths
 QWEN = [("qkv", 1152, 896, True, False, True, False, (896, 128, 128)), ("o", 896, 896, False, True, False, False, (896,)),
         ("gate_up", 9728, 896, False, False, True, True, (4864, 4864)), ("down", 896, 4864, False, True, False, False, (896,))]
 SMOKE = [("qkv", 96, 64, True, False, True, False, (64, 16, 16)), ("o", 64, 64, False, True, False, False, (64,)),
          ("gate_up", 256, 64, False, False, True, True, (128, 128)), ("down", 64, 128, False, True, False, False, (64,))]
-
-
-def timed_graph(fn, device, replays: int) -> float:
-    """Median seconds of one replay of a CUDA graph of fn() (fn runs every layer's call)."""
-    if device.type != "cuda":
-        t = time.perf_counter()
-        fn()
-        return time.perf_counter() - t
-    return time_graph(capture_graph(fn), replays)
 
 
 def main() -> None:
