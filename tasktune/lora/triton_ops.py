@@ -139,7 +139,7 @@ if triton is not None:
     def bgmv_expand(
         h_ptr, b_ptr, scaling_ptr, ids_ptr, y_ptr,  # h: [N, S, R] fp32, B: [n_slots, d_out, r], y: [N, d_out]
         d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
-        stride_bs, stride_bo, stride_br,  # B's strides (the pool stores it rank-major)
+        stride_bs, stride_bo, stride_br,  # B's strides (any; the pool's [n_slots, d_out, r] is contiguous)
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
         PDL: tl.constexpr = False,
     ):
