@@ -42,6 +42,12 @@ SMOKE = [("qkv", 96, 64, True, False, True, False, (64, 16, 16)), ("o", 64, 64, 
          ("gate_up", 256, 64, False, False, True, True, (128, 128)), ("down", 64, 128, False, True, False, False, (64,))]
 
 
+# warps / stages tried around the best block shape: one K block a program (qkv, gate_up at
+# 4 splits) gains nothing from stages it cannot pipeline but pays their shared memory in
+# programs an SM holds
+WARPS_STAGES = ((4, 1), (4, 2), (8, 1), (8, 2), (4, 4), (8, 3), (2, 3))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--smoke", action="store_true")
@@ -136,7 +142,7 @@ def main() -> None:
         sweep.sort(key=lambda t: t[0])
         best_us, best = sweep[0]
         tuned = []
-        for warps, stages in ((4, 4), (8, 3), (2, 3)) if not (args.smoke or args.no_sweep) else []:
+        for warps, stages in WARPS_STAGES if not args.smoke else []:  # (--no-sweep: around the default)
             cfg = linear_config(M, N, K, block_n=best.BLOCK_N, block_k=best.BLOCK_K, split_k=best.SPLIT_K,
                                 num_warps=warps, num_stages=stages)
             try:
@@ -144,6 +150,7 @@ def main() -> None:
             except Exception as e:
                 print(f"  {name} {cfg}: {type(e).__name__}", flush=True)
         best_us, best = min(tuned + [(best_us, best)], key=lambda t: t[0])
+        entry["warps_stages"] = [{"us": us, **cfg.__dict__} for us, cfg in tuned]
         lora_sweep = []  # with adapters the best N block / split may differ
         lora_default = linear_config(M, N, K, True)
         lora_cfgs = [lora_default] + [cfg for _, cfg in sweep[:6]] + [best]
@@ -175,6 +182,8 @@ def main() -> None:
         print(f"{name}: err {err:.2e}; " + ", ".join(
             f"{case} cublas {c['cublas_us']:.2f} us / fused {c['fused_best_us']:.2f} (default {c['fused_default_us']:.2f})"
             for case, c in entry["cases"].items()) + f"; best {best}", flush=True)
+        print(f"  {name} warps/stages at {best.BLOCK_N}/{best.BLOCK_K}/{best.SPLIT_K}: " + ", ".join(
+            f"{cfg.num_warps}/{cfg.num_stages} {us:.2f}" for us, cfg in tuned), flush=True)
 
     layer = {case: {k: sum(result["linears"][n]["cases"][case][k] for n in result["linears"])
                     for k in ("cublas_us", "fused_best_us", "fused_default_us", "fused_best_no_pdl_us")}

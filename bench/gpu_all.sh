@@ -29,6 +29,7 @@ want() { [[ " ${STEPS:-kernel_tests serve train ddp} " == *" $1 "* ]]; }  # STEP
 KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_linear.py tests/test_triton_attention.py tests/test_decode_step.py tests/test_graphed_step.py}
 want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs $KERNEL_TESTS
 want linear && step linear "${LINEAR_S:-240}" python3 bench/decode_linear_bench.py ${LINEAR_ARGS:-} --out "$OUT/linear"
+want attention && step attention "${ATTENTION_S:-200}" python3 bench/decode_attention_bench.py --out "$OUT/attention"
 want layers && step layers "${LAYERS_S:-150}" python3 bench/decode_layers_bench.py --out "$OUT/layers"
 want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out "$OUT/lora/lora_kernel_bench.json"
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"

@@ -99,14 +99,16 @@ KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON
     pytest.param("kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     "compiled",
     pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
+    pytest.param("compiled+kernels+linears", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+fused", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
 ])
 def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
     """What the GPU runs, on the CPU: the decode step's LoRA and attention through the Triton
-    kernels (one LoRA launch pair per fused linear; under the interpreter; +fused: each linear
-    with its norm, LoRA, activation and residual as one triton_linear launch, as a GPU runs
-    batches of up to 64) and/or every block through torch.compile (aot_eager: no C compiler
-    needed) -> the same greedy tokens."""
+    kernels (one LoRA launch pair per fused linear; under the interpreter; +linears: each
+    linear with its norm, activation and residual as one triton_linear launch, as a GPU runs
+    batches of up to 64, the pair's LoRA delta added inside it; +fused: LoRA inside that
+    launch too) and/or every block through torch.compile (aot_eager: no C compiler needed)
+    -> the same greedy tokens."""
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
     eng.pool.register_root()
@@ -117,14 +119,14 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
         assert eng.model.can_use_attention_kernel()
         eng.model.attention_kernel = True
         apply = triton_ops.lora_apply_
-        monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a: launches.append(a[6]) or apply(*a))
+        monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a, **k: launches.append(a[6]) or apply(*a, **k))
     fused = []
-    if "fused" in variant:
+    if "fused" in variant or "linears" in variant:
         eng.model.linear_kernel = True
-        eng.pool.stacks.fused_linears = True  # LoRA inside them too (off by default: slower on an H200 so far)
+        eng.pool.stacks.fused_linears = "fused" in variant  # LoRA inside them too (off by default: slower on an H200)
         linear = triton_linear.decode_linear
-        monkeypatch.setattr(triton_linear, "decode_linear",
-                            lambda *a, **k: fused.append((k["swiglu"], k["lora"] is not None)) or linear(*a, **k))
+        monkeypatch.setattr(triton_linear, "decode_linear", lambda *a, **k: fused.append(
+            (k["swiglu"], k["lora"] is not None, k["delta"] is not None)) or linear(*a, **k))
     if "compiled" in variant:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -132,7 +134,11 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     run_mixed(eng, reference)
     if "fused" in variant:  # every decode step: 4 launches a layer (gate_up with silu * up); none of the pair
         assert not launches and len(fused) % 4 == 0 and len(fused) > 0
-        assert [sw for sw, _ in fused[:4]] == [False, False, True, False] and any(with_lora for _, with_lora in fused)
+        assert [sw for sw, _, _ in fused[:4]] == [False, False, True, False] and any(lo for _, lo, _ in fused)
+    elif "linears" in variant:  # the same 4 launches, each after its pair when the step has adapters
+        assert len(fused) % 4 == 0 and not any(lo for _, lo, _ in fused)
+        with_delta = sum(d for _, _, d in fused)
+        assert with_delta > 0 and len(launches) == with_delta and [len(b) for b in launches[:4]] == [2, 0, 1, 0]
     elif "kernels" in variant:  # 4 per layer and decode step: fused qkv (2 bounds), o, fused gate_up (1), down
         assert len(launches) % 4 == 0 and len(launches) > 0
         assert [len(b) for b in launches[:4]] == [2, 0, 1, 0]

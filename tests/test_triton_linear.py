@@ -118,6 +118,33 @@ def test_many_distinct_adapters_in_chunks_over_splits(split_k):
     check(args, torch.float32, config=linear_config(40, 96, 192, True, block_n=32, block_k=64, split_k=split_k))
 
 
+@pytest.mark.parametrize("name", [n for n, (_, _, _, opts) in CASES.items() if opts.get("modules")])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split_k", [0, 3])
+def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k):
+    """The decoder's default LoRA path: the BGMV pair computes each row's delta (the RMSNorm
+    inside its shrink, lora.triton_ops.lora_delta), which the fused launch adds before
+    rounding, SwiGLU and the residual: the same function as LoRA inside the launch."""
+    from tasktune.lora.triton_ops import lora_delta
+
+    M, rows, K, opts = CASES[name]
+    args = make(M, rows, K, dtype=dtype, **opts)
+    A, B, scaling, ids = args["lora"]
+    delta = lora_delta(args["x"], A, B, scaling, ids, args["bounds"], args["norm"])
+    assert delta.dtype == torch.float32 and delta.shape == (M, rows)
+    assert not delta[ids < 0].any()  # rows without an adapter: exactly 0
+    N = rows // 2 if args["swiglu"] else rows
+    config = linear_config(M, N, K, split_k=split_k, block_k=64) if split_k else None
+    got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"],
+                        swiglu=args["swiglu"], delta=delta, config=config)
+    want = reference(**args)
+    scale = want.abs().max().item()
+    tol = (1e-5 if INTERPRET else 5e-3) * scale if dtype == torch.float32 else 3e-2 * scale
+    assert (got.double() - want).abs().max().item() <= tol
+    with pytest.raises(ValueError, match="delta"):
+        decode_linear(args["x"], args["W"], delta=delta[:, :-1].contiguous())
+
+
 def test_rows_without_adapter_equal_the_base_projection():
     args = make(6, 64, 48, dtype=torch.float32, modules=1)
     args["lora"][3].fill_(-1)

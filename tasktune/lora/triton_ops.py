@@ -109,9 +109,10 @@ if triton is not None:
     @triton.jit
     def bgmv_shrink(
         x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
+        nw_ptr, eps,  # NORM: the input is RMSNorm(x) * nw (as the fused decode linear computes it)
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
@@ -128,9 +129,17 @@ if triton is not None:
         for k0 in range(0, K_SPLIT, BLOCK_K):
             k = k_start + k0 + offs_k  # [BLOCK_K]
             k_ok = k < d_in
-            xk = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0).to(tl.float32)  # [BLOCK_K]
+            xv = tl.load(x_ptr + n * stride_xn + k, mask=k_ok, other=0.0)  # [BLOCK_K]
+            if NORM:  # x * weight rounded to x's dtype, as triton_linear's load_act
+                xv = (xv.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(xv.dtype)
             a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
-            acc += tl.sum(a.to(tl.float32) * xk[None, :], axis=1)  # [R]
+            acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)  # [R]
+        if NORM:  # each split scales its part by the whole row's 1 / rms (the row is short: read again)
+            ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
+            for k0 in range(0, d_in, BLOCK_K):
+                xf = tl.load(x_ptr + n * stride_xn + k0 + offs_k, mask=k0 + offs_k < d_in, other=0.0).to(tl.float32)
+                ss += xf * xf
+            acc = acc / tl.sqrt(tl.sum(ss, axis=0) / d_in + eps)
         if PDL:  # the expand may launch now: it reads its B tile, then waits for this grid
             tl.extra.cuda.gdc_launch_dependents()
         tl.store(h_ptr + (n * tl.num_programs(1) + s) * R + offs_r, acc)
@@ -141,7 +150,7 @@ if triton is not None:
         d_out, r, stride_yn, bound1, bound2,  # columns >= bound_i belong to module i (fused linears)
         stride_bs, stride_bo, stride_br,  # B's strides (any; the pool's [n_slots, d_out, r] is contiguous)
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
-        PDL: tl.constexpr = False,
+        PDL: tl.constexpr = False, STORE: tl.constexpr = False,  # STORE: y = the delta (fp32; 0 for no adapter)
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
@@ -158,6 +167,8 @@ if triton is not None:
         if PDL:
             tl.extra.cuda.gdc_wait()
         if slot < 0:
+            if STORE:
+                tl.store(y_ptr + n * stride_yn + offs_o, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=o_ok)
             return
         h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
         h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
@@ -176,8 +187,11 @@ if triton is not None:
             h = tl.where(module[:, None] == 2, h2[None, :], h)
         delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
         y_ptrs = y_ptr + n * stride_yn + offs_o
-        y = tl.load(y_ptrs, mask=o_ok, other=0.0)
-        tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
+        if STORE:
+            tl.store(y_ptrs, delta, mask=o_ok)
+        else:
+            y = tl.load(y_ptrs, mask=o_ok, other=0.0)
+            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -213,7 +227,7 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
 
 def lora_apply_(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-    bounds: tuple[int, ...] = (),
+    bounds: tuple[int, ...] = (), *, norm: tuple[torch.Tensor, float] | None = None, store: bool = False,
 ) -> torch.Tensor:
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
@@ -222,7 +236,10 @@ def lora_apply_(
     may have any strides.
     A fused linear of M modules (bounds: the first output column of modules 2..M, at most
     3 modules): A: [n_slots, M * r, d_in], B: [n_slots, d_out, r], and column c uses the
-    rank-r block of A of the module it belongs to."""
+    rank-r block of A of the module it belongs to.
+    norm = (weight [d_in], eps): the adapters read RMSNorm(x) * weight instead of x.
+    store: y (fp32) becomes the delta itself, 0 on rows without an adapter, instead of
+    having it added (`lora_delta`: what the fused decode linear adds in its epilogue)."""
     n_rows, d_in = x.shape
     n_slots, rows, _ = A.shape
     d_out, r = B.shape[1], B.shape[2]
@@ -244,14 +261,29 @@ def lora_apply_(
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
     pdl = use_pdl(x.device)  # the expand launches while the shrink finishes (Hopper)
     launch = {"launch_pdl": True} if pdl else {}
+    if norm is not None and (norm[0].shape != (d_in,) or not norm[0].is_contiguous()):
+        raise ValueError(f"norm weight {tuple(norm[0].shape)} for {d_in} inputs")
+    if store and y.dtype != torch.float32:
+        raise ValueError(f"store: the delta is float32, not {y.dtype}")
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl, **launch,
+        x, A, ids, h, norm[0] if norm is not None else x, norm[1] if norm is not None else 0.0, d_in, rows,
+        x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl, NORM=norm is not None, **launch,
     )
     bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S, MODULES=modules, PDL=pdl, **launch,
+        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, **launch,
     )
     return y
+
+
+def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
+               bounds: tuple[int, ...] = (), norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+    """Each row's LoRA delta, scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ act(x[n])), as a new
+    fp32 [N, d_out] tensor (0 on rows without an adapter): the fused decode linear adds it to
+    its fp32 accumulator before rounding, SwiGLU and the residual (triton_linear). act: x,
+    or RMSNorm(x) * weight for norm = (weight, eps). Shapes as `lora_apply_`."""
+    y = torch.empty(x.shape[0], B.shape[1], dtype=torch.float32, device=x.device)
+    return lora_apply_(y, x, A, B, scaling, ids, bounds, norm=norm, store=True)
 
 
 @torch.library.custom_op("tasktune::bgmv_lora", mutates_args=("y",))
@@ -265,4 +297,16 @@ def bgmv_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 @bgmv_lora.register_fake
 def _(y, x, A, B, scaling, ids, bounds) -> None:
     return None
+
+
+@torch.library.custom_op("tasktune::bgmv_delta", mutates_args=())
+def bgmv_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
+               bounds: list[int], norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """`lora_delta` as an operator torch.compile keeps whole."""
+    return lora_delta(x, A, B, scaling, ids, tuple(bounds), None if norm_weight is None else (norm_weight, eps))
+
+
+@bgmv_delta.register_fake
+def _(x, A, B, scaling, ids, bounds, norm_weight, eps):
+    return x.new_empty(x.shape[0], B.shape[1], dtype=torch.float32)
 

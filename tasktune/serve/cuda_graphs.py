@@ -80,7 +80,7 @@ class DecodeStep:
         self._ahead = None
         logits, _ = self._launch(slots, tokens, positions, lora_ids)
         index = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
-        return logits.index_select(0, index)
+        return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
                ahead: bool) -> list[int]:

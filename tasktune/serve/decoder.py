@@ -177,7 +177,7 @@ class Block(nn.Module):
         cfg, a = self.cfg, self.self_attn
         H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         N = x.shape[0]
-        if batch.linear_kernel and (stacks is None or not batch.use_lora or (lora.kernels and lora.fused_linears)):
+        if batch.linear_kernel and (stacks is None or not batch.use_lora or lora.kernels):
             return self.forward_fused(x, batch, kv, lora, stacks)
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]
@@ -214,23 +214,29 @@ class Block(nn.Module):
                       stacks: LayerLora | None) -> torch.Tensor:
         """The decode step through four fused linear launches (serve/triton_linear.py): RMSNorm +
         qkv; attention; o + residual; RMSNorm + gate_up + silu * up; down + residual. Norms,
-        activation and residual adds need no kernels of their own. With adapters (when
-        `LoraStacks.fused_linears`) each launch also computes its rows' LoRA deltas."""
+        activation and residual adds need no kernels of their own. With adapters, each
+        linear's rows' LoRA deltas come from the BGMV pair (`lora.triton_ops.lora_delta`, the
+        norm inside its shrink) and join the projection in the fused launch's epilogue, or
+        (`LoraStacks.fused_linears`) the fused launch computes them itself."""
         a, m = self.self_attn, self.mlp
 
         def lin(parent: nn.Module, name: str, x_in: torch.Tensor, norm: RMSNorm | None, residual=None,
                 swiglu: bool = False) -> torch.Tensor:
             layer: nn.Linear = getattr(parent, name)
             nw = norm.weight if norm is not None else None
-            A = B = scaling = ids = None
+            A = B = scaling = ids = delta = None
             bounds: list[int] = []
             ab = (stacks.fused if name in self.parts else stacks.weights).get(name) \
                 if stacks is not None and batch.use_lora else None
             if ab is not None:
                 (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
+                if not lora.fused_linears:
+                    delta = torch.ops.tasktune.bgmv_delta(x_in, A.contiguous(), B, scaling, ids, bounds, nw,
+                                                          self.cfg.rms_norm_eps)
+                    A = B = scaling = ids = None
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds)
+                                                    swiglu, A, B, scaling, ids, bounds, delta)
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)
@@ -326,8 +332,10 @@ class Decoder(nn.Module):
         return self._rope
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot write the KV cache under it
-    def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None) -> torch.Tensor:
-        """-> logits of each sequence's last new token: [B, vocab] float32."""
+    def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None, float_logits: bool = True
+                ) -> torch.Tensor:
+        """-> logits of each sequence's last new token: [B, vocab] float32 (float_logits=False:
+        in the model's dtype, as the LM head computed them)."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
         if batch.mask.dtype == torch.bool and not batch.attention_kernel:  # additive once, instead of inside every layer's attention
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
@@ -350,11 +358,15 @@ class Decoder(nn.Module):
             kv, stacks = cache.layer(i), (lora.layer(i) if lora is not None else None)
             x = compiled(layer, x, batch, cos, sin, kv, lora, stacks) if compiled else layer(x, batch, cos, sin, kv, lora, stacks)
         h = self.model.norm(x if batch.last is None else x.index_select(0, batch.last))
-        return self.lm_head(h).float()
+        logits = self.lm_head(h)
+        return logits.float() if float_logits else logits
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
                cache: KVCache, lora: LoraStacks | None, use_lora: bool) -> torch.Tensor:
-        """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] float32.
-        Only device work after the rope table exists, so it can be captured in a CUDA graph."""
+        """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] in the
+        model's dtype (a greedy step takes their argmax: casting all B x vocab of them to
+        float32 first cost a 19 MB copy and twice the argmax's reads, ~20 us of a 1 ms step
+        on an H200). Only device work after the rope table exists, so it can be captured in
+        a CUDA graph."""
         return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel,
-                                 self.linear_kernel), cache, lora)
+                                 self.linear_kernel), cache, lora, float_logits=False)

@@ -70,12 +70,12 @@ if triton is not None:
     @triton.jit
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
-        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr,
-        M, stride_xm, stride_ym, stride_rm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
+        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr,
+        M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
-        HAS_RES: tl.constexpr, LORA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
+        HAS_RES: tl.constexpr, LORA: tl.constexpr, HAS_DELTA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
@@ -167,6 +167,11 @@ if triton is not None:
             acc = acc * rstd[None, :]
             if SWIGLU:
                 acc_u = acc_u * rstd[None, :]
+        if HAS_DELTA:  # LoRA's delta computed before this launch (lora.triton_ops.lora_delta), fp32
+            d_ok = n_ok[:, None] & m_ok[None, :]
+            acc += tl.load(d_ptr + offs_m[None, :] * stride_dm + offs_n[:, None], mask=d_ok, other=0.0)
+            if SWIGLU:
+                acc_u += tl.load(d_ptr + offs_m[None, :] * stride_dm + N + offs_n[:, None], mask=d_ok, other=0.0)
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             if SWIGLU:
@@ -227,7 +232,8 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  bounds: tuple[int, ...] = (), config: LinearConfig | None = None) -> torch.Tensor:
+                  bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None,
+                  config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
@@ -236,7 +242,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     bias: one per weight row; residual: [M, N]. lora = (A [slots, modules * r, K] contiguous,
     B [slots, weight rows, r] (any strides; the pool's contiguous layout reads each
     adapter's tile as one run), scaling [slots], ids [M], -1 for no adapter); bounds: the
-    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,))."""
+    first weight row of modules 2.. of a fused linear (swiglu: exactly (N,)).
+    delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
+    residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`)."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -250,6 +258,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"residual {tuple(residual.shape)} for output {(M, N)}")
     if norm is not None and (norm[0].shape != (K,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {K} inputs")
+    if delta is not None and (delta.shape != (M, rows) or delta.stride(1) != 1 or delta.dtype != torch.float32
+                              or lora is not None):
+        raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} for output {(M, rows)} (float32, not with lora)")
     device = x.device
     cfg = config or linear_config(M, N, K, lora is not None, elem=max(2, x.element_size()))
     y = torch.empty(M, N, dtype=x.dtype, device=device)
@@ -289,11 +300,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     pdl = use_pdl(device)
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
-        residual if residual is not None else x, y, ws, counters, *lora_args,
-        M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0, r, b1, b2,
+        residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
+        M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
+        delta.stride(0) if delta is not None else 0, r, b1, b2,
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
+        HAS_DELTA=delta is not None,
         UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
         **({"launch_pdl": True} if pdl else {}),
     )
@@ -304,12 +317,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int]) -> torch.Tensor:
+                     bounds: list[int], delta: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
-                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds))
+                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
+                         delta=delta)
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
