@@ -62,13 +62,14 @@ def main() -> None:
             outs.append(ta.decode_attention(q, k, v, *caches[i], positions, length, cos, sin))
         return outs
 
-    configs = [(64, 4, 3, 0)]  # (BLOCK_L, NUM_WARPS, NUM_STAGES, splits): the default first
+    default = (ta.BLOCK_L, ta.NUM_WARPS, ta.NUM_STAGES, 0)
+    configs = [default]  # (BLOCK_L, NUM_WARPS, NUM_STAGES, splits): the default first
     if not args.smoke:
         configs += [c + (0,) for c in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (1, 2, 3, 4))
                     if c + (0,) != configs[0] and not (c[0] == 256 and c[1] < 4)]
-        configs += [(64, 4, 3, s) for s in (2, 3, 6)]
+        configs += [default[:3] + (s,) for s in (2, 3, 6)]
     else:
-        configs += [(32, 2, 2, 0), (64, 4, 3, 2)]
+        configs += [(32, 2, 2, 0), default[:3] + (2,)]
     result = {"bench": "decode_attention_bench", "device": device_name(device), "versions": versions("triton"),
               "config": {"rows": M, "heads": H, "kv_heads": KVH, "head_dim": HD, "length_bucket": length,
                          "positions": [int(positions.min()), int(positions.max())], "layers": layers,
@@ -87,7 +88,7 @@ def main() -> None:
             continue
         result["runs"].append({"block_l": block_l, "warps": warps, "stages": stages, "splits": splits,
                                "us_per_layer": us, "max_abs_diff_vs_default": err})
-    ta.BLOCK_L, ta.NUM_WARPS, ta.NUM_STAGES, ta.default_splits = 64, 4, 3, 0
+    ta.BLOCK_L, ta.NUM_WARPS, ta.NUM_STAGES, ta.default_splits = *default[:3], 0
     ok = sorted((r for r in result["runs"] if "us_per_layer" in r), key=lambda r: r["us_per_layer"])
     result["best"] = ok[0] if ok else None
     text = json.dumps(result, indent=1)
@@ -96,7 +97,8 @@ def main() -> None:
         (Path(args.out) / "decode_attention_bench.json").write_text(text)
     if device.type == "cuda":
         (REPO / "bench" / "results" / "decode_attention_bench.json").write_text(text)
-    print(f"\ndecode attention, {result['device']}, us a layer (fastest 12 of {len(ok)}; default 64/4/3/unsplit "
+    print(f"\ndecode attention, {result['device']}, us a layer (fastest 12 of {len(ok)}; default "
+          f"{'/'.join(map(str, default[:3]))}/unsplit "
           f"{result['runs'][0].get('us_per_layer', float('nan')):.2f}):")
     print(f"{'block_l':>8}{'warps':>6}{'stages':>7}{'splits':>7}{'us':>8}{'diff':>9}")
     for r in ok[:12]:

@@ -6,15 +6,17 @@ without the gathered copies: `index_select` writes N copies of the adapters to m
 and reads them back, while these kernels read each row's adapter where it lies (rows
 sharing an adapter hit the L2 cache).
 
-Two launches, with fixed grids for given shapes, no host sync (CUDA-graph capturable):
-- shrink, grid (N, S): program (n, s) reduces a contiguous split of d_in,
+Two phases, with fixed grids for given shapes, no host sync (CUDA-graph capturable):
+- shrink, (N, S) programs: (n, s) reduces a contiguous split of d_in,
   h_part[n, s, :] = A[ids[n], :, split] @ x[n, split], fp32 accumulation. Splitting d_in
   gives a decode batch of 32 rows enough programs to keep the memory system busy.
-- expand, grid (N, d_out tiles): program (n, t) sums h_part[n, :, :] over the splits (a
+- expand, (N, d_out tiles) programs: (n, t) sums h_part[n, :, :] over the splits (a
   fixed order, so the result is deterministic, unlike atomic adds) and does
   y[n, tile] += scaling[ids[n]] * B[ids[n], tile, :] @ h[n], rounding once to y's dtype.
-Rows with id < 0 return at once in both kernels: they never read an adapter, so a
-non-finite value in some adapter reaches only the rows that use it.
+By default one launch holds both (`bgmv_one_launch`: the expand programs, after the
+shrink programs in the grid, wait on a counter for them), else two launches.
+Rows with id < 0 skip both phases: they never read an adapter, so a non-finite value in
+some adapter reaches only the rows that use it.
 
 Fused linears (qkv_proj, gate_up_proj: modules that share their input) take one launch
 pair for all their modules: A stacks the modules' A along its rank axis
@@ -69,6 +71,9 @@ def available(device: torch.device | str | None = None) -> bool:
 # the previous kernel's tail. Benchmarks flip this to time without it;
 # TASKTUNE_PDL=0 turns it off (a driver or graph runtime without programmatic edges).
 PDL = os.environ.get("TASKTUNE_PDL", "1") != "0"
+# The shrink and expand as one launch (`bgmv_one_launch`: expand programs wait for the
+# shrink programs on a counter) instead of two; benchmarks flip this to time both.
+ONE_LAUNCH = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -107,20 +112,10 @@ def counter_buffer(owner: str, device: torch.device, size: int) -> torch.Tensor:
 if triton is not None:
 
     @triton.jit
-    def bgmv_shrink(
-        x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
-        nw_ptr, eps,  # NORM: the input is RMSNorm(x) * nw (as the fused decode linear computes it)
-        d_in, r, stride_xn,
-        R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
-        PDL: tl.constexpr = False, NORM: tl.constexpr = False,
-    ):
-        n = tl.program_id(0)
-        s = tl.program_id(1)
-        slot = tl.load(ids_ptr + n).to(tl.int64)  # the step's inputs: readable before the PDL wait
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        if slot < 0:
-            return
+    def _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, S,
+                R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr):
+        """h_part[n, s, :] = A[slot, :, split s] @ act(x[n, split s]) in fp32 (act: x, or
+        RMSNorm(x) * weight with NORM, the fused decode linear's rounding)."""
         offs_r = tl.arange(0, R)
         offs_k = tl.arange(0, BLOCK_K)
         a_rows = a_ptr + slot * r * d_in + offs_r[:, None] * d_in  # [R, 1] row starts of A[slot]
@@ -140,9 +135,74 @@ if triton is not None:
                 xf = tl.load(x_ptr + n * stride_xn + k0 + offs_k, mask=k0 + offs_k < d_in, other=0.0).to(tl.float32)
                 ss += xf * xf
             acc = acc / tl.sqrt(tl.sum(ss, axis=0) / d_in + eps)
+        tl.store(h_ptr + (n * S + s) * R + offs_r, acc)
+
+    @triton.jit
+    def _load_b(b_ptr, slot, t, d_out, r, stride_bs, stride_bo, stride_br, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr):
+        """Tile t of B[slot] ([BLOCK_N, R_MODULE], zeros for slot < 0): adapter weights, not the
+        shrink's output, so it can be read before any wait."""
+        offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        offs_r = tl.arange(0, R_MODULE)
+        has = (tl.zeros((BLOCK_N,), dtype=tl.int64) + slot) >= 0  # (a vector: a scalar mask fails in the interpreter)
+        b_ptrs = b_ptr + tl.maximum(slot, 0) * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
+        return tl.load(b_ptrs, mask=((offs_o < d_out) & has)[:, None] & (offs_r < r)[None, :], other=0.0)
+
+    @triton.jit
+    def _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2,
+                R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
+                MODULES: tl.constexpr, STORE: tl.constexpr):
+        """y[n, tile t] += scale * b @ h[n] (the shrink's S parts summed in a fixed order; each
+        column takes its module's rows of h), rounded once to y's dtype; STORE: y (fp32) = the
+        delta itself, 0 for slot < 0 (others leave rows without an adapter untouched)."""
+        offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        o_ok = offs_o < d_out
+        y_ptrs = y_ptr + n * stride_yn + offs_o
+        if slot < 0:
+            if STORE:
+                tl.store(y_ptrs, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=o_ok)
+        else:
+            offs_r = tl.arange(0, R_MODULE)
+            r_ok = offs_r < r
+            h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
+            h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
+            h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
+            for s in range(S):  # the shrink's partial sums, in a fixed order
+                row = h_ptr + (n * S + s) * R + offs_r
+                h0 += tl.load(row, mask=r_ok, other=0.0, cache_modifier=".cg")
+                if MODULES > 1:
+                    h1 += tl.load(row + r, mask=r_ok, other=0.0, cache_modifier=".cg")
+                if MODULES > 2:
+                    h2 += tl.load(row + 2 * r, mask=r_ok, other=0.0, cache_modifier=".cg")
+            h = tl.broadcast_to(h0[None, :], (BLOCK_N, R_MODULE))
+            if MODULES > 1:  # each column takes the h of the module it belongs to
+                module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
+                h = tl.where(module[:, None] == 1, h1[None, :], h)
+                h = tl.where(module[:, None] == 2, h2[None, :], h)
+            delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
+            if STORE:
+                tl.store(y_ptrs, delta, mask=o_ok)
+            else:
+                y = tl.load(y_ptrs, mask=o_ok, other=0.0)
+                tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
+
+    @triton.jit
+    def bgmv_shrink(
+        x_ptr, a_ptr, ids_ptr, h_ptr,  # x: [N, d_in], A: [n_slots, r, d_in], ids: [N], h: [N, S, R] fp32
+        nw_ptr, eps,  # NORM: the input is RMSNorm(x) * nw (as the fused decode linear computes it)
+        d_in, r, stride_xn,
+        R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False,
+    ):
+        n = tl.program_id(0)
+        s = tl.program_id(1)
+        slot = tl.load(ids_ptr + n).to(tl.int64)  # the step's inputs: readable before the PDL wait
+        if PDL:
+            tl.extra.cuda.gdc_wait()
+        if slot >= 0:
+            _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, tl.num_programs(1), R, BLOCK_K,
+                    K_SPLIT, NORM)
         if PDL:  # the expand may launch now: it reads its B tile, then waits for this grid
             tl.extra.cuda.gdc_launch_dependents()
-        tl.store(h_ptr + (n * tl.num_programs(1) + s) * R + offs_r, acc)
 
     @triton.jit
     def bgmv_expand(
@@ -155,43 +215,64 @@ if triton is not None:
         n = tl.program_id(0)
         t = tl.program_id(1)
         slot = tl.load(ids_ptr + n).to(tl.int64)
-        offs_o = t * BLOCK_N + tl.arange(0, BLOCK_N)  # [BLOCK_N]
-        o_ok = offs_o < d_out
-        offs_r = tl.arange(0, R_MODULE)
-        r_ok = offs_r < r
-        # adapter weights and ids are not the shrink's output: B is read before the PDL wait
-        b_ptrs = b_ptr + tl.maximum(slot, 0) * stride_bs + offs_o[:, None] * stride_bo + offs_r[None, :] * stride_br
-        has = (tl.zeros((BLOCK_N,), dtype=tl.int64) + slot) >= 0  # (a vector: a scalar mask fails in the interpreter)
-        b = tl.load(b_ptrs, mask=(o_ok & has)[:, None] & r_ok[None, :], other=0.0)  # [BLOCK_N, R_MODULE]
+        b = _load_b(b_ptr, slot, t, d_out, r, stride_bs, stride_bo, stride_br, R_MODULE, BLOCK_N)
         scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
         if PDL:
             tl.extra.cuda.gdc_wait()
-        if slot < 0:
-            if STORE:
-                tl.store(y_ptr + n * stride_yn + offs_o, tl.zeros((BLOCK_N,), dtype=tl.float32), mask=o_ok)
-            return
-        h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
-        h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
-        h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
-        for s in range(S):  # the shrink's partial sums, in a fixed order
-            row = h_ptr + (n * S + s) * R + offs_r
-            h0 += tl.load(row, mask=r_ok, other=0.0)
-            if MODULES > 1:
-                h1 += tl.load(row + r, mask=r_ok, other=0.0)
-            if MODULES > 2:
-                h2 += tl.load(row + 2 * r, mask=r_ok, other=0.0)
-        h = tl.broadcast_to(h0[None, :], (BLOCK_N, R_MODULE))
-        if MODULES > 1:  # each column takes the h of the module it belongs to
-            module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
-            h = tl.where(module[:, None] == 1, h1[None, :], h)
-            h = tl.where(module[:, None] == 2, h2[None, :], h)
-        delta = tl.sum(b.to(tl.float32) * h, axis=1) * scale  # [BLOCK_N]
-        y_ptrs = y_ptr + n * stride_yn + offs_o
-        if STORE:
-            tl.store(y_ptrs, delta, mask=o_ok)
+        _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
+                MODULES, STORE)
+
+    @triton.jit
+    def bgmv_one_launch(
+        x_ptr, a_ptr, ids_ptr, h_ptr, nw_ptr, eps, d_in, a_rows, stride_xn,  # a_rows: A's rows (modules x r)
+        b_ptr, scaling_ptr, y_ptr, cnt_ptr, d_out, r, stride_yn, bound1, bound2, stride_bs, stride_bo, stride_br, n_rows,
+        R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, S: tl.constexpr, R_MODULE: tl.constexpr,
+        BLOCK_N: tl.constexpr, TILES: tl.constexpr, MODULES: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
+        STORE: tl.constexpr, INTERPRETED: tl.constexpr,
+    ):
+        """The shrink and the expand in one launch: programs below n_rows * S shrink (row, split)
+        and count themselves done; the rest expand (row, tile) once every shrink program is
+        (lower ids are scheduled first, so the shrink never waits for an expand program). The
+        last expand program resets both counters for the next launch."""
+        pid = tl.program_id(0)
+        n_shrink = n_rows * S
+        if pid < n_shrink:
+            n = pid // S
+            slot = tl.load(ids_ptr + n).to(tl.int64)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            if slot >= 0:
+                _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, pid % S, slot, d_in, a_rows, stride_xn, S, R, BLOCK_K,
+                        K_SPLIT, NORM)
+            tl.atomic_add(cnt_ptr, 1, sem="release")
         else:
-            y = tl.load(y_ptrs, mask=o_ok, other=0.0)
-            tl.store(y_ptrs, (y.to(tl.float32) + delta).to(y_ptr.dtype.element_ty), mask=o_ok)
+            n = (pid - n_shrink) // TILES
+            t = (pid - n_shrink) % TILES
+            slot = tl.load(ids_ptr + n).to(tl.int64)
+            b = _load_b(b_ptr, slot, t, d_out, r, stride_bs, stride_bo, stride_br, R_MODULE, BLOCK_N)
+            scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
+            if PDL:
+                tl.extra.cuda.gdc_wait()
+            if PDL:  # the next kernel may launch: it waits for this one to finish before reading its output
+                tl.extra.cuda.gdc_launch_dependents()
+            seen = _load_acquire(cnt_ptr, INTERPRETED)
+            while seen < n_shrink:
+                seen = _load_acquire(cnt_ptr, INTERPRETED)
+            _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
+                    MODULES, STORE)
+            done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel")
+            if done == n_rows * TILES - 1:
+                tl.store(cnt_ptr, 0)
+                tl.store(cnt_ptr + 1, 0)
+
+    @triton.jit
+    def _load_acquire(ptr, INTERPRETED: tl.constexpr):
+        """A load with acquire semantics (polling with atomics would queue every program at one
+        address); the interpreter has no inline assembly: an atomic there."""
+        if INTERPRETED:
+            return tl.atomic_add(ptr, 0, sem="acquire")
+        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
+                                         is_pure=False, pack=1)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -265,11 +346,21 @@ def lora_apply_(
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {d_in} inputs")
     if store and y.dtype != torch.float32:
         raise ValueError(f"store: the delta is float32, not {y.dtype}")
+    nw, eps = norm if norm is not None else (x, 0.0)
+    tiles = triton.cdiv(d_out, cfg.BLOCK_N)
+    if ONE_LAUNCH:
+        bgmv_one_launch[(n_rows * (cfg.S + tiles),)](
+            x, A, ids, h, nw, eps, d_in, rows, x.stride(0), B, scaling, y, counter_buffer("bgmv", x.device, 2), d_out,
+            r, y.stride(0), b1, b2, *B.stride(), n_rows, R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, S=cfg.S,
+            R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N, TILES=tiles, MODULES=modules, PDL=pdl, NORM=norm is not None,
+            STORE=store, INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **launch,
+        )
+        return y
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, norm[0] if norm is not None else x, norm[1] if norm is not None else 0.0, d_in, rows,
-        x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl, NORM=norm is not None, **launch,
+        x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
+        NORM=norm is not None, **launch,
     )
-    bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
+    bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
         S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, **launch,
     )

@@ -45,61 +45,51 @@ if triton is not None:
         return (offs_d + HD // 2) % HD, tl.load(cos_ptr + pos * HD + offs_d), tl.load(sin_ptr + pos * HD + offs_d)
 
     @triton.jit
-    def _load_q(q_ptr, rolled, cos, sin, b, kv, stride_qn, stride_qh,
+    def _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh,
                 GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, ROPE: tl.constexpr):
-        """The query heads sharing KV head kv [G_PAD, HD] (rows past GROUP are 0), rotated
-        (`_rope_tables` of its position) when ROPE (in fp32, rounded once to q's dtype)."""
+        """The query heads sharing KV head kv [G_PAD, HD] (rows past GROUP are 0), rotated by
+        pos when ROPE (in fp32, rounded once to q's dtype)."""
         offs_g = tl.arange(0, G_PAD)
         g_ok = offs_g < GROUP
         offs_d = tl.arange(0, HD)
         rows = q_ptr + b * stride_qn + (kv * GROUP + offs_g)[:, None] * stride_qh
         q = tl.load(rows + offs_d[None, :], mask=g_ok[:, None], other=0.0)
         if ROPE:
+            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
             src = tl.load(rows + rolled[None, :], mask=g_ok[:, None], other=0.0)
             q = (q.to(tl.float32) * cos[None, :] + src.to(tl.float32) * sin[None, :]).to(q.dtype)
         return q
 
     @triton.jit
-    def _load_k_new(kn_ptr, rolled, cos, sin, b, kv, stride_knn, stride_knh, HD: tl.constexpr, ROPE: tl.constexpr):
-        """This step's key for KV head kv [HD], rotated when ROPE (then fp32: the caller
-        rounds it once)."""
+    def _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD: tl.constexpr, ROPE: tl.constexpr):
+        """This step's key for KV head kv [HD], rotated by pos when ROPE (then fp32: the
+        caller's store rounds it once)."""
         offs_d = tl.arange(0, HD)
         row = kn_ptr + b * stride_knn + kv * stride_knh
         k = tl.load(row + offs_d)
         if ROPE:
+            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
             k = k.to(tl.float32) * cos + tl.load(row + rolled).to(tl.float32) * sin
         return k
 
     @triton.jit
-    def _load_kv_block(k_base, v_base, offs_l, n_keys, stride_kl, stride_vl, HD: tl.constexpr):
-        """Keys and values at offs_l ([BLOCK_L, HD] each), zeros at offs_l >= n_keys (not read)."""
+    def _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl, stride_vl,
+                      HD: tl.constexpr):
+        """One block of keys into the online softmax state (max m, denominator, unnormalised
+        output acc): keys at offs_l >= n_keys are not read. A state with no key yet keeps
+        m = -inf and adds nothing (exp(-inf) = 0)."""
         offs_d = tl.arange(0, HD)
-        l_ok = (offs_l < n_keys)[:, None]
-        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok, other=0.0)
-        v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok, other=0.0)
-        return k, v
-
-    @triton.jit
-    def _attend_kv(q, k, v, offs_l, n_keys, m, denom, acc, sm_scale):
-        """One block of keys and values into the online softmax state (max m, denominator,
-        unnormalised output acc); keys at offs_l >= n_keys count for nothing. A state with no
-        key yet keeps m = -inf and adds nothing (exp(-inf) = 0)."""
         l_ok = offs_l < n_keys
+        k = tl.load(k_base + offs_l[:, None] * stride_kl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision="ieee") * sm_scale  # [G_PAD, BLOCK_L] fp32
         s = tl.where(l_ok[None, :], s, float("-inf"))
         m_new = tl.maximum(m, tl.max(s, axis=1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.exp(s - m_safe[:, None])
         alpha = tl.exp(m - m_safe)
+        v = tl.load(v_base + offs_l[:, None] * stride_vl + offs_d[None, :], mask=l_ok[:, None], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision="ieee")
         return m_new, denom * alpha + tl.sum(p, axis=1), acc
-
-    @triton.jit
-    def _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl, stride_vl,
-                      HD: tl.constexpr):
-        """One block of keys read from the cache into the online softmax state."""
-        k, v = _load_kv_block(k_base, v_base, offs_l, n_keys, stride_kl, stride_vl, HD)
-        return _attend_kv(q, k, v, offs_l, n_keys, m, denom, acc, sm_scale)
 
     @triton.jit
     def _decode_attention(
@@ -113,42 +103,29 @@ if triton is not None:
     ):
         b = tl.program_id(0)
         kv = tl.program_id(1)
-        # what does not depend on the previous kernel (the qkv projection) is read before the
-        # PDL wait: the position and its rotary rows (step inputs), and the first block of the
-        # keys and values earlier steps cached; this step's own key and value are put in
-        # from registers (its cache row may be stale here), not stored and read back
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + b).to(tl.int32)
         n_keys = tl.minimum(pos + 1, LENGTH)
         offs_g = tl.arange(0, G_PAD)
         g_ok = offs_g < GROUP
         heads = kv * GROUP + offs_g
         offs_d = tl.arange(0, HD)
-        rolled, cos, sin = offs_d, 0.0, 0.0
-        if ROPE:
-            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
+        q = _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
+        k_new = _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD, ROPE)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
-        offs_l = tl.arange(0, BLOCK_L)
-        k_blk, v_blk = _load_kv_block(k_base, v_base, offs_l, n_keys, stride_kl, stride_vl, HD)
-        if PDL:
-            tl.extra.cuda.gdc_wait()
-        q = _load_q(q_ptr, rolled, cos, sin, b, kv, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
-        k_new = _load_k_new(kn_ptr, rolled, cos, sin, b, kv, stride_knn, stride_knh, HD, ROPE).to(k_ptr.dtype.element_ty)
-        v_new = tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d).to(v_ptr.dtype.element_ty)
-        tl.store(k_base + pos * stride_kl + offs_d, k_new)  # for the steps after this one
-        tl.store(v_base + pos * stride_vl + offs_d, v_new)
+        # this token's key and value go into the cache first (only this program reads them)
+        tl.store(k_base + pos * stride_kl + offs_d, k_new.to(k_ptr.dtype.element_ty))
+        tl.store(v_base + pos * stride_vl + offs_d, tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d))
+        tl.debug_barrier()  # the stores are visible to every thread of the program before the loop reads them
         m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
-        new = (offs_l == pos)[:, None]
-        m, denom, acc = _attend_kv(q, tl.where(new, k_new[None, :], k_blk), tl.where(new, v_new[None, :], v_blk),
-                                   offs_l, n_keys, m, denom, acc, sm_scale)
-        for start in range(BLOCK_L, LENGTH, BLOCK_L):  # blocks past n_keys load nothing (masked)
+        for start in range(0, LENGTH, BLOCK_L):  # blocks past n_keys load nothing (masked)
             offs_l = start + tl.arange(0, BLOCK_L)
-            k_blk, v_blk = _load_kv_block(k_base, v_base, offs_l, n_keys, stride_kl, stride_vl, HD)
-            new = (offs_l == pos)[:, None]
-            m, denom, acc = _attend_kv(q, tl.where(new, k_new[None, :], k_blk), tl.where(new, v_new[None, :], v_blk),
-                                       offs_l, n_keys, m, denom, acc, sm_scale)
+            m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl,
+                                          stride_vl, HD)
         if PDL:
             tl.extra.cuda.gdc_launch_dependents()
         o = acc / denom[:, None]
@@ -180,17 +157,14 @@ if triton is not None:
         n_old = tl.minimum(pos, LENGTH)  # keys already in the cache that this row attends
         offs_g = tl.arange(0, G_PAD)
         offs_d = tl.arange(0, HD)
-        rolled, cos, sin = offs_d, 0.0, 0.0
-        if ROPE:
-            rolled, cos, sin = _rope_tables(pos, cos_ptr, sin_ptr, HD)
-        q = _load_q(q_ptr, rolled, cos, sin, b, kv, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
+        q = _load_q(q_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_qn, stride_qh, GROUP, G_PAD, HD, ROPE)
         k_base = k_ptr + b.to(tl.int64) * stride_kb + kv * stride_kh
         v_base = v_ptr + b.to(tl.int64) * stride_vb + kv * stride_vh
         m = tl.full((G_PAD,), float("-inf"), dtype=tl.float32)
         denom = tl.zeros((G_PAD,), dtype=tl.float32)
         acc = tl.zeros((G_PAD, HD), dtype=tl.float32)
         if c == 0:
-            k_new = _load_k_new(kn_ptr, rolled, cos, sin, b, kv, stride_knn, stride_knh, HD, ROPE)
+            k_new = _load_k_new(kn_ptr, cos_ptr, sin_ptr, b, kv, pos, stride_knn, stride_knh, HD, ROPE)
             k_new = k_new.to(k_ptr.dtype.element_ty)
             v_new = tl.load(vn_ptr + b * stride_vnn + kv * stride_vnh + offs_d).to(v_ptr.dtype.element_ty)
             tl.store(k_base + pos * stride_kl + offs_d, k_new)
@@ -314,8 +288,12 @@ def _counter_buffer(device: torch.device, size: int) -> torch.Tensor:
     return counter_buffer("decode_attention", device, COUNTERS)
 
 
-BLOCK_L = 128  # keys a loop iteration reads
-NUM_WARPS, NUM_STAGES = 4, 3  # the unsplit launch's (bench/decode_attention_bench.py sweeps all three)
+# keys a loop iteration reads, and the unsplit launch's warps and stages: 128 / 4 / 3 took
+# 6.4 us a layer against 7.2 for 64-key blocks on an H200 at the serve bench's work (bench/
+# decode_attention_bench.py; reading the first block before the PDL wait, with the new key
+# put in from registers, measured slower: 8.8)
+BLOCK_L = 128
+NUM_WARPS, NUM_STAGES = 4, 3
 
 
 # splits=0 means this many chunks when > 0 (benchmarks set 1 to time the kernel without the
