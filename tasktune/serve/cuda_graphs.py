@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tasktune.serve import triton_argmax
 from tasktune.serve.decoder import Decoder, LoraStacks
 from tasktune.serve.kv_cache import KVCache
 
@@ -162,6 +163,8 @@ class DecodeStep:
     def _step(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
         logits = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
+        if logits.is_cuda and triton_argmax.available(logits.device):  # one launch of many programs (triton_argmax)
+            return logits, triton_argmax.argmax_rows(logits)
         return logits, logits.argmax(dim=-1)
 
     def _capture(self, B: int, L: int, use_lora: bool):
