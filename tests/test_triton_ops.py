@@ -80,20 +80,6 @@ def test_matches_torch_reference(case, dtype):
     assert torch.equal(out[skip], y[skip])
 
 
-@needs_kernels
-@pytest.mark.parametrize("case", ["ragged r16", "r64, split tail", "256 rows"])
-def test_one_launch_equals_the_launch_pair(case, monkeypatch):
-    """The shrink and expand in one launch (expand programs wait on a counter for the shrink
-    programs) give the two launches' result bit for bit, and leave the counters at zero."""
-    d_in, d_out, r, n_slots, ids = CASES[case]
-    ids = torch.tensor(ids, device=DEVICE)
-    x, A, B, scaling, y = make(len(ids), d_in, d_out, r, n_slots, torch.float32, seed=3)
-    one = triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids)
-    assert int(triton_ops.counter_buffer("bgmv", one.device, 2).abs().sum()) == 0
-    monkeypatch.setattr(triton_ops, "ONE_LAUNCH", False)
-    assert torch.equal(one, triton_ops.lora_apply_(y.clone(), x, A, B, scaling, ids))
-
-
 FUSED = {  # name: (d_in, module widths, r, ids)
     "qkv r16": (96, (112, 16, 16), 16, [0, 2, -1, 1, 2, 2]),  # GQA widths, bounds inside output tiles
     "gate_up r8": (64, (200, 200), 8, [1, -1, 0]),

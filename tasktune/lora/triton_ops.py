@@ -13,8 +13,9 @@ Two phases, with fixed grids for given shapes, no host sync (CUDA-graph capturab
 - expand, (N, d_out tiles) programs: (n, t) sums h_part[n, :, :] over the splits (a
   fixed order, so the result is deterministic, unlike atomic adds) and does
   y[n, tile] += scaling[ids[n]] * B[ids[n], tile, :] @ h[n], rounding once to y's dtype.
-By default one launch holds both (`bgmv_one_launch`: the expand programs, after the
-shrink programs in the grid, wait on a counter for them), else two launches.
+Two launches: with both in one (expand programs after the shrink programs in the grid,
+waiting on a counter for them) the decode step was slower on an H200 (session 8: 16,292 /
+15,396 tok/s at 4 / 32 adapters against 20,208 / 19,285; the waiting programs hold SMs).
 Rows with id < 0 skip both phases: they never read an adapter, so a non-finite value in
 some adapter reaches only the rows that use it.
 
@@ -71,9 +72,6 @@ def available(device: torch.device | str | None = None) -> bool:
 # the previous kernel's tail. Benchmarks flip this to time without it;
 # TASKTUNE_PDL=0 turns it off (a driver or graph runtime without programmatic edges).
 PDL = os.environ.get("TASKTUNE_PDL", "1") != "0"
-# The shrink and expand as one launch (`bgmv_one_launch`: expand programs wait for the
-# shrink programs on a counter) instead of two; benchmarks flip this to time both.
-ONE_LAUNCH = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -222,58 +220,6 @@ if triton is not None:
         _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
                 MODULES, STORE)
 
-    @triton.jit
-    def bgmv_one_launch(
-        x_ptr, a_ptr, ids_ptr, h_ptr, nw_ptr, eps, d_in, a_rows, stride_xn,  # a_rows: A's rows (modules x r)
-        b_ptr, scaling_ptr, y_ptr, cnt_ptr, d_out, r, stride_yn, bound1, bound2, stride_bs, stride_bo, stride_br, n_rows,
-        R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, S: tl.constexpr, R_MODULE: tl.constexpr,
-        BLOCK_N: tl.constexpr, TILES: tl.constexpr, MODULES: tl.constexpr, PDL: tl.constexpr, NORM: tl.constexpr,
-        STORE: tl.constexpr, INTERPRETED: tl.constexpr,
-    ):
-        """The shrink and the expand in one launch: programs below n_rows * S shrink (row, split)
-        and count themselves done; the rest expand (row, tile) once every shrink program is
-        (lower ids are scheduled first, so the shrink never waits for an expand program). The
-        last expand program resets both counters for the next launch."""
-        pid = tl.program_id(0)
-        n_shrink = n_rows * S
-        if pid < n_shrink:
-            n = pid // S
-            slot = tl.load(ids_ptr + n).to(tl.int64)
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-            if slot >= 0:
-                _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, pid % S, slot, d_in, a_rows, stride_xn, S, R, BLOCK_K,
-                        K_SPLIT, NORM)
-            tl.atomic_add(cnt_ptr, 1, sem="release")
-        else:
-            n = (pid - n_shrink) // TILES
-            t = (pid - n_shrink) % TILES
-            slot = tl.load(ids_ptr + n).to(tl.int64)
-            b = _load_b(b_ptr, slot, t, d_out, r, stride_bs, stride_bo, stride_br, R_MODULE, BLOCK_N)
-            scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
-            if PDL:
-                tl.extra.cuda.gdc_wait()
-            if PDL:  # the next kernel may launch: it waits for this one to finish before reading its output
-                tl.extra.cuda.gdc_launch_dependents()
-            seen = _load_acquire(cnt_ptr, INTERPRETED)
-            while seen < n_shrink:
-                seen = _load_acquire(cnt_ptr, INTERPRETED)
-            _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
-                    MODULES, STORE)
-            done = tl.atomic_add(cnt_ptr + 1, 1, sem="acq_rel")
-            if done == n_rows * TILES - 1:
-                tl.store(cnt_ptr, 0)
-                tl.store(cnt_ptr + 1, 0)
-
-    @triton.jit
-    def _load_acquire(ptr, INTERPRETED: tl.constexpr):
-        """A load with acquire semantics (polling with atomics would queue every program at one
-        address); the interpreter has no inline assembly: an atomic there."""
-        if INTERPRETED:
-            return tl.atomic_add(ptr, 0, sem="acquire")
-        return tl.inline_asm_elementwise("ld.acquire.gpu.global.b32 $0, [$1];", "=r,l", [ptr], dtype=tl.int32,
-                                         is_pure=False, pack=1)
-
 
 def _pow2_at_least(v: int, lo: int) -> int:
     p = lo
@@ -348,14 +294,6 @@ def lora_apply_(
         raise ValueError(f"store: the delta is float32, not {y.dtype}")
     nw, eps = norm if norm is not None else (x, 0.0)
     tiles = triton.cdiv(d_out, cfg.BLOCK_N)
-    if ONE_LAUNCH:
-        bgmv_one_launch[(n_rows * (cfg.S + tiles),)](
-            x, A, ids, h, nw, eps, d_in, rows, x.stride(0), B, scaling, y, counter_buffer("bgmv", x.device, 2), d_out,
-            r, y.stride(0), b1, b2, *B.stride(), n_rows, R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, S=cfg.S,
-            R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N, TILES=tiles, MODULES=modules, PDL=pdl, NORM=norm is not None,
-            STORE=store, INTERPRETED=os.environ.get("TRITON_INTERPRET") == "1", **launch,
-        )
-        return y
     bgmv_shrink[(n_rows, cfg.S)](
         x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
         NORM=norm is not None, **launch,
