@@ -23,9 +23,10 @@ checkpoint's weights; LoRA still adds each module's own delta to its slice of th
 
 On a GPU the decode step reads its adapters through Triton BGMV kernels (one launch pair
 per fused linear, lora/triton_ops.py) and attends through a Triton kernel that also
-writes the step's keys and values (triton_attention.py); steps of up to 64 rows without
-adapters run each linear with its norm, activation and residual as one launch
-(`Block.forward_fused`, triton_linear.py); `compile_decode` runs each block through one
+writes the step's keys and values (triton_attention.py); steps of up to 64 rows run each
+linear with its norm, activation and residual as one launch (`Block.forward_fused`,
+triton_linear.py), which adds the BGMV pair's LoRA delta before rounding; larger ones
+run cuBLAS with the pair adding in place; `compile_decode` runs each block through one
 torch.compile'd `Block.forward`. The CPU runs the torch paths, and the tests
 run the kernels under Triton's interpreter against them.
 """
@@ -71,9 +72,10 @@ class LoraStacks:
     scaling: torch.Tensor | None = None
     kernels: bool = False  # decode with the Triton kernels (lora/triton_ops.py) instead of torch
     # ... and with the fused linears (Decoder.linear_kernel), LoRA inside their launches too
-    # (triton_linear: the shrink and expand per distinct adapter, no launch of their own).
-    # Off: slower than cuBLAS + the BGMV pair in the decode step on an H200 (session 7:
-    # 17,199 vs 18,530 tok/s at 4 adapters, 15,124 vs 17,699 at 32; bench/README.md)
+    # (triton_linear: the shrink and expand per distinct adapter, no launch of their own)
+    # instead of the BGMV pair's delta added in their epilogue. Off: slower in the decode
+    # step on an H200 (session 7: 17,199 vs 18,530 tok/s at 4 adapters, 15,124 vs 17,699
+    # at 32, against cuBLAS + the pair; bench/README.md)
     fused_linears: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 

@@ -11,7 +11,10 @@ layer; in a CUDA graph each also costs a gap). `decode_linear` computes
 in one launch, where norm is the identity or RMSNorm (x times the norm weight as it is
 loaded, each row scaled by 1 / rms at the end: its sum of squares comes from the same
 loads) and epi the identity or, for gate_up, silu(gate) * up (`swiglu`: a program holds
-the same columns of both halves). A layer is then 4 launches and attention. The grid holds:
+the same columns of both halves). A layer is then 4 launches and attention. The LoRA term
+comes either as `delta` (fp32 [M, rows], computed before the launch by the BGMV pair,
+lora.triton_ops.lora_delta: the decoder's default) or from `lora`, inside the launch.
+With `lora`, the grid holds:
 - LoRA shrink programs (lowest program ids), one per (distinct adapter of the batch, K
   part): h = A[slot] @ x^T for the rows using it, a tensor-core product over all of its
   modules' rank rows, so each adapter's A is read once a step (not once a row);
