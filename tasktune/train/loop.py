@@ -67,7 +67,10 @@ def total_steps(settings: TrainSettings, train_sizes: dict[str, int], world: int
 CGC_GATES = ("gate_logits", "gate_proj")  # CGCLoRALinear's gate parameters (lora/cgc.py)
 
 
-def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict], graphs: bool = False) -> torch.optim.Optimizer:
+def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict], graphs: bool = False,
+               device: torch.device | None = None) -> torch.optim.Optimizer:
+    """device: where training runs (the accelerator's), which the runner's parameters may
+    not be on yet (`accelerator.prepare` moves them after): a graph's learning rates live there."""
     named = [(n, p) for n, p in runner.model.named_parameters() if p.requires_grad]
     own_lr = lambda name: settings.gate_lr is not None and name.rsplit(".", 1)[-1] in CGC_GATES  # noqa: E731
     gates = [p for n, p in named if own_lr(n)]
@@ -83,7 +86,7 @@ def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]
     # adamw_torch_fused does) instead of the multi-tensor loop; the CPU keeps the default.
     fused = all(p.is_cuda for g in groups for p in g["params"])
     if graphs:  # capturable, learning rates as tensors the scheduler updates in place
-        return graphable_adamw(groups, lr, runner.device)
+        return graphable_adamw(groups, lr, device or runner.device)
     return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
 
 
@@ -161,7 +164,8 @@ def train(
     fsdp = settings.fsdp and world > 1  # one process: nothing to shard
     if fsdp:  # before the optimizer: it holds the shards
         sharded.shard(runner, runner.repeated_blocks())
-    optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups(), graphs=settings.cuda_graphs)
+    optimizer = _optimizer(runner, settings, weighter.optimizer_param_groups(), graphs=settings.cuda_graphs,
+                           device=accelerator.device)
     scheduler = make_scheduler(optimizer, settings.schedule, warmup_steps_from_ratio(settings.warmup_ratio, steps), steps)
     sampler = MixtureSampler(sizes, mixing, seed)
     model, optimizer = (runner, optimizer) if fsdp else accelerator.prepare(runner, optimizer)  # FSDP reduces the gradients
