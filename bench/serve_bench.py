@@ -163,8 +163,7 @@ def main() -> None:
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, gate_up_two_loops, "
-                         "expand_in_linear)")
+                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, gate_up_two_loops)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -296,8 +295,7 @@ def main() -> None:
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
                     "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # no programmatic dependent launch
-                    "gate_up_two_loops": (True, kernels, ("base", f"a{n_few}")),  # gate and up: a K loop each
-                    "expand_in_linear": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}  # shrink launch + expand inside
+                    "gate_up_two_loops": (True, kernels, ("base", f"a{n_few}"))}  # gate and up: a K loop each
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -308,7 +306,6 @@ def main() -> None:
             triton_attention.default_splits = 4 if label == "attention_split4" else 0
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
             engine.pool.stacks.fused_linears = label.startswith("fused_lora")
-            engine.pool.stacks.expand_in_linear = label == "expand_in_linear"
             triton_ops.PDL = not label.endswith("no_pdl")
             triton_linear.GATE_UP_ONE_LOOP = label != "gate_up_two_loops"
             engine.pool.stacks.kernels = use_kernels
@@ -332,7 +329,6 @@ def main() -> None:
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
         engine.pool.stacks.fused_linears, triton_ops.PDL, triton_linear.GATE_UP_ONE_LOOP = False, True, True
-        engine.pool.stacks.expand_in_linear = False
     a_tokens = result.pop("_tokens")
     del engine
     free()

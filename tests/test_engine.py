@@ -100,15 +100,14 @@ KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON
     "compiled",
     pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+linears", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
-    pytest.param("compiled+kernels+linears+expand", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+fused", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
 ])
 def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
     """What the GPU runs, on the CPU: the decode step's LoRA and attention through the Triton
     kernels (one LoRA launch pair per fused linear; under the interpreter; +linears: each
     linear with its norm, activation and residual as one triton_linear launch, as a GPU runs
-    batches of up to 64, the pair's LoRA delta added inside it; +expand: a shrink launch,
-    the expand inside it; +fused: LoRA inside that launch too) and/or every block through torch.compile (aot_eager: no C compiler needed)
+    batches of up to 64, the pair's LoRA delta added inside it; +fused: LoRA inside that
+    launch too) and/or every block through torch.compile (aot_eager: no C compiler needed)
     -> the same greedy tokens."""
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
@@ -125,7 +124,6 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     if "fused" in variant or "linears" in variant:
         eng.model.linear_kernel = True
         eng.pool.stacks.fused_linears = "fused" in variant  # LoRA inside them too (off by default: slower on an H200)
-        eng.pool.stacks.expand_in_linear = "expand" in variant
         linear = triton_linear.decode_linear
         monkeypatch.setattr(triton_linear, "decode_linear", lambda *a, **k: fused.append(
             (k["swiglu"], k["lora"] is not None, k["delta"] is not None)) or linear(*a, **k))
@@ -137,8 +135,6 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     if "fused" in variant:  # every decode step: 4 launches a layer (gate_up with silu * up); none of the pair
         assert not launches and len(fused) % 4 == 0 and len(fused) > 0
         assert [sw for sw, _, _ in fused[:4]] == [False, False, True, False] and any(lo for _, lo, _ in fused)
-    elif "expand" in variant:  # the same 4 launches, LoRA's expand inside them; no pair
-        assert not launches and len(fused) % 4 == 0 and any(lo for _, lo, _ in fused) and not any(d for *_, d in fused)
     elif "linears" in variant:  # the same 4 launches, each after its pair when the step has adapters
         assert len(fused) % 4 == 0 and not any(lo for _, lo, _ in fused)
         with_delta = sum(d for _, _, d in fused)

@@ -145,26 +145,6 @@ def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k
         decode_linear(args["x"], args["W"], delta=delta[:, :-1].contiguous())
 
 
-@pytest.mark.parametrize("name", [n for n, (_, _, _, opts) in CASES.items() if opts.get("modules")])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_expand_of_each_rows_h_from_a_shrink_launch(name, split_k):
-    """LoRA's expand inside the launch, each row's h computed before it (lora_shrink, x times
-    the norm weight; the launch scales by 1 / rms): the same function, no shrink programs."""
-    from tasktune.lora.triton_ops import lora_shrink
-
-    M, rows, K, opts = CASES[name]
-    args = make(M, rows, K, dtype=torch.float32, **opts)
-    A, _, _, ids = args["lora"]
-    h = lora_shrink(args["x"], A, ids, args["norm"][0] if args["norm"] else None)
-    N = rows // 2 if args["swiglu"] else rows
-    config = linear_config(M, N, K, True, split_k=split_k, block_k=64)
-    got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"],
-                        swiglu=args["swiglu"], lora=args["lora"], bounds=args["bounds"], lora_h=h, config=config)
-    want = reference(**args)
-    assert (got.double() - want).abs().max().item() <= (1e-5 if INTERPRET else 5e-3) * want.abs().max().item()
-    assert int(triton_linear._counter_buffer(got.device).abs().sum()) == 0
-
-
 @pytest.mark.parametrize("split_k", [1, 2])
 def test_gate_and_up_in_one_loop_equal_a_loop_each(split_k, monkeypatch):
     args = make(8, 128, 192, dtype=torch.float32, norm=True, swiglu=True, residual=True, seed=4)

@@ -111,11 +111,9 @@ if triton is not None:
 
     @triton.jit
     def _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, S,
-                R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr,
-                RSTD: tl.constexpr = True):
+                R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr):
         """h_part[n, s, :] = A[slot, :, split s] @ act(x[n, split s]) in fp32 (act: x, or
-        RMSNorm(x) * weight with NORM, the fused decode linear's rounding; RSTD=False: x *
-        weight only, the fused linear scales by 1 / rms itself)."""
+        RMSNorm(x) * weight with NORM, the fused decode linear's rounding)."""
         offs_r = tl.arange(0, R)
         offs_k = tl.arange(0, BLOCK_K)
         a_rows = a_ptr + slot * r * d_in + offs_r[:, None] * d_in  # [R, 1] row starts of A[slot]
@@ -129,7 +127,7 @@ if triton is not None:
                 xv = (xv.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(xv.dtype)
             a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
             acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)  # [R]
-        if NORM and RSTD:  # each split scales its part by the whole row's 1 / rms (the row is short: read again)
+        if NORM:  # each split scales its part by the whole row's 1 / rms (the row is short: read again)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, d_in, BLOCK_K):
                 xf = tl.load(x_ptr + n * stride_xn + k0 + offs_k, mask=k0 + offs_k < d_in, other=0.0).to(tl.float32)
@@ -191,7 +189,7 @@ if triton is not None:
         nw_ptr, eps,  # NORM: the input is RMSNorm(x) * nw (as the fused decode linear computes it)
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
-        PDL: tl.constexpr = False, NORM: tl.constexpr = False, RSTD: tl.constexpr = True,
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
@@ -200,7 +198,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
         if slot >= 0:
             _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, tl.num_programs(1), R, BLOCK_K,
-                    K_SPLIT, NORM, RSTD)
+                    K_SPLIT, NORM)
         if PDL:  # the expand may launch now: it reads its B tile, then waits for this grid
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -307,29 +305,6 @@ def lora_apply_(
     return y
 
 
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, norm: torch.Tensor | None = None
-                ) -> torch.Tensor:
-    """Each row's h = A[ids[n]] @ act(x[n]) as the shrink's partial sums, fp32 [N, S, R] (R:
-    A's rows padded to a power of two; rows without an adapter are not written), for a fused
-    decode linear to expand in its epilogue (triton_linear.decode_linear's lora_h). act: x,
-    or x * norm (the RMSNorm weight; the linear applies 1 / rms). Splits as `lora_apply_`."""
-    n_rows, d_in = x.shape
-    rows = A.shape[1]
-    if A.shape[2] != d_in or ids.shape != (n_rows,) or not (A.is_contiguous() and ids.is_contiguous()) or x.stride(1) != 1:
-        raise ValueError(f"lora_shrink: x {tuple(x.shape)}, A {tuple(A.shape)}, ids {tuple(ids.shape)}")
-    if norm is not None and (norm.shape != (d_in,) or not norm.is_contiguous()):
-        raise ValueError(f"norm weight {tuple(norm.shape)} for {d_in} inputs")
-    cfg = launch_config(max(n_rows, 1), d_in, d_in, rows)
-    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)
-    if n_rows:
-        pdl = use_pdl(x.device)
-        bgmv_shrink[(n_rows, cfg.S)](
-            x, A, ids, h, norm if norm is not None else x, 0.0, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K,
-            K_SPLIT=cfg.K_SPLIT, PDL=pdl, NORM=norm is not None, RSTD=False, **({"launch_pdl": True} if pdl else {}),
-        )
-    return h
-
-
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
                bounds: tuple[int, ...] = (), norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
     """Each row's LoRA delta, scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ act(x[n])), as a new
@@ -351,20 +326,6 @@ def bgmv_lora(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor
 @bgmv_lora.register_fake
 def _(y, x, A, B, scaling, ids, bounds) -> None:
     return None
-
-
-@torch.library.custom_op("tasktune::bgmv_shrink", mutates_args=())
-def bgmv_shrink_op(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, norm_weight: torch.Tensor | None
-                   ) -> torch.Tensor:
-    """`lora_shrink` as an operator torch.compile keeps whole."""
-    return lora_shrink(x, A, ids, norm_weight)
-
-
-@bgmv_shrink_op.register_fake
-def _(x, A, ids, norm_weight):
-    # (symbolic sizes under torch.compile are not hashable: the configuration uncached)
-    cfg = launch_config.__wrapped__(max(x.shape[0], 1), x.shape[1], x.shape[1], A.shape[1])
-    return x.new_empty(x.shape[0], cfg.S, cfg.R, dtype=torch.float32)
 
 
 @torch.library.custom_op("tasktune::bgmv_delta", mutates_args=())

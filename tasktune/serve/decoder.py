@@ -77,9 +77,6 @@ class LoraStacks:
     # step on an H200 (session 7: 17,199 vs 18,530 tok/s at 4 adapters, 15,124 vs 17,699
     # at 32, against cuBLAS + the pair; bench/README.md)
     fused_linears: bool = False
-    # ... or only the expand inside them, each row's h from a shrink launch before (one
-    # launch a linear fewer than the pair; `serve_bench.py`'s expand_in_linear variant)
-    expand_in_linear: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property
@@ -229,21 +226,19 @@ class Block(nn.Module):
                 swiglu: bool = False) -> torch.Tensor:
             layer: nn.Linear = getattr(parent, name)
             nw = norm.weight if norm is not None else None
-            A = B = scaling = ids = delta = lora_h = None
+            A = B = scaling = ids = delta = None
             bounds: list[int] = []
             ab = (stacks.fused if name in self.parts else stacks.weights).get(name) \
                 if stacks is not None and batch.use_lora else None
             if ab is not None:
                 (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
-                if lora.expand_in_linear:
-                    lora_h = torch.ops.tasktune.bgmv_shrink(x_in, A.contiguous(), ids, nw)
-                elif not lora.fused_linears:
+                if not lora.fused_linears:
                     delta = torch.ops.tasktune.bgmv_delta(x_in, A.contiguous(), B, scaling, ids, bounds, nw,
                                                           self.cfg.rms_norm_eps)
                     A = B = scaling = ids = None
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds, delta, lora_h)
+                                                    swiglu, A, B, scaling, ids, bounds, delta)
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)

@@ -85,13 +85,12 @@ if triton is not None:
         HAS_RES: tl.constexpr, LORA: tl.constexpr, HAS_DELTA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PAIR_LOOP: tl.constexpr,
-        H_ROWS: tl.constexpr,  # LoRA with each row's h given (s_ptr: [M, S, RA_PAD]): no shrink programs
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        if LORA and not H_ROWS:
+        if LORA:
             if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
                 u = pid // S
                 part = pid % S
@@ -136,16 +135,16 @@ if triton is not None:
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, True, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
                 acc_u += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, N, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
             else:
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
-                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -244,7 +243,7 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, lora_h: torch.Tensor | None = None,
+                  bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None,
                   config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
@@ -256,10 +255,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     adapter's tile as one run), scaling [slots], ids [M], -1 for no adapter); bounds: the
     first weight row of modules 2.. of a fused linear (swiglu: exactly (N,)).
     delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
-    residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`).
-    lora_h: with `lora`, each row's A @ act(x) computed before the launch (fp32 [M, S, >=
-    modules * r], S parts summed; lora.triton_ops.lora_shrink without the 1 / rms): the
-    launch only expands, in its epilogue, with nothing to wait for."""
+    residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`)."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -306,13 +302,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k)
         shrink_programs = cfg.BLOCK_M * S
-        if lora_h is not None:  # each row's h given (lora.triton_ops.lora_shrink): no shrink programs
-            if (lora_h.dim() != 3 or lora_h.shape[0] != M or lora_h.shape[2] < modules * r or not lora_h.is_contiguous()
-                    or lora_h.dtype != torch.float32):
-                raise ValueError(f"lora_h {tuple(lora_h.shape)} {lora_h.dtype} for {M} rows of {modules} x rank {r}")
-            S, ra_pad, shrink_programs, h = lora_h.shape[1], lora_h.shape[2], 0, lora_h
-        else:
-            h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
+        h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
         lora_args, strides = (A, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
@@ -328,8 +318,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None,
-        UPCAST=device.type != "cuda", PDL=pdl, PAIR_LOOP=GATE_UP_ONE_LOOP, H_ROWS=lora_h is not None,
-        num_warps=cfg.num_warps,
+        UPCAST=device.type != "cuda", PDL=pdl, PAIR_LOOP=GATE_UP_ONE_LOOP, num_warps=cfg.num_warps,
         num_stages=cfg.num_stages, **meta,
         **({"launch_pdl": True} if pdl else {}),
     )
@@ -340,14 +329,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int], delta: torch.Tensor | None = None,
-                     lora_h: torch.Tensor | None = None) -> torch.Tensor:
+                     bounds: list[int], delta: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
                          swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
-                         delta=delta, lora_h=lora_h)
+                         delta=delta)
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, lora_h=None):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])

@@ -94,8 +94,7 @@ if triton is not None:
     def expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
-                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr,
-                    H_ROWS: tl.constexpr = False):
+                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
         """delta += B tiles of distinct adapters chunk * UC ... + UC - 1 ([BLOCK_N, UC * rank])
         @ their h ([UC * rank, BLOCK_M], row m keeping only its own adapter's ranks). WAIT:
         spin until the shrink programs are done (counter at wait_for) after issuing the B
@@ -125,12 +124,8 @@ if triton is not None:
             if tl.sum(col_ok.to(tl.int32)) > 0:
                 h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
                 for p in tl.static_range(S):
-                    if H_ROWS:  # each row's own h, [rows, S, RA_PAD] (lora.triton_ops.lora_shrink)
-                        h += tl.load(s_ptr + (offs_m[None, :] * S + p) * RA_PAD + mod * r + jj[:, None], mask=rows,
-                                     other=0.0)
-                    else:
-                        h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
-                                     + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
+                    h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
+                                 + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
                 bj = b if MODULE >= 0 else tl.where(col_ok[:, None], b, 0.0).to(b.dtype)
                 delta = dot_acc(bj, tl.trans(h).to(b.dtype), delta, UPCAST)
         return delta
@@ -140,23 +135,22 @@ if triton is not None:
                     bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
                     RA_PAD: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr,
-                    UPCAST: tl.constexpr, H_ROWS: tl.constexpr = False):
+                    UPCAST: tl.constexpr):
         """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
         of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
         ...): one tensor-core product per chunk, so each distinct adapter's B is read once,
-        not once per row. h is the sum of the shrink programs' S parts (H_ROWS: of each row's
-        own h, computed before the launch; nothing to wait for). MODULE: the module of every
-        column, or -1: each column's module from the bounds (a fused qkv)."""
+        not once per row. h is the sum of the shrink programs' S parts. MODULE: the module of
+        every column, or -1: each column's module from the bounds (a fused qkv)."""
         delta = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
         n_distinct = tl.sum(first.to(tl.int32))
         for c in tl.static_range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
             chunk = split + c * SPLIT_K
-            if c == 0 and WAIT and not H_ROWS:  # always: it holds the wait
+            if c == 0:  # always: it holds the wait
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
-                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, True, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
+                                    b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
             elif chunk * UC < n_distinct:
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
         return delta
