@@ -163,7 +163,7 @@ def main() -> None:
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, gate_up_two_loops)")
+                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -286,7 +286,7 @@ def main() -> None:
 
         main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
         from tasktune.lora import triton_ops
-        from tasktune.serve import triton_attention, triton_linear
+        from tasktune.serve import triton_attention
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
@@ -294,8 +294,7 @@ def main() -> None:
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
-                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # no programmatic dependent launch
-                    "gate_up_two_loops": (True, kernels, ("base", f"a{n_few}"))}  # gate and up: a K loop each
+                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -307,7 +306,6 @@ def main() -> None:
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
             engine.pool.stacks.fused_linears = label.startswith("fused_lora")
             triton_ops.PDL = not label.endswith("no_pdl")
-            triton_linear.GATE_UP_ONE_LOOP = label != "gate_up_two_loops"
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
@@ -328,7 +326,7 @@ def main() -> None:
                                       for k in prof["top_kernels"][:5]), flush=True)
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
-        engine.pool.stacks.fused_linears, triton_ops.PDL, triton_linear.GATE_UP_ONE_LOOP = False, True, True
+        engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
     a_tokens = result.pop("_tokens")
     del engine
     free()

@@ -145,17 +145,6 @@ def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k
         decode_linear(args["x"], args["W"], delta=delta[:, :-1].contiguous())
 
 
-@pytest.mark.parametrize("split_k", [1, 2])
-def test_gate_and_up_in_one_loop_equal_a_loop_each(split_k, monkeypatch):
-    args = make(8, 128, 192, dtype=torch.float32, norm=True, swiglu=True, residual=True, seed=4)
-    config = linear_config(8, 64, 192, split_k=split_k, block_k=64)
-    one = decode_linear(args["x"], args["W"], residual=args["residual"], norm=args["norm"], swiglu=True, config=config)
-    monkeypatch.setattr(triton_linear, "GATE_UP_ONE_LOOP", False)
-    two = decode_linear(args["x"], args["W"], residual=args["residual"], norm=args["norm"], swiglu=True, config=config)
-    torch.testing.assert_close(one, two, rtol=1e-6, atol=1e-6)
-    check(args, torch.float32, config=config)
-
-
 def test_rows_without_adapter_equal_the_base_projection():
     args = make(6, 64, 48, dtype=torch.float32, modules=1)
     args["lora"][3].fill_(-1)

@@ -75,7 +75,9 @@ class LoraStacks:
     # (triton_linear: the shrink and expand per distinct adapter, no launch of their own)
     # instead of the BGMV pair's delta added in their epilogue. Off: slower in the decode
     # step on an H200 (session 7: 17,199 vs 18,530 tok/s at 4 adapters, 15,124 vs 17,699
-    # at 32, against cuBLAS + the pair; bench/README.md)
+    # at 32, against cuBLAS + the pair; bench/README.md). (Session 8: only the expand inside
+    # them, each row's h from a shrink launch before: 13,473 / 11,294 against the pair's
+    # delta at 19,146 / 18,282 in the same run; removed.)
     fused_linears: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
