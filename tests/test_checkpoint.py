@@ -107,6 +107,26 @@ def test_optimizer_round_trip_preserves_every_state_tensor(tmp_path):
     assert sched2.state_dict() == sched.state_dict()
 
 
+def test_tensor_learning_rates_keep_their_tensor_through_a_load(tmp_path):
+    """A capturable optimizer's learning rates are tensors a CUDA graph and the scheduler hold:
+    a load copies the checkpoint's values into them (the checkpoint's are read to the CPU)
+    instead of swapping in new tensors."""
+    from tasktune.train.graphed_step import graphable_adamw
+
+    p = torch.nn.Parameter(torch.ones(3))
+    opt = graphable_adamw([{"params": [p], "lr": 0.25}], 0.25, torch.device("cpu"))
+    p.grad = torch.ones(3)
+    opt.step()
+    opt.param_groups[0]["lr"].fill_(0.125)
+    path = save_checkpoint(tmp_path, 1, tensors={}, optimizer=opt, rng=False)
+    q = torch.nn.Parameter(torch.ones(3))
+    opt2 = graphable_adamw([{"params": [q], "lr": 0.5}], 0.5, torch.device("cpu"))
+    held = opt2.param_groups[0]["lr"]
+    load_checkpoint(path, optimizer=opt2)
+    assert opt2.param_groups[0]["lr"] is held and held.item() == 0.125
+    assert torch.equal(opt2.state[q]["exp_avg"], opt.state[p]["exp_avg"])
+
+
 def test_files_are_safetensors_and_json_only(tmp_path):
     model, opt, sched = _setup(0)
     path = save_checkpoint(tmp_path, 0, tensors=model.state_dict(), optimizer=opt, scheduler=sched)

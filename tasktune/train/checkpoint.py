@@ -212,6 +212,23 @@ def save_checkpoint(
     return final
 
 
+def _group_tensors(optimizer) -> list[dict[str, torch.Tensor]]:
+    """The tensor-valued hyperparameters of each param group (a capturable optimizer's
+    learning rates, on its device: what a CUDA graph and the scheduler's fill_ hold)."""
+    return [{k: v for k, v in g.items() if isinstance(v, torch.Tensor)} for g in optimizer.param_groups]
+
+
+def _restore_group_tensors(optimizer, held: list[dict[str, torch.Tensor]]) -> None:
+    """`load_state_dict` replaces each group's hyperparameters with the checkpoint's (tensors
+    read to the CPU): copy their values into the tensors the groups held instead, so they
+    keep their device and identity."""
+    for group, old in zip(optimizer.param_groups, held):
+        for key, tensor in old.items():
+            if key in group:
+                tensor.copy_(torch.as_tensor(group[key], dtype=tensor.dtype))
+                group[key] = tensor
+
+
 def load_checkpoint(
     path: str | Path,
     *,
@@ -240,10 +257,13 @@ def load_checkpoint(
             continue
         if what not in state:
             raise TasktuneError(f"{path}: the checkpoint has no {what} state to resume from")
+        held = _group_tensors(target) if what == "optimizer" else []
         try:
             target.load_state_dict(_decode(state[what], aux))
         except (ValueError, KeyError) as exc:
             raise TasktuneError(f"{path}: cannot restore the {what}: {exc}") from None
+        if what == "optimizer":
+            _restore_group_tensors(target, held)
     if restore_rng and "rng" in state:
         restore_rng_state(RngState(tensors=_decode(state["rng"]["tensors"], aux), meta=state["rng"]["meta"]))
     return LoadedCheckpoint(path=path, step=int(state["step"]), tensors=tensors, extra=state.get("extra", {}))
