@@ -16,8 +16,10 @@ sys.path).
 
 from __future__ import annotations
 
+import argparse
 import gc
 import json
+import os
 import platform
 import statistics
 import time
@@ -322,6 +324,21 @@ def print_table(title: str, table: list[tuple[str, str]]) -> None:
     width = max((len(k) for k, _ in table), default=0)
     for k, v in table:
         print(f"{k:<{width}}  {v}")
+
+
+def kernel_bench_args(doc: str, add: Callable[[argparse.ArgumentParser], None] | None = None
+                      ) -> tuple[argparse.Namespace, torch.device]:
+    """The decode kernel benches' command line: --smoke (the CPU, Triton's interpreter, tiny
+    shapes), --out (default $OUT) and `add`'s options -> (args, the device to run on)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--smoke", action="store_true")
+    ap.add_argument("--out", default=os.environ.get("OUT"))
+    if add is not None:
+        add(ap)
+    args = ap.parse_args()
+    if args.smoke:
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+    return args, torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
 
 
 def timed_graph(fn, device: torch.device, replays: int) -> float:

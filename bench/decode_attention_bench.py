@@ -14,10 +14,7 @@ per configuration of `triton_attention` (BLOCK_L, NUM_WARPS, NUM_STAGES; splits 
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -26,19 +23,13 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 
-from common import device_name, timed_graph, versions  # noqa: E402
+from common import device_name, kernel_bench_args, timed_graph, versions, write_json  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    args = ap.parse_args()
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args, device = kernel_bench_args(__doc__)
     from tasktune.serve import triton_attention as ta
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     M, H, KVH, HD = 32, 14, 2, 64
     layers, replays, length, max_len = (2, 1, 64, 72) if args.smoke else (24, 50, 384, 392)
     g = torch.Generator().manual_seed(0)
@@ -91,12 +82,8 @@ def main() -> None:
     ta.BLOCK_L, ta.NUM_WARPS, ta.NUM_STAGES, ta.default_splits = *default[:3], 0
     ok = sorted((r for r in result["runs"] if "us_per_layer" in r), key=lambda r: r["us_per_layer"])
     result["best"] = ok[0] if ok else None
-    text = json.dumps(result, indent=1)
-    if args.out:
-        Path(args.out).mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "decode_attention_bench.json").write_text(text)
-    if device.type == "cuda":
-        (REPO / "bench" / "results" / "decode_attention_bench.json").write_text(text)
+    results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
+    write_json(result, "decode_attention_bench.json", [args.out, results])
     print(f"\ndecode attention, {result['device']}, us a layer (fastest 12 of {len(ok)}; default "
           f"{'/'.join(map(str, default[:3]))}/unsplit "
           f"{result['runs'][0].get('us_per_layer', float('nan')):.2f}):")

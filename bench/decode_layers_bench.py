@@ -15,9 +15,6 @@ cuBLAS + eager ops (+ the BGMV pair), the decoder's two paths.
 
 from __future__ import annotations
 
-import argparse
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -27,20 +24,14 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import copy_bandwidth, device_name, timed_graph, versions  # noqa: E402
+from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, versions, write_json  # noqa: E402
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    args = ap.parse_args()
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    args, device = kernel_bench_args(__doc__)
     from tasktune.lora.triton_ops import lora_apply_
     from tasktune.serve.triton_linear import decode_linear
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
     M, r, slots, dt = 32, 16, 32, torch.bfloat16
     g = torch.Generator().manual_seed(0)
@@ -104,12 +95,8 @@ def main() -> None:
         result["cases"][case] = c
         print(f"{case}: fused {c['fused_us_per_layer']:.1f} us a layer, cuBLAS + eager "
               f"{c['eager_us_per_layer']:.1f}; fused vs eager max rel err {err:.1e}", flush=True)
-    text = json.dumps(result, indent=1)
-    if args.out:
-        (Path(args.out) / "decode_layers_bench.json").parent.mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "decode_layers_bench.json").write_text(text)
-    if device.type == "cuda":
-        (REPO / "bench" / "results" / "decode_layers_bench.json").write_text(text)
+    results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
+    write_json(result, "decode_layers_bench.json", [args.out, results])
     print(f"\nfour linears a layer, chained, {result['device']} (us a layer):")
     print(f"{'case':<6}{'fused':>9}{'cuBLAS+eager':>14}")
     for case, c in result["cases"].items():

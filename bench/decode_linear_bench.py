@@ -20,10 +20,7 @@ Adapters: 32 slots r=16 per linear (its own stack per layer, B as the pool store
 
 from __future__ import annotations
 
-import argparse
 import itertools
-import json
-import os
 import sys
 from pathlib import Path
 
@@ -33,7 +30,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import copy_bandwidth, device_name, timed_graph, versions  # noqa: E402
+from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, versions, write_json  # noqa: E402
 
 # name, weight rows, K (weight [rows, K]), bias, residual, RMSNorm in, swiglu out, fused LoRA module widths
 QWEN = [("qkv", 1152, 896, True, False, True, False, (896, 128, 128)), ("o", 896, 896, False, True, False, False, (896,)),
@@ -48,21 +45,19 @@ SMOKE = [("qkv", 96, 64, True, False, True, False, (64, 16, 16)), ("o", 64, 64, 
 WARPS_STAGES = ((4, 1), (4, 2), (8, 1), (8, 2), (4, 4), (8, 3), (2, 3))
 
 
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--smoke", action="store_true")
+def _options(ap) -> None:
     ap.add_argument("--rows", type=int, default=32)
     ap.add_argument("--no-sweep", action="store_true", help="time the default configuration (and a few with LoRA) only")
-    ap.add_argument("--out", default=os.environ.get("OUT"))
-    ap.add_argument("--results", default=None)
-    args = ap.parse_args()
-    if args.smoke:
-        os.environ.setdefault("TRITON_INTERPRET", "1")
+    ap.add_argument("--results", default=None, help="also write the JSON here (default on a GPU: bench/results/"
+                    "decode_linear_bench.json, or decode_linear_bench_no_sweep.json with --no-sweep)")
+
+
+def main() -> None:
+    args, device = kernel_bench_args(__doc__, _options)
     from tasktune.lora import triton_ops
     from tasktune.lora.triton_ops import lora_apply_
     from tasktune.serve.triton_linear import decode_linear, linear_config
 
-    device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     shapes, layers, replays = (SMOKE, 2, 1) if args.smoke else (QWEN, 24, 50)
     M, r, slots, dt = args.rows, 16, 32, torch.bfloat16
     g = torch.Generator(device="cpu").manual_seed(0)
@@ -189,13 +184,9 @@ def main() -> None:
                     for k in ("cublas_us", "fused_best_us", "fused_default_us", "fused_best_no_pdl_us")}
              for case in ("base", "a4", "a32")}
     result["layer_sum_us"] = layer
-    text = json.dumps(result, indent=1)
-    for p in [Path(args.out) / "decode_linear_bench.json"] if args.out else []:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        p.write_text(text)
-    if args.results or device.type == "cuda":
-        p = Path(args.results) if args.results else REPO / "bench" / "results" / "decode_linear_bench.json"
-        p.write_text(text)
+    name = "decode_linear_bench_no_sweep.json" if args.no_sweep else "decode_linear_bench.json"  # (the sweep's kept)
+    results = args.results or (REPO / "bench" / "results" / name if device.type == "cuda" else None)
+    write_json(result, "decode_linear_bench.json", [args.out], [results])
     print(f"\ndecode linears on {result['device']}, M={M}, copy {bw / 1e12:.2f} TB/s; one layer's four linears (us):")
     print(f"{'case':<6}{'cublas':>10}{'fused best':>12}{'fused default':>15}{'best no PDL':>13}{'ratio':>8}")
     for case, v in layer.items():
