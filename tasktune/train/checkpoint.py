@@ -215,14 +215,14 @@ def save_checkpoint(
 def _group_tensors(optimizer) -> list[dict[str, torch.Tensor]]:
     """The tensor-valued hyperparameters of each param group (a capturable optimizer's
     learning rates, on its device: what a CUDA graph and the scheduler's fill_ hold)."""
-    return [{k: v for k, v in g.items() if isinstance(v, torch.Tensor)} for g in optimizer.param_groups]
+    return [{k: v for k, v in g.items() if isinstance(v, torch.Tensor)} for g in getattr(optimizer, "param_groups", [])]
 
 
 def _restore_group_tensors(optimizer, held: list[dict[str, torch.Tensor]]) -> None:
     """`load_state_dict` replaces each group's hyperparameters with the checkpoint's (tensors
     read to the CPU): copy their values into the tensors the groups held instead, so they
     keep their device and identity."""
-    for group, old in zip(optimizer.param_groups, held):
+    for group, old in zip(getattr(optimizer, "param_groups", []), held):  # (FSDP's OptimizerState has none)
         for key, tensor in old.items():
             if key in group:
                 tensor.copy_(torch.as_tensor(group[key], dtype=tensor.dtype))
