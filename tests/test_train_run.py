@@ -4,6 +4,7 @@ the runner (`head_dropout`, `compile`) reach it."""
 from __future__ import annotations
 
 import pytest
+import torch
 import yaml
 
 from projects import tiny_config, tiny_project
@@ -65,6 +66,9 @@ def test_cgc_gates_get_their_own_learning_rate(tmp_path, tiny_bert, gate_lr):
     gates = {id(p) for n, p in runner.model.named_parameters() if n.endswith(".gate_logits")}
     assert gates  # one per adapted linear
     groups = _optimizer(runner, cfg.train, []).param_groups
+    # training on a GPU: the fused AdamW, decided before `prepare` moves the parameters there
+    assert not _optimizer(runner, cfg.train, []).defaults["fused"]
+    assert _optimizer(runner, cfg.train, [], device=torch.device("cuda")).defaults["fused"]
     grouped = [{id(p) for p in g["params"]} for g in groups]
     if gate_lr:
         (k,) = [i for i, g in enumerate(grouped) if g & gates]  # one group holds the gates, nothing else

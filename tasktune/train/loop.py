@@ -84,7 +84,8 @@ def _optimizer(runner: Runner, settings: TrainSettings, extra_groups: list[dict]
     groups += extra_groups
     # On GPUs the fused AdamW (one kernel per step for all parameters, what HF Trainer's
     # adamw_torch_fused does) instead of the multi-tensor loop; the CPU keeps the default.
-    fused = all(p.is_cuda for g in groups for p in g["params"])
+    # Decided by where training runs: the parameters may still be on the CPU here.
+    fused = (device or runner.device).type == "cuda" or all(p.is_cuda for g in groups for p in g["params"])
     if graphs:  # capturable, learning rates as tensors the scheduler updates in place
         return graphable_adamw(groups, lr, device or runner.device)
     return torch.optim.AdamW(groups, fused=True) if fused else torch.optim.AdamW(groups)
