@@ -222,7 +222,7 @@ def _restore_group_tensors(optimizer, held: list[dict[str, torch.Tensor]]) -> No
     """`load_state_dict` replaces each group's hyperparameters with the checkpoint's (tensors
     read to the CPU): copy their values into the tensors the groups held instead, so they
     keep their device and identity."""
-    for group, old in zip(getattr(optimizer, "param_groups", []), held):  # (FSDP's OptimizerState has none)
+    for group, old in zip(getattr(optimizer, "param_groups", []), held):
         for key, tensor in old.items():
             if key in group:
                 tensor.copy_(torch.as_tensor(group[key], dtype=tensor.dtype))
@@ -257,13 +257,12 @@ def load_checkpoint(
             continue
         if what not in state:
             raise TasktuneError(f"{path}: the checkpoint has no {what} state to resume from")
-        held = _group_tensors(target) if what == "optimizer" else []
+        held = _group_tensors(target)  # (none for a scheduler or FSDP's OptimizerState)
         try:
             target.load_state_dict(_decode(state[what], aux))
         except (ValueError, KeyError) as exc:
             raise TasktuneError(f"{path}: cannot restore the {what}: {exc}") from None
-        if what == "optimizer":
-            _restore_group_tensors(target, held)
+        _restore_group_tensors(target, held)
     if restore_rng and "rng" in state:
         restore_rng_state(RngState(tensors=_decode(state["rng"]["tensors"], aux), meta=state["rng"]["meta"]))
     return LoadedCheckpoint(path=path, step=int(state["step"]), tensors=tensors, extra=state.get("extra", {}))
