@@ -58,7 +58,7 @@ def main() -> None:
     if not args.smoke:
         configs += [c + (0,) for c in itertools.product((32, 64, 128, 256), (1, 2, 4, 8), (1, 2, 3, 4))
                     if c + (0,) != configs[0] and not (c[0] == 256 and c[1] < 4)]
-        configs += [default[:3] + (s,) for s in (2, 3, 6)]
+        configs += [bl_ws + (s,) for bl_ws, s in itertools.product((default[:3], (64, 4, 3), (64, 2, 3)), (2, 3, 6))]
     else:
         configs += [(32, 2, 2, 0), default[:3] + (2,)]
     result = {"bench": "decode_attention_bench", "device": device_name(device), "versions": versions("triton"),

@@ -72,6 +72,13 @@ class AdapterRouting:
         owner, version, host = self._host
         return host if owner is self.ids and owner._version == version else None
 
+    def forget(self) -> None:
+        """Drop the derived tensors: the next forward makes them again. A CUDA graph capture
+        must (train/graphed_step.py): the same input tensor at the same version as in the
+        eager step before it would hit the cache, and the graph would read those eager
+        tensors (built from that batch) on every replay instead of computing its own."""
+        self._cache, self._cache_key = {}, None
+
     def cached(self, key: tuple, make):
         """make() once per (ids tensor, in-place version, key); later calls reuse it."""
         ids = self.ids

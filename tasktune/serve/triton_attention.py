@@ -143,6 +143,7 @@ if triton is not None:
         stride_on, stride_oh,
         GROUP: tl.constexpr, G_PAD: tl.constexpr, HD: tl.constexpr, BLOCK_L: tl.constexpr,
         LENGTH: tl.constexpr, CHUNK: tl.constexpr, SPLITS: tl.constexpr, S_PAD: tl.constexpr, ROPE: tl.constexpr,
+        PDL: tl.constexpr,
     ):
         """One (sequence, KV head, chunk of the context): the chunk's partial softmax state
         (max, denominator, unnormalised output) into the scratch buffers; the last chunk to
@@ -153,6 +154,8 @@ if triton is not None:
         b = tl.program_id(0)
         kv = tl.program_id(1)
         c = tl.program_id(2)
+        if PDL:
+            tl.extra.cuda.gdc_wait()
         pos = tl.load(pos_ptr + b).to(tl.int32)
         n_old = tl.minimum(pos, LENGTH)  # keys already in the cache that this row attends
         offs_g = tl.arange(0, G_PAD)
@@ -178,6 +181,8 @@ if triton is not None:
             offs_l = c * CHUNK + start + tl.arange(0, BLOCK_L)
             m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_old, m, denom, acc, sm_scale, stride_kl,
                                           stride_vl, HD)
+        if PDL:
+            tl.extra.cuda.gdc_launch_dependents()
         pair = b * tl.num_programs(1) + kv
         part = pair * SPLITS + c
         tl.store(pm_ptr + part * G_PAD + offs_g, m)
@@ -266,11 +271,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
     d = torch.empty(parts, dtype=torch.float32, device=q.device)
     acc = torch.empty(parts * hd, dtype=torch.float32, device=q.device)
     counters = _counter_buffer(q.device, n * kv_heads)
+    pdl = use_pdl(q.device)
     _decode_attention_split[(n, kv_heads, splits)](
         q, k, v, k_cache, v_cache, positions, *tables, m, d, acc, out, counters, hd ** -0.5, *strides,
         out.stride(0), out.stride(1),
         GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, CHUNK=chunk_blocks * BLOCK_L, SPLITS=splits,
-        S_PAD=_pow2_at_least(splits, 2), ROPE=rope,
+        S_PAD=_pow2_at_least(splits, 2), ROPE=rope, PDL=pdl, num_warps=NUM_WARPS, num_stages=NUM_STAGES,
+        **({"launch_pdl": True} if pdl else {}),
     )
     return out
 

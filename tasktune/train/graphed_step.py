@@ -15,6 +15,10 @@ What a captured step may not do, and how this file avoids it:
   device index, and tasks absent from a batch add exactly zero;
 - allocate outside its pool: inputs are copied into static tensors; gradients are freed
   before capture so the captured backward writes them in the graph's pool;
+- read what the eager step before it left behind: the adapter routing's per-forward
+  tensors (token ids, column masks) are dropped before capture, or the graph would read
+  the warm step's, built from its first batch, on every replay (a replayed step then
+  trained on another batch's routing: caught on an H200 by the resume test);
 - change hyperparameters behind the graph's back: the optimizer must be capturable
   with tensor learning rates (`graphable_adamw`), which schedulers update in place.
 
@@ -204,6 +208,9 @@ class GraphedStep:
         self.eager += 1
         if len(self.graphs) >= self.max_graphs:
             return out  # too many shapes: the rest run eagerly
+        routing = getattr(self.runner.handle, "routing", None)
+        if routing is not None:  # the capture computes its own routing tensors (AdapterRouting.forget)
+            routing.forget()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
