@@ -186,3 +186,6 @@ def test_fused_linears_only_where_they_apply():
     assert batch(MAX_ROWS).linear_kernel and batch(1).linear_kernel
     assert not batch(MAX_ROWS + 1).linear_kernel
     assert not batch(8, attention_kernel=False).linear_kernel and not batch(8, linear_kernel=False).linear_kernel
+    # the attention kernel masks by position: no mask is built; the rows' indices are made once
+    assert batch(8).mask is None and batch(8).slots is batch(8).slots
+    assert batch(8, attention_kernel=False).mask.shape == (8, 1, 1, 16)

@@ -186,7 +186,7 @@ class Block(nn.Module):
         h = self.input_layernorm(x)
         qkv = self.lin(a, "qkv_proj", h, batch, lora, stacks)  # [N, (H + 2 kv_heads) * hd]
         kc, vc = kv
-        L = batch.mask.shape[-1]
+        L = batch.shape[2]
         if batch.decode and batch.attention_kernel:  # row b = slot b: rotates, writes and reads its keys in place
             return self.rest(x, self.attend_decode(qkv, batch, kv), batch, lora, stacks)
         qk = qkv[:, :(H + kvh) * hd].view(N, H + kvh, hd)
@@ -211,7 +211,7 @@ class Block(nn.Module):
         cfg, N = self.cfg, qkv.shape[0]
         H, kvh, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         q, k, v = (qkv[:, lo * hd:hi * hd].view(N, -1, hd) for lo, hi in ((0, H), (H, H + kvh), (H + kvh, H + 2 * kvh)))
-        L = batch.mask.shape[-1]
+        L = batch.shape[2]
         return torch.ops.tasktune.decode_attention(q, k, v, *kv, batch.positions, L, *batch.rope).reshape(N, -1)
 
     def forward_fused(self, x, batch: Batch, kv: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks | None,
@@ -341,7 +341,7 @@ class Decoder(nn.Module):
         """-> logits of each sequence's last new token: [B, vocab] float32 (float_logits=False:
         in the model's dtype, as the LM head computed them)."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
-        if batch.mask.dtype == torch.bool and not batch.attention_kernel:  # additive once, instead of inside every layer's attention
+        if batch.mask is not None and batch.mask.dtype == torch.bool:  # additive once, instead of inside every layer's attention
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
         if lora is not None and batch.use_lora and not batch.decode and batch.active is not None:

@@ -8,6 +8,7 @@ graph can capture it). See decoder.py for how the layers read them.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -31,7 +32,8 @@ class Batch:
     slots: torch.Tensor  # [B]
     pad_index: torch.Tensor  # [B*T] flat row feeding each padded query (0 for padding)
     valid: torch.Tensor  # [B*T] indices of real queries in padded order = flat order
-    mask: torch.Tensor  # [B, 1, T, L] key position <= query position
+    mask: torch.Tensor | None  # [B, 1, T, L] key position <= query position (None: the decode
+    # attention kernel masks by position itself)
     last: torch.Tensor | None  # [B] flat index of each sequence's last token (None: every row)
     use_lora: bool
     shape: tuple[int, int, int]  # (B, T, L)
@@ -93,14 +95,22 @@ def make_batch(
     )
 
 
+@functools.lru_cache(maxsize=None)
+def _rows(n: int, device: torch.device) -> torch.Tensor:
+    """0..n-1 on `device`, made once (never written): a decode step's graph reads it instead
+    of launching an arange every step (DecodeStep warms up before it captures)."""
+    return torch.arange(n, device=device)
+
+
 def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
                  use_lora: bool, attention_kernel: bool = False, linear_kernel: bool = False) -> Batch:
     """The decode layout from device tensors only (capturable): tokens, positions,
     lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context).
     linear_kernel: fused linears where they apply (with the attention kernel, B <= MAX_ROWS)."""
     B, device = tokens.shape[0], tokens.device
-    rows = torch.arange(B, device=device)
-    mask = torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
+    rows = _rows(B, device)
+    mask = None if attention_kernel else \
+        torch.arange(context, device=device).view(1, 1, 1, context) <= positions.view(B, 1, 1, 1)
     return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
                  pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
                  shape=(B, 1, context), decode=True, attention_kernel=attention_kernel,
