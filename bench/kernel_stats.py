@@ -6,8 +6,9 @@ expand launch it replaced (bench/README.md, session 8); spills or a register cou
 leaves one program an SM are the first suspects, and they are read here in seconds.
 
 Work: the four linears of a Qwen2.5-0.5B layer at 32 rows through `decode_linear`, without
-adapters, with a precomputed delta and with in-launch LoRA (4 and 32 distinct adapters);
-the BGMV pair (`lora_delta`) for each; decode attention unsplit and split.
+adapters, with a precomputed delta and with in-launch LoRA (4 distinct adapters); the
+BGMV pair (`lora_delta`, 32) for each; decode attention unsplit and split. (Reads Triton's
+per-device kernel caches, `JITFunction.device_caches`: an internal of Triton 3.x.)
 
     PYTHONPATH=. python3 bench/kernel_stats.py           # GPU: writes $OUT/ and bench/results/
 """
@@ -48,7 +49,8 @@ def _facts(kernel) -> dict:
 def _new_variants(fn, call) -> list[dict]:
     before = _compiled(fn)
     call()
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     return [_facts(k) for i, k in _compiled(fn).items() if i not in before]
 
 
