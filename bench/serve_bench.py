@@ -286,7 +286,7 @@ def main() -> None:
 
         main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
         from tasktune.lora import triton_ops
-        from tasktune.serve import triton_attention, triton_linear
+        from tasktune.serve import triton_attention
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
@@ -294,10 +294,7 @@ def main() -> None:
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
-                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # no programmatic dependent launch
-                    # a fused linear of one K block a program loads its weights before the PDL wait (+ the up tile)
-                    "prefetch": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
-                    "prefetch_up": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}
+                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -309,7 +306,6 @@ def main() -> None:
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
             engine.pool.stacks.fused_linears = label.startswith("fused_lora")
             triton_ops.PDL = not label.endswith("no_pdl")
-            triton_linear.PREFETCH, triton_linear.PREFETCH_UP = label.startswith("prefetch"), label == "prefetch_up"
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
@@ -331,7 +327,6 @@ def main() -> None:
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
         engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
-        triton_linear.PREFETCH = triton_linear.PREFETCH_UP = False
     a_tokens = result.pop("_tokens")
     del engine
     free()

@@ -100,19 +100,6 @@ def test_matches_eager_reference(name, dtype):
     check(make(M, rows, K, dtype=dtype, **opts), dtype)
 
 
-@pytest.mark.parametrize("up", [False, True])
-@pytest.mark.parametrize("name", ["plain", "norm", "residual+split", "swiglu+norm"])
-def test_weights_loaded_before_the_wait_give_the_same_result(name, up, monkeypatch):
-    """PREFETCH: a program of one K block loads its weight tile(s) before the PDL wait."""
-    monkeypatch.setattr(triton_linear, "PREFETCH", True)
-    monkeypatch.setattr(triton_linear, "PREFETCH_UP", up)
-    M, rows, K, opts = CASES[name]
-    args = make(M, rows, K, dtype=torch.bfloat16, **opts)
-    cfg = triton_linear.linear_config(M, rows // (2 if opts.get("swiglu") else 1), K)
-    assert cfg.K_SPLIT == cfg.BLOCK_K  # one K block a program: the prefetching path
-    check(args, torch.bfloat16)
-
-
 @pytest.mark.parametrize("split_k", [1, 2, 3])
 def test_k_splits_sum_to_the_same_result(split_k):
     """Split-K programs store partials and the last to arrive sums them: any split count

@@ -55,9 +55,6 @@ MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 MAX_RANK = 64
 SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
-# A program of one K block (qkv, gate_up at 4 splits) loads its weight tile before the PDL
-# wait (the up tile too with PREFETCH_UP): weights are not the previous kernel's output.
-PREFETCH, PREFETCH_UP = False, False
 EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
 EXPAND_TILE = 8192  # ... and at most this many elements of B in it ([BLOCK_N, rank rows])
 SHRINK_TILE = 8192  # LoRA shrink: elements of A a program holds per step ([modules * r, BLOCK_K])
@@ -71,7 +68,7 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, dot_acc, expand_delta, k_partial, load_act
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
 
     @triton.jit
     def _decode_linear(
@@ -83,7 +80,7 @@ if triton is not None:
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
         HAS_RES: tl.constexpr, LORA: tl.constexpr, HAS_DELTA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
-        UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr, PRE: tl.constexpr, PRE_UP: tl.constexpr,
+        UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -116,30 +113,13 @@ if triton is not None:
         if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
-        PRE_W: tl.constexpr = PRE and K_SPLIT == BLOCK_K and not LORA  # one K block a program
-        if PRE_W:  # its weight tiles are not the previous kernel's output: loaded before the wait
-            k = split * K_SPLIT + tl.arange(0, BLOCK_K)
-            k_ok = k < K
-            w = tl.load(w_ptr + offs_n[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :], other=0.0)
-            if SWIGLU and PRE_UP:
-                w_u = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                              other=0.0)
         if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
             tl.extra.cuda.gdc_wait()
-        if PRE_W:
-            xa, ss = load_act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
-            acc = dot_acc(w, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
-            if SWIGLU:
-                if not PRE_UP:
-                    w_u = tl.load(w_ptr + (N + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
-                                  other=0.0)
-                acc_u = dot_acc(w_u, xa, tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
-        else:
-            acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
-                               BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
-            if SWIGLU:  # the up rows start N rows further
-                acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K,
-                                    BLOCK_N, BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                           BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        if SWIGLU:  # the up rows start N rows further
+            acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                                BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
@@ -330,8 +310,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None,
-        UPCAST=device.type != "cuda", PDL=pdl, PRE=PREFETCH, PRE_UP=PREFETCH_UP, num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages, **meta,
+        UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
         **({"launch_pdl": True} if pdl else {}),
     )
     return y
