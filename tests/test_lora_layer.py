@@ -262,3 +262,24 @@ def test_half_precision_base_keeps_fp32_adapters_and_dropout_only_in_training():
     assert not torch.allclose(drop(x), drop(x))
     drop.eval()
     assert torch.equal(drop(x), drop(x))
+
+
+def test_routing_cache_lives_per_ids_version_and_forget_drops_it():
+    """The per-forward routing tensors are shared while the same ids tensor is unchanged, made
+    again after an in-place write; `forget` (before a CUDA graph capture) makes the next
+    forward build its own even for that same, unchanged tensor."""
+    routing = AdapterRouting(torch.tensor([0, 1, -1]))
+    made = []
+
+    def make():
+        made.append(routing.ids.clone())
+        return routing.ids * 2
+
+    first = routing.cached(("mask",), make)
+    assert routing.cached(("mask",), make) is first and len(made) == 1
+    routing.ids.copy_(torch.tensor([1, 1, 0]))  # a graph's static input written in place
+    assert routing.cached(("mask",), make).tolist() == [2, 2, 0] and len(made) == 2
+    again = routing.cached(("mask",), make)
+    routing.forget()
+    rebuilt = routing.cached(("mask",), make)
+    assert rebuilt is not again and rebuilt.tolist() == again.tolist() and len(made) == 3
