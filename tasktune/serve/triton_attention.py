@@ -11,9 +11,10 @@ softmax in fp32. A batch of 32 with 2 KV heads is only 64 such programs for 132 
 a GPU the context can also be split into chunks attended by separate programs whose
 partial softmax states the last chunk to finish combines (flash-decoding; `splits`).
 Measured on an H200 (serve bench, 256-token prompts, context ~320) with the combine as a
-second kernel: 7.9 us a layer against 6.8 us unsplit, so the context is split only past
-`SPLIT_MIN_KEYS` keys a chunk. The combine inside the split launch (the last chunk's
-program, as the fused linears' split-K) is not yet timed: the bench's `attention_split4`.
+second kernel: 7.9 us a layer against 6.8 us unsplit; with the combine inside the split
+launch (the last chunk's program, as the fused linears' split-K) and PDL, 7.22 us in 2
+chunks against 6.07 unsplit (session 9, bench/decode_attention_bench.py). So the context
+is split only past `SPLIT_MIN_KEYS` keys a chunk.
 
 `decode_attention(q, k, v, k_cache, v_cache, positions, length)`: q [N, H, hd], this step's
 k, v [N, kv_heads, hd] (row-strided views allowed), one layer of the cache [slots,
