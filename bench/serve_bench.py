@@ -163,7 +163,8 @@ def main() -> None:
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl)")
+                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, pdl_wait_first, "
+                         "no_early, no_late_wait, shrink_256, expand_8192, shrink_256_expand_8192)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -287,6 +288,7 @@ def main() -> None:
         main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
         from tasktune.lora import triton_ops
         from tasktune.serve import triton_attention
+        bgmv_defaults = triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
@@ -294,7 +296,15 @@ def main() -> None:
                     "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
                     "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
                     "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
-                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}"))}  # no programmatic dependent launch
+                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # no programmatic dependent launch
+                    # PDL as in session 9: each kernel waits first, lets the next launch after its main loop
+                    "pdl_wait_first": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
+                    "no_early": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # next launch after the loop
+                    "no_late_wait": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # linears wait before their loop
+                    # the BGMV pair in fewer programs, so more of it fits on the SMs beside the LATE linear
+                    "shrink_256": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),
+                    "expand_8192": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),
+                    "shrink_256_expand_8192": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -306,6 +316,11 @@ def main() -> None:
             engine.model.linear_kernel = fused_linears and label != "unfused_linears"
             engine.pool.stacks.fused_linears = label.startswith("fused_lora")
             triton_ops.PDL = not label.endswith("no_pdl")
+            triton_ops.PDL_EARLY = label not in ("pdl_wait_first", "no_early")
+            triton_ops.LATE_WAIT = label not in ("pdl_wait_first", "no_late_wait")
+            triton_ops.TARGET_PROGRAMS = 256 if "shrink_256" in label else bgmv_defaults[0]
+            triton_ops.EXPAND_TILE = 8192 if "expand_8192" in label else bgmv_defaults[1]
+            triton_ops.launch_config.cache_clear()
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
                 engine.model.compile_decode(autotune=True)
@@ -327,6 +342,9 @@ def main() -> None:
         engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
         engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
+        triton_ops.PDL_EARLY = triton_ops.LATE_WAIT = True
+        triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = bgmv_defaults
+        triton_ops.launch_config.cache_clear()
     a_tokens = result.pop("_tokens")
     del engine
     free()

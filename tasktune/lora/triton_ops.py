@@ -51,9 +51,15 @@ except ImportError:  # CPU-only installs and CI: the caller falls back to torch
 
 MAX_RANK = 64
 TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [BLOCK_N, R])
-TARGET_PROGRAMS = 1024  # shrink: split d_in until N * S reaches about this many programs (swept on an H200)
-MAX_SPLIT = 32  # ... but at most this many splits (expand re-reads all S partial sums)
-EXPAND_TILE = 2048  # expand: elements of B one program holds ([BLOCK_N, R])
+# shrink: split d_in until N * S reaches about this many programs, at most MAX_SPLIT (the
+# expand re-reads all S partial sums); expand: elements of B one program holds ([BLOCK_N, R]).
+# Alone, 1024 programs and 2048 were fastest (lora_kernel_bench, session 4); in the decode
+# step, where the pair runs beside the LATE fused linear, fewer and fatter programs are
+# (session 10, H200, 32 rows: 23,200 / 22,162 tok/s at 4 / 32 adapters against 22,616 /
+# 21,451 with 1024 and 2048, same run)
+TARGET_PROGRAMS = 256
+MAX_SPLIT = 32
+EXPAND_TILE = 8192
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -72,6 +78,17 @@ def available(device: torch.device | str | None = None) -> bool:
 # the previous kernel's tail. Benchmarks flip this to time without it;
 # TASKTUNE_PDL=0 turns it off (a driver or graph runtime without programmatic edges).
 PDL = os.environ.get("TASKTUNE_PDL", "1") != "0"
+# Where the decode kernels wait and let the next launch (session 10; serve-bench variants
+# flip them): EARLY: a kernel lets the next one launch right after its own wait, not after
+# its main loop, so the next kernel's programs are on the SMs while this one works; LATE: a
+# fused linear whose LoRA delta comes from the BGMV pair before it runs its main loop
+# before the wait (its input was made before that pair's shrink) and waits in the
+# epilogue, where it reads the delta, so the linear's GEMM overlaps the pair.
+# The rule that keeps this safe: before its wait a kernel reads only step inputs, weights,
+# or data made before its predecessor's predecessor; the BGMV expand (followed by a LATE
+# linear) is the one kernel that lets the next launch before its own wait, and in every
+# kernel some program waits, so a kernel ends after its predecessor.
+PDL_EARLY = LATE_WAIT = True
 
 
 @functools.lru_cache(maxsize=None)
@@ -189,17 +206,19 @@ if triton is not None:
         nw_ptr, eps,  # NORM: the input is RMSNorm(x) * nw (as the fused decode linear computes it)
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
-        PDL: tl.constexpr = False, NORM: tl.constexpr = False,
+        PDL: tl.constexpr = False, NORM: tl.constexpr = False, EARLY: tl.constexpr = False,
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
         slot = tl.load(ids_ptr + n).to(tl.int64)  # the step's inputs: readable before the PDL wait
         if PDL:
             tl.extra.cuda.gdc_wait()
+            if EARLY:  # the expand may launch now: it reads its B tile, then waits for this grid
+                tl.extra.cuda.gdc_launch_dependents()
         if slot >= 0:
             _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, tl.num_programs(1), R, BLOCK_K,
                     K_SPLIT, NORM)
-        if PDL:  # the expand may launch now: it reads its B tile, then waits for this grid
+        if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
 
     @triton.jit
@@ -209,6 +228,7 @@ if triton is not None:
         stride_bs, stride_bo, stride_br,  # B's strides (any; the pool's [n_slots, d_out, r] is contiguous)
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
         PDL: tl.constexpr = False, STORE: tl.constexpr = False,  # STORE: y = the delta (fp32; 0 for no adapter)
+        EARLY: tl.constexpr = False,  # the next kernel may launch before this one's wait (a LATE fused linear)
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
@@ -216,6 +236,8 @@ if triton is not None:
         b = _load_b(b_ptr, slot, t, d_out, r, stride_bs, stride_bo, stride_br, R_MODULE, BLOCK_N)
         scale = tl.load(scaling_ptr + tl.maximum(slot, 0)).to(tl.float32)
         if PDL:
+            if EARLY:  # the delta's consumer reads before its own wait only what this kernel's
+                tl.extra.cuda.gdc_launch_dependents()  # predecessor (the shrink) had waited for
             tl.extra.cuda.gdc_wait()
         _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
                 MODULES, STORE)
@@ -255,6 +277,7 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
 def lora_apply_(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
     bounds: tuple[int, ...] = (), *, norm: tuple[torch.Tensor, float] | None = None, store: bool = False,
+    _h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
@@ -285,8 +308,9 @@ def lora_apply_(
         return y
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     cfg = launch_config(n_rows, d_in, d_out, r, modules)
-    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)  # partial sums of A @ x
+    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device) if _h is None else _h  # A @ x parts
     pdl = use_pdl(x.device)  # the expand launches while the shrink finishes (Hopper)
+    early = pdl and PDL_EARLY
     launch = {"launch_pdl": True} if pdl else {}
     if norm is not None and (norm[0].shape != (d_in,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {d_in} inputs")
@@ -296,11 +320,11 @@ def lora_apply_(
     tiles = triton.cdiv(d_out, cfg.BLOCK_N)
     bgmv_shrink[(n_rows, cfg.S)](
         x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
-        NORM=norm is not None, **launch,
+        NORM=norm is not None, EARLY=early, **launch,
     )
     bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, **launch,
+        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, EARLY=early, **launch,
     )
     return y
 
@@ -310,9 +334,17 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch
     """Each row's LoRA delta, scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ act(x[n])), as a new
     fp32 [N, d_out] tensor (0 on rows without an adapter): the fused decode linear adds it to
     its fp32 accumulator before rounding, SwiGLU and the residual (triton_linear). act: x,
-    or RMSNorm(x) * weight for norm = (weight, eps). Shapes as `lora_apply_`."""
-    y = torch.empty(x.shape[0], B.shape[1], dtype=torch.float32, device=x.device)
-    return lora_apply_(y, x, A, B, scaling, ids, bounds, norm=norm, store=True)
+    or RMSNorm(x) * weight for norm = (weight, eps). Shapes as `lora_apply_`.
+    The shrink's partial sums live in the same allocation, after the delta, so they stay
+    allocated while the delta does: a LATE fused linear (PDL_EARLY) runs beside this pair
+    and must not be handed their memory for its split-K workspace."""
+    n_rows, d_out = x.shape[0], B.shape[1]
+    cfg = launch_config(n_rows, x.shape[1], d_out, B.shape[2], len(bounds) + 1) if n_rows else None
+    at = -(-n_rows * d_out // 64) * 64  # the partial sums start 256-byte aligned
+    buf = torch.empty(at + (n_rows * cfg.S * cfg.R if cfg else 0), dtype=torch.float32, device=x.device)
+    y = buf[:n_rows * d_out].view(n_rows, d_out)
+    h = buf[at:].view(n_rows, cfg.S, cfg.R) if cfg else None
+    return lora_apply_(y, x, A, B, scaling, ids, bounds, norm=norm, store=True, _h=h)
 
 
 @torch.library.custom_op("tasktune::bgmv_lora", mutates_args=("y",))

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from tasktune.lora import triton_ops
 from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
 
 __all__ = ["available", "decode_attention"]
@@ -101,11 +102,14 @@ if triton is not None:
         LENGTH: tl.constexpr,  # the context bucket (a few values): a constant loop bound
         ROPE: tl.constexpr,  # rotate q and the new key by their position first (cos, sin tables)
         PDL: tl.constexpr,  # launched as a programmatic dependent launch: wait for the previous kernel here
+        EARLY: tl.constexpr = False,  # triton_ops.PDL_EARLY: the next kernel may launch after the wait
     ):
         b = tl.program_id(0)
         kv = tl.program_id(1)
         if PDL:
             tl.extra.cuda.gdc_wait()
+            if EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         pos = tl.load(pos_ptr + b).to(tl.int32)
         n_keys = tl.minimum(pos + 1, LENGTH)
         offs_g = tl.arange(0, G_PAD)
@@ -127,7 +131,7 @@ if triton is not None:
             offs_l = start + tl.arange(0, BLOCK_L)
             m, denom, acc = _attend_block(q, k_base, v_base, offs_l, n_keys, m, denom, acc, sm_scale, stride_kl,
                                           stride_vl, HD)
-        if PDL:
+        if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
         o = acc / denom[:, None]
         tl.store(o_ptr + b * stride_on + heads[:, None] * stride_oh + offs_d[None, :], o.to(o_ptr.dtype.element_ty),
@@ -264,6 +268,7 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         _decode_attention[(n, kv_heads)](
             q, k, v, k_cache, v_cache, positions, out, *tables, hd ** -0.5, *strides, out.stride(0), out.stride(1),
             GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope, PDL=pdl,
+            EARLY=pdl and triton_ops.PDL_EARLY,
             num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"launch_pdl": True} if pdl else {}),
         )
         return out

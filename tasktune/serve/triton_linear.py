@@ -47,6 +47,7 @@ from dataclasses import dataclass
 
 import torch
 
+from tasktune.lora import triton_ops
 from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
@@ -81,6 +82,7 @@ if triton is not None:
         HAS_RES: tl.constexpr, LORA: tl.constexpr, HAS_DELTA: tl.constexpr, R_MODULE: tl.constexpr, RA_PAD: tl.constexpr,
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
+        EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -113,14 +115,16 @@ if triton is not None:
         if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
-        if PDL:  # launched early (programmatic dependent launch): the previous kernel's output is ready after this
-            tl.extra.cuda.gdc_wait()
+        if PDL and not LATE:  # launched early (programmatic dependent launch)
+            tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
+            if EARLY:
+                tl.extra.cuda.gdc_launch_dependents()
         acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                            BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if SWIGLU:  # the up rows start N rows further
             acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                                 BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
-        if PDL:  # the next kernel may launch (it waits for this one to finish before reading its output)
+        if PDL and not EARLY and not LATE:  # the next kernel may launch (it waits for this one to finish)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
@@ -170,6 +174,9 @@ if triton is not None:
             acc = acc * rstd[None, :]
             if SWIGLU:
                 acc_u = acc_u * rstd[None, :]
+        if PDL and LATE:  # only the delta is the previous kernel's output (x was made before its shrink)
+            tl.extra.cuda.gdc_wait()
+            tl.extra.cuda.gdc_launch_dependents()
         if HAS_DELTA:  # LoRA's delta computed before this launch (lora.triton_ops.lora_delta), fp32
             d_ok = n_ok[:, None] & m_ok[None, :]
             acc += tl.load(d_ptr + offs_m[None, :] * stride_dm + offs_n[:, None], mask=d_ok, other=0.0)
@@ -301,6 +308,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     pdl = use_pdl(device)
+    pdl_meta = dict(EARLY=pdl and triton_ops.PDL_EARLY, LATE=pdl and delta is not None and triton_ops.LATE_WAIT)
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
@@ -311,7 +319,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None,
         UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-        **({"launch_pdl": True} if pdl else {}),
+        **pdl_meta, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
