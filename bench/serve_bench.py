@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
                          "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, pdl_wait_first, "
-                         "no_early, no_late_wait, shrink_256, expand_8192, shrink_256_expand_8192)")
+                         "no_early, no_late_wait, bgmv_1024_2048)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -301,10 +301,8 @@ def main() -> None:
                     "pdl_wait_first": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
                     "no_early": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # next launch after the loop
                     "no_late_wait": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # linears wait before their loop
-                    # the BGMV pair in fewer programs, so more of it fits on the SMs beside the LATE linear
-                    "shrink_256": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),
-                    "expand_8192": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),
-                    "shrink_256_expand_8192": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
+                    # the BGMV pair in session 9's program counts (more, smaller programs)
+                    "bgmv_1024_2048": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -318,8 +316,7 @@ def main() -> None:
             triton_ops.PDL = not label.endswith("no_pdl")
             triton_ops.PDL_EARLY = label not in ("pdl_wait_first", "no_early")
             triton_ops.LATE_WAIT = label not in ("pdl_wait_first", "no_late_wait")
-            triton_ops.TARGET_PROGRAMS = 256 if "shrink_256" in label else bgmv_defaults[0]
-            triton_ops.EXPAND_TILE = 8192 if "expand_8192" in label else bgmv_defaults[1]
+            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = (1024, 2048) if label == "bgmv_1024_2048" else bgmv_defaults
             triton_ops.launch_config.cache_clear()
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
