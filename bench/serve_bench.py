@@ -301,8 +301,12 @@ def main() -> None:
                     "pdl_wait_first": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
                     "no_early": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # next launch after the loop
                     "no_late_wait": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # linears wait before their loop
-                    # the BGMV pair in session 9's program counts (more, smaller programs)
+                    # the BGMV pair's program counts: bgmv_<shrink TARGET_PROGRAMS>_<EXPAND_TILE>
+                    # (1024 and 2048: session 9's; any such label given to --variants runs)
                     "bgmv_1024_2048": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
+        for label in (args.variants or "").split(","):
+            if label.startswith("bgmv_"):
+                variants[label] = (True, kernels, (f"a{n_few}", f"a{n_adapters}"))
         if args.variants:
             variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
         if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
@@ -316,7 +320,8 @@ def main() -> None:
             triton_ops.PDL = not label.endswith("no_pdl")
             triton_ops.PDL_EARLY = label not in ("pdl_wait_first", "no_early")
             triton_ops.LATE_WAIT = label not in ("pdl_wait_first", "no_late_wait")
-            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = (1024, 2048) if label == "bgmv_1024_2048" else bgmv_defaults
+            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = (
+                tuple(int(v) for v in label.split("_")[1:3]) if label.startswith("bgmv_") else bgmv_defaults)
             triton_ops.launch_config.cache_clear()
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":

@@ -264,10 +264,13 @@ def test_half_precision_base_keeps_fp32_adapters_and_dropout_only_in_training():
     assert torch.equal(drop(x), drop(x))
 
 
-def test_routing_cache_lives_per_ids_version_and_forget_drops_it():
+def test_routing_cache_lives_per_ids_version_and_capture(monkeypatch):
     """The per-forward routing tensors are shared while the same ids tensor is unchanged, made
-    again after an in-place write; `forget` (before a CUDA graph capture) makes the next
-    forward build its own even for that same, unchanged tensor."""
+    again after an in-place write, and made again when a CUDA graph capture starts (and
+    when it ends) even for that same, unchanged tensor. On a GPU tests/test_graphed_step.py
+    checks the graphed training step against the plain one, which this cache once broke."""
+    from tasktune.lora import layer
+
     routing = AdapterRouting(torch.tensor([0, 1, -1]))
     made = []
 
@@ -279,7 +282,10 @@ def test_routing_cache_lives_per_ids_version_and_forget_drops_it():
     assert routing.cached(("mask",), make) is first and len(made) == 1
     routing.ids.copy_(torch.tensor([1, 1, 0]))  # a graph's static input written in place
     assert routing.cached(("mask",), make).tolist() == [2, 2, 0] and len(made) == 2
-    again = routing.cached(("mask",), make)
-    routing.forget()
-    rebuilt = routing.cached(("mask",), make)
-    assert rebuilt is not again and rebuilt.tolist() == again.tolist() and len(made) == 3
+    eager = routing.cached(("mask",), make)
+    monkeypatch.setattr(layer, "_capturing", lambda ids: True)  # a capture on the ids' stream starts
+    captured = routing.cached(("mask",), make)
+    assert captured is not eager and captured.tolist() == eager.tolist() and len(made) == 3
+    assert routing.cached(("mask",), make) is captured  # every layer of the captured forward shares it
+    monkeypatch.setattr(layer, "_capturing", lambda ids: False)
+    assert routing.cached(("mask",), make) is not captured and len(made) == 4

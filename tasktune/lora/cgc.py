@@ -165,7 +165,8 @@ class CGCLoRALinear(nn.Module):
             return y
         lead = x.shape[:-1]
         device = self.lora_A.device
-        flat_ids = self.routing.cached(("ids", lead, device), lambda: _token_ids(ids, lead, device))  # [N]
+        cached = (lambda key, make: make()) if torch.compiler.is_compiling() else self.routing.cached  # as layer.py
+        flat_ids = cached(("ids", lead, device), lambda: _token_ids(ids, lead, device))  # [N]
         if torch.is_autocast_enabled(x.device.type):
             dtype = torch.get_autocast_dtype(x.device.type)
         else:

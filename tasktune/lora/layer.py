@@ -72,23 +72,25 @@ class AdapterRouting:
         owner, version, host = self._host
         return host if owner is self.ids and owner._version == version else None
 
-    def forget(self) -> None:
-        """Drop the derived tensors: the next forward makes them again. A CUDA graph capture
-        must (train/graphed_step.py): the same input tensor at the same version as in the
-        eager step before it would hit the cache, and the graph would read those eager
-        tensors (built from that batch) on every replay instead of computing its own."""
-        self._cache, self._cache_key = {}, None
-
     def cached(self, key: tuple, make):
-        """make() once per (ids tensor, in-place version, key); later calls reuse it."""
+        """make() once per (ids tensor, in-place version, capturing, key); later calls reuse it.
+        Whether a CUDA graph capture is running is part of the key: a capture that found the
+        eager step's tensors for the same unchanged input would read them (built from that
+        batch) on every replay instead of computing its own (train/graphed_step.py), and an
+        eager call after a capture must not read the capture's never-computed tensors."""
         ids = self.ids
-        owner = (id(ids), ids._version if ids is not None else None)
+        owner = (id(ids), ids._version if ids is not None else None, _capturing(ids))
         if self._cache_key != owner or self._cache.get("_ids") is not ids:
             self._cache = {"_ids": ids}
             self._cache_key = owner
         if key not in self._cache:
             self._cache[key] = make()
         return self._cache[key]
+
+
+def _capturing(ids: torch.Tensor | None) -> bool:
+    """Whether the current CUDA stream is capturing a graph (ids on a GPU only: never on the CPU)."""
+    return ids is not None and ids.is_cuda and torch.cuda.is_current_stream_capturing()
 
 
 def flat_token_ids(ids: torch.Tensor, lead: torch.Size, in_features: int = -1) -> torch.Tensor:

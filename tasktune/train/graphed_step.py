@@ -208,9 +208,6 @@ class GraphedStep:
         self.eager += 1
         if len(self.graphs) >= self.max_graphs:
             return out  # too many shapes: the rest run eagerly
-        routing = getattr(self.runner.handle, "routing", None)
-        if routing is not None:  # the capture computes its own routing tensors (AdapterRouting.forget)
-            routing.forget()
         graph = torch.cuda.CUDAGraph()
         try:
             with torch.cuda.graph(graph, pool=self.pool, stream=self.stream):
