@@ -32,7 +32,10 @@ expand tile, or the shrink as a launch of its own, measured slower than cuBLAS +
 Counters live in one persistent zeroed buffer and every launch leaves them at zero (the
 last finisher resets them), so the launch needs no memset and can be captured in a graph.
 On Hopper the launch is a programmatic dependent launch (lora.triton_ops.use_pdl): it
-starts while the previous kernel finishes and waits for it inside.
+starts while the previous kernel finishes and waits for it inside, then lets the next one
+launch (PDL_EARLY). With a `delta` it waits only in the epilogue, where it reads the delta
+(LATE_WAIT): its input is older than the BGMV pair before it, so its GEMM runs beside the
+pair (the rule that keeps this safe is in lora.triton_ops).
 
 Rounding follows the eager decoder where it can: the projection (with bias and LoRA) is
 rounded before silu * up and before the residual add; RMSNorm rounds x * weight instead of
