@@ -288,7 +288,7 @@ def main() -> None:
         main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
         from tasktune.lora import triton_ops
         from tasktune.serve import triton_attention
-        bgmv_defaults = triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE
+        bgmv_defaults = triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N
 
         variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
                     "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
@@ -301,7 +301,7 @@ def main() -> None:
                     "pdl_wait_first": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
                     "no_early": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # next launch after the loop
                     "no_late_wait": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # linears wait before their loop
-                    # the BGMV pair's program counts: bgmv_<shrink TARGET_PROGRAMS>_<EXPAND_TILE>
+                    # the BGMV pair's program counts: bgmv_<shrink TARGET_PROGRAMS>_<EXPAND_TILE>[_<EXPAND_MAX_N>]
                     # (1024 and 2048: session 9's; any such label given to --variants runs)
                     "bgmv_1024_2048": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
         for label in (args.variants or "").split(","):
@@ -320,8 +320,9 @@ def main() -> None:
             triton_ops.PDL = not label.endswith("no_pdl")
             triton_ops.PDL_EARLY = label not in ("pdl_wait_first", "no_early")
             triton_ops.LATE_WAIT = label not in ("pdl_wait_first", "no_late_wait")
-            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = (
-                tuple(int(v) for v in label.split("_")[1:3]) if label.startswith("bgmv_") else bgmv_defaults)
+            sizes = [int(v) for v in label.split("_")[1:4]] if label.startswith("bgmv_") else []
+            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = (
+                sizes + list(bgmv_defaults)[len(sizes):])
             triton_ops.launch_config.cache_clear()
             engine.pool.stacks.kernels = use_kernels
             if label == "gemm_autotune":
@@ -345,7 +346,7 @@ def main() -> None:
         triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
         engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
         triton_ops.PDL_EARLY = triton_ops.LATE_WAIT = True
-        triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE = bgmv_defaults
+        triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = bgmv_defaults
         triton_ops.launch_config.cache_clear()
     a_tokens = result.pop("_tokens")
     del engine

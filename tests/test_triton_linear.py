@@ -189,3 +189,40 @@ def test_chained_launches_in_a_cuda_graph_equal_eager_launches():
 
     out = assert_graph_with_pdl_equals_eager(chain, x0)
     assert int(triton_linear._counter_buffer(out.device).abs().sum()) == 0
+
+
+@pytest.mark.skipif(INTERPRET or not torch.cuda.is_available(), reason="CUDA graphs and PDL need a GPU")
+def test_linears_after_bgmv_deltas_in_a_cuda_graph_equal_eager_launches():
+    """The decoder's LoRA chain: each fused linear (split-K, norm, SwiGLU, residual) after the
+    BGMV pair that makes its delta, four layers as one CUDA graph with PDL. There each
+    linear runs its GEMM before its wait (LATE_WAIT) beside the pair, and every kernel lets
+    the next launch early (PDL_EARLY): the replays still equal the chain run eagerly
+    without PDL, bit for bit, and leave the counters at zero."""
+    from tasktune.lora import triton_ops
+
+    M, D, inter, r, layers = 32, 256, 512, 16, 4
+    g = torch.Generator().manual_seed(5)
+
+    def rand(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=g) * scale).to(DEVICE, torch.bfloat16)
+
+    W_gu, W_d = rand(2 * inter, D, scale=D ** -0.5), rand(D, inter, scale=inter ** -0.5)
+    nw = (torch.rand(D, generator=g) + 0.5).to(DEVICE, torch.bfloat16)
+    A_gu, B_gu = rand(4, 2 * r, D, scale=D ** -0.5), rand(4, 2 * inter, r, scale=0.1)
+    A_d, B_d = rand(4, r, inter, scale=inter ** -0.5), rand(4, D, r, scale=0.1)
+    scaling, ids = torch.full((4,), 2.0, device=DEVICE), (torch.arange(M) % 5 - 1).to(DEVICE)
+    x0 = rand(M, D)
+    cfg_gu = linear_config(M, inter, D, block_n=64, block_k=64, split_k=4)
+    cfg_d = linear_config(M, D, inter, block_n=32, block_k=64, split_k=4)
+    assert triton_ops.PDL_EARLY and triton_ops.LATE_WAIT
+
+    def chain(x):
+        for _ in range(layers):
+            d_gu = triton_ops.lora_delta(x, A_gu, B_gu, scaling, ids, (inter,), norm=(nw, 1e-6))
+            act = decode_linear(x, W_gu, norm=(nw, 1e-6), swiglu=True, delta=d_gu, config=cfg_gu)
+            d_d = triton_ops.lora_delta(act, A_d, B_d, scaling, ids)
+            x = decode_linear(act, W_d, residual=x, delta=d_d, config=cfg_d)
+        return x
+
+    out = assert_graph_with_pdl_equals_eager(chain, x0)
+    assert int(triton_linear._counter_buffer(out.device).abs().sum()) == 0

@@ -60,6 +60,7 @@ TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [B
 TARGET_PROGRAMS = 256
 MAX_SPLIT = 32
 EXPAND_TILE = 8192
+EXPAND_MAX_N = 256  # ... and at most this many d_out columns
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -271,7 +272,7 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
     want = max(1, min(MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, n_rows)))
     per_split = triton.cdiv(blocks, want)  # BLOCK_K blocks per program
     return LaunchConfig(R=R, R_MODULE=R_MODULE, BLOCK_K=block_k, K_SPLIT=per_split * block_k,
-                        S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(256, EXPAND_TILE // R_MODULE)))
+                        S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(EXPAND_MAX_N, EXPAND_TILE // R_MODULE)))
 
 
 def lora_apply_(
