@@ -282,52 +282,15 @@ def main() -> None:
                     print(f"  {k['time_us']:>8.1f} us {k['count']:>5}x  {k['name']}", flush=True)
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
-    if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work: no CUDA graphs, torch LoRA in graphs
-        from tasktune.serve.cuda_graphs import DecodeStep
+    if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work
+        from serve_variants import main_path, switch, variant_table
 
-        main_step, kernels, fused_linears = engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel
-        from tasktune.lora import triton_ops
-        from tasktune.serve import triton_attention
-        bgmv_defaults = triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N
-
-        variants = {"no_graphs": (False, kernels, ("base", f"a{n_adapters}")),
-                    "graphs_torch_lora": (True, False, (f"a{n_few}", f"a{n_adapters}")),
-                    "attention_split4": (True, kernels, ("base", f"a{n_adapters}")),  # context in 4 chunks (flash-decoding)
-                    "unfused_linears": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # cuBLAS + LoRA pairs
-                    "fused_lora": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # LoRA inside the fused linears
-                    "fused_lora_no_pdl": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # ... without PDL
-                    "no_pdl": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # no programmatic dependent launch
-                    # PDL as in session 9: each kernel waits first, lets the next launch after its main loop
-                    "pdl_wait_first": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),
-                    "no_early": (True, kernels, ("base", f"a{n_few}", f"a{n_adapters}")),  # next launch after the loop
-                    "no_late_wait": (True, kernels, (f"a{n_few}", f"a{n_adapters}")),  # linears wait before their loop
-                    # the BGMV pair's program counts: bgmv_<shrink TARGET_PROGRAMS>_<EXPAND_TILE>[_<EXPAND_MAX_N>]
-                    # (1024 and 2048: session 9's; any such label given to --variants runs)
-                    "bgmv_1024_2048": (True, kernels, (f"a{n_few}", f"a{n_adapters}"))}
-        for label in (args.variants or "").split(","):
-            if label.startswith("bgmv_"):
-                variants[label] = (True, kernels, (f"a{n_few}", f"a{n_adapters}"))
-        if args.variants:
-            variants = {k: v for k, v in variants.items() if k in args.variants.split(",")}
-        if args.autotune_variant:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
-            variants["gemm_autotune"] = (True, kernels, ("base", f"a{n_adapters}"))
+        main = main_path(engine)
+        variants = variant_table(main.kernels, f"a{n_few}", f"a{n_adapters}", args.variants, args.autotune_variant)
         for label, (graphs, use_kernels, names_) in variants.items():
-            if label == "graphs_torch_lora" and not kernels:
+            if label == "graphs_torch_lora" and not main.kernels:
                 continue  # the main run already used torch LoRA
-            triton_attention.default_splits = 4 if label == "attention_split4" else 0
-            engine.model.linear_kernel = fused_linears and label != "unfused_linears"
-            engine.pool.stacks.fused_linears = label.startswith("fused_lora")
-            triton_ops.PDL = not label.endswith("no_pdl")
-            triton_ops.PDL_EARLY = label not in ("pdl_wait_first", "no_early")
-            triton_ops.LATE_WAIT = label not in ("pdl_wait_first", "no_late_wait")
-            sizes = [int(v) for v in label.split("_")[1:4]] if label.startswith("bgmv_") else []
-            triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = (
-                sizes + list(bgmv_defaults)[len(sizes):])
-            triton_ops.launch_config.cache_clear()
-            engine.pool.stacks.kernels = use_kernels
-            if label == "gemm_autotune":
-                engine.model.compile_decode(autotune=True)
-            engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
+            switch(engine, main, label, graphs, use_kernels)
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
                 run_engine(engine, prompts, cases[name], new_tokens, device)
             for name in names_:
@@ -342,12 +305,7 @@ def main() -> None:
                     print(f"  profile: {prof['kernels']} kernels, {prof['kernel_time_s'] * 1e3:.2f} ms of device time; "
                           + ", ".join(f"{k['name'][:28]} {k['time_us']:.0f} us/{k['count']}x"
                                       for k in prof["top_kernels"][:5]), flush=True)
-        engine.decode_step, engine.pool.stacks.kernels = main_step, kernels
-        triton_attention.default_splits, engine.model.linear_kernel = 0, fused_linears
-        engine.pool.stacks.fused_linears, triton_ops.PDL = False, True
-        triton_ops.PDL_EARLY = triton_ops.LATE_WAIT = True
-        triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = bgmv_defaults
-        triton_ops.launch_config.cache_clear()
+        switch(engine, main)
     a_tokens = result.pop("_tokens")
     del engine
     free()

@@ -1,0 +1,75 @@
+"""The serve bench's comparison runs ("variants"): the cases each one times and the switches
+it flips (module settings and the engine's decode step), so that every variant is measured
+in the same run, on the same work, as the main figures."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class MainPath:
+    """The engine's settings in the main run, restored after the variants."""
+    decode_step: object
+    kernels: bool  # Triton LoRA kernels
+    linear_kernel: bool  # fused decode linears
+    bgmv: tuple[int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N
+
+
+def main_path(engine) -> MainPath:
+    from tasktune.lora import triton_ops
+    return MainPath(engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel,
+                    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N))
+
+
+def variant_table(kernels: bool, few: str, many: str, requested: str | None,
+                  autotune: bool) -> dict[str, tuple[bool, bool, tuple[str, ...]]]:
+    """label -> (CUDA graphs, Triton LoRA kernels, the cases it times). requested: the
+    comma-separated labels to keep (None: all); any bgmv_<shrink programs>_<expand tile>
+    [_<expand columns>] label in it runs the BGMV pair at those sizes."""
+    lora = (few, many)
+    every = ("base", few, many)
+    table = {"no_graphs": (False, kernels, ("base", many)),
+             "graphs_torch_lora": (True, False, lora),
+             "attention_split4": (True, kernels, ("base", many)),  # context in 4 chunks (flash-decoding)
+             "unfused_linears": (True, kernels, every),  # cuBLAS + LoRA pairs
+             "fused_lora": (True, kernels, lora),  # LoRA inside the fused linears
+             "fused_lora_no_pdl": (True, kernels, lora),  # ... without PDL
+             "no_pdl": (True, kernels, every),  # no programmatic dependent launch
+             # PDL as in session 9: each kernel waits first, lets the next launch after its main loop
+             "pdl_wait_first": (True, kernels, every),
+             "no_early": (True, kernels, every),  # the next launch after the main loop
+             "no_late_wait": (True, kernels, lora),  # linears wait before their loop
+             "bgmv_1024_2048": (True, kernels, lora)}  # session 9's BGMV sizes
+    labels = requested.split(",") if requested else []
+    table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
+    if requested:
+        table = {k: v for k, v in table.items() if k in labels}
+    if autotune:  # Inductor's Triton GEMM templates timed against cuBLAS (a longer compile)
+        table["gemm_autotune"] = (True, kernels, ("base", many))
+    return table
+
+
+def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True, kernels: bool | None = None) -> None:
+    """Put the engine on variant `label`'s path (a new decode step, its graphs captured on
+    first use), or back on the main path (label None)."""
+    from tasktune.lora import triton_ops
+    from tasktune.serve import triton_attention
+    from tasktune.serve.cuda_graphs import DecodeStep
+
+    name = label or ""
+    triton_attention.default_splits = 4 if name == "attention_split4" else 0
+    engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
+    engine.pool.stacks.fused_linears = name.startswith("fused_lora")
+    triton_ops.PDL = not name.endswith("no_pdl")
+    triton_ops.PDL_EARLY = name not in ("pdl_wait_first", "no_early")
+    triton_ops.LATE_WAIT = name not in ("pdl_wait_first", "no_late_wait")
+    sizes = [int(v) for v in name.split("_")[1:4]] if name.startswith("bgmv_") else []
+    triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = sizes + list(main.bgmv)[len(sizes):]
+    triton_ops.launch_config.cache_clear()
+    engine.pool.stacks.kernels = main.kernels if kernels is None else kernels
+    if label is None:
+        engine.decode_step = main.decode_step
+        return
+    if name == "gemm_autotune":
+        engine.model.compile_decode(autotune=True)
+    engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
