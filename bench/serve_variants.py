@@ -12,20 +12,20 @@ class MainPath:
     decode_step: object
     kernels: bool  # Triton LoRA kernels
     linear_kernel: bool  # fused decode linears
-    bgmv: tuple[int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N
+    bgmv: tuple[int, int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N, TILE
 
 
 def main_path(engine) -> MainPath:
     from tasktune.lora import triton_ops
     return MainPath(engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel,
-                    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N))
+                    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE))
 
 
 def variant_table(kernels: bool, few: str, many: str, requested: str | None,
                   autotune: bool) -> dict[str, tuple[bool, bool, tuple[str, ...]]]:
     """label -> (CUDA graphs, Triton LoRA kernels, the cases it times). requested: the
     comma-separated labels to keep (None: all); any bgmv_<shrink programs>_<expand tile>
-    [_<expand columns>] label in it runs the BGMV pair at those sizes."""
+    [_<expand columns>[_<shrink tile>]] label in it runs the BGMV pair at those sizes."""
     lora = (few, many)
     every = ("base", few, many)
     table = {"no_graphs": (False, kernels, ("base", many)),
@@ -39,7 +39,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "pdl_wait_first": (True, kernels, every),
              "no_early": (True, kernels, every),  # the next launch after the main loop
              "no_late_wait": (True, kernels, lora),  # linears wait before their loop
-             "bgmv_1024_2048": (True, kernels, lora)}  # session 9's BGMV sizes
+             "bgmv_1024_2048": (True, kernels, lora),  # session 9's BGMV sizes
+             "rms_in_shrink": (True, kernels, lora)}  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:
@@ -53,18 +54,20 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     """Put the engine on variant `label`'s path (a new decode step, its graphs captured on
     first use), or back on the main path (label None)."""
     from tasktune.lora import triton_ops
-    from tasktune.serve import triton_attention
+    from tasktune.serve import triton_attention, triton_linear
     from tasktune.serve.cuda_graphs import DecodeStep
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
+    triton_linear.DELTA_BEFORE_RMS = name != "rms_in_shrink"
     triton_ops.PDL = not name.endswith("no_pdl")
     triton_ops.PDL_EARLY = name not in ("pdl_wait_first", "no_early")
     triton_ops.LATE_WAIT = name not in ("pdl_wait_first", "no_late_wait")
-    sizes = [int(v) for v in name.split("_")[1:4]] if name.startswith("bgmv_") else []
-    triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N = sizes + list(main.bgmv)[len(sizes):]
+    sizes = [int(v) for v in name.split("_")[1:5]] if name.startswith("bgmv_") else []
+    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N,
+     triton_ops.TILE) = sizes + list(main.bgmv)[len(sizes):]
     triton_ops.launch_config.cache_clear()
     engine.pool.stacks.kernels = main.kernels if kernels is None else kernels
     if label is None:

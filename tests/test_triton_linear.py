@@ -121,7 +121,8 @@ def test_many_distinct_adapters_in_chunks_over_splits(split_k):
 @pytest.mark.parametrize("name", [n for n, (_, _, _, opts) in CASES.items() if opts.get("modules")])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split_k", [0, 3])
-def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k):
+@pytest.mark.parametrize("rms_in_linear", [False, True], ids=["delta_normed", "rms_in_linear"])
+def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k, rms_in_linear):
     """The decoder's default LoRA path: the BGMV pair computes each row's delta (the RMSNorm
     inside its shrink, lora.triton_ops.lora_delta), which the fused launch adds before
     rounding, SwiGLU and the residual: the same function as LoRA inside the launch."""
@@ -130,13 +131,13 @@ def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k
     M, rows, K, opts = CASES[name]
     args = make(M, rows, K, dtype=dtype, **opts)
     A, B, scaling, ids = args["lora"]
-    delta = lora_delta(args["x"], A, B, scaling, ids, args["bounds"], args["norm"])
+    delta = lora_delta(args["x"], A, B, scaling, ids, args["bounds"], args["norm"], rms=not rms_in_linear)
     assert delta.dtype == torch.float32 and delta.shape == (M, rows)
     assert not delta[ids < 0].any()  # rows without an adapter: exactly 0
     N = rows // 2 if args["swiglu"] else rows
     config = linear_config(M, N, K, split_k=split_k, block_k=64) if split_k else None
     got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"],
-                        swiglu=args["swiglu"], delta=delta, config=config)
+                        swiglu=args["swiglu"], delta=delta, delta_rms=not rms_in_linear, config=config)
     want = reference(**args)
     scale = want.abs().max().item()
     tol = (1e-5 if INTERPRET else 5e-3) * scale if dtype == torch.float32 else 3e-2 * scale

@@ -111,6 +111,22 @@ def test_fused_modules_match_each_module_alone(case, dtype):
 
 
 @needs_kernels
+@pytest.mark.parametrize("rows, d_in", [(3, 600), (260, 2100)])  # 260 rows: one split of 9 K blocks
+def test_delta_with_rmsnorm_folded_into_the_shrink(rows, d_in):
+    """`lora_delta` with the RMSNorm folded into its shrink equals the delta of the
+    normalised input (x * weight rounded to x's dtype, as the fused linear rounds it)."""
+    x, A, B, scaling, _ = make(rows, d_in, 70, 16, 3, torch.float32, seed=7)
+    nw = torch.rand(d_in, device=DEVICE) + 0.5
+    ids = torch.tensor([2, -1, 0] * (rows // 3) + [1] * (rows % 3), device=DEVICE)
+    got = triton_ops.lora_delta(x, A, B, scaling, ids, norm=(nw, 1e-6))
+    d = torch.float64
+    xn = x.to(d) * torch.rsqrt(x.to(d).pow(2).mean(-1, keepdim=True) + 1e-6) * nw.to(d)
+    want = lora_delta_gathered(xn.to(torch.float32).to(d), A.to(d), B.to(d), scaling.to(d), ids)
+    torch.testing.assert_close(got.to(d), want, rtol=1e-4, atol=1e-5)
+    assert not got[1].any()
+
+
+@needs_kernels
 def test_rejects_bad_bounds():
     x, A, B, scaling, y = make(2, 16, 20, 48, 1, torch.float32)
     ids = torch.zeros(2, dtype=torch.long, device=DEVICE)

@@ -54,13 +54,16 @@ TILE = 4096  # elements of A or B one program holds per step ([R, BLOCK_K] or [B
 # shrink: split d_in until N * S reaches about this many programs, at most MAX_SPLIT (the
 # expand re-reads all S partial sums); expand: elements of B one program holds ([BLOCK_N, R]).
 # Alone, 1024 programs and 2048 were fastest (lora_kernel_bench, session 4); in the decode
-# step, where the pair runs beside the LATE fused linear, fewer and fatter programs are
-# (session 10, H200, 32 rows: 23,200 / 22,162 tok/s at 4 / 32 adapters against 22,616 /
-# 21,451 with 1024 and 2048, same run)
-TARGET_PROGRAMS = 256
+# step, where the pair runs beside the LATE fused linear, fatter expand programs are (H200,
+# 32 rows, tok/s at 4 / 32 adapters, each pair of figures from one run: session 10, 256
+# programs and 8192 elements against session 9's 1024 and 2048: 23,200 / 22,162 against
+# 22,616 / 21,451; expand tiles of up to 512 columns instead of 256: 23,942 / 22,624 against
+# 23,120 / 22,098; session 11, 512 shrink programs instead of 256: 25,456 / 24,132 against
+# 24,666 / 23,558, 1024: 25,387 / 23,997; a shrink TILE of 2048: 23,844 / 22,898)
+TARGET_PROGRAMS = 512
 MAX_SPLIT = 32
 EXPAND_TILE = 8192
-EXPAND_MAX_N = 256  # ... and at most this many d_out columns
+EXPAND_MAX_N = 512  # ... and at most this many d_out columns
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -129,9 +132,11 @@ if triton is not None:
 
     @triton.jit
     def _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, S,
-                R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr):
+                R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr,
+                RMS: tl.constexpr):
         """h_part[n, s, :] = A[slot, :, split s] @ act(x[n, split s]) in fp32 (act: x, or
-        RMSNorm(x) * weight with NORM, the fused decode linear's rounding)."""
+        RMSNorm(x) * weight with NORM, the fused decode linear's rounding; without RMS, x *
+        weight: the consumer scales by 1 / rms)."""
         offs_r = tl.arange(0, R)
         offs_k = tl.arange(0, BLOCK_K)
         a_rows = a_ptr + slot * r * d_in + offs_r[:, None] * d_in  # [R, 1] row starts of A[slot]
@@ -145,7 +150,7 @@ if triton is not None:
                 xv = (xv.to(tl.float32) * tl.load(nw_ptr + k, mask=k_ok, other=0.0).to(tl.float32)).to(xv.dtype)
             a = tl.load(a_rows + k[None, :], mask=(offs_r[:, None] < r) & k_ok[None, :], other=0.0)  # [R, BLOCK_K]
             acc += tl.sum(a.to(tl.float32) * xv.to(tl.float32)[None, :], axis=1)  # [R]
-        if NORM:  # each split scales its part by the whole row's 1 / rms (the row is short: read again)
+        if NORM and RMS:  # each split scales its part by the whole row's 1 / rms (the row is short: read again)
             ss = tl.zeros((BLOCK_K,), dtype=tl.float32)
             for k0 in range(0, d_in, BLOCK_K):
                 xf = tl.load(x_ptr + n * stride_xn + k0 + offs_k, mask=k0 + offs_k < d_in, other=0.0).to(tl.float32)
@@ -208,6 +213,7 @@ if triton is not None:
         d_in, r, stride_xn,
         R: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,  # K_SPLIT: a multiple of BLOCK_K
         PDL: tl.constexpr = False, NORM: tl.constexpr = False, EARLY: tl.constexpr = False,
+        RMS: tl.constexpr = True,  # NORM: times 1 / rms(x) too (else the delta's consumer applies it)
     ):
         n = tl.program_id(0)
         s = tl.program_id(1)
@@ -218,7 +224,7 @@ if triton is not None:
                 tl.extra.cuda.gdc_launch_dependents()
         if slot >= 0:
             _shrink(x_ptr, a_ptr, h_ptr, nw_ptr, eps, n, s, slot, d_in, r, stride_xn, tl.num_programs(1), R, BLOCK_K,
-                    K_SPLIT, NORM)
+                    K_SPLIT, NORM, RMS)
         if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
 
@@ -277,8 +283,8 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
 
 def lora_apply_(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-    bounds: tuple[int, ...] = (), *, norm: tuple[torch.Tensor, float] | None = None, store: bool = False,
-    _h: torch.Tensor | None = None,
+    bounds: tuple[int, ...] = (), *, norm: tuple[torch.Tensor, float] | None = None, rms: bool = True,
+    store: bool = False, _h: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """y[n] += scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ x[n]) for rows with ids[n] >= 0, in
     place; rows with -1 are left untouched. Returns y.
@@ -288,7 +294,8 @@ def lora_apply_(
     A fused linear of M modules (bounds: the first output column of modules 2..M, at most
     3 modules): A: [n_slots, M * r, d_in], B: [n_slots, d_out, r], and column c uses the
     rank-r block of A of the module it belongs to.
-    norm = (weight [d_in], eps): the adapters read RMSNorm(x) * weight instead of x.
+    norm = (weight [d_in], eps): the adapters read RMSNorm(x) * weight instead of x; with rms
+    False, x * weight (rounded to x's dtype), whose delta the caller scales by 1 / rms(x).
     store: y (fp32) becomes the delta itself, 0 on rows without an adapter, instead of
     having it added (`lora_delta`: what the fused decode linear adds in its epilogue)."""
     n_rows, d_in = x.shape
@@ -321,7 +328,7 @@ def lora_apply_(
     tiles = triton.cdiv(d_out, cfg.BLOCK_N)
     bgmv_shrink[(n_rows, cfg.S)](
         x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
-        NORM=norm is not None, EARLY=early, **launch,
+        NORM=norm is not None, EARLY=early, RMS=rms, **launch,
     )
     bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
@@ -331,11 +338,13 @@ def lora_apply_(
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-               bounds: tuple[int, ...] = (), norm: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+               bounds: tuple[int, ...] = (), norm: tuple[torch.Tensor, float] | None = None,
+               rms: bool = True) -> torch.Tensor:
     """Each row's LoRA delta, scaling[ids[n]] * B[ids[n]] @ (A[ids[n]] @ act(x[n])), as a new
     fp32 [N, d_out] tensor (0 on rows without an adapter): the fused decode linear adds it to
     its fp32 accumulator before rounding, SwiGLU and the residual (triton_linear). act: x,
-    or RMSNorm(x) * weight for norm = (weight, eps). Shapes as `lora_apply_`.
+    or RMSNorm(x) * weight for norm = (weight, eps) (rms False: x * weight, the fused linear
+    scaling projection and delta by 1 / rms together). Shapes as `lora_apply_`.
     The shrink's partial sums live in the same allocation, after the delta, so they stay
     allocated while the delta does: a LATE fused linear (PDL_EARLY) runs beside this pair
     and must not be handed their memory for its split-K workspace."""
@@ -345,7 +354,7 @@ def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch
     buf = torch.empty(at + (n_rows * cfg.S * cfg.R if cfg else 0), dtype=torch.float32, device=x.device)
     y = buf[:n_rows * d_out].view(n_rows, d_out)
     h = buf[at:].view(n_rows, cfg.S, cfg.R) if cfg else None
-    return lora_apply_(y, x, A, B, scaling, ids, bounds, norm=norm, store=True, _h=h)
+    return lora_apply_(y, x, A, B, scaling, ids, bounds, norm=norm, rms=rms, store=True, _h=h)
 
 
 @torch.library.custom_op("tasktune::bgmv_lora", mutates_args=("y",))
@@ -363,12 +372,12 @@ def _(y, x, A, B, scaling, ids, bounds) -> None:
 
 @torch.library.custom_op("tasktune::bgmv_delta", mutates_args=())
 def bgmv_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
-               bounds: list[int], norm_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+               bounds: list[int], norm_weight: torch.Tensor | None, eps: float, rms: bool = True) -> torch.Tensor:
     """`lora_delta` as an operator torch.compile keeps whole."""
-    return lora_delta(x, A, B, scaling, ids, tuple(bounds), None if norm_weight is None else (norm_weight, eps))
+    return lora_delta(x, A, B, scaling, ids, tuple(bounds), None if norm_weight is None else (norm_weight, eps), rms)
 
 
 @bgmv_delta.register_fake
-def _(x, A, B, scaling, ids, bounds, norm_weight, eps):
+def _(x, A, B, scaling, ids, bounds, norm_weight, eps, rms=True):
     return x.new_empty(x.shape[0], B.shape[1], dtype=torch.float32)
 

@@ -223,6 +223,7 @@ class Block(nn.Module):
         norm inside its shrink) and join the projection in the fused launch's epilogue, or
         (`LoraStacks.fused_linears`) the fused launch computes them itself."""
         a, m = self.self_attn, self.mlp
+        rms = not triton_linear.DELTA_BEFORE_RMS  # whether the BGMV shrink applies a norm's 1 / rms itself
 
         def lin(parent: nn.Module, name: str, x_in: torch.Tensor, norm: RMSNorm | None, residual=None,
                 swiglu: bool = False) -> torch.Tensor:
@@ -237,10 +238,10 @@ class Block(nn.Module):
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
                 if not lora.fused_linears:
                     delta = torch.ops.tasktune.bgmv_delta(x_in, A.contiguous(), B, scaling, ids, bounds, nw,
-                                                          self.cfg.rms_norm_eps)
+                                                          self.cfg.rms_norm_eps, rms)
                     A = B = scaling = ids = None
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds, delta)
+                                                    swiglu, A, B, scaling, ids, bounds, delta, rms)
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)

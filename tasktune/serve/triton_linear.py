@@ -56,6 +56,10 @@ from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
+# The decoder's BGMV deltas for a normed linear leave out the 1 / rms, which this kernel then
+# applies to projection and delta together: the shrink skips its second read of the row (False:
+# the shrink scales each part, session 10)
+DELTA_BEFORE_RMS = True
 MAX_RANK = 64
 SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
@@ -86,6 +90,7 @@ if triton is not None:
         MODULES: tl.constexpr, S: tl.constexpr, SHRINK_K: tl.constexpr, SHRINK_BLOCK_K: tl.constexpr,
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
         EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
+        DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -174,9 +179,10 @@ if triton is not None:
             done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
         if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
-            acc = acc * rstd[None, :]
-            if SWIGLU:
-                acc_u = acc_u * rstd[None, :]
+            if DELTA_RMS or not HAS_DELTA:  # else once the delta has joined
+                acc = acc * rstd[None, :]
+                if SWIGLU:
+                    acc_u = acc_u * rstd[None, :]
         if PDL and LATE:  # only the delta is the previous kernel's output (x was made before its shrink)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
@@ -185,6 +191,10 @@ if triton is not None:
             acc += tl.load(d_ptr + offs_m[None, :] * stride_dm + offs_n[:, None], mask=d_ok, other=0.0)
             if SWIGLU:
                 acc_u += tl.load(d_ptr + offs_m[None, :] * stride_dm + N + offs_n[:, None], mask=d_ok, other=0.0)
+            if NORM and not DELTA_RMS:
+                acc = acc * rstd[None, :]
+                if SWIGLU:
+                    acc_u = acc_u * rstd[None, :]
         if HAS_BIAS:
             acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None]
             if SWIGLU:
@@ -245,7 +255,7 @@ def _counter_buffer(device: torch.device) -> torch.Tensor:
 def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None,
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
-                  bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None,
+                  bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
                   config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
@@ -257,7 +267,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     adapter's tile as one run), scaling [slots], ids [M], -1 for no adapter); bounds: the
     first weight row of modules 2.. of a fused linear (swiglu: exactly (N,)).
     delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
-    residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`)."""
+    residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`). With
+    norm and delta_rms False the delta is that of x * weight (lora_delta(..., rms=False)), and
+    the kernel scales projection and delta by 1 / rms together."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -320,7 +332,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        HAS_DELTA=delta is not None,
+        HAS_DELTA=delta is not None, DELTA_RMS=delta_rms,
         UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
         **pdl_meta, **({"launch_pdl": True} if pdl else {}),
     )
@@ -331,13 +343,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int], delta: torch.Tensor | None = None) -> torch.Tensor:
+                     bounds: list[int], delta: torch.Tensor | None = None, delta_rms: bool = True) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
                          swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
-                         delta=delta)
+                         delta=delta, delta_rms=delta_rms)
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, delta_rms=True):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
