@@ -164,7 +164,7 @@ def main() -> None:
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
                          "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, pdl_wait_first, "
-                         "no_early, no_late_wait, bgmv_1024_2048, rms_in_shrink, expand_in_grid)")
+                         "no_early, no_late_wait, bgmv_1024_2048, rms_in_shrink)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")

@@ -101,15 +101,13 @@ KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON
     pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+linears", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+fused", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
-    pytest.param("compiled+kernels+linears+expand", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
 ])
 def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
     """What the GPU runs, on the CPU: the decode step's LoRA and attention through the Triton
     kernels (one LoRA launch pair per fused linear; under the interpreter; +linears: each
     linear with its norm, activation and residual as one triton_linear launch, as a GPU runs
     batches of up to 64, the pair's LoRA delta added inside it; +fused: LoRA inside that
-    launch too; +expand: the pair's expand as programs of that launch, after a shrink launch)
-    and/or every block through torch.compile (aot_eager: no C compiler needed)
+    launch too) and/or every block through torch.compile (aot_eager: no C compiler needed)
     -> the same greedy tokens."""
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
@@ -126,13 +124,9 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     if "fused" in variant or "linears" in variant:
         eng.model.linear_kernel = True
         eng.pool.stacks.fused_linears = "fused" in variant  # LoRA inside them too (off by default: slower on an H200)
-        monkeypatch.setattr(triton_linear, "EXPAND_IN_GRID", "expand" in variant)
         linear = triton_linear.decode_linear
         monkeypatch.setattr(triton_linear, "decode_linear", lambda *a, **k: fused.append(
-            (k["swiglu"], k["lora"] is not None, k["delta"] is not None or k["shrunk"] is not None)) or linear(*a, **k))
-        shrink = triton_ops.lora_shrink
-        monkeypatch.setattr(triton_ops, "lora_shrink",  # recorded as the pair's bounds: one per module after the first
-                            lambda *a, **k: launches.append([0] * (a[3] - 1)) or shrink(*a, **k))
+            (k["swiglu"], k["lora"] is not None, k["delta"] is not None)) or linear(*a, **k))
     if "compiled" in variant:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()

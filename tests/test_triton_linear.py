@@ -146,29 +146,6 @@ def test_lora_delta_from_the_bgmv_pair_joins_the_projection(name, dtype, split_k
         decode_linear(args["x"], args["W"], delta=delta[:, :-1].contiguous())
 
 
-@pytest.mark.parametrize("name", [n for n, (_, _, _, opts) in CASES.items() if opts.get("modules")])
-@pytest.mark.parametrize("split_k", [0, 3])
-@pytest.mark.parametrize("rms_in_linear", [False, True], ids=["delta_normed", "rms_in_linear"])
-def test_expand_programs_in_the_linears_grid(name, split_k, rms_in_linear):
-    """The BGMV expand as programs of the linear's own launch (EXPAND_IN_GRID), from the
-    shrink launch's parts: the same function, and every counter back at zero."""
-    from tasktune.lora.triton_ops import lora_shrink
-
-    M, rows, K, opts = CASES[name]
-    args = make(M, rows, K, dtype=torch.bfloat16, **opts)
-    A, B, scaling, ids = args["lora"]
-    h = lora_shrink(args["x"], A, ids, len(args["bounds"]) + 1, args["norm"], rms=not rms_in_linear)
-    N = rows // 2 if args["swiglu"] else rows
-    config = linear_config(M, N, K, split_k=split_k, block_k=64) if split_k else None
-    got = decode_linear(args["x"], args["W"], args["bias"], args["residual"], norm=args["norm"], swiglu=args["swiglu"],
-                        bounds=args["bounds"], shrunk=(h, B, scaling, ids), delta_rms=not rms_in_linear, config=config)
-    want = reference(**args)
-    assert (got.double() - want).abs().max().item() <= 3e-2 * want.abs().max().item()
-    assert int(triton_linear._counter_buffer(got.device).abs().sum()) == 0
-    with pytest.raises(ValueError, match="shrunk"):
-        decode_linear(args["x"], args["W"], bounds=args["bounds"], shrunk=(h[:, :, :8].contiguous(), B, scaling, ids))
-
-
 def test_rows_without_adapter_equal_the_base_projection():
     args = make(6, 64, 48, dtype=torch.float32, modules=1)
     args["lora"][3].fill_(-1)

@@ -324,37 +324,17 @@ def lora_apply_(
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {d_in} inputs")
     if store and y.dtype != torch.float32:
         raise ValueError(f"store: the delta is float32, not {y.dtype}")
-    _launch_shrink(x, A, ids, h, cfg, norm, rms)
-    bgmv_expand[(n_rows, triton.cdiv(d_out, cfg.BLOCK_N))](
+    nw, eps = norm if norm is not None else (x, 0.0)
+    tiles = triton.cdiv(d_out, cfg.BLOCK_N)
+    bgmv_shrink[(n_rows, cfg.S)](
+        x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
+        NORM=norm is not None, EARLY=early, RMS=rms, **launch,
+    )
+    bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
         S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, EARLY=early, **launch,
     )
     return y
-
-
-def _launch_shrink(x, A, ids, h, cfg: LaunchConfig, norm, rms: bool) -> None:
-    pdl = use_pdl(x.device)
-    nw, eps = norm if norm is not None else (x, 0.0)
-    bgmv_shrink[(x.shape[0], cfg.S)](
-        x, A, ids, h, nw, eps, x.shape[1], A.shape[1], x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
-        PDL=pdl, NORM=norm is not None, EARLY=pdl and PDL_EARLY, RMS=rms, **({"launch_pdl": True} if pdl else {}),
-    )
-
-
-def lora_shrink(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, modules: int = 1,
-                norm: tuple[torch.Tensor, float] | None = None, rms: bool = True) -> torch.Tensor:
-    """The shrink alone: fp32 [N, S, R] parts of each row's A[ids[n]] @ act(x[n]) (`launch_config`'s
-    S and R; rows with id -1 are not written), which the fused decode linear's expand programs
-    sum (triton_linear). A: [n_slots, modules * r, d_in]; norm and rms as `lora_apply_`."""
-    n_rows, d_in = x.shape
-    r = A.shape[1] // modules
-    if A.shape[1] != modules * r or A.shape[2] != d_in or not A.is_contiguous() or x.stride(1) != 1 or r > MAX_RANK:
-        raise ValueError(f"shrink shapes: x {tuple(x.shape)}, A {tuple(A.shape)}, {modules} modules")
-    cfg = launch_config(n_rows, d_in, 1, r, modules)
-    h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device)
-    if n_rows:
-        _launch_shrink(x, A, ids, h, cfg, norm, rms)
-    return h
 
 
 def lora_delta(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,

@@ -224,8 +224,6 @@ class Block(nn.Module):
         (`LoraStacks.fused_linears`) the fused launch computes them itself."""
         a, m = self.self_attn, self.mlp
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the BGMV shrink applies a norm's 1 / rms itself
-        # the BGMV expand as programs of the linear's launch, after the shrink's (triton_linear)
-        expand_in_grid = triton_linear.EXPAND_IN_GRID and lora is not None and not lora.fused_linears
 
         def lin(parent: nn.Module, name: str, x_in: torch.Tensor, norm: RMSNorm | None, residual=None,
                 swiglu: bool = False) -> torch.Tensor:
@@ -238,12 +236,12 @@ class Block(nn.Module):
             if ab is not None:
                 (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
-                if not lora.fused_linears and not expand_in_grid:
+                if not lora.fused_linears:
                     delta = torch.ops.tasktune.bgmv_delta(x_in, A.contiguous(), B, scaling, ids, bounds, nw,
                                                           self.cfg.rms_norm_eps, rms)
                     A = B = scaling = ids = None
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds, delta, rms, expand_in_grid)
+                                                    swiglu, A, B, scaling, ids, bounds, delta, rms)
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)

@@ -60,9 +60,6 @@ MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 # applies to projection and delta together: the shrink skips its second read of the row (False:
 # the shrink scales each part, session 10)
 DELTA_BEFORE_RMS = True
-# ... and the BGMV expand runs as programs of the linear's own grid (each N block's epilogue
-# spins on its columns' expand tiles) instead of a launch between the shrink and the linear
-EXPAND_IN_GRID = False
 MAX_RANK = 64
 SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
@@ -79,8 +76,7 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import (distinct_adapters, expand_delta, expand_program, k_partial,
-                                                      wait_tiles)
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
 
     @triton.jit
     def _decode_linear(
@@ -95,19 +91,9 @@ if triton is not None:
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
         EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
         DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
-        # expand programs in this grid (lowest ids), from a shrink launch's parts (EXPAND_IN_GRID):
-        EXPAND_E: tl.constexpr = 0, TILES_E: tl.constexpr = 1, BLOCK_N_E: tl.constexpr = 32, R_E: tl.constexpr = 16,
-        R_MODULE_E: tl.constexpr = 16, S_E: tl.constexpr = 1, ROWS_E: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
-        if EXPAND_E > 0:
-            if pid < EXPAND_E:
-                expand_program(pid, s_ptr, b_ptr, scale_ptr, ids_ptr, d_ptr, cnt_ptr + n_blocks + 2, r, stride_dm,
-                               bound1, bound2, stride_bs, stride_bn, stride_br, ROWS_E, TILES_E, R_E, R_MODULE_E,
-                               BLOCK_N_E, S_E, MODULES, PDL)
-                return
-            pid -= EXPAND_E
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
         if LORA:
@@ -197,16 +183,7 @@ if triton is not None:
                 acc = acc * rstd[None, :]
                 if SWIGLU:
                     acc_u = acc_u * rstd[None, :]
-        if EXPAND_E > 0:  # the delta of this block's columns is this grid's expand programs' output
-            c0 = block * BLOCK_N
-            c1 = tl.minimum(c0 + BLOCK_N, N) - 1
-            wait_tiles(cnt_ptr + n_blocks + 2, c0, c1, M, BLOCK_N_E, UPCAST)
-            if SWIGLU:
-                wait_tiles(cnt_ptr + n_blocks + 2, N + c0, N + c1, M, BLOCK_N_E, UPCAST)
-            done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")  # after the wait: the last resets
-            if PDL and LATE:
-                tl.extra.cuda.gdc_launch_dependents()
-        elif PDL and LATE:  # only the delta is the previous kernel's output (x was made before its shrink)
+        if PDL and LATE:  # only the delta is the previous kernel's output (x was made before its shrink)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if HAS_DELTA:  # LoRA's delta computed before this launch (lora.triton_ops.lora_delta), fp32
@@ -232,13 +209,10 @@ if triton is not None:
             res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=ok, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
-        if LORA or EXPAND_E > 0:
-            if done == n_blocks - 1:  # the last N block: reset the shrink (or tile) and done counts for the next launch
+        if LORA:
+            if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
                 tl.store(cnt_ptr + n_blocks, 0)
                 tl.store(cnt_ptr + n_blocks + 1, 0)
-                if EXPAND_E > 0:
-                    for t in tl.static_range(TILES_E):
-                        tl.store(cnt_ptr + n_blocks + 2 + t, 0)
 
 
 @dataclass(frozen=True)
@@ -282,7 +256,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
-                  shrunk: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
@@ -296,10 +269,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
     residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`). With
     norm and delta_rms False the delta is that of x * weight (lora_delta(..., rms=False)), and
-    the kernel scales projection and delta by 1 / rms together.
-    shrunk = (h, B, scaling, ids): the delta's expand as programs of this launch (lowest ids),
-    from the parts h of lora.triton_ops.lora_shrink (the same delta as lora_delta with h's
-    norm and rms), each N block's epilogue spinning on its expand tiles' counts."""
+    the kernel scales projection and delta by 1 / rms together."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -351,26 +321,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
-    expand = {}
-    if shrunk is not None:  # the expand as programs of this grid, from the shrink launch's parts
-        h, B, scaling, ids = shrunk
-        modules, r = len(bounds) + 1, B.shape[2]
-        ecfg = triton_ops.launch_config(M, K, rows, r, modules)
-        tiles = triton.cdiv(rows, ecfg.BLOCK_N)
-        if (delta is not None or lora is not None or modules > 3 or B.shape[1] != rows or ids.shape != (M,)
-                or h.shape != (M, ecfg.S, ecfg.R) or (swiglu and tuple(bounds) != (N,)) or cfg.BLOCK_N > ecfg.BLOCK_N
-                or not all(t.is_contiguous() for t in (h, scaling, ids))):
-            raise ValueError(f"shrunk shapes: h {tuple(h.shape)}, B {tuple(B.shape)}, ids {tuple(ids.shape)}, "
-                             f"bounds {tuple(bounds)} for a [{rows}, {K}] weight (not with delta or lora)")
-        if n_blocks + 2 + tiles > COUNTERS:
-            raise ValueError(f"{N} outputs need {n_blocks + 2 + tiles} counters (> {COUNTERS})")
-        b1, b2 = (list(bounds) + [rows, rows])[:2]
-        delta = torch.empty(M, rows, dtype=torch.float32, device=device)
-        lora_args, strides = (x, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
-        meta["MODULES"] = modules
-        expand = dict(EXPAND_E=M * tiles, TILES_E=tiles, BLOCK_N_E=ecfg.BLOCK_N, R_E=ecfg.R, R_MODULE_E=ecfg.R_MODULE,
-                      S_E=ecfg.S, ROWS_E=rows)
-    grid = (expand.get("EXPAND_E", 0) + shrink_programs + n_blocks * cfg.SPLIT_K,)
+    grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     pdl = use_pdl(device)
     pdl_meta = dict(EARLY=pdl and triton_ops.PDL_EARLY, LATE=pdl and delta is not None and triton_ops.LATE_WAIT)
     _decode_linear[grid](
@@ -383,7 +334,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None, DELTA_RMS=delta_rms,
         UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-        **pdl_meta, **expand, **({"launch_pdl": True} if pdl else {}),
+        **pdl_meta, **({"launch_pdl": True} if pdl else {}),
     )
     return y
 
@@ -392,22 +343,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int], delta: torch.Tensor | None = None, delta_rms: bool = True,
-                     expand_in_grid: bool = False) -> torch.Tensor:
+                     bounds: list[int], delta: torch.Tensor | None = None, delta_rms: bool = True) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
-    norm = None if norm_weight is None else (norm_weight, eps)
-    lora = shrunk = None
-    if A is not None and expand_in_grid:  # LoRA as the BGMV shrink launch + expand programs in this launch
-        h = triton_ops.lora_shrink(x, A, ids, len(bounds) + 1, norm, delta_rms)
-        shrunk = (h, B, scaling, ids)
-    elif A is not None:
-        lora = (A, B, scaling, ids)
-    return decode_linear(x, weight, bias, residual, norm=norm, swiglu=swiglu, lora=lora, bounds=tuple(bounds),
-                         delta=delta, delta_rms=delta_rms, shrunk=shrunk)
+    return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
+                         swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
+                         delta=delta, delta_rms=delta_rms)
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, delta_rms=True,
-      expand_in_grid=False):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, delta_rms=True):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])
-

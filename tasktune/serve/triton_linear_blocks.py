@@ -9,8 +9,6 @@ from tasktune.lora.triton_ops import triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.lora.triton_ops import _expand, _load_b
-
     @triton.jit
     def load_act(x_ptr, nw_ptr, rows, k, row_ok, k_ok, stride_xm, NORM: tl.constexpr):
         """[rows, k] of the linear's input: x, or x * the RMSNorm weight (rounded to x's dtype;
@@ -134,34 +132,3 @@ if triton is not None:
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
                                     MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
         return delta
-
-    @triton.jit
-    def expand_program(pid, h_ptr, b_ptr, scale_ptr, ids_ptr, d_ptr, cnt_ptr, r, stride_dm, bound1, bound2,
-                       stride_bs, stride_bn, stride_br, D_OUT: tl.constexpr, TILES: tl.constexpr,
-                       R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
-                       MODULES: tl.constexpr, PDL: tl.constexpr):
-        """The BGMV expand of (row, tile) pid as a program of the linear's own grid: the delta
-        of row n's columns of tile t from the shrink launch's parts h (fp32, 0 for no adapter),
-        then its tile's count + 1 for the linear's epilogues (`wait_tiles`)."""
-        n = pid // TILES
-        t = pid % TILES
-        slot = tl.load(ids_ptr + n).to(tl.int64)
-        b = _load_b(b_ptr, slot, t, D_OUT, r, stride_bs, stride_bn, stride_br, R_MODULE, BLOCK_N)
-        scale = tl.load(scale_ptr + tl.maximum(slot, 0)).to(tl.float32)
-        if PDL:  # h is the shrink launch's output
-            tl.extra.cuda.gdc_wait()
-            tl.extra.cuda.gdc_launch_dependents()
-        _expand(h_ptr, b, scale, d_ptr, n, t, slot, D_OUT, r, stride_dm, bound1, bound2, R, R_MODULE, BLOCK_N, S,
-                MODULES, True)
-        tl.atomic_add(cnt_ptr + t, 1, sem="release")
-
-    @triton.jit
-    def wait_tiles(cnt_ptr, lo, hi, rows, BLOCK_N: tl.constexpr, INTERPRETED: tl.constexpr):
-        """Spin until the expand tiles holding columns lo and hi (an N block's first and last,
-        at most two tiles apart by one) have all `rows` rows' programs done."""
-        seen = load_acquire(cnt_ptr + lo // BLOCK_N, INTERPRETED)
-        while seen < rows:
-            seen = load_acquire(cnt_ptr + lo // BLOCK_N, INTERPRETED)
-        seen = load_acquire(cnt_ptr + hi // BLOCK_N, INTERPRETED)
-        while seen < rows:
-            seen = load_acquire(cnt_ptr + hi // BLOCK_N, INTERPRETED)
