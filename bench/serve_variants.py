@@ -40,8 +40,7 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "no_early": (True, kernels, every),  # the next launch after the main loop
              "no_late_wait": (True, kernels, lora),  # linears wait before their loop
              "bgmv_1024_2048": (True, kernels, lora),  # session 9's BGMV sizes
-             "rms_in_shrink": (True, kernels, lora),  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
-             "parts_loop": (True, kernels, lora)}  # the BGMV expand sums the shrink's parts in a loop
+             "rms_in_shrink": (True, kernels, lora)}  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:
@@ -63,7 +62,6 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     triton_linear.DELTA_BEFORE_RMS = name != "rms_in_shrink"
-    triton_ops.PARTS_2D = name != "parts_loop"
     triton_ops.PDL = not name.endswith("no_pdl")
     triton_ops.PDL_EARLY = name not in ("pdl_wait_first", "no_early")
     triton_ops.LATE_WAIT = name not in ("pdl_wait_first", "no_late_wait")

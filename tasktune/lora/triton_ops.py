@@ -64,7 +64,6 @@ TARGET_PROGRAMS = 512
 MAX_SPLIT = 32
 EXPAND_TILE = 8192
 EXPAND_MAX_N = 512  # ... and at most this many d_out columns
-PARTS_2D = True  # the expand reads the shrink's parts as one 2-D tile a module (False: a loop over them)
 
 
 def available(device: torch.device | str | None = None) -> bool:
@@ -172,7 +171,7 @@ if triton is not None:
     @triton.jit
     def _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2,
                 R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr,
-                MODULES: tl.constexpr, STORE: tl.constexpr, S_PAD: tl.constexpr):
+                MODULES: tl.constexpr, STORE: tl.constexpr):
         """y[n, tile t] += scale * b @ h[n] (the shrink's S parts summed in a fixed order; each
         column takes its module's rows of h), rounded once to y's dtype; STORE: y (fp32) = the
         delta itself, 0 for slot < 0 (others leave rows without an adapter untouched)."""
@@ -188,23 +187,13 @@ if triton is not None:
             h0 = tl.zeros((R_MODULE,), dtype=tl.float32)  # each module's h = A_m @ x: rows m * r ... of h
             h1 = tl.zeros((R_MODULE,), dtype=tl.float32)
             h2 = tl.zeros((R_MODULE,), dtype=tl.float32)
-            if S_PAD > 0:  # the shrink's S parts as one [S_PAD, rank] load a module, summed (a fixed tree)
-                offs_s = tl.arange(0, S_PAD)
-                parts = h_ptr + (n * S + offs_s[:, None]) * R + offs_r[None, :]
-                ok = (offs_s[:, None] < S) & r_ok[None, :]
-                h0 = tl.sum(tl.load(parts, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+            for s in range(S):  # the shrink's partial sums, in a fixed order
+                row = h_ptr + (n * S + s) * R + offs_r
+                h0 += tl.load(row, mask=r_ok, other=0.0, cache_modifier=".cg")
                 if MODULES > 1:
-                    h1 = tl.sum(tl.load(parts + r, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
+                    h1 += tl.load(row + r, mask=r_ok, other=0.0, cache_modifier=".cg")
                 if MODULES > 2:
-                    h2 = tl.sum(tl.load(parts + 2 * r, mask=ok, other=0.0, cache_modifier=".cg"), axis=0)
-            else:
-                for s in range(S):  # the shrink's partial sums, in a fixed order
-                    row = h_ptr + (n * S + s) * R + offs_r
-                    h0 += tl.load(row, mask=r_ok, other=0.0, cache_modifier=".cg")
-                    if MODULES > 1:
-                        h1 += tl.load(row + r, mask=r_ok, other=0.0, cache_modifier=".cg")
-                    if MODULES > 2:
-                        h2 += tl.load(row + 2 * r, mask=r_ok, other=0.0, cache_modifier=".cg")
+                    h2 += tl.load(row + 2 * r, mask=r_ok, other=0.0, cache_modifier=".cg")
             h = tl.broadcast_to(h0[None, :], (BLOCK_N, R_MODULE))
             if MODULES > 1:  # each column takes the h of the module it belongs to
                 module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # [BLOCK_N]
@@ -247,7 +236,6 @@ if triton is not None:
         R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_N: tl.constexpr, S: tl.constexpr, MODULES: tl.constexpr,
         PDL: tl.constexpr = False, STORE: tl.constexpr = False,  # STORE: y = the delta (fp32; 0 for no adapter)
         EARLY: tl.constexpr = False,  # the next kernel may launch before this one's wait (a LATE fused linear)
-        S_PAD: tl.constexpr = 0,  # > 0: h's S parts read as one [S_PAD, rank] tile (PARTS_2D), 0: a loop
     ):
         n = tl.program_id(0)
         t = tl.program_id(1)
@@ -259,7 +247,7 @@ if triton is not None:
                 tl.extra.cuda.gdc_launch_dependents()  # predecessor (the shrink) had waited for
             tl.extra.cuda.gdc_wait()
         _expand(h_ptr, b, scale, y_ptr, n, t, slot, d_out, r, stride_yn, bound1, bound2, R, R_MODULE, BLOCK_N, S,
-                MODULES, STORE, S_PAD)
+                MODULES, STORE)
 
 
 def _pow2_at_least(v: int, lo: int) -> int:
@@ -344,8 +332,7 @@ def lora_apply_(
     )
     bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, EARLY=early, S_PAD=_pow2_at_least(cfg.S, 2) if PARTS_2D else 0,
-        **launch,
+        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, EARLY=early, **launch,
     )
     return y
 
