@@ -220,7 +220,8 @@ class Block(nn.Module):
         qkv; attention; o + residual; RMSNorm + gate_up + silu * up; down + residual. Norms,
         activation and residual adds need no kernels of their own. With adapters, each
         linear's rows' LoRA deltas come from the BGMV pair (`lora.triton_ops.lora_delta`, the
-        norm inside its shrink) and join the projection in the fused launch's epilogue, or
+        norm's weight inside its shrink) and join the projection in the fused launch's
+        epilogue, before the 1 / rms that scales both (triton_linear.DELTA_BEFORE_RMS), or
         (`LoraStacks.fused_linears`) the fused launch computes them itself."""
         a, m = self.self_attn, self.mlp
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the BGMV shrink applies a norm's 1 / rms itself
