@@ -13,12 +13,15 @@ class MainPath:
     kernels: bool  # Triton LoRA kernels
     linear_kernel: bool  # fused decode linears
     bgmv: tuple[int, int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N, TILE
+    switches: tuple[bool, bool, bool, bool]  # triton_ops PDL, PDL_EARLY, LATE_WAIT; triton_linear.DELTA_BEFORE_RMS
 
 
 def main_path(engine) -> MainPath:
     from tasktune.lora import triton_ops
+    from tasktune.serve import triton_linear
     return MainPath(engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel,
-                    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE))
+                    (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE),
+                    (triton_ops.PDL, triton_ops.PDL_EARLY, triton_ops.LATE_WAIT, triton_linear.DELTA_BEFORE_RMS))
 
 
 def variant_table(kernels: bool, few: str, many: str, requested: str | None,
@@ -52,7 +55,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
 
 def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True, kernels: bool | None = None) -> None:
     """Put the engine on variant `label`'s path (a new decode step, its graphs captured on
-    first use), or back on the main path (label None)."""
+    first use): the main path's settings with the variant's own changes, or back on the main
+    path (label None)."""
     from tasktune.lora import triton_ops
     from tasktune.serve import triton_attention, triton_linear
     from tasktune.serve.cuda_graphs import DecodeStep
@@ -61,10 +65,11 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
-    triton_linear.DELTA_BEFORE_RMS = name != "rms_in_shrink"
-    triton_ops.PDL = not name.endswith("no_pdl")
-    triton_ops.PDL_EARLY = name not in ("pdl_wait_first", "no_early")
-    triton_ops.LATE_WAIT = name not in ("pdl_wait_first", "no_late_wait")
+    pdl, early, late, before_rms = main.switches
+    triton_linear.DELTA_BEFORE_RMS = before_rms and name != "rms_in_shrink"
+    triton_ops.PDL = pdl and not name.endswith("no_pdl")
+    triton_ops.PDL_EARLY = early and name not in ("pdl_wait_first", "no_early")
+    triton_ops.LATE_WAIT = late and name not in ("pdl_wait_first", "no_late_wait")
     sizes = [int(v) for v in name.split("_")[1:5]] if name.startswith("bgmv_") else []
     (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N,
      triton_ops.TILE) = sizes + list(main.bgmv)[len(sizes):]
