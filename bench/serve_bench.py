@@ -45,6 +45,7 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
+from serve_variants import main_path, switch, variant_table  # noqa: E402
 
 FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
 TOP_KERNELS = 14  # the profile lists the kernels that take most of a decode step's device time
@@ -162,9 +163,9 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
-                    help="comma-separated comparison runs to do (default all: no_graphs, graphs_torch_lora, "
-                         "attention_split4, unfused_linears, fused_lora, fused_lora_no_pdl, no_pdl, pdl_wait_first, "
-                         "no_early, no_late_wait, bgmv_1024_2048, rms_in_shrink)")
+                    help="comma-separated comparison runs to do (default all: "
+                         + ", ".join(variant_table(True, "", "", None, False))
+                         + "; any bgmv_<programs>_<expand tile>[_<columns>[_<shrink tile>]] too)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
@@ -283,8 +284,6 @@ def main() -> None:
         except Exception as e:  # diagnostics only
             result["profile"] = {"error": f"{type(e).__name__}: {e}"}
     if device.type == "cuda" and not args.skip_variants:  # what each piece buys, on the same work
-        from serve_variants import main_path, switch, variant_table
-
         main = main_path(engine)
         variants = variant_table(main.kernels, f"a{n_few}", f"a{n_adapters}", args.variants, args.autotune_variant)
         for label, (graphs, use_kernels, names_) in variants.items():
