@@ -28,6 +28,7 @@ weights once) / device-to-device copy bandwidth measured here (bytes read + writ
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import statistics
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
+from serve_timing import StepClock, graph_replay_s, summarise  # noqa: E402
 from serve_variants import main_path, switch, variant_table  # noqa: E402
 
 FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
@@ -88,13 +90,12 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device) -> dict:
     t1 = time.perf_counter()
     if any(len(s.output_ids) != 1 for s in seqs):
         raise RuntimeError("the first step did not prefill every request (raise max_prefill_tokens/max_running)")
-    step_times = []
-    while engine.has_work:  # back to back, as a server loop runs them: no sync but the engine's own
-        ts = time.perf_counter()
-        engine.step()
-        step_times.append(time.perf_counter() - ts)
-    sync(device)
-    t2 = time.perf_counter()
+    with StepClock() as clock:
+        while engine.has_work:  # back to back, as a server loop runs them: no sync but the engine's own
+            clock.step(engine.step)
+        sync(device)
+        t2 = time.perf_counter()
+    step_times = clock.steps
     outs = [completion_of(s) for s in seqs]
     assert all(len(o.token_ids) == new_tokens for o in outs), [len(o.token_ids) for o in outs]
     n = len(prompts)
@@ -105,6 +106,7 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device) -> dict:
         "decode_tok_s": n * dec_steps / (t2 - t1) if dec_steps else None,
         "e2e_tok_s": n * new_tokens / (t2 - t0),
         "tokens": [o.token_ids for o in outs],
+        "step_timing": summarise(clock),
     }
 
 
@@ -161,6 +163,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine case (median reported)")
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--gc-compare", action="store_true",
+                    help="also time each case with Python's startup heap frozen (gc.freeze), or unfrozen if it was")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
     ap.add_argument("--variants", default=None,
                     help="comma-separated comparison runs to do (default all: "
@@ -182,6 +186,7 @@ def main() -> None:
     r, alpha = 16, 32.0
     dtype = torch.bfloat16
 
+    from tasktune.serve.cuda_graphs import batch_bucket, context_bucket
     from tasktune.serve.engine import Engine
 
     # the tokenizer's ids: 't0' is EOS and pad; the tiny vocabulary is 4096 words
@@ -267,8 +272,21 @@ def main() -> None:
                   "roofline_bytes": roof_bytes, "roofline_step_s": roof_bytes / bw["bytes_per_s"],
                   "roofline_tok_s": roof_tok_s, "pct_roofline": med["decode_tok_s"] / roof_tok_s,
                   "repeat_tokens_identical": all(x["tokens"] == runs[0]["tokens"] for x in runs)})
+        if engine.decode_step.use_graphs:  # the device's own step, no host between replays
+            key = (batch_bucket(batch, engine.cache.num_slots), context_bucket(prompt_len + new_tokens, engine.cache.max_len))
+            c["graph_replay_step_s"] = graph_replay_s(engine, *key, distinct > 0)
+        if args.gc_compare:  # the same runs with Python's startup heap frozen (gc.freeze), or unfrozen if it was
+            frozen = gc.get_freeze_count() > 0
+            gc.unfreeze() if frozen else (gc.collect(), gc.freeze())
+            other = sorted(run_engine(engine, prompts, adapters, new_tokens, device)["decode_tok_s"] for _ in range(repeats))
+            gc.freeze() if frozen else gc.unfreeze()
+            c["gc_compare"] = {"heap_frozen": not frozen, "decode_tok_s_all": other, "decode_tok_s": other[len(other) // 2]}
         result["cases"][name] = c
         result.setdefault("_tokens", {})[name] = med["tokens"]
+        st = c["step_timing"]
+        print(f"  steps: median {st['p50_ms']:.3f} ms, mean {st['mean_ms']:.3f}, max {st['max_ms']:.2f}, host busy "
+              f"{st['host_busy_median_ms']:.3f}, graph replay {fx(c.get('graph_replay_step_s'), '.6f')} s, gc "
+              f"{st['gc_collections_by_generation']}, gc compare {c.get('gc_compare', {}).get('decode_tok_s')}", flush=True)
         print(f"{name}: decode {c['decode_tok_s']:.0f} tok/s (step {c['decode_step_median_s'] * 1e3:.2f} ms), "
               f"e2e {c['e2e_tok_s']:.0f} tok/s, prefill {c['prefill_s'] * 1e3:.0f} ms, "
               f"{100 * c['pct_roofline']:.1f}% of roofline {roof_tok_s:.0f} tok/s", flush=True)

@@ -44,3 +44,20 @@ def test_a_row_strided_view_and_bad_shapes():
     assert triton_argmax.argmax_rows(x[:, :200].to(DEVICE)).cpu().tolist() == x[:, :200].argmax(-1).tolist()
     with pytest.raises(ValueError, match="argmax_rows"):
         triton_argmax.argmax_rows(x.t().to(DEVICE))
+
+
+def test_feeds_the_next_steps_inputs_like_feed_next():
+    """With the step's input rows the kernel also writes the next step's: each row's token,
+    its position moved on by its active flag; the rows' other inputs stay as they were."""
+    x = torch.randn(5, 2 * triton_argmax.CHUNK + 3, generator=torch.Generator().manual_seed(1))
+    inputs = torch.tensor([[9, 9, 9, 9, 9, 4], [10, 20, 30, 40, 50, 60], [1, -1, 2, -1, 0, 8]])
+    active = torch.tensor([1, 0, 1, 1, 0])
+    want = inputs.clone()
+    triton_argmax.feed_next(x.argmax(-1), (want[0, :5], want[1, :5], active))
+    assert want[0, :5].tolist() == x.argmax(-1).tolist() and want[1, :5].tolist() == [11, 20, 31, 41, 50]
+    got = inputs.to(DEVICE)
+    out = triton_argmax.argmax_rows(x.to(DEVICE), (got[0, :5], got[1, :5], active.to(DEVICE)))
+    assert out.cpu().tolist() == x.argmax(-1).tolist()
+    assert got.cpu().tolist() == want.tolist()
+    with pytest.raises(ValueError, match="next inputs"):
+        triton_argmax.argmax_rows(x.to(DEVICE), (got[0, :4], got[1, :5], active.to(DEVICE)))

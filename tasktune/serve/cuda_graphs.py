@@ -71,7 +71,7 @@ class DecodeStep:
         self._pool = None
         self._ahead: _Ahead | None = None  # the step launched ahead by `greedy`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
-        self._flip, self._last_argmax, self._last_use_lora = 0, None, False
+        self._flip, self._last_use_lora = 0, False
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -101,11 +101,9 @@ class DecodeStep:
             self.ahead_wasted += ahead_step is not None
             _, argmax = self._launch(slots, tokens, positions, lora_ids)
             host, done = self._to_host(argmax)
-        if ahead:
+        if ahead:  # the step just launched left its tokens and positions + 1 in the inputs (_step)
             B = batch_bucket(max(slots) + 1, self.cache.num_slots)
             nxt = [p + 1 for p in positions]
-            self.inputs[0, :B].copy_(self._last_argmax[:B])  # row b = slot b: this step's tokens, on the device
-            self.inputs[1, :B].add_(self._active[:B])
             _, argmax = self._run(B, context_bucket(max(nxt) + 1, self.cache.max_len), self._last_use_lora)
             self._ahead = _Ahead(list(slots), list(lora_ids), nxt, *self._to_host(argmax))
         if done is not None:
@@ -140,12 +138,10 @@ class DecodeStep:
         event on a GPU); the graph's output is overwritten by the next replay."""
         B = argmax.shape[0]
         if not self.use_graphs:
-            self._last_argmax = argmax.clone()
-            return self._last_argmax, None
+            return argmax, None
         self._flip ^= 1
         host = self._host[self._flip][:B]
         host.copy_(argmax, non_blocking=True)
-        self._last_argmax = argmax
         done = torch.cuda.Event()
         done.record()
         return host, done
@@ -161,18 +157,26 @@ class DecodeStep:
         return outputs  # static memory of the graph: read before the next replay
 
     def _step(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """The step; at its end, its argmax tokens and the positions one on (rows of running
+        sequences) are already the inputs of the step after it, for `greedy`'s step ahead
+        (a launch that recomputes or samples rewrites them first)."""
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
         logits = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
+        nxt = (tokens, positions, self._active[:B])
         if logits.is_cuda and triton_argmax.available(logits.device):  # one launch of many programs (triton_argmax)
-            return logits, triton_argmax.argmax_rows(logits)
-        return logits, logits.argmax(dim=-1)
+            return logits, triton_argmax.argmax_rows(logits, nxt)
+        argmax = logits.argmax(dim=-1)
+        triton_argmax.feed_next(argmax, nxt)
+        return logits, argmax
 
     def _capture(self, B: int, L: int, use_lora: bool):
+        inputs = self.inputs.clone()  # a step moves its inputs on; the replay after must see these
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):
             for _ in range(2):  # warm-up: lazy inits, rope table, kernel selection
                 self._step(B, L, use_lora)
+                self.inputs.copy_(inputs)
         torch.cuda.current_stream().wait_stream(side)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):

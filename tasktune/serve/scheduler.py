@@ -28,8 +28,12 @@ class QueueFull(TasktuneError):
     """The waiting queue is at capacity; the client should retry later (HTTP 429)."""
 
 
-@dataclass
+@dataclass(eq=False)
 class Sequence:
+    """One request's state. Equal only to itself (identity hashing): the engine's membership
+    tests once compared every field, prompts and outputs included, which cost the step in
+    which a batch of 32 finished ~1 ms of host time."""
+
     prompt_ids: list[int]
     params: SamplingParams
     adapter: str | None = None  # adapter name; None = base model

@@ -8,6 +8,10 @@ chunk's maximum and first index; the last chunk of a row to finish (a counter pe
 left at zero) picks the row's maximum and, among equal maxima, the smallest index: the
 first maximal index, as torch.argmax returns it. A NaN counts as the maximum, as in torch.
 
+Given the decode step's input rows, the combine also feeds the next step (greedy decoding
+launched ahead, cuda_graphs.DecodeStep): the row's token becomes its next input token and
+its position moves on by its `active` flag, so no copy and add kernels run between steps.
+
 Runs on the CPU under TRITON_INTERPRET=1 (tests).
 """
 from __future__ import annotations
@@ -34,8 +38,8 @@ if triton is not None:
         return tl.where(has_nan, float("nan"), m), tl.min(tl.where(hit, idx, BIG), axis=0)
 
     @triton.jit
-    def _argmax_rows(x_ptr, out_ptr, pv_ptr, pi_ptr, cnt_ptr, V, stride_x,
-                     CHUNK_: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr):
+    def _argmax_rows(x_ptr, out_ptr, pv_ptr, pi_ptr, cnt_ptr, tok_ptr, pos_ptr, act_ptr, V, stride_x,
+                     CHUNK_: tl.constexpr, C: tl.constexpr, C_PAD: tl.constexpr, NEXT: tl.constexpr):
         row = tl.program_id(0)
         c = tl.program_id(1)
         offs = c * CHUNK_ + tl.arange(0, CHUNK_)
@@ -49,20 +53,36 @@ if triton is not None:
             pv = tl.load(pv_ptr + row * C + parts, mask=ok, other=float("-inf"), cache_modifier=".cg")
             pi = tl.load(pi_ptr + row * C + parts, mask=ok, other=2147483647, cache_modifier=".cg")
             _, best = _first_max(pv, pi, 2147483647)  # chunks in order: the first chunk's index wins ties
-            tl.store(out_ptr + row, tl.minimum(best, V - 1).to(tl.int64))
+            token = tl.minimum(best, V - 1).to(tl.int64)
+            tl.store(out_ptr + row, token)
+            if NEXT:  # the next step's inputs: this token, the position one on where the row is active
+                tl.store(tok_ptr + row, token)
+                tl.store(pos_ptr + row, tl.load(pos_ptr + row) + tl.load(act_ptr + row))
             tl.store(cnt_ptr + row, 0)
 
 
-def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+def argmax_rows(x: torch.Tensor, next_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+                ) -> torch.Tensor:
     """x: [rows, V] (unit stride along V) -> int64 [rows], each row's first maximal index,
-    equal to x.argmax(-1)."""
+    equal to x.argmax(-1). next_inputs = (tokens, positions, active), int64 [rows] each:
+    tokens[i] = the argmax and positions[i] += active[i], as `feed_next` does."""
     rows, V = x.shape
     if x.stride(1) != 1 or not 0 < rows <= MAX_ROWS or V == 0:
         raise ValueError(f"argmax_rows: x {tuple(x.shape)} with strides {x.stride()} (unit stride, 1..{MAX_ROWS} rows)")
+    if next_inputs is not None and any(t.shape != (rows,) or t.dtype != torch.int64 for t in next_inputs):
+        raise ValueError(f"argmax_rows: next inputs {[(tuple(t.shape), t.dtype) for t in next_inputs]} for {rows} rows")
     C = triton.cdiv(V, CHUNK)
     out = torch.empty(rows, dtype=torch.int64, device=x.device)
     pv = torch.empty(rows * C, dtype=torch.float32, device=x.device)
     pi = torch.empty(rows * C, dtype=torch.int32, device=x.device)
-    _argmax_rows[(rows, C)](x, out, pv, pi, counter_buffer("argmax", x.device, MAX_ROWS), V, x.stride(0),
-                            CHUNK_=CHUNK, C=C, C_PAD=_pow2_at_least(C, 2))
+    nxt = next_inputs or (out, out, out)
+    _argmax_rows[(rows, C)](x, out, pv, pi, counter_buffer("argmax", x.device, MAX_ROWS), *nxt, V, x.stride(0),
+                            CHUNK_=CHUNK, C=C, C_PAD=_pow2_at_least(C, 2), NEXT=next_inputs is not None)
     return out
+
+
+def feed_next(tokens: torch.Tensor, next_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]) -> None:
+    """What argmax_rows(..., next_inputs) writes besides its result, in torch."""
+    tok, pos, active = next_inputs
+    tok.copy_(tokens)
+    pos.add_(active)

@@ -1,0 +1,101 @@
+"""Where a served decode step's wall time goes, beside serve_bench's tok/s: host or device.
+
+The bench's decode tok/s is host clock over the whole loop, so it holds everything: the
+graphs' device time, gaps between them, host stalls (a garbage collection, the engine's
+own per-step Python) and a few slow steps. These split it up:
+- `StepClock`: each engine step's wall time, and how much of it the host spent blocked
+  in the event wait for the step's tokens (the rest is host work while the GPU runs
+  ahead); Python's collections by generation during the loop.
+- `summarise`: percentiles of the steps and the slowest few with their index (the mean
+  over the median says how much a handful of outliers cost).
+- `graph_replay_s`: one bucket's CUDA graph replayed back to back with nothing between,
+  timed by CUDA events: the device's own step time, no host in it.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+
+import torch
+
+SLOWEST = 6  # summarise lists the slowest steps, with their index in the loop
+
+
+class StepClock:
+    """Times engine steps and the host's waits inside them (torch.cuda.Event.synchronize:
+    the decode step waits on an event for its tokens)."""
+
+    def __init__(self):
+        self.steps: list[float] = []
+        self.waits: list[float] = []
+        self._wait = 0.0
+        self._orig = None
+        self._gc0 = None
+
+    def __enter__(self) -> "StepClock":
+        self._orig = orig = torch.cuda.Event.synchronize
+        clock = self
+
+        def timed(event):
+            t = time.perf_counter()
+            orig(event)
+            clock._wait += time.perf_counter() - t
+
+        torch.cuda.Event.synchronize = timed
+        self._gc0 = [s["collections"] for s in gc.get_stats()]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        torch.cuda.Event.synchronize = self._orig
+        self.collections = [s["collections"] - c for s, c in zip(gc.get_stats(), self._gc0)]
+
+    def step(self, fn) -> None:
+        self._wait = 0.0
+        t = time.perf_counter()
+        fn()
+        self.steps.append(time.perf_counter() - t)
+        self.waits.append(self._wait)
+
+
+def summarise(clock: StepClock) -> dict:
+    """Step wall times (ms) by percentile, the slowest with their index, host busy time
+    (step minus its wait) and the collections the loop ran."""
+    s = clock.steps
+    if not s:
+        return {}
+    ordered = sorted(s)
+    pick = lambda q: ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3  # noqa: E731
+    busy = [a - w for a, w in zip(s, clock.waits)]
+    slow = sorted(range(len(s)), key=lambda i: -s[i])[:SLOWEST]
+    return {
+        "steps": len(s), "mean_ms": statistics.fmean(s) * 1e3, "min_ms": ordered[0] * 1e3, "p10_ms": pick(0.1),
+        "p50_ms": pick(0.5), "p90_ms": pick(0.9), "max_ms": ordered[-1] * 1e3,
+        "excess_over_median_ms": (sum(s) - len(s) * statistics.median(s)) * 1e3,
+        "slowest": [{"index": i, "ms": s[i] * 1e3, "wait_ms": clock.waits[i] * 1e3} for i in slow],
+        "host_busy_median_ms": statistics.median(busy) * 1e3, "host_busy_max_ms": max(busy) * 1e3,
+        "gc_collections_by_generation": getattr(clock, "collections", None),
+    }
+
+
+def graph_replay_s(engine, B: int, L: int, use_lora: bool, replays: int = 50) -> float | None:
+    """Median time of one replay of the (B, L, use_lora) bucket's graph, replays back to
+    back (the inputs are whatever the last step left: rows of free slots write only KV
+    positions no sequence reads). None if that graph was never captured."""
+    step = engine.decode_step
+    key = (B, L, use_lora)
+    if key not in step.graphs:
+        return None
+    step.drop_ahead()
+    graph = step.graphs[key][0]
+    times = []
+    for _ in range(3):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(replays):
+            graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3 / replays)
+    return statistics.median(times)
