@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
-# with STEPS naming them: the Triton kernel tests on the GPU, compiled kernel stats, Nsight Compute on two fused linears, the LoRA kernel bench, the fused decode linear bench, the
+# with STEPS naming them: the Triton kernel tests on the GPU, compiled kernel stats, Nsight Compute on two fused linears, the LoRA kernel bench, the fused LM head + argmax bench, the fused decode linear bench, the
 # chained decode layers bench, the decode step without torch.compile), the training bench with compiled, CUDA-graphed
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 want() { [[ " ${STEPS:-kernel_tests serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
-KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_linear.py tests/test_triton_attention.py tests/test_decode_step.py tests/test_graphed_step.py tests/test_train_loop.py}
+KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_linear.py tests/test_triton_attention.py tests/test_triton_argmax.py tests/test_triton_lm_head.py tests/test_decode_step.py tests/test_graphed_step.py tests/test_train_loop.py}
 want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs $KERNEL_TESTS
 want stats && step stats "${STATS_S:-120}" python3 bench/kernel_stats.py --out "$OUT/stats"
 if want ncu; then  # Nsight Compute on one fused linear launch each (TASKTUNE_PDL=0: one kernel alone)
@@ -39,6 +39,7 @@ fi
 want linear && step linear "${LINEAR_S:-240}" python3 bench/decode_linear_bench.py ${LINEAR_ARGS:-} --out "$OUT/linear"
 want attention && step attention "${ATTENTION_S:-200}" python3 bench/decode_attention_bench.py --out "$OUT/attention"
 want layers && step layers "${LAYERS_S:-150}" python3 bench/decode_layers_bench.py --out "$OUT/layers"
+want lm_head && step lm_head "${LM_HEAD_S:-240}" python3 bench/lm_head_bench.py --out "$OUT/lm_head"
 want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out "$OUT/lora/lora_kernel_bench.json"
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \

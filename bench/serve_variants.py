@@ -14,14 +14,16 @@ class MainPath:
     linear_kernel: bool  # fused decode linears
     bgmv: tuple[int, int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N, TILE
     switches: tuple[bool, bool, bool, bool]  # triton_ops PDL, PDL_EARLY, LATE_WAIT; triton_linear.DELTA_BEFORE_RMS
+    fused_head: bool = True  # cuda_graphs.FUSED_HEAD
 
 
 def main_path(engine) -> MainPath:
     from tasktune.lora import triton_ops
-    from tasktune.serve import triton_linear
+    from tasktune.serve import cuda_graphs, triton_linear
     return MainPath(engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel,
                     (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE),
-                    (triton_ops.PDL, triton_ops.PDL_EARLY, triton_ops.LATE_WAIT, triton_linear.DELTA_BEFORE_RMS))
+                    (triton_ops.PDL, triton_ops.PDL_EARLY, triton_ops.LATE_WAIT, triton_linear.DELTA_BEFORE_RMS),
+                    cuda_graphs.FUSED_HEAD)
 
 
 def variant_table(kernels: bool, few: str, many: str, requested: str | None,
@@ -43,7 +45,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "no_early": (True, kernels, every),  # the next launch after the main loop
              "no_late_wait": (True, kernels, lora),  # linears wait before their loop
              "bgmv_1024_2048": (True, kernels, lora),  # session 9's BGMV sizes
-             "rms_in_shrink": (True, kernels, lora)}  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
+             "rms_in_shrink": (True, kernels, lora),  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
+             "unfused_head": (True, kernels, every)}  # final norm, cuBLAS LM head, argmax: three launches (session 11)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:
@@ -58,8 +61,7 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     first use): the main path's settings with the variant's own changes, or back on the main
     path (label None)."""
     from tasktune.lora import triton_ops
-    from tasktune.serve import triton_attention, triton_linear
-    from tasktune.serve.cuda_graphs import DecodeStep
+    from tasktune.serve import cuda_graphs, triton_attention, triton_linear
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
@@ -67,6 +69,7 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     pdl, early, late, before_rms = main.switches
     triton_linear.DELTA_BEFORE_RMS = before_rms and name != "rms_in_shrink"
+    cuda_graphs.FUSED_HEAD = main.fused_head and name != "unfused_head"
     triton_ops.PDL = pdl and not name.endswith("no_pdl")
     triton_ops.PDL_EARLY = early and name not in ("pdl_wait_first", "no_early")
     triton_ops.LATE_WAIT = late and name not in ("pdl_wait_first", "no_late_wait")
@@ -80,4 +83,4 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
         return
     if name == "gemm_autotune":
         engine.model.compile_decode(autotune=True)
-    engine.decode_step = DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
+    engine.decode_step = cuda_graphs.DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)

@@ -99,6 +99,22 @@ def test_greedy_steps_launched_ahead_equal_fresh_steps(engine):
     reads it: the tokens equal step-by-step argmax of the logits path; a step whose inputs
     differ from the assumed ones (a token the host changed) is recomputed, and the discarded
     step leaves no trace in what follows."""
+    check_greedy_ahead(engine)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_greedy_steps_ahead_through_graphs_on_gpu(tiny_llama, adapter_root):
+    """The same through CUDA graphs in bf16: each graph ends in the fused norm + LM head +
+    argmax (triton_lm_head), which also writes the next step's inputs; a capture in the
+    middle of the run (a new bucket) must leave the inputs it found."""
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=2 * CONTEXT_STEP + 16, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    assert eng.model.linear_kernel and eng.decode_step.use_graphs
+    check_greedy_ahead(eng)
+
+
+def check_greedy_ahead(engine):
     model, cache, stacks, step = engine.model, engine.cache, engine.pool.stacks, engine.decode_step
     ids = [engine.pool.acquire(f"task-{i}") for i in range(2)]
     g = torch.Generator().manual_seed(7)

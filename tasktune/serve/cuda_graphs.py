@@ -20,12 +20,13 @@ from dataclasses import dataclass
 
 import torch
 
-from tasktune.serve import triton_argmax
+from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder, LoraStacks
 from tasktune.serve.kv_cache import KVCache
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 128
+FUSED_HEAD = True  # greedy_tail in one launch where the decode linears are fused (off: a serve bench variant)
 
 
 def batch_bucket(rows: int, limit: int) -> int:
@@ -36,6 +37,23 @@ def batch_bucket(rows: int, limit: int) -> int:
 def context_bucket(needed: int, max_len: int) -> int:
     """needed positions rounded up to a multiple of CONTEXT_STEP, capped at max_len."""
     return min(-(-needed // CONTEXT_STEP) * CONTEXT_STEP, max_len)
+
+
+def greedy_tail(model: Decoder, x: torch.Tensor, next_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The step's last-layer rows -> (logits in the model's dtype, argmax), the argmax also
+    written into next_inputs (tokens; positions += active). With the fused decode linears
+    (GPU) in one launch (triton_lm_head: final norm, LM head, argmax), else the norm, the
+    LM head and an argmax (one Triton launch on a GPU, triton_argmax)."""
+    norm, head = model.model.norm, model.lm_head
+    if FUSED_HEAD and model.linear_kernel and head.bias is None and triton_lm_head.usable(x, head.weight):
+        return triton_lm_head.lm_head_argmax(x, norm.weight, norm.eps, head.weight, next_inputs)
+    logits = head(norm(x))
+    if logits.is_cuda and triton_argmax.available(logits.device):
+        return logits, triton_argmax.argmax_rows(logits, next_inputs)
+    argmax = logits.argmax(dim=-1)
+    triton_argmax.feed_next(argmax, next_inputs)
+    return logits, argmax
 
 
 @dataclass
@@ -161,13 +179,8 @@ class DecodeStep:
         sequences) are already the inputs of the step after it, for `greedy`'s step ahead
         (a launch that recomputes or samples rewrites them first)."""
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
-        logits = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora)
-        nxt = (tokens, positions, self._active[:B])
-        if logits.is_cuda and triton_argmax.available(logits.device):  # one launch of many programs (triton_argmax)
-            return logits, triton_argmax.argmax_rows(logits, nxt)
-        argmax = logits.argmax(dim=-1)
-        triton_argmax.feed_next(argmax, nxt)
-        return logits, argmax
+        x = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora, head=False)
+        return greedy_tail(self.model, x, (tokens, positions, self._active[:B]))
 
     def _capture(self, B: int, L: int, use_lora: bool):
         inputs = self.inputs.clone()  # a step moves its inputs on; the replay after must see these

@@ -338,10 +338,11 @@ class Decoder(nn.Module):
         return self._rope
 
     @torch.no_grad()  # not inference_mode: torch.compile cannot write the KV cache under it
-    def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None, float_logits: bool = True
-                ) -> torch.Tensor:
+    def forward(self, batch: Batch, cache: KVCache, lora: LoraStacks | None = None, float_logits: bool = True,
+                head: bool = True) -> torch.Tensor:
         """-> logits of each sequence's last new token: [B, vocab] float32 (float_logits=False:
-        in the model's dtype, as the LM head computed them)."""
+        in the model's dtype, as the LM head computed them; head=False: the last layer's
+        output rows before the final norm, for a tail of the caller's own)."""
         x = self.model.embed_tokens(batch.tokens)  # [N, hidden]
         if batch.mask is not None and batch.mask.dtype == torch.bool:  # additive once, instead of inside every layer's attention
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
@@ -363,15 +364,18 @@ class Decoder(nn.Module):
         for i, layer in enumerate(self.model.layers):
             kv, stacks = cache.layer(i), (lora.layer(i) if lora is not None else None)
             x = compiled(layer, x, batch, cos, sin, kv, lora, stacks) if compiled else layer(x, batch, cos, sin, kv, lora, stacks)
+        if not head:
+            return x if batch.last is None else x.index_select(0, batch.last)
         h = self.model.norm(x if batch.last is None else x.index_select(0, batch.last))
         logits = self.lm_head(h)
         return logits.float() if float_logits else logits
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-               cache: KVCache, lora: LoraStacks | None, use_lora: bool) -> torch.Tensor:
+               cache: KVCache, lora: LoraStacks | None, use_lora: bool, head: bool = True) -> torch.Tensor:
         """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] in the
         model's dtype (a greedy step takes their argmax: casting all B x vocab of them to
-        float32 first is a copy it does not need; DecodeStep casts the rows it returns).
+        float32 first is a copy it does not need; DecodeStep casts the rows it returns), or
+        with head=False the rows before the final norm (DecodeStep's tail: cuda_graphs.greedy_tail).
         Only device work after the rope table exists, so it can be captured in a CUDA graph."""
         return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel,
-                                 self.linear_kernel), cache, lora, float_logits=False)
+                                 self.linear_kernel), cache, lora, float_logits=False, head=head)
