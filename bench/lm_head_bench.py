@@ -60,8 +60,11 @@ def main() -> None:
     default = (th.BLOCK_N, th.BLOCK_K, th.NUM_WARPS, th.NUM_STAGES)
     configs = [default]
     if not args.smoke:
-        configs += [c for c in itertools.product((64, 128, 256), (64, 128, 256), (4, 8), (2, 3, 4)) if c != default
-                    and c[0] * c[1] <= 256 * 128]
+        # (session 12's first sweep, 48 shapes over N blocks 64-256, K blocks 64-256: K blocks of 64 won)
+        configs += [c for c in itertools.chain(itertools.product((128, 256, 512), (32,), (4, 8), (3, 4, 6)),
+                                               itertools.product((512,), (64,), (4, 8), (3, 4)),
+                                               [(128, 64, 2, 3), (128, 64, 2, 4), (128, 64, 4, 6), (64, 64, 4, 6)])
+                    if c != default]
     for bn, bk, warps, stages in configs:
         cfg = dict(block_n=bn, block_k=bk, num_warps=warps, num_stages=stages)
         run = {"block_n": bn, "block_k": bk, "warps": warps, "stages": stages}

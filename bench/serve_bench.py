@@ -46,7 +46,7 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
-from serve_timing import StepClock, graph_replay_s, summarise  # noqa: E402
+from serve_timing import StepClock, graph_replay_s, profile_last_step, summarise  # noqa: E402
 from serve_variants import main_path, switch, variant_table  # noqa: E402
 
 FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
@@ -281,6 +281,10 @@ def main() -> None:
             other = sorted(run_engine(engine, prompts, adapters, new_tokens, device)["decode_tok_s"] for _ in range(repeats))
             gc.freeze() if frozen else gc.unfreeze()
             c["gc_compare"] = {"heap_frozen": not frozen, "decode_tok_s_all": other, "decode_tok_s": other[len(other) // 2]}
+        if name == "base":
+            c["last_step_profile"] = profile_last_step(engine, prompts, adapters, new_tokens)
+            print("  last step:", ", ".join(f"{r['function']} {r['own_ms']:.2f} ms/{r['calls']}"
+                                            for r in c["last_step_profile"]["by_own_time"][:8]), flush=True)
         result["cases"][name] = c
         result.setdefault("_tokens", {})[name] = med["tokens"]
         st = c["step_timing"]

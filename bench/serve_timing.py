@@ -10,6 +10,8 @@ own per-step Python) and a few slow steps. These split it up:
   over the median says how much a handful of outliers cost).
 - `graph_replay_s`: one bucket's CUDA graph replayed back to back with nothing between,
   timed by CUDA events: the device's own step time, no host in it.
+- `profile_last_step`: the host functions of the step in which every sequence finishes
+  (the slowest step of a run: nothing is launched ahead of it).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from __future__ import annotations
 import gc
 import statistics
 import time
+from pathlib import Path
 
 import torch
 
@@ -99,3 +102,33 @@ def graph_replay_s(engine, B: int, L: int, use_lora: bool, replays: int = 50) ->
         end.synchronize()
         times.append(start.elapsed_time(end) / 1e3 / replays)
     return statistics.median(times)
+
+
+def profile_last_step(engine, prompts, adapters, new_tokens: int, top: int = 20) -> dict:
+    """One run of the work with the final engine step (every sequence finishes in it) under
+    cProfile: where the host time of that step goes -> its wall time and the functions with
+    the most time of their own."""
+    import cProfile
+    import pstats
+
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    seqs = [engine.submit(Request(prompt=p, adapter=a, params=params)) for p, a in zip(prompts, adapters)]
+    out: dict = {}
+    while engine.has_work:
+        if all(len(s.output_ids) == new_tokens - 1 for s in seqs):
+            prof = cProfile.Profile()
+            t = time.perf_counter()
+            prof.enable()
+            engine.step()
+            prof.disable()
+            out["wall_ms"] = (time.perf_counter() - t) * 1e3
+            stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+            rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+            out["by_own_time"] = [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls": v[1],
+                                   "own_ms": v[2] * 1e3, "cum_ms": v[3] * 1e3} for k, v in rows]
+        else:
+            engine.step()
+    return out
