@@ -155,6 +155,25 @@ def test_base_rows_equal_plain_hf_and_generate_returns_in_order(engine, referenc
         assert c.text == engine.tokenizer.decode(c.token_ids, skip_special_tokens=True)
 
 
+def test_a_finished_requests_text_is_decoded_at_its_first_read_not_in_the_step(engine, monkeypatch):
+    """The step that finishes a request does not decode its text (the GPU would idle while the
+    host decodes a batch's outputs); the first read does, once, and gives the full decode.
+    A request with stop strings still decodes in the step (the stops are searched there)."""
+    calls = []
+    decode = engine.tokenizer.decode
+    monkeypatch.setattr(engine.tokenizer, "decode", lambda ids, **kw: calls.append(len(ids)) or decode(ids, **kw))
+    plain = engine.submit(Request(PROMPTS[0], "task-1", SamplingParams(max_tokens=5, ignore_eos=True)))
+    stopped = engine.submit(Request(PROMPTS[1], None, SamplingParams(max_tokens=5, ignore_eos=True, stop=("@@",))))
+    while engine.has_work:
+        engine.step()
+    assert plain.finished and stopped.finished and 5 in calls  # the stop-string request's full decode
+    calls.clear()
+    want = decode(list(plain.output_ids), skip_special_tokens=True)
+    assert plain.text == want and plain.text == want and calls == [5]  # decoded once, at the first read
+    plain.text = "set"
+    assert plain.text == "set"
+
+
 def test_sampling_is_reproducible_with_a_seed(engine):
     params = SamplingParams(max_tokens=12, temperature=1.0, top_p=0.9, seed=1234)
     alone = engine.generate([Request(PROMPTS[1], "task-2", params)])[0]

@@ -247,9 +247,12 @@ class Engine:
         is_eos = token in self.eos_ids and not p.ignore_eos
         searched = len(seq.text)
         done = is_eos or len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
-        if done:  # one full decode: flushes text held back by the incremental window
-            seq.text, searched = self.tokenizer.decode(seq.output_ids[:-1] if is_eos else seq.output_ids,
-                                                       skip_special_tokens=True), 0
+        if done:
+            ids = seq.output_ids[:-1] if is_eos else list(seq.output_ids)
+            if seq.stream or p.stop:  # one full decode: flushes text held back by the incremental window
+                seq.text, searched = self.tokenizer.decode(ids, skip_special_tokens=True), 0
+            else:  # no reader before the result: decoded at the first read (Sequence.text)
+                seq.text_later(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
         elif seq.stream or p.stop:  # text is needed now: for the client, or to look for stop strings
             seq.text += detokenize_step(self.tokenizer, seq)
         start = max(0, searched - max((len(s) for s in p.stop), default=0) + 1)
@@ -285,7 +288,8 @@ class Engine:
 
 @dataclass
 class Event:
-    """One streamed update: new text, and the finish reason on the last one."""
+    """One update: new text (streamed requests; else empty, the text is seq.text), and the
+    finish reason on the last one."""
 
     text: str
     finish_reason: str | None
@@ -337,8 +341,9 @@ class AsyncEngine:
         """Queue a request (errors raise here, before any response starts); events arrive on the queue."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
 
-        def on_update(seq: Sequence) -> None:
-            ev = Event(take_delta(seq), seq.finish_reason, seq)
+        def on_update(seq: Sequence) -> None:  # (runs in the engine's thread: a request not streamed
+            # gets one event, at its end, and its reader takes seq.text, decoded there: Sequence.text)
+            ev = Event(take_delta(seq) if seq.stream else "", seq.finish_reason, seq)
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         self.start()
