@@ -15,16 +15,15 @@ class MainPath:
     bgmv: tuple[int, int, int, int]  # triton_ops TARGET_PROGRAMS, EXPAND_TILE, EXPAND_MAX_N, TILE
     switches: tuple[bool, bool, bool, bool]  # triton_ops PDL, PDL_EARLY, LATE_WAIT; triton_linear.DELTA_BEFORE_RMS
     fused_head: bool = True  # cuda_graphs.FUSED_HEAD
-    head_tma: bool = False  # triton_lm_head.TMA
 
 
 def main_path(engine) -> MainPath:
     from tasktune.lora import triton_ops
-    from tasktune.serve import cuda_graphs, triton_linear, triton_lm_head
+    from tasktune.serve import cuda_graphs, triton_linear
     return MainPath(engine.decode_step, engine.pool.stacks.kernels, engine.model.linear_kernel,
                     (triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE),
                     (triton_ops.PDL, triton_ops.PDL_EARLY, triton_ops.LATE_WAIT, triton_linear.DELTA_BEFORE_RMS),
-                    cuda_graphs.FUSED_HEAD, triton_lm_head.TMA)
+                    cuda_graphs.FUSED_HEAD)
 
 
 def variant_table(kernels: bool, few: str, many: str, requested: str | None,
@@ -47,8 +46,7 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "no_late_wait": (True, kernels, lora),  # linears wait before their loop
              "bgmv_1024_2048": (True, kernels, lora),  # session 9's BGMV sizes
              "rms_in_shrink": (True, kernels, lora),  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
-             "unfused_head": (True, kernels, every),  # final norm, cuBLAS LM head, argmax: three launches (session 11)
-             "head_tma": (True, kernels, every)}  # the fused head's weight tiles by TMA (flips triton_lm_head.TMA)
+             "unfused_head": (True, kernels, every)}  # final norm, cuBLAS LM head, argmax: three launches (session 11)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:
@@ -63,7 +61,7 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     first use): the main path's settings with the variant's own changes, or back on the main
     path (label None)."""
     from tasktune.lora import triton_ops
-    from tasktune.serve import cuda_graphs, triton_attention, triton_linear, triton_lm_head
+    from tasktune.serve import cuda_graphs, triton_attention, triton_linear
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
@@ -72,7 +70,6 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     pdl, early, late, before_rms = main.switches
     triton_linear.DELTA_BEFORE_RMS = before_rms and name != "rms_in_shrink"
     cuda_graphs.FUSED_HEAD = main.fused_head and name != "unfused_head"
-    triton_lm_head.TMA = main.head_tma != (name == "head_tma")
     triton_ops.PDL = pdl and not name.endswith("no_pdl")
     triton_ops.PDL_EARLY = early and name not in ("pdl_wait_first", "no_early")
     triton_ops.LATE_WAIT = late and name not in ("pdl_wait_first", "no_late_wait")

@@ -10,13 +10,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 
 import serve_variants  # noqa: E402
 from tasktune.lora import triton_ops  # noqa: E402
-from tasktune.serve import cuda_graphs, triton_attention, triton_linear, triton_lm_head  # noqa: E402
+from tasktune.serve import cuda_graphs, triton_attention, triton_linear  # noqa: E402
 
 
 def settings():
     return (triton_ops.PDL, triton_ops.PDL_EARLY, triton_ops.LATE_WAIT, triton_linear.DELTA_BEFORE_RMS,
             triton_ops.TARGET_PROGRAMS, triton_ops.EXPAND_TILE, triton_ops.EXPAND_MAX_N, triton_ops.TILE,
-            cuda_graphs.FUSED_HEAD, triton_lm_head.TMA)
+            cuda_graphs.FUSED_HEAD)
 
 
 def test_variants_change_their_own_switches_and_switching_back_restores_the_main_run(monkeypatch):
@@ -25,7 +25,7 @@ def test_variants_change_their_own_switches_and_switching_back_restores_the_main
                                 (triton_ops, "TARGET_PROGRAMS", 512), (triton_ops, "TILE", 4096)]:
         monkeypatch.setattr(module, name, value)  # a main run with PDL off (TASKTUNE_PDL=0)
     for module, name in [(triton_ops, "EXPAND_TILE"), (triton_ops, "EXPAND_MAX_N"), (triton_attention, "default_splits"),
-                         (cuda_graphs, "FUSED_HEAD"), (triton_lm_head, "TMA")]:
+                         (cuda_graphs, "FUSED_HEAD")]:
         monkeypatch.setattr(module, name, getattr(module, name))  # put back after the test, whatever happens
     monkeypatch.setattr(cuda_graphs, "DecodeStep", lambda *a, **k: ("step", k["use_graphs"]))
     engine = SimpleNamespace(decode_step="main step", model=SimpleNamespace(linear_kernel=True), cache=None,
@@ -40,9 +40,7 @@ def test_variants_change_their_own_switches_and_switching_back_restores_the_main
     serve_variants.switch(engine, main, "bgmv_1024_8192_256_2048")
     assert settings()[4:8] == (1024, 8192, 256, 2048) and triton_linear.DELTA_BEFORE_RMS
     serve_variants.switch(engine, main, "unfused_head")
-    assert not cuda_graphs.FUSED_HEAD and settings()[4:8] == before[4:8] and not triton_lm_head.TMA
-    serve_variants.switch(engine, main, "head_tma")
-    assert cuda_graphs.FUSED_HEAD and triton_lm_head.TMA
+    assert not cuda_graphs.FUSED_HEAD and settings()[4:8] == before[4:8]
     serve_variants.switch(engine, main, "unfused_linears", kernels=False)
     assert not engine.model.linear_kernel and not engine.pool.stacks.kernels
 

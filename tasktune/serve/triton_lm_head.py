@@ -17,6 +17,13 @@ triton_argmax.argmax_rows does.
 `lm_head_argmax(x, norm_weight, eps, weight)` -> (logits [M, V] in x's dtype, argmax int64
 [M]); the argmax is exact for the logits it returns. Runs on the CPU under
 TRITON_INTERPRET=1 (tests).
+
+Measured on an H200 (session 12, bench/lm_head_bench.py, Qwen2.5-0.5B's tail at 32 rows):
+80.9-83.2 us against 86.7-90.1 for the three launches, but its product reads the weights
+at ~3.3 TB/s where cuBLAS's alone reaches ~3.8 (72 us). In the serve bench's decode step it
+was a wash (+0.3% tok/s without adapters against `cuda_graphs.FUSED_HEAD` off). Tried and
+removed: weight tiles by TMA (79.5 us, +0.3% in the serve bench); programs taking runs of
+blocks, 1-4 programs an SM (one wave, as cuBLAS's 384-row tiles make): 88-100 us.
 """
 from __future__ import annotations
 
@@ -31,30 +38,12 @@ BLOCK_N = 128  # vocabulary rows a program
 BLOCK_K = 64  # (bench/lm_head_bench.py on an H200: 82.7 us with 128 x 64 tiles, 126.7 with 128 x 128)
 SLOTS = 32  # copies of the per-row maxima the programs' atomics spread over
 NUM_WARPS, NUM_STAGES = 4, 3
-TMA = False  # weight tiles by TMA (a host tensor descriptor) instead of pointer loads
 MAX_ROWS = 64
 
 if triton is not None:
     import triton.language as tl
-    from triton.tools.tensor_descriptor import TensorDescriptor
 
-    from tasktune.serve.triton_linear_blocks import dot_acc, k_partial, load_act
-
-    @triton.jit
-    def _tma_partial(w_desc, x_ptr, nw_ptr, n0, offs_m, m_ok, stride_xm, K: tl.constexpr, BLOCK_N: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_PAD: tl.constexpr, UPCAST: tl.constexpr):
-        """k_partial with the weight tiles read by TMA (a host tensor descriptor; rows past
-        the vocabulary come back as zeros)."""
-        offs_k = tl.arange(0, BLOCK_K)
-        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
-        for k0 in range(0, K_PAD, BLOCK_K):
-            k = k0 + offs_k
-            w = w_desc.load([n0, k0])
-            xa, sq = load_act(x_ptr, nw_ptr, offs_m, k, m_ok, k < K, stride_xm, True)
-            ss += sq
-            acc = dot_acc(w, xa, acc, UPCAST)
-        return acc, ss
+    from tasktune.serve.triton_linear_blocks import k_partial
 
     @triton.jit
     def _block_max(v, offs_n, n_ok, BIG: tl.constexpr):
@@ -75,11 +64,11 @@ if triton is not None:
         return (u << 31) | (2147483647 - index).to(tl.int64)  # 31 bits of index under the value's 32
 
     @triton.jit
-    def _lm_head_argmax(x_ptr, nw_ptr, w_ptr, w_desc, y_ptr, out_ptr, keys_ptr, cnt_ptr, tok_ptr, pos_ptr, act_ptr,
+    def _lm_head_argmax(x_ptr, nw_ptr, w_ptr, y_ptr, out_ptr, keys_ptr, cnt_ptr, tok_ptr, pos_ptr, act_ptr,
                         M, V, eps, stride_xm, stride_ym,
                         K: tl.constexpr, K_PAD: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N_: tl.constexpr,
                         BLOCK_K_: tl.constexpr, SLOTS_: tl.constexpr, NEXT: tl.constexpr, UPCAST: tl.constexpr,
-                        PDL: tl.constexpr, EARLY: tl.constexpr = False, TMA: tl.constexpr = False):
+                        PDL: tl.constexpr, EARLY: tl.constexpr = False):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -89,12 +78,8 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
-        if TMA:
-            acc, ss = _tma_partial(w_desc, x_ptr, nw_ptr, pid * BLOCK_N_, offs_m, m_ok, stride_xm, K, BLOCK_N_, BLOCK_M,
-                                   BLOCK_K_, K_PAD, UPCAST)
-        else:
-            acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, 0, stride_xm, K, BLOCK_N_, BLOCK_M,
-                                BLOCK_K_, K_PAD, True, UPCAST)
+        acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, 0, stride_xm, K, BLOCK_N_, BLOCK_M,
+                            BLOCK_K_, K_PAD, True, UPCAST)
         rstd = 1.0 / tl.sqrt(ss / K + eps)
         logits = (acc * rstd[None, :]).to(y_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_M]
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], logits, mask=n_ok[:, None] & m_ok[None, :])
@@ -124,7 +109,7 @@ def usable(x: torch.Tensor, weight: torch.Tensor) -> bool:
 
 def lm_head_argmax(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weight: torch.Tensor,
                    next_inputs: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None, *,
-                   block_n: int = 0, block_k: int = 0, num_warps: int = 0, num_stages: int = 0, tma: bool | None = None
+                   block_n: int = 0, block_k: int = 0, num_warps: int = 0, num_stages: int = 0
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """RMSNorm(x) * norm_weight @ weight^T -> (logits [M, V] in x's dtype, their first maximal
     index a row, int64 [M]). next_inputs = (tokens, positions, active), int64 [M] each:
@@ -146,14 +131,12 @@ def lm_head_argmax(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
     block_n = block_n or BLOCK_N
     block_k = min(block_k or BLOCK_K, _pow2_at_least(K, 16))
     nxt = next_inputs or (out, out, out)
-    tma = (TMA if tma is None else tma) and K * x.element_size() % 16 == 0  # (TMA rows: 16-byte multiples)
-    desc = TensorDescriptor.from_tensor(weight, [block_n, block_k]) if tma else weight
     _lm_head_argmax[(triton.cdiv(V, block_n),)](
-        x, norm_weight, weight, desc, y, out, keys, counter_buffer("lm_head", device, 1), *nxt, M, V, eps, x.stride(0),
+        x, norm_weight, weight, y, out, keys, counter_buffer("lm_head", device, 1), *nxt, M, V, eps, x.stride(0),
         y.stride(0), K=K, K_PAD=triton.cdiv(K, block_k) * block_k, BLOCK_M=block_m, BLOCK_N_=block_n,
         BLOCK_K_=block_k, SLOTS_=SLOTS, NEXT=next_inputs is not None, UPCAST=device.type != "cuda", PDL=pdl,
         EARLY=pdl and triton_ops.PDL_EARLY, num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
-        TMA=tma, **({"launch_pdl": True} if pdl else {}))
+        **({"launch_pdl": True} if pdl else {}))
     return y, out
 
 
