@@ -107,6 +107,13 @@ def sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 132
 
 
+def pdl_launch(device: torch.device) -> dict:
+    """A decode kernel's PDL arguments on `device`: PDL (it waits for the previous kernel),
+    EARLY (it lets the next launch right after that wait: PDL_EARLY) and the launch flag."""
+    pdl = use_pdl(device)
+    return {"PDL": pdl, "EARLY": pdl and PDL_EARLY, **({"launch_pdl": True} if pdl else {})}
+
+
 def use_pdl(device: torch.device) -> bool:
     """Whether kernels on `device` launch with programmatic dependent launch: PDL is on, a
     real GPU of compute capability 9 or more (never under the interpreter)."""
@@ -317,9 +324,7 @@ def lora_apply_(
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     cfg = launch_config(n_rows, d_in, d_out, r, modules)
     h = torch.empty(n_rows, cfg.S, cfg.R, dtype=torch.float32, device=x.device) if _h is None else _h  # A @ x parts
-    pdl = use_pdl(x.device)  # the expand launches while the shrink finishes (Hopper)
-    early = pdl and PDL_EARLY
-    launch = {"launch_pdl": True} if pdl else {}
+    launch = pdl_launch(x.device)  # the expand launches while the shrink finishes (Hopper)
     if norm is not None and (norm[0].shape != (d_in,) or not norm[0].is_contiguous()):
         raise ValueError(f"norm weight {tuple(norm[0].shape)} for {d_in} inputs")
     if store and y.dtype != torch.float32:
@@ -327,12 +332,12 @@ def lora_apply_(
     nw, eps = norm if norm is not None else (x, 0.0)
     tiles = triton.cdiv(d_out, cfg.BLOCK_N)
     bgmv_shrink[(n_rows, cfg.S)](
-        x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT, PDL=pdl,
-        NORM=norm is not None, EARLY=early, RMS=rms, **launch,
+        x, A, ids, h, nw, eps, d_in, rows, x.stride(0), R=cfg.R, BLOCK_K=cfg.BLOCK_K, K_SPLIT=cfg.K_SPLIT,
+        NORM=norm is not None, RMS=rms, **launch,
     )
     bgmv_expand[(n_rows, tiles)](
         h, B, scaling, ids, y, d_out, r, y.stride(0), b1, b2, *B.stride(), R=cfg.R, R_MODULE=cfg.R_MODULE, BLOCK_N=cfg.BLOCK_N,
-        S=cfg.S, MODULES=modules, PDL=pdl, STORE=store, EARLY=early, **launch,
+        S=cfg.S, MODULES=modules, STORE=store, **launch,
     )
     return y
 

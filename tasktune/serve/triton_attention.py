@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from tasktune.lora import triton_ops
-from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, pdl_launch, sm_count, triton, use_pdl
 
 __all__ = ["available", "decode_attention"]
 
@@ -264,12 +263,10 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache:
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1), v_cache.stride(2),
     )
     if splits == 1:
-        pdl = use_pdl(q.device)
         _decode_attention[(n, kv_heads)](
             q, k, v, k_cache, v_cache, positions, out, *tables, hd ** -0.5, *strides, out.stride(0), out.stride(1),
-            GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope, PDL=pdl,
-            EARLY=pdl and triton_ops.PDL_EARLY,
-            num_warps=NUM_WARPS, num_stages=NUM_STAGES, **({"launch_pdl": True} if pdl else {}),
+            GROUP=group, G_PAD=g_pad, HD=hd, BLOCK_L=BLOCK_L, LENGTH=length, ROPE=rope,
+            num_warps=NUM_WARPS, num_stages=NUM_STAGES, **pdl_launch(q.device),
         )
         return out
     parts = n * kv_heads * splits * g_pad

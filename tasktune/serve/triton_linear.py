@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 
 from tasktune.lora import triton_ops
-from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
 
@@ -322,8 +322,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
-    pdl = use_pdl(device)
-    pdl_meta = dict(EARLY=pdl and triton_ops.PDL_EARLY, LATE=pdl and delta is not None and triton_ops.LATE_WAIT)
+    launch = triton_ops.pdl_launch(device)
+    late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
@@ -333,8 +333,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None, DELTA_RMS=delta_rms,
-        UPCAST=device.type != "cuda", PDL=pdl, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-        **pdl_meta, **({"launch_pdl": True} if pdl else {}),
+        UPCAST=device.type != "cuda", LATE=late, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
+        **launch,
     )
     return y
 

@@ -29,8 +29,7 @@ from __future__ import annotations
 
 import torch
 
-from tasktune.lora import triton_ops
-from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton, use_pdl
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, pdl_launch, triton
 
 __all__ = ["available", "lm_head_argmax", "usable"]
 
@@ -127,16 +126,14 @@ def lm_head_argmax(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
     y = torch.empty(M, V, dtype=x.dtype, device=device)
     out = torch.empty(M, dtype=torch.int64, device=device)
     keys = _keys(device)
-    pdl = use_pdl(device)
     block_n = block_n or BLOCK_N
     block_k = min(block_k or BLOCK_K, _pow2_at_least(K, 16))
     nxt = next_inputs or (out, out, out)
     _lm_head_argmax[(triton.cdiv(V, block_n),)](
         x, norm_weight, weight, y, out, keys, counter_buffer("lm_head", device, 1), *nxt, M, V, eps, x.stride(0),
         y.stride(0), K=K, K_PAD=triton.cdiv(K, block_k) * block_k, BLOCK_M=block_m, BLOCK_N_=block_n,
-        BLOCK_K_=block_k, SLOTS_=SLOTS, NEXT=next_inputs is not None, UPCAST=device.type != "cuda", PDL=pdl,
-        EARLY=pdl and triton_ops.PDL_EARLY, num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES,
-        **({"launch_pdl": True} if pdl else {}))
+        BLOCK_K_=block_k, SLOTS_=SLOTS, NEXT=next_inputs is not None, UPCAST=device.type != "cuda",
+        num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, **pdl_launch(device))
     return y, out
 
 
