@@ -6,8 +6,10 @@ Work: 24 layers of Qwen2.5-0.5B's four linears at 32 rows, bf16, each feeding th
 in a decode step (attention replaced by the first 896 qkv columns): RMSNorm + qkv; o +
 residual; RMSNorm + gate_up + silu * up; down + residual. One CUDA graph of the 24 layers,
 median of 50 replays. Cases: no adapter, 4 and 32 distinct adapters over the rows (r=16,
-32 slots, B as the pool stores it). Paths: the fused launches (LoRA inside them) and
-cuBLAS + eager ops (+ the BGMV pair), the decoder's two paths.
+32 slots, B as the pool stores it). Paths: the decoder's default, each fused launch adding
+the delta of the BGMV pair before it (`lora_delta`, the norm's weight in its shrink and the
+1 / rms in the linear as `triton_linear.DELTA_BEFORE_RMS` says); the fused launches with
+LoRA inside them (`LoraStacks.fused_linears`); cuBLAS + eager ops (+ the BGMV pair in place).
 
     PYTHONPATH=. python3 bench/decode_layers_bench.py          # GPU: writes $OUT/ and bench/results/
     .venv/bin/python bench/decode_layers_bench.py --smoke      # CPU: tiny shapes, the interpreter
@@ -29,7 +31,8 @@ from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, 
 
 def main() -> None:
     args, device = kernel_bench_args(__doc__)
-    from tasktune.lora.triton_ops import lora_apply_
+    from tasktune.lora.triton_ops import lora_apply_, lora_delta
+    from tasktune.serve import triton_linear
     from tasktune.serve.triton_linear import decode_linear
 
     D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
@@ -52,8 +55,13 @@ def main() -> None:
     x0 = rand(M, D)
     cases = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
 
-    def fused(ids):
+    def fused(ids, delta: bool = False):
+        rms = not triton_linear.DELTA_BEFORE_RMS  # whether the delta holds the norm's 1 / rms
+
         def lin(i, n, x, **kw):
+            if delta and ids is not None:  # the decoder's default: the BGMV pair's delta, then the launch
+                d = lora_delta(x, *AB[i][n], scaling, ids, bounds[n], kw.get("norm"), rms=rms)
+                return decode_linear(x, W[i][n], delta=d, delta_rms=rms, bounds=bounds[n], **kw)
             return decode_linear(x, W[i][n], lora=None if ids is None else (*AB[i][n], scaling, ids),
                                  bounds=bounds[n], **kw)
 
@@ -88,19 +96,22 @@ def main() -> None:
               "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
               "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "cases": {}}
     for case, ids in cases.items():
-        f_out, e_out = fused(ids)(), eager(ids)()
-        err = ((f_out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()
-        c = {"fused_us_per_layer": timed_graph(fused(ids), device, replays) / layers * 1e6,
-             "eager_us_per_layer": timed_graph(eager(ids), device, replays) / layers * 1e6, "max_rel_err_fused_vs_eager": err}
+        e_out = eager(ids)()
+        err = lambda out: ((out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()  # noqa: E731
+        c = {"delta_us_per_layer": timed_graph(fused(ids, delta=True), device, replays) / layers * 1e6,
+             "fused_us_per_layer": timed_graph(fused(ids), device, replays) / layers * 1e6,
+             "eager_us_per_layer": timed_graph(eager(ids), device, replays) / layers * 1e6,
+             "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
         result["cases"][case] = c
-        print(f"{case}: fused {c['fused_us_per_layer']:.1f} us a layer, cuBLAS + eager "
-              f"{c['eager_us_per_layer']:.1f}; fused vs eager max rel err {err:.1e}", flush=True)
+        print(f"{case}: BGMV delta + fused {c['delta_us_per_layer']:.1f} us a layer, LoRA in the fused launches "
+              f"{c['fused_us_per_layer']:.1f}, cuBLAS + eager {c['eager_us_per_layer']:.1f}; max rel err against "
+              f"eager {c['max_rel_err_delta_vs_eager']:.1e}, {c['max_rel_err_fused_vs_eager']:.1e}", flush=True)
     results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
     write_json(result, "decode_layers_bench.json", [args.out, results])
     print(f"\nfour linears a layer, chained, {result['device']} (us a layer):")
-    print(f"{'case':<6}{'fused':>9}{'cuBLAS+eager':>14}")
+    print(f"{'case':<6}{'delta+fused':>12}{'LoRA in fused':>14}{'cuBLAS+eager':>14}")
     for case, c in result["cases"].items():
-        print(f"{case:<6}{c['fused_us_per_layer']:>9.1f}{c['eager_us_per_layer']:>14.1f}")
+        print(f"{case:<6}{c['delta_us_per_layer']:>12.1f}{c['fused_us_per_layer']:>14.1f}{c['eager_us_per_layer']:>14.1f}")
 
 
 if __name__ == "__main__":
