@@ -42,17 +42,8 @@ MAX_ROWS = 64
 if triton is not None:
     import triton.language as tl
 
+    from tasktune.serve.triton_argmax import _first_max
     from tasktune.serve.triton_linear_blocks import k_partial
-
-    @triton.jit
-    def _block_max(v, offs_n, n_ok, BIG: tl.constexpr):
-        """Per column of v [BLOCK_N, BLOCK_M]: the maximum over the valid rows (NaN if any)
-        and the smallest row index holding it."""
-        nan = (v != v) & n_ok[:, None]
-        has_nan = tl.max(nan.to(tl.int32), axis=0) > 0
-        m = tl.max(tl.where(nan | ~n_ok[:, None], float("-inf"), v), axis=0)
-        hit = tl.where(has_nan[None, :], nan, (v == m[None, :]) & n_ok[:, None])
-        return tl.where(has_nan, float("nan"), m), tl.min(tl.where(hit, offs_n[:, None], BIG), axis=0)
 
     @triton.jit
     def _order_key(value, index):
@@ -82,7 +73,9 @@ if triton is not None:
         rstd = 1.0 / tl.sqrt(ss / K + eps)
         logits = (acc * rstd[None, :]).to(y_ptr.dtype.element_ty)  # [BLOCK_N, BLOCK_M]
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], logits, mask=n_ok[:, None] & m_ok[None, :])
-        value, index = _block_max(logits.to(tl.float32), offs_n, n_ok, 2147483647)
+        # each row's maximum over the block and its first index (rows past V: -inf, so never above a real one)
+        value, index = _first_max(tl.where(n_ok[:, None], logits.to(tl.float32), float("-inf")), offs_n[:, None],
+                                  2147483647)
         slot = pid % SLOTS_
         tl.atomic_max(keys_ptr + slot * BLOCK_M + offs_m, _order_key(value, index), mask=m_ok, sem="relaxed")
         if tl.atomic_add(cnt_ptr, 1, sem="acq_rel") == tl.num_programs(0) - 1:  # the last program: combine
