@@ -80,8 +80,15 @@ TEXTS = ["plain words and spaces", "accents: café naïve über", "emoji 🙂�
 
 
 @pytest.mark.parametrize("text", TEXTS)
-def test_incremental_detokenisation_equals_full_decode(text):
+@pytest.mark.parametrize("stream", [True, False])
+def test_incremental_detokenisation_equals_full_decode(text, stream, monkeypatch):
+    """Both ways: the tokenizers library's DecodeStream, and decoded windows (a tokenizer
+    without a Rust backend, or an older tokenizers)."""
+    from tasktune.serve import engine
+
     tok = train_tokenizer("bpe", vocab_size=300)  # byte-level: multi-byte characters span tokens
+    if not stream:
+        monkeypatch.setattr(engine, "DecodeStream", None)
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     seq = Sequence(prompt_ids=[1], params=SamplingParams())
@@ -92,6 +99,7 @@ def test_incremental_detokenisation_equals_full_decode(text):
         assert "\ufffd" not in piece
         pieces.append(piece)
     assert "".join(pieces) == text
+    assert (seq.decode_stream is not None) == stream and (seq.read_offset > 0) != stream
 
 
 def test_greedy_steps_launched_ahead_equal_fresh_steps(engine):

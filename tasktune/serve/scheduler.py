@@ -48,6 +48,7 @@ class Sequence:
     _text_later: Callable[[], str] | None = field(default=None, repr=False)
     prefix_offset: int = 0  # incremental detokenisation window over output_ids (engine.detokenize_step)
     read_offset: int = 0
+    decode_stream: object | None = field(default=None, repr=False)  # ... or the tokenizers library's DecodeStream
     sent: int = 0  # characters of `text` already streamed
     finish_reason: str | None = None  # "stop", "length", "cancelled", "error"
     error: str | None = None
