@@ -32,9 +32,11 @@ def reference(x, nw, w):
     return F.linear(nw * F.rms_norm(x, (x.shape[1],), eps=EPS), w)
 
 
-def buffers_zero(device) -> bool:
-    keys = triton_lm_head._keys(torch.device(device))
-    return int(keys.abs().sum()) == 0 and int(triton_argmax.counter_buffer("lm_head", keys.device, 1).sum()) == 0
+def buffers_zero(device: torch.device) -> bool:
+    """device: a launch's tensor's own (cuda:0, not cuda: the buffers are kept by device)."""
+    keys = triton_argmax.counter_buffer("lm_head_keys", device, triton_lm_head.SLOTS * triton_lm_head.MAX_ROWS,
+                                        torch.int64)
+    return int(keys.abs().sum()) == 0 and int(triton_argmax.counter_buffer("lm_head", device, 1).sum()) == 0
 
 
 @pytest.mark.parametrize("rows, k, vocab", [(5, 96, 1000), (1, 64, 300), (33, 80, 2 * triton_lm_head.BLOCK_N)])
@@ -54,7 +56,7 @@ def test_logits_and_argmax_against_torch(rows, k, vocab, dtype):
     assert (ref.max(-1).values - picked).max().item() <= tol * want.abs().max().item()
     if dtype == torch.float32 and INTERPRET:
         assert top.cpu().tolist() == ref.argmax(-1).tolist()
-    assert buffers_zero(DEVICE)
+    assert buffers_zero(top.device)
 
 
 def test_ties_across_programs_take_the_first_index_and_nan_wins():
@@ -66,7 +68,7 @@ def test_ties_across_programs_take_the_first_index_and_nan_wins():
     w[700] = float("nan")  # NaN counts as the maximum, as in torch.argmax
     logits, top = triton_lm_head.lm_head_argmax(x.to(DEVICE), nw.to(DEVICE), EPS, w.to(DEVICE))
     assert top.cpu().tolist() == [700] * 4 == logits.cpu().argmax(-1).tolist()
-    assert buffers_zero(DEVICE)
+    assert buffers_zero(top.device)
 
 
 def test_feeds_the_next_steps_inputs_and_rejects_bad_shapes():

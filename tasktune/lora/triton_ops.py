@@ -125,13 +125,14 @@ def use_pdl(device: torch.device) -> bool:
 _counters: dict[tuple[str, torch.device], torch.Tensor] = {}
 
 
-def counter_buffer(owner: str, device: torch.device, size: int) -> torch.Tensor:
-    """Zeroed int32 counters for `owner`'s kernels on `device` (split-K and split-attention
-    "last to finish" counts), which every launch leaves at zero: no memset per launch. One
-    fixed tensor per owner and device, never reallocated (CUDA graphs keep its pointer)."""
+def counter_buffer(owner: str, device: torch.device, size: int, dtype: torch.dtype = torch.int32) -> torch.Tensor:
+    """Zeroed counters for `owner`'s kernels on `device` (split-K and split-attention "last
+    to finish" counts; other per-launch scratch such as triton_lm_head's int64 maxima),
+    which every launch leaves at zero: no memset per launch. One fixed tensor per owner and
+    device, never reallocated (CUDA graphs keep its pointer)."""
     key = (owner, device)
     if key not in _counters:
-        _counters[key] = torch.zeros(size, dtype=torch.int32, device=device)
+        _counters[key] = torch.zeros(size, dtype=dtype, device=device)
     return _counters[key]
 
 

@@ -186,9 +186,8 @@ class Engine:
             decoding = [s for s in self.scheduler.running if not s.finished]
             admitted = self.scheduler.admit(self._reserve)
         prefill = [s for s in admitted if not s.finished]
-        running = set(self.scheduler.running)
         for s in admitted:
-            if s.finished and s not in running:  # cancelled while waiting
+            if s.finished and s not in self.scheduler.running:  # cancelled while waiting
                 self._notify(s)
         if prefill:
             self._forward(prefill, [s.prompt_ids for s in prefill], [0] * len(prefill))

@@ -118,7 +118,7 @@ def lm_head_argmax(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
     block_m = _pow2_at_least(M, 16)
     y = torch.empty(M, V, dtype=x.dtype, device=device)
     out = torch.empty(M, dtype=torch.int64, device=device)
-    keys = _keys(device)
+    keys = counter_buffer("lm_head_keys", device, SLOTS * MAX_ROWS, torch.int64)  # [SLOTS, BLOCK_M] in a launch
     block_n = block_n or BLOCK_N
     block_k = min(block_k or BLOCK_K, _pow2_at_least(K, 16))
     nxt = next_inputs or (out, out, out)
@@ -129,14 +129,3 @@ def lm_head_argmax(x: torch.Tensor, norm_weight: torch.Tensor, eps: float, weigh
         num_warps=num_warps or NUM_WARPS, num_stages=num_stages or NUM_STAGES, **pdl_launch(device))
     return y, out
 
-
-_key_buffers: dict = {}
-
-
-def _keys(device: torch.device) -> torch.Tensor:
-    """The per-row maxima, int64 [SLOTS, BLOCK_M] as a launch lays them out (any BLOCK_M up
-    to MAX_ROWS), zeroed, and left at zero by every launch: one fixed tensor a device
-    (CUDA graphs keep its pointer), no memset a step."""
-    if device not in _key_buffers:
-        _key_buffers[device] = torch.zeros(SLOTS * MAX_ROWS, dtype=torch.int64, device=device)
-    return _key_buffers[device]
