@@ -6,8 +6,7 @@ expand launch it replaced (bench/README.md, session 8); spills or a register cou
 leaves one program an SM are the first suspects, and they are read here in seconds.
 
 Work: the four linears of a Qwen2.5-0.5B layer at 32 rows through `decode_linear`, without
-adapters, with a precomputed delta, with in-launch LoRA and with the LoRA chain
-(triton_lora_chain: expand in, next shrink out; 4 distinct adapters); the
+adapters, with a precomputed delta and with in-launch LoRA (4 distinct adapters); the
 BGMV pair (`lora_delta`, 32) for each; decode attention unsplit and split. (Reads Triton's
 per-device kernel caches, `JITFunction.device_caches`: an internal of Triton 3.x.)
 
@@ -76,7 +75,6 @@ def main() -> None:
         norm = (rand(K), 1e-6) if has_norm else None
         x, res = rand(M, K), rand(M, N) if has_res else None
         A, B = rand(slots, len(widths) * r, K, scale=K ** -0.5), rand(slots, rows, r, scale=0.1)
-        A_next = rand(slots, 2 * r, N, scale=N ** -0.5)  # LoRA chain: the next linear's shrink (2 modules)
         scaling = torch.full((slots,), 2.0, device=device)
         bounds = tuple(itertools.accumulate(widths))[:-1]
         ids4, ids32 = torch.arange(M, device=device) % 4, torch.arange(M, device=device) % slots
@@ -86,9 +84,6 @@ def main() -> None:
             "delta": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu, delta=delta),
             "lora_in_launch": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
                                                          lora=(A, B, scaling, ids4), bounds=bounds),
-            "chain": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu, bounds=bounds,
-                                                chain_in=(B, scaling, ids4, 0, r),
-                                                chain_out=(A_next, scaling, ids4, None, 1)),
         }
         for case, call in cases.items():
             for facts in _new_variants(tlin._decode_linear, call):

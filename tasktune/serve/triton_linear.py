@@ -51,7 +51,6 @@ from dataclasses import dataclass
 import torch
 
 from tasktune.lora import triton_ops
-from tasktune.serve import triton_lora_chain
 from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton
 
 __all__ = ["available", "decode_linear", "MAX_ROWS"]
@@ -78,15 +77,12 @@ if triton is not None:
     import triton.language as tl
 
     from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
-    from tasktune.serve.triton_lora_chain import (
-        _dot, adapter_rows, chain_rows, clear_s, load_a, load_b, load_h, shrink_tile,
-    )
 
     @triton.jit
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
-        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, cs_ptr, zs_ptr, na_ptr, nnw_ptr, ns_ptr,
-        M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br, ra_next, ra_zero,
+        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr,
+        M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
         K_SPLIT: tl.constexpr, NORM: tl.constexpr, SWIGLU: tl.constexpr, HAS_BIAS: tl.constexpr,
@@ -95,10 +91,6 @@ if triton is not None:
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
         EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
         DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
-        CHAIN_IN: tl.constexpr = False, CHAIN_OUT: tl.constexpr = False, NEXT_NORM: tl.constexpr = False,
-        RA_NEXT_PAD: tl.constexpr = 16, RA_ZERO_PAD: tl.constexpr = 16, UCH: tl.constexpr = 4,
-        UCH_E: tl.constexpr = 4, S_RA: tl.constexpr = 192, S_M: tl.constexpr = 64,  # triton_lora_chain
-        CHAIN_DEBUG: tl.constexpr = 0,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -131,28 +123,10 @@ if triton is not None:
         if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
-        if CHAIN_IN or CHAIN_OUT:  # LoRA carried between launches (triton_lora_chain): the rows' adapters
-            ids_v, first, order, urow = chain_rows(ids_ptr, offs_m, M)  # and the LoRA weights, before the wait
-            if CHAIN_IN:  # this split's share of the batch's (at most UCH) adapters
-                slot_e, u_e, j_e = adapter_rows(ids_v, first, order, split * UCH_E, UCH_E, R_MODULE)
-                b_e = load_b(b_ptr, slot_e, j_e, r, 0, offs_n, n_ok, stride_bs, stride_bn, stride_br)
-                if SWIGLU:  # up's B rows start N rows further
-                    b_u = load_b(b_ptr, slot_e, j_e, r, N, offs_n, n_ok, stride_bs, stride_bn, stride_br)
-            if CHAIN_OUT:
-                slot_s, u_s, j_s = adapter_rows(ids_v, first, order, 0, UCH, RA_NEXT_PAD)
-                a_s = load_a(na_ptr, slot_s, j_s, ra_next, N, offs_n, n_ok)
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
-        if CHAIN_IN:  # s, made by the previous launch, is ready with x; the s it read is done with
-            mod = (block * BLOCK_N >= bound1).to(tl.int32) + (block * BLOCK_N >= bound2).to(tl.int32)
-            if CHAIN_DEBUG != 1:
-                h_e = load_h(cs_ptr, u_e, j_e, mod * r, r, offs_m, m_ok, UCH, S_RA, S_M)
-                if SWIGLU:
-                    h_u = load_h(cs_ptr, u_e, j_e, r, r, offs_m, m_ok, UCH, S_RA, S_M)
-            if pid == 0:
-                clear_s(zs_ptr, urow, ra_zero, offs_m, m_ok, RA_ZERO_PAD, BLOCK_M, S_RA, S_M)
         acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                            BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if SWIGLU:  # the up rows start N rows further
@@ -175,17 +149,6 @@ if triton is not None:
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
                     BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
-        if CHAIN_IN:  # + B @ s of this split's adapters (the 1 / rms scales it with the projection)
-            if CHAIN_DEBUG == 1:  # (bench: the s loads after the main loop)
-                h_e = load_h(cs_ptr, u_e, j_e, mod * r, r, offs_m, m_ok, UCH, S_RA, S_M)
-                if SWIGLU:
-                    h_u = load_h(cs_ptr, u_e, j_e, r, r, offs_m, m_ok, UCH, S_RA, S_M)
-            if CHAIN_DEBUG == 2:  # (bench: no products, wrong numbers)
-                acc += (tl.sum(tl.sum(h_e, 1), 0) + tl.sum(tl.sum(b_e.to(tl.float32), 1), 0)) * 1e-30
-            else:
-                acc = _dot(b_e, h_e.to(b_e.dtype), acc, UPCAST)
-                if SWIGLU:
-                    acc_u = _dot(b_u, h_u.to(b_u.dtype), acc_u, UPCAST)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -246,17 +209,6 @@ if triton is not None:
             res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=ok, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
-        if CHAIN_OUT:  # the next linear's shrink over these columns of its input
-            v = out
-            if NEXT_NORM:
-                v = (out.to(tl.float32) * tl.load(nnw_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[:, None])
-                v = v.to(out.dtype)
-            if CHAIN_DEBUG == 2:  # (bench: no product, no atomics)
-                tl.store(ns_ptr + offs_m, tl.sum(tl.sum(a_s.to(tl.float32), 1), 0) + tl.sum(v.to(tl.float32), 0),
-                         mask=offs_m < 0)
-            else:
-                shrink_tile(a_s, u_s, j_s, v, offs_m, m_ok, ids_v, urow, scale_ptr, ns_ptr, ra_next, RA_NEXT_PAD,
-                            UCH, BLOCK_M, S_RA, S_M, UPCAST, (block % 8) * 16 if CHAIN_DEBUG == 3 else 0)
         if LORA:
             if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
                 tl.store(cnt_ptr + n_blocks, 0)
@@ -304,8 +256,6 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
-                  chain_in: tuple[torch.Tensor, torch.Tensor, torch.Tensor, int, int] | None = None,
-                  chain_out: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, int] | None = None,
                   config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
@@ -319,15 +269,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
     residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`). With
     norm and delta_rms False the delta is that of x * weight (lora_delta(..., rms=False)), and
-    the kernel scales projection and delta by 1 / rms together.
-    chain_in = (B, scaling, ids, role, zero): the LoRA term from s buffer `role`, which the
-    launch before made (triton_lora_chain; instead of `lora` and `delta`; the batch has at
-    most triton_lora_chain.UCH distinct adapters); the launch also clears the first `zero`
-    columns of the buffer before `role` (its predecessor's, read); chain_out = (A [slots,
-    modules * r, N] of the next linear, scaling, ids, its norm weight or None, its role): this
-    launch's epilogue adds the next linear's shrink of its output (times that norm weight)."""
-    if (chain_in is not None or chain_out is not None) and (lora is not None or delta is not None):
-        raise ValueError("a LoRA chain does not go with lora or delta")
+    the kernel scales projection and delta by 1 / rms together."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -379,53 +321,20 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
-    chain_args, ra_next, ra_zero, chain_meta = (x, x, x, x, x), 0, 0, {}
-    if chain_in is not None or chain_out is not None:
-        s_bufs = triton_lora_chain.chain_buffers(device)
-        cs = zs = na = nnw = ns = x
-        if chain_in is not None:
-            B, scaling, ids, role, ra_zero = chain_in
-            modules = len(bounds) + 1
-            r = B.shape[2]
-            triton_lora_chain.check_chain(None, B, ids, M)
-            if (B.shape[1] != rows or modules * r > triton_lora_chain.S_RA or (swiglu and tuple(bounds) != (N,))
-                    or any(b % cfg.BLOCK_N for b in bounds)):
-                raise ValueError(f"LoRA chain: B {tuple(B.shape)}, bounds {tuple(bounds)} for a [{rows}, {K}] "
-                                 f"weight in blocks of {cfg.BLOCK_N} columns")
-            b1, b2 = (list(bounds) + [rows, rows])[:2]
-            lora_args, strides = (x, B, scaling, ids, x), (B.stride(0), B.stride(1), B.stride(2))
-            cs, zs = s_bufs[role], s_bufs[(role - 1) % len(triton_lora_chain.ROLES)]
-            meta.update(MODULES=modules, R_MODULE=_pow2_at_least(r, 16), RA_PAD=_pow2_at_least(modules * r, 16))
-        if chain_out is not None:
-            na, scaling, ids, nnw, role = chain_out
-            triton_lora_chain.check_chain(na, None, ids, M)
-            if na.shape[2] != N:
-                raise ValueError(f"LoRA chain: the next A {tuple(na.shape)} for {N} outputs")
-            if chain_in is None:
-                lora_args = (x, x, scaling, ids, x)
-            ns, ra_next = s_bufs[role], na.shape[1]
-            nnw = nnw if nnw is not None else x
-        chain_args = (cs, zs, na, nnw, ns)
-        uch = triton_lora_chain.UCH
-        chain_meta = dict(CHAIN_IN=chain_in is not None, CHAIN_OUT=chain_out is not None,
-                          NEXT_NORM=chain_out is not None and chain_out[3] is not None,
-                          RA_NEXT_PAD=_pow2_at_least(max(ra_next, 1), 16), RA_ZERO_PAD=_pow2_at_least(max(ra_zero, 1), 16),
-                          UCH=uch, UCH_E=_pow2_at_least(triton.cdiv(uch, cfg.SPLIT_K), 1), S_RA=triton_lora_chain.S_RA,
-                          S_M=triton_lora_chain.MAX_ROWS, CHAIN_DEBUG=triton_lora_chain.DEBUG)
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     launch = triton_ops.pdl_launch(device)
     late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
-        *chain_args, M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
+        M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
         delta.stride(0) if delta is not None else 0, r, b1, b2,
-        norm[1] if norm is not None else 0.0, *strides, ra_next, ra_zero, N=N, K=K,
+        norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
         HAS_DELTA=delta is not None, DELTA_RMS=delta_rms,
         UPCAST=device.type != "cuda", LATE=late, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
-        **chain_meta, **launch,
+        **launch,
     )
     return y
 
