@@ -177,6 +177,7 @@ def main() -> None:
         refs[key] = c.text
     ref_s = time.monotonic() - t0
 
+    ahead0 = (engine.decode_step.ahead_used, engine.decode_step.ahead_wasted)
     app = create_app(engine)
     server, thread, port = start_server(app)
     try:
@@ -191,7 +192,10 @@ def main() -> None:
         "requests": args.requests, "adapters": len(names), "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_running": args.max_running, "max_resident": args.max_resident,
         "distinct_requests": len(refs), "setup_s": round(setup_s, 1), "reference_s": round(ref_s, 1),
-        "adapter_disk_loads": engine.pool.loads, **result,
+        "adapter_disk_loads": engine.pool.loads,
+        # greedy decode steps launched one ahead during the load: taken, or discarded (the batch changed)
+        "steps_ahead_used": engine.decode_step.ahead_used - ahead0[0],
+        "steps_ahead_wasted": engine.decode_step.ahead_wasted - ahead0[1], **result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

@@ -17,6 +17,7 @@ tests exercise exactly the code the graphs capture.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -68,8 +69,9 @@ class _Ahead:
     tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
 
     def matches(self, slots, tokens, positions, lora_ids) -> bool:
-        return (self.slots == list(slots) and self.lora_ids == list(lora_ids) and self.positions == list(positions)
-                and self.tokens == list(tokens))
+        """The same rows, in any order (rows that joined from a prefill come after the others)."""
+        mine = sorted(zip(self.slots, self.tokens or [], self.positions, self.lora_ids))
+        return len(mine) == len(self.slots) and mine == sorted(zip(slots, tokens, positions, lora_ids))
 
 
 class DecodeStep:
@@ -88,6 +90,8 @@ class DecodeStep:
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
         self._ahead: _Ahead | None = None  # the step launched ahead by `greedy`
+        self._joining: tuple | None = None  # rows prefilled this step that join it (`join`)
+        self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
         self._flip, self._last_use_lora = 0, False
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
@@ -96,7 +100,7 @@ class DecodeStep:
         """One decode step for the sequences in KV `slots` (each fed `tokens[i]` at
         `positions[i]` under adapter `lora_ids[i]`) -> logits [len(slots), vocab] float32,
         in the order given."""
-        self._ahead = None
+        self._ahead = self._joining = None
         logits, _ = self._launch(slots, tokens, positions, lora_ids)
         index = torch.tensor(slots, dtype=torch.long).to(logits.device, non_blocking=True)
         return logits.index_select(0, index).float()
@@ -119,17 +123,70 @@ class DecodeStep:
             self.ahead_wasted += ahead_step is not None
             _, argmax = self._launch(slots, tokens, positions, lora_ids)
             host, done = self._to_host(argmax)
+        joining, self._joining = self._joining, None
         if ahead:  # the step just launched left its tokens and positions + 1 in the inputs (_step)
             B = batch_bucket(max(slots) + 1, self.cache.num_slots)
-            nxt = [p + 1 for p in positions]
-            _, argmax = self._run(B, context_bucket(max(nxt) + 1, self.cache.max_len), self._last_use_lora)
-            self._ahead = _Ahead(list(slots), list(lora_ids), nxt, *self._to_host(argmax))
+            self._launch_ahead(B, list(slots), [p + 1 for p in positions], list(lora_ids), joining)
         if done is not None:
             done.synchronize()
         out = host.tolist()
         if self._ahead is not None:
-            self._ahead.tokens = [out[s] for s in slots]
+            self._ahead.tokens = [out[s] for s in slots] + (joining[4]() if joining else [])
         return [out[s] for s in slots]
+
+    def first_tokens(self, argmax: torch.Tensor) -> Callable[[], list[int]]:
+        """A prefill's argmax [n] on the device -> a function that returns it as a list: copied
+        now without waiting (a pinned buffer and an event on a GPU), so that reading it later
+        does not wait for steps launched in between."""
+        if not self.use_graphs:
+            return argmax.tolist
+        host = self._first_host[:argmax.shape[0]]
+        host.copy_(argmax, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return lambda: done.synchronize() or host.tolist()
+
+    def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
+             read: Callable[[], list[int]]) -> None:
+        """Rows prefilled in this engine step that decode greedily from the next one: the step
+        `greedy` launches ahead next includes them (tokens: their first tokens as the prefill's
+        device argmax, not read yet, `read` giving them as a list; positions: where those
+        tokens go), so the first decode step after a prefill is launched before the host reads
+        the prefill. With no `greedy` call in this engine step, `launch_joined` launches it
+        for them alone."""
+        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read)
+
+    def launch_joined(self) -> None:
+        """The step ahead for the rows `join` named alone (an engine step with no decode rows)."""
+        joining, self._joining = self._joining, None
+        if joining is None:
+            return
+        self.ahead_wasted += self._ahead is not None
+        self._launch_ahead(0, [], [], [], joining)
+        self._ahead.tokens = joining[4]()
+
+    def _launch_ahead(self, B: int, slots: list[int], positions: list[int], lora_ids: list[int],
+                      joining: tuple | None) -> None:
+        """Launch the next step for `slots` (rows 0..B-1 of the inputs are this step's: their
+        argmax and positions + 1 already in place) and the joining rows, whose inputs are put
+        in first; rows up to the bucket that neither covers are padding."""
+        if joining is not None:
+            j_slots, j_tokens, j_positions, j_lora, _ = joining
+            slots, positions, lora_ids = slots + j_slots, positions + j_positions, lora_ids + j_lora
+            top = batch_bucket(max(slots) + 1, self.cache.num_slots)
+            if top > B:  # rows the last launch did not set: padding, as `_launch` makes them
+                pad = torch.tensor([[0], [self.cache.max_len - 1], [-1]], dtype=torch.long).expand(3, top - B)
+                self.inputs[:, B:top].copy_(pad, non_blocking=True)
+                self._active[B:top].zero_()
+            B = top
+            index = torch.tensor(j_slots, dtype=torch.long).to(self.inputs.device, non_blocking=True)
+            rows = torch.tensor([j_positions, j_lora], dtype=torch.long).to(self.inputs.device, non_blocking=True)
+            self.inputs[0].index_copy_(0, index, j_tokens.to(torch.long))
+            self.inputs[1:].index_copy_(1, index, rows)
+            self._active.index_fill_(0, index, 1)
+            self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
+        _, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
+        self._ahead = _Ahead(slots, lora_ids, positions, *self._to_host(argmax))
 
     def drop_ahead(self) -> None:
         """Forget the step launched ahead: a KV slot it read is being freed (and may be

@@ -189,10 +189,14 @@ class Engine:
         for s in admitted:
             if s.finished and s not in self.scheduler.running:  # cancelled while waiting
                 self._notify(s)
-        if prefill:
-            self._forward(prefill, [s.prompt_ids for s in prefill], [0] * len(prefill))
+        first = self._prefill(prefill) if prefill else None
         if decoding:
             self._decode(decoding)
+        elif first is not None:
+            self.decode_step.launch_joined()
+        if first is not None:  # the prefill's tokens, read after the next step was launched
+            for s, t in zip(prefill, first()):
+                self._append(s, t)
         touched = prefill + decoding
         with self._lock:
             done = self.scheduler.retire()
@@ -227,9 +231,26 @@ class Engine:
         seq.kv_slot = self.cache.alloc()
         return True
 
-    def _forward(self, seqs: list[Sequence], chunks: list[list[int]], starts: list[int]) -> None:
-        batch = make_batch(chunks, starts, [s.kv_slot for s in seqs], [s.lora_id for s in seqs], self.device)
-        self._sample(seqs, self.model(batch, self.cache, self.pool.stacks))
+    def _prefill(self, seqs: list[Sequence]) -> Callable[[], list[int]]:
+        """Prefill the new sequences -> a function giving their first tokens (not appended
+        yet). All greedy: the argmax stays on the device until read, and the rows that go on
+        join the decode step launched ahead next (DecodeStep.join)."""
+        batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
+                           [s.lora_id for s in seqs], self.device)
+        logits = self.model(batch, self.cache, self.pool.stacks)
+        if not all(s.params.greedy for s in seqs):
+            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            return lambda: tokens
+        first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
+        read = self.decode_step.first_tokens(first)
+        go_on = [i for i, s in enumerate(seqs) if s.params.max_tokens > 1 and len(s.prompt_ids) + 1 < self.max_len]
+        if go_on:
+            picked = [seqs[i] for i in go_on]
+            index = torch.tensor(go_on, device=first.device)
+            self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
+                                  [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
+                                  lambda: [read()[i] for i in go_on])
+        return read
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
