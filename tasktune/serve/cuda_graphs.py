@@ -138,13 +138,13 @@ class DecodeStep:
         """A prefill's argmax [n] on the device -> a function that returns it as a list: copied
         now without waiting (a pinned buffer and an event on a GPU), so that reading it later
         does not wait for steps launched in between."""
-        if not self.use_graphs:
-            return argmax.tolist
-        host = self._first_host[:argmax.shape[0]]
-        host.copy_(argmax, non_blocking=True)
-        done = torch.cuda.Event()
-        done.record()
-        return lambda: done.synchronize() or host.tolist()
+        host, done = self._to_host(argmax, self._first_host)
+
+        def read() -> list[int]:
+            if done is not None:
+                done.synchronize()
+            return host.tolist()
+        return read
 
     def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
              read: Callable[[], list[int]]) -> None:
@@ -208,14 +208,18 @@ class DecodeStep:
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
 
-    def _to_host(self, argmax: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+    def _to_host(self, argmax: torch.Tensor, buffer: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
         """Copy this step's tokens into a host buffer without waiting (a pinned buffer and an
-        event on a GPU); the graph's output is overwritten by the next replay."""
+        event on a GPU); the graph's output is overwritten by the next replay. buffer: that
+        pinned buffer (default: the two that decode steps take in turn)."""
         B = argmax.shape[0]
         if not self.use_graphs:
             return argmax, None
-        self._flip ^= 1
-        host = self._host[self._flip][:B]
+        if buffer is None:
+            self._flip ^= 1
+            buffer = self._host[self._flip]
+        host = buffer[:B]
         host.copy_(argmax, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

@@ -249,7 +249,7 @@ class Engine:
             index = torch.tensor(go_on, device=first.device)
             self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
-                                  lambda: [read()[i] for i in go_on])
+                                  lambda: [t for i, t in enumerate(read()) if i in go_on])
         return read
 
     def _decode(self, seqs: list[Sequence]) -> None:
