@@ -27,7 +27,8 @@ from tasktune.errors import TasktuneError
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
 from tasktune.serve.encoder_engine import EncoderEngine
-from tasktune.serve.engine import AsyncEngine, Completion, Engine, Request
+from tasktune.serve.async_engine import AsyncEngine
+from tasktune.serve.engine import Completion, Engine, Request
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull

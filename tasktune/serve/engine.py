@@ -4,19 +4,18 @@ Each `step()`: admit waiting requests into free KV slots and prefill them (their
 token), then one batched decode step over every sequence that was already running, each
 row with its own adapter id (`cuda_graphs.DecodeStep`: a replayed CUDA graph on a GPU).
 Finished sequences leave at once. `generate()` drives steps
-synchronously (tests, offline use); `AsyncEngine` runs them in a background thread and
-hands results to asyncio code (the HTTP API).
+synchronously (tests, offline use); `async_engine.AsyncEngine` runs them in a background
+thread and hands results to asyncio code (the HTTP API).
 """
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import AsyncIterator, Callable
+from typing import Callable
 
 import torch
 
@@ -87,19 +86,6 @@ def detokenize_step(tokenizer, seq: Sequence) -> str:
         seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
         return full[len(prefix):]
     return ""
-
-
-def take_delta(seq: Sequence) -> str:
-    """The text not yet streamed that can no longer change: holds back a possible start of
-    a stop string and an incomplete UTF-8 character until the sequence finishes."""
-    end = len(seq.text)
-    if not seq.finished:
-        hold = max((len(s) for s in seq.params.stop), default=1) - 1
-        end = max(seq.sent, end - hold)
-        while end > seq.sent and seq.text[end - 1] == "\ufffd":
-            end -= 1
-    delta, seq.sent = seq.text[seq.sent:end], max(seq.sent, end)
-    return delta
 
 
 class Engine:
@@ -318,87 +304,3 @@ class Engine:
                 s.finish_reason, s.error = "error", reason
             self._free(s)
             self._notify(s)
-
-
-@dataclass
-class Event:
-    """One update: new text (streamed requests; else empty, the text is seq.text), and the
-    finish reason on the last one."""
-
-    text: str
-    finish_reason: str | None
-    seq: Sequence
-
-
-class AsyncEngine:
-    """Runs `Engine.step` in a background thread while there is work; coroutines await results."""
-
-    def __init__(self, engine: Engine):
-        self.engine = engine
-        self._wake, self._stop, self._paused = threading.Event(), False, False
-        self._thread: threading.Thread | None = None
-
-    def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
-            self._stop = False
-            self._thread = threading.Thread(target=self._run, name="tasktune-engine", daemon=True)
-            self._thread.start()
-
-    def stop(self) -> None:
-        self._stop = True
-        self._wake.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
-        self._thread = None
-
-    def pause(self) -> None:
-        """Hold the loop between steps (tests, maintenance); queued requests wait."""
-        self._paused = True
-
-    def resume(self) -> None:
-        self._paused = False
-        self._wake.set()
-
-    def _run(self) -> None:
-        while not self._stop:
-            self._wake.clear()
-            if self._paused or not self.engine.has_work:
-                self._wake.wait(0.1)
-                continue
-            try:
-                self.engine.step()
-            except Exception as e:  # keep serving; fail the affected requests
-                log.exception("engine step failed")
-                self.engine.abort_all(f"internal engine error: {type(e).__name__}")
-
-    def submit(self, request: Request) -> tuple[Sequence, asyncio.Queue]:
-        """Queue a request (errors raise here, before any response starts); events arrive on the queue."""
-        loop, queue = asyncio.get_running_loop(), asyncio.Queue()
-
-        def on_update(seq: Sequence) -> None:  # (runs in the engine's thread: a request not streamed
-            # gets one event, at its end, and its reader takes seq.text, decoded there: Sequence.text)
-            ev = Event(take_delta(seq) if seq.stream else "", seq.finish_reason, seq)
-            loop.call_soon_threadsafe(queue.put_nowait, ev)
-
-        self.start()
-        seq = self.engine.submit(request, on_update)
-        self._wake.set()
-        return seq, queue
-
-    async def stream(self, seq: Sequence, queue: asyncio.Queue) -> AsyncIterator[Event]:
-        try:
-            while True:
-                ev = await queue.get()
-                yield ev
-                if ev.finish_reason is not None:
-                    return
-        finally:
-            if not seq.finished:
-                self.engine.cancel(seq)
-                self._wake.set()
-
-    async def complete(self, request: Request) -> Completion:
-        seq, queue = self.submit(request)
-        async for _ in self.stream(seq, queue):
-            pass
-        return completion_of(seq)
