@@ -47,6 +47,7 @@ import torch  # noqa: E402
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
 from serve_timing import StepClock, graph_replay_s, profile_last_step, summarise  # noqa: E402
+from serve_staggered import staggered_case  # noqa: E402
 from serve_variants import main_path, switch, variant_table  # noqa: E402
 
 FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
@@ -163,6 +164,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=None, help="timed runs per engine case (median reported)")
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
+    ap.add_argument("--skip-staggered", action="store_true", help="skip the staggered-lengths case (serve_staggered.py)")
     ap.add_argument("--gc-compare", action="store_true",
                     help="also time each case with Python's startup heap frozen (gc.freeze), or unfrozen if it was")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
@@ -294,6 +296,15 @@ def main() -> None:
         print(f"{name}: decode {c['decode_tok_s']:.0f} tok/s (step {c['decode_step_median_s'] * 1e3:.2f} ms), "
               f"e2e {c['e2e_tok_s']:.0f} tok/s, prefill {c['prefill_s'] * 1e3:.0f} ms, "
               f"{100 * c['pct_roofline']:.1f}% of roofline {roof_tok_s:.0f} tok/s", flush=True)
+        save()
+    if not args.skip_staggered:  # lengths spread, more requests than slots (serve_staggered.py)
+        st = result["staggered"] = staggered_case(engine, prompts, cases[f"a{n_few}"], new_tokens, device, repeats)
+        print(f"staggered a{n_few}: {st['main']['tok_s']:.0f} tok/s (steps ahead used / discarded "
+              f"{st['main']['steps_ahead_used']} / {st['main']['steps_ahead_wasted']}); without steps ahead past a "
+              f"row's last token {st['no_ahead_past_last_token']['tok_s']:.0f} tok/s "
+              f"({st['no_ahead_past_last_token']['steps_ahead_used']} / "
+              f"{st['no_ahead_past_last_token']['steps_ahead_wasted']}): {st['speedup']:.3f}x, tokens equal "
+              f"{st['tokens_equal']}", flush=True)
         save()
     if device.type == "cuda":
         try:

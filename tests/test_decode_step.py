@@ -162,13 +162,26 @@ def check_greedy_ahead(engine):
     used, wasted = step.ahead_used, step.ahead_wasted
     assert ahead(*prefill(), 6, swap_at=3) == want
     assert (step.ahead_used - used, step.ahead_wasted - wasted) == (4, 1)
-    # freeing a slot (the engine calls drop_ahead then) forgets the step launched ahead
+    # a freed slot (the engine calls release) holds another sequence: its row of the step ahead is not taken
     tokens, positions = prefill()
     first = step.greedy(slots, tokens, positions, lora, ahead=True)
     used, wasted = step.ahead_used, step.ahead_wasted
-    step.drop_ahead()
+    step.release(slots[1])
     assert step.greedy(slots, first, [p + 1 for p in positions], lora, ahead=False) == plain[1]
     assert (step.ahead_used - used, step.ahead_wasted - wasted) == (0, 1)
+    # a row at its last token is padding in the step ahead, which the other rows take; a row
+    # that ends after the step ahead was launched (an end token) leaves it to the rest too
+    tokens, positions = prefill()
+    used, wasted = step.ahead_used, step.ahead_wasted
+    out = step.greedy(slots, tokens, positions, lora, ahead=[True, False, True])
+    rows = (0, 2)
+    pick = lambda values, at=rows: [values[i] for i in at]  # noqa: E731
+    out = step.greedy(pick(slots), pick(out), [p + 1 for p in pick(positions)], pick(lora), ahead=True)
+    assert out == pick(plain[1])
+    out = step.greedy([slots[0]], out[:1], [positions[0] + 2], [lora[0]], ahead=False)
+    assert out == [plain[2][0]]
+    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (2, 0)
+    assert step._active.sum().item() == 2  # (rows 0 and 2 of the last step ahead; slot 3 padding)
     for i in range(2):
         engine.pool.release(f"task-{i}")
 

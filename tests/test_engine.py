@@ -89,8 +89,9 @@ def run_mixed(engine: Engine, reference) -> None:
 
 def test_arrivals_join_the_step_launched_ahead(engine, reference):
     """A prefill's first tokens go to the next decode step on the device: after a prefill
-    alone, and when requests arrive while others decode, every decode step is one launched
-    ahead (none is discarded), and the tokens equal HF + PEFT's."""
+    alone, when requests arrive while others decode, and when one finishes while others go
+    on, every decode step is one launched ahead (none is discarded), and the tokens equal
+    HF + PEFT's."""
     step = engine.decode_step
     used, wasted = step.ahead_used, step.ahead_wasted
     first = engine.submit(Request(PROMPTS[0], "task-1", SamplingParams(max_tokens=6)))
@@ -98,8 +99,9 @@ def test_arrivals_join_the_step_launched_ahead(engine, reference):
     engine.step()
     later = [engine.submit(Request(PROMPTS[i], a, SamplingParams(max_tokens=5))) for i, a in ((2, None), (3, "task-2"))]
     drain(engine)
-    # decode steps: the first request's 5 (token 2..6); the arrivals' 4 each, in the steps shared with it
-    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (5, 0)
+    # decode steps: the first request's 5 (tokens 2..6), the arrivals' first 3 in steps shared with it,
+    # and their last in a sixth, launched ahead in the step where the first request had its last token
+    assert (step.ahead_used - used, step.ahead_wasted - wasted) == (6, 0)
     assert first.output_ids == reference(PROMPTS[0], "task-1", 6)
     assert [s.output_ids for s in later] == [reference(PROMPTS[2], None, 5), reference(PROMPTS[3], "task-2", 5)]
 

@@ -64,14 +64,20 @@ class _Ahead:
     slots: list[int]
     lora_ids: list[int]
     positions: list[int]
+    gens: list[int]  # each slot's generation at launch (DecodeStep.release)
     host: torch.Tensor  # where its tokens land (by slot)
     done: torch.cuda.Event | None
     tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
 
-    def matches(self, slots, tokens, positions, lora_ids) -> bool:
-        """The same rows, in any order (rows that joined from a prefill come after the others)."""
-        mine = sorted(zip(self.slots, self.tokens or [], self.positions, self.lora_ids))
-        return len(mine) == len(self.slots) and mine == sorted(zip(slots, tokens, positions, lora_ids))
+    def matches(self, slots, tokens, positions, lora_ids, gens) -> bool:
+        """Every row asked for was one of its rows, fed the same (rows that joined from a
+        prefill come after the others; a row it has beyond those asked for is a sequence
+        that finished since: its result is not read, its KV write went to a slot that a new
+        sequence rewrites before reading, `DecodeStep.greedy`)."""
+        if self.tokens is None or len(self.tokens) != len(self.slots):
+            return False
+        mine = {s: row for s, *row in zip(self.slots, self.tokens, self.positions, self.lora_ids, self.gens)}
+        return all(mine.get(s) == [t, p, a, g] for s, t, p, a, g in zip(slots, tokens, positions, lora_ids, gens))
 
 
 class DecodeStep:
@@ -94,6 +100,8 @@ class DecodeStep:
         self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
         self._flip, self._last_use_lora = 0, False
+        self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
+        self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -106,17 +114,23 @@ class DecodeStep:
         return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
-               ahead: bool) -> list[int]:
+               ahead: bool | list[bool]) -> list[int]:
         """The same step for rows that all decode greedily -> each row's argmax token.
 
-        ahead=True (the caller knows every row goes on at least one more step unless it
-        samples an end token): before reading this step's tokens back, launch the next step
-        on the device with them as inputs, so the GPU computes step n+1 while the host
-        handles step n. The next call takes that result if its inputs are what was assumed
-        (same slots and adapters, positions one further, these tokens), else it runs afresh;
-        the discarded step only wrote KV entries that a real step rewrites before any read."""
+        ahead (one flag a row, or one for all): the row goes on at least one more step unless
+        it samples an end token (False: nothing is launched ahead, rows joining from a
+        prefill neither). Before reading this step's tokens back, the next step is
+        launched on the device for those rows with this step's tokens as inputs, so the GPU
+        computes step n+1 while the host handles step n; rows at their last token become
+        padding in it. The next call takes that result if every row it asks for was in it,
+        fed what was assumed (same slot generation and adapter, position one further, this
+        step's token), else it runs afresh. A discarded step, and the row of a sequence that
+        ended with an end token, only wrote KV entries that a real step rewrites before any
+        read: rows past a prefill's length are written by the sequence itself before it
+        attends to them."""
+        gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
-        if ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids):
+        if ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens):
             host, done = ahead_step.host, ahead_step.done
             self.ahead_used += 1
         else:
@@ -124,14 +138,16 @@ class DecodeStep:
             _, argmax = self._launch(slots, tokens, positions, lora_ids)
             host, done = self._to_host(argmax)
         joining, self._joining = self._joining, None
-        if ahead:  # the step just launched left its tokens and positions + 1 in the inputs (_step)
-            B = batch_bucket(max(slots) + 1, self.cache.num_slots)
-            self._launch_ahead(B, list(slots), [p + 1 for p in positions], list(lora_ids), joining)
+        go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
+        on = [i for i, g in enumerate(go) if g]
+        if ahead is not False and (on or joining):  # the step just run left its tokens and positions + 1 in the inputs (_step)
+            self._launch_ahead([slots[i] for i in on], [positions[i] + 1 for i in on], [lora_ids[i] for i in on],
+                               joining)
         if done is not None:
             done.synchronize()
         out = host.tolist()
         if self._ahead is not None:
-            self._ahead.tokens = [out[s] for s in slots] + (joining[4]() if joining else [])
+            self._ahead.tokens = [out[slots[i]] for i in on] + (joining[4]() if joining else [])
         return [out[s] for s in slots]
 
     def first_tokens(self, argmax: torch.Tensor) -> Callable[[], list[int]]:
@@ -162,35 +178,49 @@ class DecodeStep:
         if joining is None:
             return
         self.ahead_wasted += self._ahead is not None
-        self._launch_ahead(0, [], [], [], joining)
+        self._launch_ahead([], [], [], joining)
         self._ahead.tokens = joining[4]()
 
-    def _launch_ahead(self, B: int, slots: list[int], positions: list[int], lora_ids: list[int],
-                      joining: tuple | None) -> None:
-        """Launch the next step for `slots` (rows 0..B-1 of the inputs are this step's: their
-        argmax and positions + 1 already in place) and the joining rows, whose inputs are put
-        in first; rows up to the bucket that neither covers are padding."""
+    def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None) -> None:
+        """Launch the next step for `slots`, whose inputs the step before left in place (its
+        argmax, positions + 1), and the joining rows, whose inputs are put in first. Every
+        other row the inputs hold as running (sequences at their last token, or finished)
+        becomes padding, as `_launch` makes it: fed on, it would write KV entries of a slot
+        that a new sequence may have been prefilled into since."""
+        gone = sorted(self._rows_on.difference(slots))
         if joining is not None:
             j_slots, j_tokens, j_positions, j_lora, _ = joining
+            gone = [r for r in gone if r not in j_slots]
+        if gone:
+            index = torch.tensor(gone, dtype=torch.long).to(self.inputs.device, non_blocking=True)
+            pad = torch.tensor([0, self.cache.max_len - 1, -1], dtype=torch.long, device=self.inputs.device)
+            self.inputs.index_copy_(1, index, pad[:, None].expand(3, len(gone)))
+            self._active.index_fill_(0, index, 0)
+        if joining is not None:
+            B = batch_bucket(max(slots, default=-1) + 1, self.cache.num_slots) if slots else 0
             slots, positions, lora_ids = slots + j_slots, positions + j_positions, lora_ids + j_lora
             top = batch_bucket(max(slots) + 1, self.cache.num_slots)
-            if top > B:  # rows the last launch did not set: padding, as `_launch` makes them
+            if top > B:  # rows no launch has set since they were padding: padding, as `_launch` makes them
                 pad = torch.tensor([[0], [self.cache.max_len - 1], [-1]], dtype=torch.long).expand(3, top - B)
                 self.inputs[:, B:top].copy_(pad, non_blocking=True)
                 self._active[B:top].zero_()
-            B = top
             index = torch.tensor(j_slots, dtype=torch.long).to(self.inputs.device, non_blocking=True)
             rows = torch.tensor([j_positions, j_lora], dtype=torch.long).to(self.inputs.device, non_blocking=True)
             self.inputs[0].index_copy_(0, index, j_tokens.to(torch.long))
             self.inputs[1:].index_copy_(1, index, rows)
             self._active.index_fill_(0, index, 1)
-            self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
+        self._rows_on = set(slots)
+        self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
+        B = batch_bucket(max(slots) + 1, self.cache.num_slots)
         _, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
-        self._ahead = _Ahead(slots, lora_ids, positions, *self._to_host(argmax))
+        self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots], *self._to_host(argmax))
+
+    def release(self, slot: int) -> None:
+        """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""
+        self._gens[slot] += 1
 
     def drop_ahead(self) -> None:
-        """Forget the step launched ahead: a KV slot it read is being freed (and may be
-        reused by a new sequence whose inputs could look the same)."""
+        """Forget the step launched ahead (a bench replaying graphs by hand rewrites the inputs)."""
         if self._ahead is not None:
             self._ahead, self.ahead_wasted = None, self.ahead_wasted + 1
 
@@ -205,6 +235,7 @@ class DecodeStep:
         staged = torch.tensor(rows, dtype=torch.long)
         self.inputs[:, :B].copy_(staged[:3], non_blocking=True)
         self._active[:B].copy_(staged[3], non_blocking=True)
+        self._rows_on = set(slots)
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
 

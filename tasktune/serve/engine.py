@@ -35,6 +35,10 @@ from tasktune.serve.sampling import SamplingParams, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
+# Greedy decode steps launch the next step ahead for the rows that go on, with rows at their last
+# token as padding (False: a step where any row has its last token launches nothing ahead, as up
+# to session 13; the serve bench's staggered case times both)
+AHEAD_PER_ROW = True
 
 
 class PromptTooLong(TasktuneError):
@@ -195,7 +199,7 @@ class Engine:
 
     def _free(self, s: Sequence) -> None:
         if s.kv_slot >= 0:
-            self.decode_step.drop_ahead()  # a step launched ahead must not outlive the slots it read
+            self.decode_step.release(s.kv_slot)  # the slot's next sequence is a new row to a step launched ahead
             self.cache.free(s.kv_slot)
             s.kv_slot = -1
         if s.adapter is not None and s.lora_id >= 0:
@@ -242,7 +246,9 @@ class Engine:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
         if all(s.params.greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
-            ahead = all(len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs)
+            ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
+            if not AHEAD_PER_ROW and not all(ahead):
+                ahead = False
             for s, t in zip(seqs, self.decode_step.greedy(*inputs, ahead=ahead)):
                 self._append(s, t)
         else:
