@@ -299,12 +299,11 @@ def main() -> None:
         save()
     if not args.skip_staggered:  # lengths spread, more requests than slots (serve_staggered.py)
         st = result["staggered"] = staggered_case(engine, prompts, cases[f"a{n_few}"], new_tokens, device, repeats)
-        print(f"staggered a{n_few}: {st['main']['tok_s']:.0f} tok/s (steps ahead used / discarded "
-              f"{st['main']['steps_ahead_used']} / {st['main']['steps_ahead_wasted']}); without steps ahead past a "
-              f"row's last token {st['no_ahead_past_last_token']['tok_s']:.0f} tok/s "
-              f"({st['no_ahead_past_last_token']['steps_ahead_used']} / "
-              f"{st['no_ahead_past_last_token']['steps_ahead_wasted']}): {st['speedup']:.3f}x, tokens equal "
-              f"{st['tokens_equal']}", flush=True)
+        print(f"staggered a{n_few}: " + "; ".join(
+            f"{k} {st[k]['tok_s']:.0f} tok/s (ahead used/discarded {st[k]['steps_ahead_used']}/"
+            f"{st[k]['steps_ahead_wasted']}, tokens equal {st['tokens_equal'][k]})" for k in st["speedup"] | {"main": 1})
+              + "; prefill of one request " + ", ".join(f"{k} {v:.1f}" for k, v in st["prefill_one_request_ms"].items()),
+              flush=True)
         save()
     if device.type == "cuda":
         try:

@@ -5,9 +5,11 @@ a row at its last token while others go on, and no request waits for a slot. Ser
 traffic does both all the time. Here 2 x batch greedy requests with max_tokens spread
 over [new_tokens / 2, new_tokens] (adapters as the case gives them) are submitted at once
 to an engine of `batch` slots: rows finish on different steps and the waiting requests
-take their slots and join the running batch. Timed with the engine's steps ahead past a
-row's last token (`engine.AHEAD_PER_ROW`, the main path) and without (session 13's
-engine: such a step launched nothing ahead), on the same work in the same run.
+take their slots and join the running batch, each arrival a prefill step of its own
+unless several arrive together. Timed on the main path and, on the same work in the same
+run, without steps ahead past a row's last token (`engine.AHEAD_PER_ROW`; session 13's
+engine launched nothing ahead in such a step) and with short prefills' LoRA through the
+torch paths (`decoder.PREFILL_BGMV_MAX_ROWS` 0, as up to session 13).
 """
 from __future__ import annotations
 
@@ -50,25 +52,58 @@ def run_staggered(engine, prompts: list, adapters: list, new_tokens: int, device
             "token_ids": [o.token_ids for o in outs]}
 
 
+def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float:
+    """Median wall time of an engine step that prefills one request (max_tokens 1: it ends there)."""
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    times = []
+    for _ in range(repeats + 1):  # the first one warms up
+        engine.submit(Request(prompt=prompt, adapter=adapter, params=SamplingParams(max_tokens=1, ignore_eos=True)))
+        sync(device)
+        t0 = time.perf_counter()
+        engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times[1:])[repeats // 2]
+
+
+# what each setting changes: (engine.AHEAD_PER_ROW, decoder.PREFILL_BGMV_MAX_ROWS or None: as is)
+SETTINGS = {"main": (True, None), "no_ahead_past_last_token": (False, None), "torch_lora_prefill": (True, 0)}
+
+
 def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, device, repeats: int) -> dict:
-    """The staggered work with and without steps ahead past a row's last token (median of
-    `repeats` each, alternating), and whether both gave the same tokens."""
+    """The staggered work on the main path and with one setting changed at a time (SETTINGS;
+    median of `repeats` each, the settings alternating), whether all gave the same tokens,
+    and the wall time of one request's prefill step, with an adapter and without."""
+    from tasktune.serve import decoder
     from tasktune.serve import engine as engine_module
 
-    runs: dict[bool, list[dict]] = {True: [], False: []}
+    main_rows = decoder.PREFILL_BGMV_MAX_ROWS
+
+    def setting(label: str) -> None:
+        per_row, rows = SETTINGS[label]
+        engine_module.AHEAD_PER_ROW = per_row
+        decoder.PREFILL_BGMV_MAX_ROWS = main_rows if rows is None else rows
+
+    runs: dict[str, list[dict]] = {label: [] for label in SETTINGS}
+    prefill: dict[str, float] = {}
     run_staggered(engine, prompts, adapters, min(8, new_tokens), device)  # warm-up
     try:
         for _ in range(repeats):
-            for per_row in (True, False):
-                engine_module.AHEAD_PER_ROW = per_row
-                runs[per_row].append(run_staggered(engine, prompts, adapters, new_tokens, device))
+            for label in SETTINGS:
+                setting(label)
+                runs[label].append(run_staggered(engine, prompts, adapters, new_tokens, device))
+        for label in ("main", "torch_lora_prefill"):
+            setting(label)
+            prefill[f"{label}_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
+        prefill["no_adapter_ms"] = prefill_ms(engine, prompts[0], None, device)
     finally:
-        engine_module.AHEAD_PER_ROW = True
+        setting("main")
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}
-    out = {"main": {k: v for k, v in med[True].items() if k != "token_ids"},
-           "no_ahead_past_last_token": {k: v for k, v in med[False].items() if k != "token_ids"},
-           "tok_s_all": {"main": [r["tok_s"] for r in runs[True]],
-                         "no_ahead_past_last_token": [r["tok_s"] for r in runs[False]]},
-           "tokens_equal": med[True]["token_ids"] == med[False]["token_ids"]}
-    out["speedup"] = med[True]["tok_s"] / med[False]["tok_s"]
+    out = {label: {k: v for k, v in m.items() if k != "token_ids"} for label, m in med.items()}
+    out["tok_s_all"] = {label: [r["tok_s"] for r in v] for label, v in runs.items()}
+    out["tokens_equal"] = {label: m["token_ids"] == med["main"]["token_ids"] for label, m in med.items()}
+    out["speedup"] = {label: med["main"]["tok_s"] / m["tok_s"] for label, m in med.items() if label != "main"}
+    out["prefill_one_request_ms"] = prefill
     return out
