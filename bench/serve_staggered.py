@@ -8,8 +8,8 @@ to an engine of `batch` slots: rows finish on different steps and the waiting re
 take their slots and join the running batch, each arrival a prefill step of its own
 unless several arrive together. Timed on the main path and, on the same work in the same
 run, without steps ahead past a row's last token (`engine.AHEAD_PER_ROW`; session 13's
-engine launched nothing ahead in such a step) and with short prefills' LoRA through the
-torch paths (`decoder.PREFILL_BGMV_MAX_ROWS` 0, as up to session 13).
+engine launched nothing ahead in such a step) and with every prefill eager
+(`engine.PREFILL_STEP`; session 14 replays one sequence's prefill from a CUDA graph).
 """
 from __future__ import annotations
 
@@ -68,23 +68,18 @@ def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float
     return 1e3 * sorted(times[1:])[repeats // 2]
 
 
-# what each setting changes: (engine.AHEAD_PER_ROW, decoder.PREFILL_BGMV_MAX_ROWS or None: as is)
-SETTINGS = {"main": (True, None), "no_ahead_past_last_token": (False, None), "torch_lora_prefill": (True, 0)}
+# what each setting changes: (engine.AHEAD_PER_ROW, engine.PREFILL_STEP)
+SETTINGS = {"main": (True, True), "no_ahead_past_last_token": (False, True), "eager_prefill": (True, False)}
 
 
 def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, device, repeats: int) -> dict:
     """The staggered work on the main path and with one setting changed at a time (SETTINGS;
     median of `repeats` each, the settings alternating), whether all gave the same tokens,
     and the wall time of one request's prefill step, with an adapter and without."""
-    from tasktune.serve import decoder
     from tasktune.serve import engine as engine_module
 
-    main_rows = decoder.PREFILL_BGMV_MAX_ROWS
-
     def setting(label: str) -> None:
-        per_row, rows = SETTINGS[label]
-        engine_module.AHEAD_PER_ROW = per_row
-        decoder.PREFILL_BGMV_MAX_ROWS = main_rows if rows is None else rows
+        engine_module.AHEAD_PER_ROW, engine_module.PREFILL_STEP = SETTINGS[label]
 
     runs: dict[str, list[dict]] = {label: [] for label in SETTINGS}
     prefill: dict[str, float] = {}
@@ -94,10 +89,10 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
             for label in SETTINGS:
                 setting(label)
                 runs[label].append(run_staggered(engine, prompts, adapters, new_tokens, device))
-        for label in ("main", "torch_lora_prefill"):
+        for label in ("main", "eager_prefill"):
             setting(label)
             prefill[f"{label}_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
-        prefill["no_adapter_ms"] = prefill_ms(engine, prompts[0], None, device)
+            prefill[f"{label}_no_adapter_ms"] = prefill_ms(engine, prompts[0], None, device)
     finally:
         setting("main")
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}

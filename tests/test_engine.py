@@ -14,7 +14,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.lora import triton_ops
-from tasktune.serve import decoder, triton_linear
+from tasktune.serve import triton_linear
 from tasktune.serve.engine import Engine, PromptTooLong, Request
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
@@ -131,26 +131,14 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
     eng.pool.register_root()
-    launches, prefill_launches, in_prefill = [], [], []
+    launches = []
     if "kernels" in variant:
         eng.pool.stacks.kernels = True
         assert {name for _, name in eng.pool.stacks.fused} == {"qkv_proj", "gate_up_proj"}
         assert eng.model.can_use_attention_kernel()
         eng.model.attention_kernel = True
         apply = triton_ops.lora_apply_
-        monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a, **k: (prefill_launches if in_prefill else launches
-                                                                         ).append(a[6]) or apply(*a, **k))
-        prefill = eng._prefill
-
-        def flagged(seqs):
-            in_prefill.append(True)
-            try:
-                return prefill(seqs)
-            finally:
-                in_prefill.clear()
-        monkeypatch.setattr(eng, "_prefill", flagged)
-        if variant != "kernels":  # (the interpreter is slow: one variant takes prefill through the pair)
-            monkeypatch.setattr(decoder, "PREFILL_BGMV_MAX_ROWS", 0)
+        monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a, **k: launches.append(a[6]) or apply(*a, **k))
     fused = []
     if "fused" in variant or "linears" in variant:
         eng.model.linear_kernel = True
@@ -173,8 +161,6 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     elif "kernels" in variant:  # 4 per layer and decode step: fused qkv (2 bounds), o, fused gate_up (1), down
         assert len(launches) % 4 == 0 and len(launches) > 0
         assert [len(b) for b in launches[:4]] == [2, 0, 1, 0]
-    if variant == "kernels":  # short prefills (decoder.PREFILL_BGMV_MAX_ROWS) take the same pair
-        assert len(prefill_launches) % 4 == 0 and [len(b) for b in prefill_launches[:4]] == [2, 0, 1, 0]
     if "compiled" in variant:
         assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
 

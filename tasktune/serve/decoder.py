@@ -56,16 +56,14 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 # batch's adapters (ops.lora_delta_masked: the rows' own rank columns kept) while they have
 # at most this many columns together, instead of a matmul pair and a scatter per adapter.
 PREFILL_MASKED_MAX_COLS = 1024
-# Prefill of up to this many tokens with the Triton LoRA kernels (a GPU) reads each token's
-# adapter through the BGMV pair, as decode does: 2 launches a linear where the torch paths
-# take ~11 operations a module (an arrival's prefill is launch-bound). Past it the per-row
-# reads of B outgrow the launches saved (gate_up's B is 0.6 MB an adapter at r=16).
-PREFILL_BGMV_MAX_ROWS = 512
 
 
-def bgmv_rows(batch: Batch, lora: LoraStacks, rows: int) -> bool:
-    """Whether this forward's adapted linears take the Triton BGMV pair (decode, or a short prefill)."""
-    return lora.kernels and (batch.decode or rows <= PREFILL_BGMV_MAX_ROWS)
+def bgmv_rows(batch: Batch, lora: LoraStacks) -> bool:
+    """Whether this forward's adapted linears take the Triton BGMV pair: a decode step, or a
+    prefill that a CUDA graph captures (prefill_graphs.py), which must read every row's
+    adapter id from the device. (An eager prefill's torch paths cost the host less: one
+    256-token request with an adapter, H200, 46.5 ms a step against 52.1 through the pair.)"""
+    return lora.kernels and (batch.decode or batch.bgmv)
 
 
 @dataclass
@@ -174,7 +172,7 @@ class Block(nn.Module):
         if stacks is None or not batch.use_lora:
             return y
         parts = self.parts.get(name, ((name, 0, y.shape[1]),))
-        if name in stacks.fused and bgmv_rows(batch, lora, x.shape[0]):  # one launch pair for the fused linear
+        if name in stacks.fused and bgmv_rows(batch, lora):  # one launch pair for the fused linear
             A, B = stacks.fused[name]
             torch.ops.tasktune.bgmv_lora(y, x, A, B, lora.scaling, batch.lora_ids, [start for _, start, _ in parts[1:]])
             return y
@@ -273,7 +271,7 @@ class Block(nn.Module):
 def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
               batch: Batch) -> None:
     """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
-    if bgmv_rows(batch, lora, x.shape[0]):  # Triton BGMV: each row reads its adapter in place
+    if bgmv_rows(batch, lora):  # Triton BGMV: each row reads its adapter in place
         torch.ops.tasktune.bgmv_lora(y, x, ab[0].contiguous(), ab[1], lora.scaling, batch.lora_ids, [])
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
@@ -358,7 +356,7 @@ class Decoder(nn.Module):
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
         if (lora is not None and batch.use_lora and not batch.decode and batch.active is not None
-                and not bgmv_rows(batch, lora, x.shape[0])):
+                and not bgmv_rows(batch, lora)):
             k, r = batch.active.shape[0], lora.rank
             if 1 < k and k * r <= PREFILL_MASKED_MAX_COLS:  # else one matmul pair per adapter (segmented)
                 batch = replace(batch, lora_mask=adapter_column_mask(batch.active_ids, k, r))

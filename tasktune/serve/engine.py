@@ -31,6 +31,7 @@ from tasktune.serve.decoder import FUSED, Decoder
 from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
+from tasktune.serve.prefill_graphs import PrefillStep
 from tasktune.serve.sampling import SamplingParams, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
@@ -39,6 +40,9 @@ log = logging.getLogger(__name__)
 # token as padding (False: a step where any row has its last token launches nothing ahead, as up
 # to session 13; the serve bench's staggered case times both)
 AHEAD_PER_ROW = True
+# A prefill of a few sequences runs each as one CUDA graph replay (prefill_graphs.PrefillStep;
+# False: every prefill one eager ragged batch, as up to session 13)
+PREFILL_STEP = True
 
 
 class PromptTooLong(TasktuneError):
@@ -107,6 +111,7 @@ class Engine:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
+        self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self._lock = threading.Lock()  # guards the scheduler's queues
         self._step_lock = threading.Lock()
 
@@ -225,9 +230,12 @@ class Engine:
         """Prefill the new sequences -> a function giving their first tokens (not appended
         yet). All greedy: the argmax stays on the device until read, and the rows that go on
         join the decode step launched ahead next (DecodeStep.join)."""
-        batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
-                           [s.lora_id for s in seqs], self.device)
-        logits = self.model(batch, self.cache, self.pool.stacks)
+        if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # a graph replay each
+            logits = torch.cat([self.prefill_step(s.prompt_ids, s.kv_slot, s.lora_id) for s in seqs])
+        else:
+            batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
+                               [s.lora_id for s in seqs], self.device)
+            logits = self.model(batch, self.cache, self.pool.stacks)
         if not all(s.params.greedy for s in seqs):
             tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
             return lambda: tokens
@@ -260,10 +268,10 @@ class Engine:
             self._append(s, t)
 
     def warmup(self) -> int:
-        """Capture the decode step's CUDA graphs now rather than on first use (no-op on
-        the CPU); returns how many exist."""
+        """Capture the decode and prefill steps' CUDA graphs now rather than on first use
+        (no-op on the CPU); returns how many exist."""
         with self._step_lock:
-            return self.decode_step.warmup(self.scheduler.max_running)
+            return self.decode_step.warmup(self.scheduler.max_running) + self.prefill_step.warmup()
 
     def _append(self, seq: Sequence, token: int) -> None:
         p = seq.params

@@ -1,0 +1,88 @@
+"""The padded one-sequence prefill (`prefill_graphs.PrefillStep`) against the ragged prefill.
+
+The CPU runs the padded step eagerly, the layout a GPU captures in CUDA graphs: its last
+token's logits and the keys and values it leaves in the sequence's slot must equal those
+of `make_batch`'s ragged prefill, with an adapter and without, whatever the bucket.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasktune.serve.engine import Engine
+from tasktune.serve.forward_batch import make_batch
+from tasktune.serve.prefill_graphs import BUCKETS, PrefillStep
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter_root) -> Engine:
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=4, max_len=200)
+    eng.pool.register_root()
+    return eng
+
+
+@pytest.mark.parametrize("length,adapter", [(5, None), (5, "task-1"), (BUCKETS[0] + 3, "task-2"), (199, None)])
+def test_padded_prefill_equals_ragged_prefill(engine, length, adapter):
+    model, cache, stacks = engine.model, engine.cache, engine.pool.stacks
+    step = engine.prefill_step
+    lora_id = engine.pool.acquire(adapter) if adapter else -1
+    prompt = torch.randint(3, model.cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(length)).tolist()
+    assert step.takes([length]) and step.bucket(length) >= length
+    try:
+        want = model(make_batch([prompt], [0], [1], [lora_id], engine.device), cache, stacks)
+        keys, values = cache.k[:, 1, :, :length].clone(), cache.v[:, 1, :, :length].clone()
+        cache.k[:, 2].normal_()  # stale keys from an earlier sequence in the slot must not matter
+        got = step(prompt, 2, lora_id)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cache.k[:, 2, :, :length], keys)
+        torch.testing.assert_close(cache.v[:, 2, :, :length], values)
+    finally:
+        if adapter:
+            engine.pool.release(adapter)
+
+
+def test_which_prefills_it_takes(engine):
+    step = engine.prefill_step
+    assert step.top == min(BUCKETS[-1], engine.cache.max_len) == 200
+    assert [step.bucket(n) for n in (1, 32, 33, 150, 200)] == [32, 32, 64, 200, 200]
+    assert not step.takes([]) and not step.takes([201])
+    assert not step.takes([4, 4])  # eager on the CPU: several sequences as one ragged batch
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
+    """On a GPU, bf16: each replay (LoRA through the BGMV pair) gives the eager padded step's
+    logits for prompts of several lengths and adapters, one after another through the same
+    graphs, and the engine's greedy tokens equal those of prefilling eagerly."""
+    from tasktune.serve import engine as engine_module
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=300, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    step = eng.prefill_step
+    assert step.use_graphs and eng.pool.stacks.kernels
+    eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
+    g = torch.Generator().manual_seed(0)
+    for length, adapter in ((7, "task-1"), (40, None), (9, "task-3"), (250, "task-1")):
+        lora_id = eng.pool.acquire(adapter) if adapter else -1
+        prompt = torch.randint(3, eng.model.cfg.vocab_size, (length,), generator=g).tolist()
+        want = eager(prompt, 0, lora_id)
+        got = step(prompt, 0, lora_id)
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
+        assert got.argmax() == want.argmax()
+        if adapter:
+            eng.pool.release(adapter)
+    assert len(step.graphs) == 4
+    jobs = [("hello world", "task-0"), ("the cat sat", None), ("a b c d e f", "task-2")]
+    outs = {}
+    for graphs in (True, False):
+        engine_module.PREFILL_STEP = graphs
+        try:  # one request at a time: a prefill of one sequence each
+            outs[graphs] = [eng.generate([Request(p, a, SamplingParams(max_tokens=6))])[0].token_ids for p, a in jobs]
+        finally:
+            engine_module.PREFILL_STEP = True
+    assert outs[True] == outs[False]
