@@ -53,10 +53,10 @@ def test_which_prefills_it_takes(engine):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
-    """On a GPU, bf16: each replay (LoRA through the BGMV pair) gives the eager padded step's
-    logits for prompts of several lengths and adapters, one after another through the same
-    graphs, and the engine's greedy tokens equal those of prefilling eagerly."""
-    from tasktune.serve import engine as engine_module
+    """On a GPU, bf16: each replay gives exactly the logits and KV entries of the same padded
+    step run eagerly with the same kernels (LoRA through the BGMV pair), for prompts of
+    several lengths and adapters one after another through the same graphs; and the
+    engine's greedy tokens with graphed prefills equal those with that eager step."""
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
@@ -64,25 +64,25 @@ def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
                                  max_running=8, max_len=300, device="cuda", dtype=torch.bfloat16)
     eng.pool.register_root()
     step = eng.prefill_step
-    assert step.use_graphs and eng.pool.stacks.kernels
+    assert step.use_graphs and step.bgmv and eng.pool.stacks.kernels
     eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
+    eager.bgmv = True
     g = torch.Generator().manual_seed(0)
     for length, adapter in ((7, "task-1"), (40, None), (9, "task-3"), (250, "task-1")):
         lora_id = eng.pool.acquire(adapter) if adapter else -1
         prompt = torch.randint(3, eng.model.cfg.vocab_size, (length,), generator=g).tolist()
-        want = eager(prompt, 0, lora_id)
+        want = eager(prompt, 1, lora_id)
         got = step(prompt, 0, lora_id)
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2)
-        assert got.argmax() == want.argmax()
+        assert torch.equal(got, want)
+        assert torch.equal(eng.cache.k[:, 0, :, :length], eng.cache.k[:, 1, :, :length])
+        assert torch.equal(eng.cache.v[:, 0, :, :length], eng.cache.v[:, 1, :, :length])
         if adapter:
             eng.pool.release(adapter)
     assert sorted(step.graphs) == [(32, True), (64, False), (256, True)]  # buckets x adapters, made on first use
     jobs = [("hello world", "task-0"), ("the cat sat", None), ("a b c d e f", "task-2")]
     outs = {}
     for graphs in (True, False):
-        engine_module.PREFILL_STEP = graphs
-        try:  # one request at a time: a prefill of one sequence each
-            outs[graphs] = [eng.generate([Request(p, a, SamplingParams(max_tokens=6))])[0].token_ids for p, a in jobs]
-        finally:
-            engine_module.PREFILL_STEP = True
+        step.use_graphs = graphs  # (use_graphs False with bgmv: the same step eagerly)
+        outs[graphs] = [eng.generate([Request(p, a, SamplingParams(max_tokens=6))])[0].token_ids for p, a in jobs]
+    step.use_graphs = True
     assert outs[True] == outs[False]

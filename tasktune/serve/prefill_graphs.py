@@ -32,6 +32,7 @@ class PrefillStep:
         self.model, self.cache, self.lora = model, cache, lora
         device = cache.k.device
         self.use_graphs = use_graphs and device.type == "cuda"
+        self.bgmv = self.use_graphs  # LoRA through the BGMV pair (what a graph needs), else the torch paths
         self.top = min(BUCKETS[-1], cache.max_len)
         self.inputs = torch.zeros(3, self.top, dtype=torch.long, device=device)  # tokens, adapter ids, slots
         self.last = torch.zeros(1, dtype=torch.long, device=device)
@@ -71,7 +72,7 @@ class PrefillStep:
 
     def _step(self, T: int, use_lora: bool, plan=None) -> torch.Tensor:
         batch = prefill_batch(self.inputs[0, :T], self.inputs[1, :T], self.inputs[2, :T], self.last, use_lora, plan,
-                              bgmv=self.use_graphs)
+                              bgmv=self.bgmv)
         return self.model(batch, self.cache, self.lora)
 
     def _capture(self, T: int, use_lora: bool):
