@@ -165,6 +165,8 @@ def main() -> None:
     ap.add_argument("--peft-new", type=int, default=None, help="PEFT decode steps timed (after the first token)")
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-staggered", action="store_true", help="skip the staggered-lengths case (serve_staggered.py)")
+    ap.add_argument("--prefill-max-seqs", type=int, default=None,
+                    help="prefill_graphs.MAX_SEQS for the run: prefills of up to this many prompts replay a graph each")
     ap.add_argument("--gc-compare", action="store_true",
                     help="also time each case with Python's startup heap frozen (gc.freeze), or unfrozen if it was")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")
@@ -180,6 +182,9 @@ def main() -> None:
     args = ap.parse_args()
 
     tiny = args.tiny
+    if args.prefill_max_seqs is not None:
+        from tasktune.serve import prefill_graphs
+        prefill_graphs.MAX_SEQS = args.prefill_max_seqs
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     batch, prompt_len, new_tokens = (8, 32, 8) if tiny else (32, 256, 128)
     n_adapters, n_few = (8, 4) if tiny else (32, 4)
