@@ -307,8 +307,13 @@ def main() -> None:
         print(f"staggered a{n_few}: " + "; ".join(
             f"{k} {st[k]['tok_s']:.0f} tok/s (ahead used/discarded {st[k]['steps_ahead_used']}/"
             f"{st[k]['steps_ahead_wasted']}, tokens equal {st['tokens_equal'][k]})" for k in st["speedup"] | {"main": 1})
-              + "; prefill of one request " + ", ".join(f"{k} {v:.1f}" for k, v in st["prefill_one_request_ms"].items()),
-              flush=True)
+              + "; prefill of one request " + ", ".join(f"{k} {v:.1f}" for k, v in st["prefill_one_request_ms"].items()
+                                                        if not k.startswith("profile")), flush=True)
+        for k, prof in st["prefill_one_request_ms"].items():
+            if k.startswith("profile"):
+                print(f"  {k}: {prof['wall_ms']:.2f} ms, {prof['kernels']} kernels, {prof['kernel_time_ms']:.2f} ms of "
+                      "device time; " + ", ".join(f"{t['name'][:40]} {t['time_us']:.0f} us/{t['count']}x"
+                                                  for t in prof["top_kernels"][:6]), flush=True)
         save()
     if device.type == "cuda":
         try:

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 
+import torch
+
 from common import sync
 
 
@@ -68,6 +70,33 @@ def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float
     return 1e3 * sorted(times[1:])[repeats // 2]
 
 
+def profile_prefill(engine, prompt: list, adapter, device) -> dict:
+    """One request's prefill step under the profiler: its wall time, the device kernels and
+    their summed time, the top ones (where an arrival's time to first token goes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    def one():
+        engine.submit(Request(prompt=prompt, adapter=adapter, params=SamplingParams(max_tokens=1, ignore_eos=True)))
+        engine.step()
+
+    one()
+    sync(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        one()
+        sync(device)
+        wall = time.perf_counter() - t0
+    events = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
+    top = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
+                  if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:10]
+    return {"wall_ms": 1e3 * wall, "kernels": len(events),
+            "kernel_time_ms": sum(getattr(e, "device_time", 0.0) for e in events) / 1e3,
+            "top_kernels": [{"name": n[:80], "count": c, "time_us": round(t, 1)} for n, c, t in top]}
+
+
 # what each setting changes: (engine.AHEAD_PER_ROW, engine.PREFILL_STEP)
 SETTINGS = {"main": (True, True), "no_ahead_past_last_token": (False, True), "eager_prefill": (True, False)}
 
@@ -93,6 +122,10 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
             setting(label)
             prefill[f"{label}_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
             prefill[f"{label}_no_adapter_ms"] = prefill_ms(engine, prompts[0], None, device)
+        setting("main")
+        if torch.cuda.is_available():
+            prefill["profile_adapter"] = profile_prefill(engine, prompts[0], adapters[0], device)
+            prefill["profile_no_adapter"] = profile_prefill(engine, prompts[0], None, device)
     finally:
         setting("main")
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}

@@ -209,7 +209,10 @@ class Block(nn.Module):
             B, T = batch.shape[:2]
             kb, vb = kc[:, :, :L].index_select(0, batch.slots), vc[:, :, :L].index_select(0, batch.slots)
             qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
-            o = grouped_attention(qp, kb, vb, batch.mask)  # [B, H, T, hd]
+            if batch.causal:  # one sequence from position 0: no mask, SDPA's flash kernel on a GPU
+                o = F.scaled_dot_product_attention(qp, kb, vb, is_causal=True, enable_gqa=H != kvh)
+            else:
+                o = grouped_attention(qp, kb, vb, batch.mask)  # [B, H, T, hd]
             o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
         return self.rest(x, o, batch, lora, stacks)
 

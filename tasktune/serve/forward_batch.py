@@ -47,6 +47,7 @@ class Batch:
     active_ids: torch.Tensor | None = None  # ... and each token's index among them [N] (-1: none)
     lora_mask: torch.Tensor | None = None  # prefill: adapter_column_mask of active_ids, once per forward
     bgmv: bool = False  # LoRA through the Triton BGMV pair in any layout (a prefill in a CUDA graph)
+    causal: bool = False  # one sequence from position 0, L == T: attention is SDPA's is_causal (no mask)
 
 
 def make_batch(
@@ -118,23 +119,17 @@ def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.
                  linear_kernel=linear_kernel and attention_kernel and B <= MAX_ROWS)
 
 
-@functools.lru_cache(maxsize=None)
-def _causal(T: int, device: torch.device) -> torch.Tensor:
-    """[1, 1, T, T] key position <= query position, made once per length (never written)."""
-    rows = _rows(T, device)
-    return (rows.view(1, T) <= rows.view(T, 1)).view(1, 1, T, T)
-
-
 def prefill_batch(tokens: torch.Tensor, lora_ids: torch.Tensor, token_slots: torch.Tensor, last: torch.Tensor,
                   use_lora: bool, plan: SegmentPlan | None = None, bgmv: bool = True) -> Batch:
     """One sequence's prefill from position 0, padded to T tokens, from device tensors only
     (capturable: prefill_graphs.py): tokens, lora_ids, token_slots [T] (every row the
     sequence's slot and adapter, rows past its length padding), last [1] its last token's
-    row. Padding rows write keys past the sequence's length into its own slot, which its
+    row; attention is causal over the T rows (SDPA's is_causal: a flash kernel on a GPU
+    where a mask would take the math path). Padding rows write keys past the sequence's length into its own slot, which its
     decode steps rewrite before attending to them. bgmv: the LoRA deltas take the BGMV pair
     where the kernels exist (no host data: a graph); else plan, the torch path's segments."""
     T, device = tokens.shape[0], tokens.device
     rows = _rows(T, device)
     return Batch(tokens=tokens, positions=rows, lora_ids=lora_ids, token_slots=token_slots, slots=token_slots[:1],
-                 pad_index=rows, valid=rows, mask=_causal(T, device), last=last, use_lora=use_lora, shape=(1, T, T),
-                 plan=plan, bgmv=bgmv)
+                 pad_index=rows, valid=rows, mask=None, last=last, use_lora=use_lora, shape=(1, T, T),
+                 plan=plan, bgmv=bgmv, causal=True)
