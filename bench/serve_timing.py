@@ -84,13 +84,15 @@ def summarise(clock: StepClock) -> dict:
 
 def graph_replay_s(engine, B: int, L: int, use_lora: bool, replays: int = 50) -> float | None:
     """Median time of one replay of the (B, L, use_lora) bucket's graph, replays back to
-    back (the inputs are whatever the last step left: rows of free slots write only KV
-    positions no sequence reads). None if that graph was never captured."""
+    back (the inputs are whatever the last step left, the rows' adapters included, but no
+    row's position moves on: 150 replays would carry the last rows past the cache's end).
+    None if that graph was never captured."""
     step = engine.decode_step
     key = (B, L, use_lora)
     if key not in step.graphs:
         return None
     step.drop_ahead()
+    step._active.zero_()  # positions stay where the last step left them: replays rewrite those KV entries only
     graph = step.graphs[key][0]
     times = []
     for _ in range(3):
