@@ -21,8 +21,9 @@ up one `gate_up_proj` (as vLLM stacks them): one GEMM each instead of three and 
 rotary embedding applied to q and k in one pass. `weights.load_decoder` concatenates the
 checkpoint's weights; LoRA still adds each module's own delta to its slice of the output.
 
-On a GPU the decode step reads its adapters through Triton BGMV kernels (one launch pair
-per fused linear, lora/triton_ops.py) and attends through a Triton kernel that also
+On a GPU the decode step (and a prefill replayed from a CUDA graph, prefill_graphs.py)
+reads its adapters through Triton BGMV kernels (one launch pair per fused linear,
+lora/triton_ops.py) and attends through a Triton kernel that also
 writes the step's keys and values (triton_attention.py); steps of up to 64 rows run each
 linear with its norm, activation and residual as one launch (`Block.forward_fused`,
 triton_linear.py), which adds the BGMV pair's LoRA delta before rounding; larger ones

@@ -1,8 +1,10 @@
 """The serving engine: continuous batching of many adapters over one base model.
 
 Each `step()`: admit waiting requests into free KV slots and prefill them (their first
-token), then one batched decode step over every sequence that was already running, each
-row with its own adapter id (`cuda_graphs.DecodeStep`: a replayed CUDA graph on a GPU).
+token; a few prompts one replayed CUDA graph each on a GPU, `prefill_graphs.PrefillStep`,
+more as one eager ragged batch), then one batched decode step over every sequence that
+was already running, each row with its own adapter id (`cuda_graphs.DecodeStep`: a
+replayed CUDA graph on a GPU).
 Finished sequences leave at once. `generate()` drives steps
 synchronously (tests, offline use); `async_engine.AsyncEngine` runs them in a background
 thread and hands results to asyncio code (the HTTP API).
