@@ -43,6 +43,24 @@ def test_padded_prefill_equals_ragged_prefill(engine, length, adapter):
             engine.pool.release(adapter)
 
 
+def test_compiled_padded_prefill_equals_ragged_prefill(tiny_llama, adapter_root):
+    """With a compiled decoder (compile_decode; aot_eager here) the padded prefill's blocks
+    run through the compiled block too (decoder.COMPILE_PREFILL), to the same logits."""
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=4, max_len=200)
+    eng.pool.register_root()
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    eng.model.compile_decode(backend="aot_eager")
+    lora_id = eng.pool.acquire("task-1")
+    for length, ids in ((9, lora_id), (70, -1)):
+        prompt = torch.randint(3, eng.model.cfg.vocab_size, (length,), generator=torch.Generator().manual_seed(3)).tolist()
+        want = eng.model(make_batch([prompt], [0], [1], [ids], eng.device), eng.cache, eng.pool.stacks)
+        torch.testing.assert_close(eng.prefill_step(prompt, 2, ids), want, rtol=1e-5, atol=1e-5)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    eng.pool.release("task-1")
+
+
 def test_which_prefills_it_takes(engine):
     step = engine.prefill_step
     assert step.top == min(BUCKETS[-1], engine.cache.max_len) == 200

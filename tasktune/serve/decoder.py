@@ -57,6 +57,9 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 # batch's adapters (ops.lora_delta_masked: the rows' own rank columns kept) while they have
 # at most this many columns together, instead of a matmul pair and a scatter per adapter.
 PREFILL_MASKED_MAX_COLS = 1024
+# A one-sequence padded prefill (prefill_graphs.py, Batch.causal) runs its blocks through the
+# compiled block too, when the decoder has one (compile_decode)
+COMPILE_PREFILL = True
 
 
 def bgmv_rows(batch: Batch, lora: LoraStacks) -> bool:
@@ -373,7 +376,7 @@ class Decoder(nn.Module):
         else:
             cos = cos_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)  # [N, 1, head_dim]
             sin = sin_t.index_select(0, batch.positions).to(x.dtype).unsqueeze(1)
-        compiled = self._compiled_block if batch.decode else None
+        compiled = self._compiled_block if batch.decode or (batch.causal and COMPILE_PREFILL) else None
         for i, layer in enumerate(self.model.layers):
             kv, stacks = cache.layer(i), (lora.layer(i) if lora is not None else None)
             x = compiled(layer, x, batch, cos, sin, kv, lora, stacks) if compiled else layer(x, batch, cos, sin, kv, lora, stacks)
