@@ -46,12 +46,10 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
-from serve_timing import StepClock, graph_replay_s, profile_last_step, summarise  # noqa: E402
-from serve_staggered import staggered_case  # noqa: E402
+from serve_timing import StepClock, graph_replay_s, profile_decode_step, profile_last_step, summarise  # noqa: E402
+from serve_staggered import report, staggered_case  # noqa: E402
 from serve_variants import main_path, switch, variant_table  # noqa: E402
 
-FIRST_KERNELS = 24  # ... and the first kernels of the step in launch order (what one layer runs)
-TOP_KERNELS = 14  # the profile lists the kernels that take most of a decode step's device time
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
 FORMULAS = {
@@ -109,40 +107,6 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device) -> dict:
         "tokens": [o.token_ids for o in outs],
         "step_timing": summarise(clock),
     }
-
-
-def profile_decode_step(engine, prompts, adapters, device) -> dict:
-    """One decode step under the profiler: device kernels launched and their summed time,
-    next to the step's wall time (how much of the step the GPU is busy)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tasktune.serve.engine import Request
-    from tasktune.serve.sampling import SamplingParams
-
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
-    for p, a in zip(prompts, adapters):
-        engine.submit(Request(prompt=p, adapter=a, params=params))
-    engine.step()
-    engine.step()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        engine.step()
-        sync(device)
-        wall = time.perf_counter() - t0
-    while engine.has_work:
-        engine.step()
-    kernels, busy_us, timeline = 0, 0.0, []
-    for e in prof.events():
-        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
-            kernels += 1
-            busy_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
-            timeline.append((e.time_range.start, e.name[:60]))
-    top = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
-                  if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:TOP_KERNELS]
-    return {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6,
-            "first_kernels": [name for _, name in sorted(timeline)[:FIRST_KERNELS]],
-            "top_kernels": [{"name": n[:90], "count": c, "time_us": round(t, 1)} for n, c, t in top]}
 
 
 # --- PEFT baseline ---------------------------------------------------------------------------
@@ -304,16 +268,7 @@ def main() -> None:
         save()
     if not args.skip_staggered:  # lengths spread, more requests than slots (serve_staggered.py)
         st = result["staggered"] = staggered_case(engine, prompts, cases[f"a{n_few}"], new_tokens, device, repeats)
-        print(f"staggered a{n_few}: " + "; ".join(
-            f"{k} {st[k]['tok_s']:.0f} tok/s (ahead used/discarded {st[k]['steps_ahead_used']}/"
-            f"{st[k]['steps_ahead_wasted']}, tokens equal {st['tokens_equal'][k]})" for k in st["speedup"] | {"main": 1})
-              + "; prefill of one request " + ", ".join(f"{k} {v:.1f}" for k, v in st["prefill_one_request_ms"].items()
-                                                        if not k.startswith("profile")), flush=True)
-        for k, prof in st["prefill_one_request_ms"].items():
-            if k.startswith("profile"):
-                print(f"  {k}: {prof['wall_ms']:.2f} ms, {prof['kernels']} kernels, {prof['kernel_time_ms']:.2f} ms of "
-                      "device time; " + ", ".join(f"{t['name'][:40]} {t['time_us']:.0f} us/{t['count']}x"
-                                                  for t in prof["top_kernels"][:6]), flush=True)
+        print(report(st, f"a{n_few}"), flush=True)
         save()
     if device.type == "cuda":
         try:

@@ -18,6 +18,7 @@ import time
 import torch
 
 from common import sync
+from serve_timing import kernel_summary, profiled
 
 
 def lengths(n: int, new_tokens: int) -> list[int]:
@@ -54,47 +55,32 @@ def run_staggered(engine, prompts: list, adapters: list, new_tokens: int, device
             "token_ids": [o.token_ids for o in outs]}
 
 
-def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float:
-    """Median wall time of an engine step that prefills one request (max_tokens 1: it ends there)."""
+def prefill_one(engine, prompt: list, adapter) -> None:
+    """An engine step that prefills one request (max_tokens 1: it ends there)."""
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
+    engine.submit(Request(prompt=prompt, adapter=adapter, params=SamplingParams(max_tokens=1, ignore_eos=True)))
+    engine.step()
+
+
+def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float:
+    """Median wall time of `prefill_one` (the first run warms up)."""
     times = []
-    for _ in range(repeats + 1):  # the first one warms up
-        engine.submit(Request(prompt=prompt, adapter=adapter, params=SamplingParams(max_tokens=1, ignore_eos=True)))
+    for _ in range(repeats + 1):
         sync(device)
         t0 = time.perf_counter()
-        engine.step()
+        prefill_one(engine, prompt, adapter)
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times[1:])[repeats // 2]
 
 
 def profile_prefill(engine, prompt: list, adapter, device) -> dict:
-    """One request's prefill step under the profiler: its wall time, the device kernels and
-    their summed time, the top ones (where an arrival's time to first token goes)."""
-    from torch.profiler import ProfilerActivity, profile
-
-    from tasktune.serve.engine import Request
-    from tasktune.serve.sampling import SamplingParams
-
-    def one():
-        engine.submit(Request(prompt=prompt, adapter=adapter, params=SamplingParams(max_tokens=1, ignore_eos=True)))
-        engine.step()
-
-    one()
-    sync(device)
-    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
-        t0 = time.perf_counter()
-        one()
-        sync(device)
-        wall = time.perf_counter() - t0
-    events = [e for e in prof.events() if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
-    top = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
-                  if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:10]
-    return {"wall_ms": 1e3 * wall, "kernels": len(events),
-            "kernel_time_ms": sum(getattr(e, "device_time", 0.0) for e in events) / 1e3,
-            "top_kernels": [{"name": n[:80], "count": c, "time_us": round(t, 1)} for n, c, t in top]}
+    """One request's prefill step under the profiler (serve_timing.kernel_summary): where an
+    arrival's time to first token goes."""
+    prefill_one(engine, prompt, adapter)
+    return kernel_summary(*profiled(lambda: prefill_one(engine, prompt, adapter), device), top=10)
 
 
 # what each setting changes: (engine.AHEAD_PER_ROW, engine.PREFILL_STEP)
@@ -135,3 +121,19 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
     out["speedup"] = {label: med["main"]["tok_s"] / m["tok_s"] for label, m in med.items() if label != "main"}
     out["prefill_one_request_ms"] = prefill
     return out
+
+
+def report(st: dict, case: str) -> str:
+    """`staggered_case`'s result as the lines the serve bench prints."""
+    lines = [f"staggered {case}: " + "; ".join(
+        f"{k} {st[k]['tok_s']:.0f} tok/s (ahead used/discarded {st[k]['steps_ahead_used']}/"
+        f"{st[k]['steps_ahead_wasted']}, tokens equal {st['tokens_equal'][k]})" for k in SETTINGS)
+        + "; prefill of one request " + ", ".join(f"{k} {v:.1f}" for k, v in st["prefill_one_request_ms"].items()
+                                                  if not k.startswith("profile"))]
+    for k, prof in st["prefill_one_request_ms"].items():
+        if k.startswith("profile"):
+            lines.append(f"  {k}: {1e3 * prof['wall_s_profiled']:.2f} ms, {prof['kernels']} kernels, "
+                         f"{1e3 * prof['kernel_time_s']:.2f} ms "
+                         "of device time; " + ", ".join(f"{t['name'][:40]} {t['time_us']:.0f} us/{t['count']}x"
+                                                        for t in prof["top_kernels"][:6]))
+    return "\n".join(lines)

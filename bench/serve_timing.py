@@ -12,6 +12,8 @@ own per-step Python) and a few slow steps. These split it up:
   timed by CUDA events: the device's own step time, no host in it.
 - `profile_last_step`: the host functions of the step in which every sequence finishes
   (the slowest step of a run: nothing is launched ahead of it).
+- `profiled` / `kernel_summary`: one call under torch's profiler -> its wall time, the
+  device kernels it launched, their summed time and the top ones (`profile_decode_step`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 import torch
 
 SLOWEST = 6  # summarise lists the slowest steps, with their index in the loop
+FIRST_KERNELS = 24  # a decode step's profile lists its first kernels in launch order (what one layer runs)
+TOP_KERNELS = 14  # ... and the kernels that take most of its device time
 
 
 class StepClock:
@@ -134,3 +138,52 @@ def profile_last_step(engine, prompts, adapters, new_tokens: int, top: int = 20)
         else:
             engine.step()
     return out
+
+
+def profiled(fn, device) -> tuple[object, float]:
+    """fn() under torch's profiler (CPU and CUDA activity), synced -> (profile, wall seconds)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        wall = time.perf_counter() - t0
+    return prof, wall
+
+
+def kernel_summary(prof, wall: float, top: int = TOP_KERNELS, first: int = 0) -> dict:
+    """A profile's device kernels: how many, their summed time, the `top` by time and the
+    `first` in launch order, beside the profiled call's wall time (how busy the GPU was)."""
+    kernels, busy_us, timeline = 0, 0.0, []
+    for e in prof.events():
+        if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA:
+            kernels += 1
+            busy_us += e.device_time if hasattr(e, "device_time") else e.cuda_time
+            timeline.append((e.time_range.start, e.name[:60]))
+    ranked = sorted(((e.key, e.count, getattr(e, "device_time_total", 0.0)) for e in prof.key_averages()
+                     if getattr(e, "device_time_total", 0.0) > 0), key=lambda k: -k[2])[:top]
+    out = {"wall_s_profiled": wall, "kernels": kernels, "kernel_time_s": busy_us / 1e6,
+           "top_kernels": [{"name": n[:90], "count": c, "time_us": round(t, 1)} for n, c, t in ranked]}
+    if first:
+        out["first_kernels"] = [name for _, name in sorted(timeline)[:first]]
+    return out
+
+
+def profile_decode_step(engine, prompts, adapters, device) -> dict:
+    """One decode step under the profiler (`kernel_summary`, with the step's first kernels)."""
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    for p, a in zip(prompts, adapters):
+        engine.submit(Request(prompt=p, adapter=a, params=params))
+    engine.step()
+    engine.step()
+    prof, wall = profiled(engine.step, device)
+    while engine.has_work:
+        engine.step()
+    return kernel_summary(prof, wall, first=FIRST_KERNELS)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import torch
 
+from tasktune.serve.cuda_graphs import capture
 from tasktune.serve.decoder import Decoder, LoraStacks
 from tasktune.serve.forward_batch import prefill_batch
 from tasktune.serve.kv_cache import KVCache
@@ -76,15 +77,7 @@ class PrefillStep:
         return self.model(batch, self.cache, self.lora)
 
     def _capture(self, T: int, use_lora: bool):
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            for _ in range(2):  # warm-up: lazy inits, kernel selection (writes only the sequence's own slot)
-                self._step(T, use_lora)
-        torch.cuda.current_stream().wait_stream(side)
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=self._pool):
-            logits = self._step(T, use_lora)
+        graph, logits = capture(lambda: self._step(T, use_lora), self._pool)  # (warm-ups write only the slot's own KV)
         self._pool = graph.pool()
         return graph, logits
 
