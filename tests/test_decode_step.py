@@ -226,3 +226,23 @@ def test_fused_linears_only_where_they_apply():
     # the attention kernel masks by position: no mask is built; the rows' indices are made once
     assert batch(8).mask is None and batch(8).slots is batch(8).slots
     assert batch(8, attention_kernel=False).mask.shape == (8, 1, 1, 16)
+
+
+def test_a_step_ahead_matches_the_rows_it_computed_as_fed():
+    """`_Ahead.matches`: every row asked for must be one of its rows with the same token,
+    position, adapter and slot generation; rows it has beyond those (sequences that ended
+    since) do not stop the match; before its tokens are known it matches nothing."""
+    from tasktune.serve.cuda_graphs import _Ahead
+
+    ahead = _Ahead(slots=[0, 3, 5], lora_ids=[1, -1, 2], positions=[9, 4, 7], gens=[0, 2, 1],
+                   host=torch.zeros(8, dtype=torch.long), done=None)
+    rows = ([0, 3, 5], [11, 12, 13], [9, 4, 7], [1, -1, 2], [0, 2, 1])
+    assert not ahead.matches(*rows)  # tokens not read yet
+    ahead.tokens = [11, 12, 13]
+    assert ahead.matches(*rows)
+    assert ahead.matches([5, 0], [13, 11], [7, 9], [2, 1], [1, 0])  # a subset, in another order
+    assert not ahead.matches([0, 3], [11, 12], [9, 4], [1, -1], [0, 3])  # slot 3 was freed and reused
+    assert not ahead.matches([0, 3], [11, 99], [9, 4], [1, -1], [0, 2])  # another token fed
+    assert not ahead.matches([0, 3], [11, 12], [9, 5], [1, -1], [0, 2])  # another position
+    assert not ahead.matches([0, 3], [11, 12], [9, 4], [1, 4], [0, 2])  # another adapter
+    assert not ahead.matches([0, 6], [11, 12], [9, 4], [1, -1], [0, 0])  # a row it did not compute
