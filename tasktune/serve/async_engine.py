@@ -33,7 +33,6 @@ def take_delta(seq: Sequence) -> str:
     return delta
 
 
-
 @dataclass
 class Event:
     """One update: new text (streamed requests; else empty, the text is seq.text), and the

@@ -125,8 +125,8 @@ def prefill_batch(tokens: torch.Tensor, lora_ids: torch.Tensor, token_slots: tor
     (capturable: prefill_graphs.py): tokens, lora_ids, token_slots [T] (every row the
     sequence's slot and adapter, rows past its length padding), last [1] its last token's
     row; attention is causal over the T rows (SDPA's is_causal: a flash kernel on a GPU
-    where a mask would take the math path). Padding rows write keys past the sequence's length into its own slot, which its
-    decode steps rewrite before attending to them. bgmv: the LoRA deltas take the BGMV pair
+    where a mask would take the math path). Padding rows write keys past the sequence's
+    length into its own slot, which its decode steps rewrite before attending to them. bgmv: the LoRA deltas take the BGMV pair
     where the kernels exist (no host data: a graph); else plan, the torch path's segments."""
     T, device = tokens.shape[0], tokens.device
     rows = _rows(T, device)

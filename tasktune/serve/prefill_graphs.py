@@ -56,11 +56,8 @@ class PrefillStep:
         """Prefill `prompt` into KV `slot` from position 0 under adapter `lora_id` (-1: none)
         -> its last token's logits [1, vocab] float32 (a copy: the next replay reuses the
         graph's output)."""
-        n = len(prompt)
-        T = self.bucket(n)
-        staged = torch.tensor([prompt + [0] * (T - n), [lora_id] * T, [slot] * T], dtype=torch.long)
-        self.inputs[:, :T].copy_(staged, non_blocking=True)
-        self.last.fill_(n - 1)
+        T = self.bucket(len(prompt))
+        self._stage(prompt, slot, lora_id, T)
         use_lora = self.lora is not None and lora_id >= 0
         if not self.use_graphs:
             return self._step(T, use_lora, [(lora_id, None)] if use_lora else [])
@@ -70,6 +67,14 @@ class PrefillStep:
         graph, logits = self.graphs[key]
         graph.replay()
         return logits.clone()
+
+    def _stage(self, prompt: list[int], slot: int, lora_id: int, T: int) -> None:
+        """The static inputs of a T-row step: the prompt padded with token 0, every row's
+        adapter and slot, the last real row."""
+        n = len(prompt)
+        staged = torch.tensor([prompt + [0] * (T - n), [lora_id] * T, [slot] * T], dtype=torch.long)
+        self.inputs[:, :T].copy_(staged, non_blocking=True)
+        self.last.fill_(n - 1)
 
     def _step(self, T: int, use_lora: bool, plan=None) -> torch.Tensor:
         batch = prefill_batch(self.inputs[0, :T], self.inputs[1, :T], self.inputs[2, :T], self.last, use_lora, plan,
@@ -88,11 +93,10 @@ class PrefillStep:
             return 0
         slot = self.cache.alloc()
         try:
-            for T in sorted({self.bucket(b) for b in BUCKETS if b <= self.top} | {self.top}):
+            for T in [b for b in BUCKETS if b < self.top] + [self.top]:  # every value `bucket` takes
                 for use_lora in ((False, True) if self.lora is not None else (False,)):
                     if (T, use_lora) not in self.graphs:
-                        self.inputs[:, :T].copy_(torch.tensor([[0] * T, [-1] * T, [slot] * T]), non_blocking=True)
-                        self.last.zero_()
+                        self._stage([0], slot, -1, T)
                         self.graphs[(T, use_lora)] = self._capture(T, use_lora)
         finally:
             self.cache.free(slot)
