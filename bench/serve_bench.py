@@ -130,7 +130,7 @@ def main() -> None:
     ap.add_argument("--skip-peft", action="store_true")
     ap.add_argument("--skip-staggered", action="store_true", help="skip the staggered-lengths case (serve_staggered.py)")
     ap.add_argument("--prefill-max-seqs", type=int, default=None,
-                    help="prefill_graphs.MAX_SEQS for the run: prefills of up to this many prompts replay a graph each")
+                    help="prefill_graphs.MAX_SEQS for the run: the most prompts one prefill graph replay takes")
     ap.add_argument("--gc-compare", action="store_true",
                     help="also time each case with Python's startup heap frozen (gc.freeze), or unfrozen if it was")
     ap.add_argument("--skip-variants", action="store_true", help="skip the eager and torch-LoRA comparison runs")

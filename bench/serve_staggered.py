@@ -9,7 +9,10 @@ take their slots and join the running batch, each arrival a prefill step of its 
 unless several arrive together. Timed on the main path and, on the same work in the same
 run, without steps ahead past a row's last token (`engine.AHEAD_PER_ROW`; session 13's
 engine launched nothing ahead in such a step) and with every prefill eager
-(`engine.PREFILL_STEP`; session 14 replays one sequence's prefill from a CUDA graph).
+(`engine.PREFILL_STEP`; session 14 replays one sequence's prefill from a CUDA graph,
+session 15 up to 8 at once). Prefill alone: one request's prefill step, a burst of
+`batch` arrivals (with graphs, eager, and with the graphs' LoRA through the BGMV pair
+instead of the segmented pair, `decoder.PREFILL_SGMV`).
 """
 from __future__ import annotations
 
@@ -76,6 +79,26 @@ def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float
     return 1e3 * sorted(times[1:])[repeats // 2]
 
 
+def burst_ms(engine, prompts: list, adapters: list, device, repeats: int = 3) -> float:
+    """Median wall time from submitting len(prompts) requests at once (max_tokens 1) to
+    their end: a burst of arrivals' prefill (the first run warms up)."""
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    times = []
+    for _ in range(repeats + 1):
+        sync(device)
+        t0 = time.perf_counter()
+        for i, p in enumerate(prompts):
+            engine.submit(Request(prompt=p, adapter=adapters[i % len(adapters)],
+                                  params=SamplingParams(max_tokens=1, ignore_eos=True)))
+        while engine.has_work:
+            engine.step()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return 1e3 * sorted(times[1:])[repeats // 2]
+
+
 def profile_prefill(engine, prompt: list, adapter, device) -> dict:
     """One request's prefill step under the profiler (serve_timing.kernel_summary): where an
     arrival's time to first token goes."""
@@ -91,7 +114,7 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
     """The staggered work on the main path and with one setting changed at a time (SETTINGS;
     median of `repeats` each, the settings alternating), whether all gave the same tokens,
     and the wall time of one request's prefill step, with an adapter and without."""
-    from tasktune.serve import engine as engine_module
+    from tasktune.serve import decoder, engine as engine_module
 
     def setting(label: str) -> None:
         engine_module.AHEAD_PER_ROW, engine_module.PREFILL_STEP = SETTINGS[label]
@@ -108,12 +131,20 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
             setting(label)
             prefill[f"{label}_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
             prefill[f"{label}_no_adapter_ms"] = prefill_ms(engine, prompts[0], None, device)
+            prefill[f"{label}_burst_{len(prompts)}_ms"] = burst_ms(engine, prompts, adapters, device)
         setting("main")
         if torch.cuda.is_available():
             prefill["profile_adapter"] = profile_prefill(engine, prompts[0], adapters[0], device)
             prefill["profile_no_adapter"] = profile_prefill(engine, prompts[0], None, device)
+            decoder.PREFILL_SGMV = False  # the graphs' LoRA through the BGMV pair (session 14), captured anew
+            engine.prefill_step.graphs.clear()
+            prefill["bgmv_prefill_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
+            prefill[f"bgmv_prefill_burst_{len(prompts)}_ms"] = burst_ms(engine, prompts, adapters, device)
     finally:
         setting("main")
+        if not decoder.PREFILL_SGMV:
+            decoder.PREFILL_SGMV = True
+            engine.prefill_step.graphs.clear()
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}
     out = {label: {k: v for k, v in m.items() if k != "token_ids"} for label, m in med.items()}
     out["tok_s_all"] = {label: [r["tok_s"] for r in v] for label, v in runs.items()}

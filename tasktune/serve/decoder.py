@@ -44,6 +44,7 @@ from tasktune.lora.ops import (
     adapter_column_mask, gather_rows, lora_delta, lora_delta_masked, lora_delta_rows,
 )
 from tasktune.lora import triton_ops  # noqa: F401  (registers torch.ops.tasktune.bgmv_lora)
+from tasktune.lora import triton_sgmv  # (registers torch.ops.tasktune.sgmv_lora)
 from tasktune.serve import triton_attention, triton_linear  # noqa: F401  (registers the decode ops)
 from tasktune.serve.decoder_config import SUPPORTED_TYPES, DecoderConfig, UnsupportedModel  # noqa: F401
 from tasktune.serve.forward_batch import Batch, decode_batch
@@ -57,9 +58,12 @@ FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj
 # batch's adapters (ops.lora_delta_masked: the rows' own rank columns kept) while they have
 # at most this many columns together, instead of a matmul pair and a scatter per adapter.
 PREFILL_MASKED_MAX_COLS = 1024
-# A one-sequence padded prefill (prefill_graphs.py, Batch.causal) runs its blocks through the
+# A padded prefill (prefill_graphs.py, Batch.causal) runs its blocks through the
 # compiled block too, when the decoder has one (compile_decode)
 COMPILE_PREFILL = True
+# ... and takes LoRA through the segmented pair (triton_sgmv) where its rows tile (False: the
+# BGMV pair, as session 14's graphs did; the serve bench's staggered case times both)
+PREFILL_SGMV = True
 
 
 def bgmv_rows(batch: Batch, lora: LoraStacks) -> bool:
@@ -177,8 +181,7 @@ class Block(nn.Module):
             return y
         parts = self.parts.get(name, ((name, 0, y.shape[1]),))
         if name in stacks.fused and bgmv_rows(batch, lora):  # one launch pair for the fused linear
-            A, B = stacks.fused[name]
-            torch.ops.tasktune.bgmv_lora(y, x, A, B, lora.scaling, batch.lora_ids, [start for _, start, _ in parts[1:]])
+            kernel_lora_(y, x, stacks.fused[name], lora, batch, [start for _, start, _ in parts[1:]])
             return y
         for module, start, width in parts:
             ab = stacks.weights.get(module)
@@ -212,12 +215,14 @@ class Block(nn.Module):
         else:
             B, T = batch.shape[:2]
             kb, vb = kc[:, :, :L].index_select(0, batch.slots), vc[:, :, :L].index_select(0, batch.slots)
-            qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
-            if batch.causal:  # one sequence from position 0: no mask, SDPA's flash kernel on a GPU
-                o = F.scaled_dot_product_attention(qp, kb, vb, is_causal=True, enable_gqa=H != kvh)
+            if batch.causal:  # sequences from position 0, T rows each: no mask, SDPA's flash kernel on a GPU
+                o = F.scaled_dot_product_attention(q.view(B, T, H, hd).transpose(1, 2), kb, vb, is_causal=True,
+                                                   enable_gqa=H != kvh)
+                o = o.transpose(1, 2).reshape(N, -1)  # rows already in flat order
             else:
+                qp = q.index_select(0, batch.pad_index).view(B, T, H, hd).transpose(1, 2)
                 o = grouped_attention(qp, kb, vb, batch.mask)  # [B, H, T, hd]
-            o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
+                o = o.transpose(1, 2).reshape(B * T, -1).index_select(0, batch.valid)  # [N, H*hd]
         return self.rest(x, o, batch, lora, stacks)
 
     def attend_decode(self, qkv: torch.Tensor, batch: Batch, kv: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -275,11 +280,24 @@ class Block(nn.Module):
         return x + self.lin(self.mlp, "down_proj", F.silu(gu[:, :inter]) * gu[:, inter:], batch, lora, stacks)
 
 
+def kernel_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
+                 batch: Batch, bounds: list[int]) -> None:
+    """y += each row's adapter delta through the Triton kernels, in place: a padded prefill
+    whose sequences tile into 16-row blocks takes the segmented pair (each adapter's weights
+    read once a row tile: triton_sgmv), anything else the BGMV pair (once a row)."""
+    A, B = ab[0].contiguous(), ab[1]
+    T = batch.shape[1]
+    if PREFILL_SGMV and batch.seg_ids is not None and triton_sgmv.block_m(T):
+        torch.ops.tasktune.sgmv_lora(y, x, A, B, lora.scaling, batch.seg_ids, T, bounds)
+    else:
+        torch.ops.tasktune.bgmv_lora(y, x, A, B, lora.scaling, batch.lora_ids, bounds)
+
+
 def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
               batch: Batch) -> None:
     """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
-    if bgmv_rows(batch, lora):  # Triton BGMV: each row reads its adapter in place
-        torch.ops.tasktune.bgmv_lora(y, x, ab[0].contiguous(), ab[1], lora.scaling, batch.lora_ids, [])
+    if bgmv_rows(batch, lora):  # Triton: each row (or row tile of a padded prefill) reads its adapter in place
+        kernel_lora_(y, x, ab, lora, batch, [])
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)
         y.add_(lora_delta_rows(x, ab[0], ab[1], *rows).to(y.dtype))

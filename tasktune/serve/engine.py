@@ -1,8 +1,8 @@
 """The serving engine: continuous batching of many adapters over one base model.
 
 Each `step()`: admit waiting requests into free KV slots and prefill them (their first
-token; a few prompts one replayed CUDA graph each on a GPU, `prefill_graphs.PrefillStep`,
-more as one eager ragged batch), then one batched decode step over every sequence that
+token; on a GPU padded to length buckets and replayed from CUDA graphs of up to 8 prompts,
+`prefill_graphs.PrefillStep`; on the CPU one prompt padded, more as one eager ragged batch), then one batched decode step over every sequence that
 was already running, each row with its own adapter id (`cuda_graphs.DecodeStep`: a
 replayed CUDA graph on a GPU).
 Finished sequences leave at once. `generate()` drives steps
@@ -42,8 +42,8 @@ log = logging.getLogger(__name__)
 # token as padding (False: a step where any row has its last token launches nothing ahead, as up
 # to session 13; the serve bench's staggered case times both)
 AHEAD_PER_ROW = True
-# A prefill of a few sequences runs each as one CUDA graph replay (prefill_graphs.PrefillStep;
-# False: every prefill one eager ragged batch, as up to session 13)
+# Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
+# (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
 
 
@@ -232,8 +232,8 @@ class Engine:
         """Prefill the new sequences -> a function giving their first tokens (not appended
         yet). All greedy: the argmax stays on the device until read, and the rows that go on
         join the decode step launched ahead next (DecodeStep.join)."""
-        if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # a graph replay each
-            logits = torch.cat([self.prefill_step(s.prompt_ids, s.kv_slot, s.lora_id) for s in seqs])
+        if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
+            logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs], [s.lora_id for s in seqs])
         else:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)

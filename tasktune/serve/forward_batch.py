@@ -47,7 +47,8 @@ class Batch:
     active_ids: torch.Tensor | None = None  # ... and each token's index among them [N] (-1: none)
     lora_mask: torch.Tensor | None = None  # prefill: adapter_column_mask of active_ids, once per forward
     bgmv: bool = False  # LoRA through the Triton BGMV pair in any layout (a prefill in a CUDA graph)
-    causal: bool = False  # one sequence from position 0, L == T: attention is SDPA's is_causal (no mask)
+    causal: bool = False  # B sequences from position 0, T rows each, L == T: SDPA's is_causal (no mask)
+    seg_ids: torch.Tensor | None = None  # causal: each sequence's adapter [B] (its T rows one segment)
 
 
 def make_batch(
@@ -119,17 +120,27 @@ def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.
                  linear_kernel=linear_kernel and attention_kernel and B <= MAX_ROWS)
 
 
+@functools.lru_cache(maxsize=None)
+def _positions(seqs: int, T: int, device: torch.device) -> torch.Tensor:
+    """0..T-1 once per sequence, made once (never written): the padded prefill's positions."""
+    return torch.arange(T, device=device).repeat(seqs)
+
+
 def prefill_batch(tokens: torch.Tensor, lora_ids: torch.Tensor, token_slots: torch.Tensor, last: torch.Tensor,
-                  use_lora: bool, plan: SegmentPlan | None = None, bgmv: bool = True) -> Batch:
-    """One sequence's prefill from position 0, padded to T tokens, from device tensors only
-    (capturable: prefill_graphs.py): tokens, lora_ids, token_slots [T] (every row the
-    sequence's slot and adapter, rows past its length padding), last [1] its last token's
-    row; attention is causal over the T rows (SDPA's is_causal: a flash kernel on a GPU
-    where a mask would take the math path). Padding rows write keys past the sequence's
-    length into its own slot, which its decode steps rewrite before attending to them. bgmv: the LoRA deltas take the BGMV pair
-    where the kernels exist (no host data: a graph); else plan, the torch path's segments."""
-    T, device = tokens.shape[0], tokens.device
-    rows = _rows(T, device)
-    return Batch(tokens=tokens, positions=rows, lora_ids=lora_ids, token_slots=token_slots, slots=token_slots[:1],
-                 pad_index=rows, valid=rows, mask=None, last=last, use_lora=use_lora, shape=(1, T, T),
-                 plan=plan, bgmv=bgmv, causal=True)
+                  seg_ids: torch.Tensor, slots: torch.Tensor, use_lora: bool, plan: SegmentPlan | None = None,
+                  bgmv: bool = True) -> Batch:
+    """S sequences' prefills from position 0, each padded to T tokens, from device tensors
+    only (capturable: prefill_graphs.py): tokens, lora_ids, token_slots [S * T] (sequence s
+    on rows s * T ...: its slot and adapter on every row, rows past its length padding),
+    last [S] each one's last token's row, seg_ids [S] each one's adapter, slots [S] its KV
+    slot. Attention is causal over each sequence's T rows (SDPA's is_causal: a flash kernel
+    on a GPU where a mask would take the math path). Padding rows write keys past the
+    sequence's length into its own slot, which its decode steps rewrite before attending to
+    them. bgmv: the LoRA deltas take the Triton kernels (the segmented pair where the rows
+    tile, else BGMV: no host data, a graph); else plan, the torch path's segments."""
+    S, N, device = slots.shape[0], tokens.shape[0], tokens.device
+    T = N // S
+    rows = _rows(N, device)
+    return Batch(tokens=tokens, positions=_positions(S, T, device), lora_ids=lora_ids, token_slots=token_slots,
+                 slots=slots, pad_index=rows, valid=rows, mask=None, last=last, use_lora=use_lora, shape=(S, T, T),
+                 plan=plan, bgmv=bgmv, causal=True, seg_ids=seg_ids)

@@ -1,18 +1,21 @@
-"""One sequence's prefill, padded to a length bucket, and on a GPU replayed from CUDA graphs.
+"""Prefills padded to length buckets, and on a GPU replayed from CUDA graphs.
 
 An eager prefill is bound by the host: on an H200 one 256-token request took 21.6 ms a
 step without an adapter and 46.5 ms with one (session 14, serve bench's staggered case),
 for well under a millisecond of device work: ~40 operations a layer, ~11 more per adapted
 module, each a Python call and a launch. In served traffic most prefills are one arrival
-each, taking a slot that a finished request freed, and the running batch waits for it.
-`PrefillStep` runs such a prefill as one graph replay: the prompt padded to a bucket of
-`BUCKETS` (rows past its length are padding that writes keys into the sequence's own slot
-past its length, which its decode steps rewrite before reading), every row's adapter id
-and slot in a static device tensor, LoRA through the Triton BGMV pair (device ids; the
-torch paths read a plan built on the host), the last real row's logits out.
+each, taking a slot that a finished request freed, and the running batch waits for it;
+a burst of arrivals prefills many at once. `PrefillStep` runs them as graph replays of 1,
+2, 4 or 8 prompts (at most MAX_TOKENS padded rows): each prompt padded to the bucket of
+its group's longest (rows past its length are padding that writes keys into the
+sequence's own slot past its length, which its decode steps rewrite before reading),
+every row's adapter id and slot and every sequence's last row in static device tensors,
+LoRA through the Triton segmented pair (each sequence one segment: its adapter read once
+a tile of rows, lora/triton_sgmv.py), the last real rows' logits out.
 
 On the CPU (and with `use_graphs=False`) the same padded step runs eagerly with the torch
-LoRA path for a prefill of one sequence, so the CPU tests run the layout the graphs capture.
+LoRA path (by default for one prompt at a time), so the CPU tests run the layout the
+graphs capture.
 """
 
 from __future__ import annotations
@@ -25,7 +28,8 @@ from tasktune.serve.forward_batch import prefill_batch
 from tasktune.serve.kv_cache import KVCache
 
 BUCKETS = (32, 64, 128, 256, 512)
-MAX_SEQS = 8  # more sequences in one engine step prefill eagerly, as one ragged batch (the CPU: more than 1)
+MAX_SEQS = 8  # sequences one replay takes (graphs of 1, 2, 4 ... of them); the CPU: 1
+MAX_TOKENS = 2048  # ... and padded rows (sequences x bucket) one replay takes
 
 
 class PrefillStep:
@@ -33,71 +37,114 @@ class PrefillStep:
         self.model, self.cache, self.lora = model, cache, lora
         device = cache.k.device
         self.use_graphs = use_graphs and device.type == "cuda"
-        self.bgmv = self.use_graphs  # LoRA through the BGMV pair (what a graph needs), else the torch paths
+        self.bgmv = self.use_graphs  # LoRA through the Triton kernels (what a graph needs), else the torch paths
         self.top = min(BUCKETS[-1], cache.max_len)
-        self.inputs = torch.zeros(3, self.top, dtype=torch.long, device=device)  # tokens, adapter ids, slots
-        self.last = torch.zeros(1, dtype=torch.long, device=device)
-        self.graphs: dict[tuple[int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.max_seqs = MAX_SEQS if self.use_graphs else 1  # (eager, a ragged batch of several costs the host less)
+        rows = max(self.top, MAX_TOKENS)  # the most one replay takes (`sizes`)
+        self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)  # tokens, adapter ids, slots
+        self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
+        self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
 
     def bucket(self, n: int) -> int:
         """The padded length of an n-token prompt (n <= self.top)."""
         return min(next(b for b in BUCKETS if b >= n), self.top)
 
+    def sizes(self, T: int) -> list[int]:
+        """How many sequences of bucket T one replay may take: powers of two, largest first."""
+        out, n = [], 1
+        while n <= self.max_seqs and (n == 1 or n * T <= MAX_TOKENS):
+            out.insert(0, n)
+            n *= 2
+        return out
+
     def takes(self, lengths: list[int]) -> bool:
-        """Whether prompts of these lengths prefill here, one replay each: few of them, each
-        within the buckets, and on a GPU LoRA through the kernels (a graph cannot read the
-        torch path's host-built segments)."""
+        """Whether prompts of these lengths prefill here: each within the buckets, on a GPU
+        LoRA through the kernels (a graph cannot read the torch path's host-built segments),
+        and with max_seqs 1 (the CPU) one prompt (several are cheaper for the host as one
+        ragged batch)."""
         kernels_or_none = self.lora is None or self.lora.kernels or not self.use_graphs
-        most = MAX_SEQS if self.use_graphs else 1  # (eager, a batch of several costs the host less)
+        most = len(lengths) if self.max_seqs > 1 else 1
         return kernels_or_none and 0 < len(lengths) <= most and max(lengths) <= self.top
 
-    def __call__(self, prompt: list[int], slot: int, lora_id: int) -> torch.Tensor:
-        """Prefill `prompt` into KV `slot` from position 0 under adapter `lora_id` (-1: none)
-        -> its last token's logits [1, vocab] float32 (a copy: the next replay reuses the
-        graph's output)."""
-        T = self.bucket(len(prompt))
-        self._stage(prompt, slot, lora_id, T)
-        use_lora = self.lora is not None and lora_id >= 0
+    def groups(self, lengths: list[int]) -> list[list[int]]:
+        """The prompts (indices) of each replay: longest first, as many as a captured shape
+        holds, padded to the bucket of the group's longest."""
+        order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+        out = []
+        while order:
+            n = next(n for n in self.sizes(self.bucket(lengths[order[0]])) if n <= len(order))
+            out.append(order[:n])
+            order = order[n:]
+        return out
+
+    def __call__(self, prompts: list[list[int]], slots: list[int], lora_ids: list[int]) -> torch.Tensor:
+        """Prefill prompts[i] into KV slots[i] from position 0 under adapter lora_ids[i] (-1:
+        none) -> each one's last token's logits [len(prompts), vocab] float32 (copies: the
+        next replay reuses the graph's output)."""
+        parts, where = [], []
+        for group in self.groups([len(p) for p in prompts]):
+            T = self.bucket(len(prompts[group[0]]))
+            ids = [lora_ids[i] for i in group]
+            self._stage([prompts[i] for i in group], [slots[i] for i in group], ids, T)
+            use_lora = self.lora is not None and max(ids) >= 0
+            parts.append(self._run(len(group), T, use_lora, ids))
+            where += group
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return logits if where == sorted(where) else logits[torch.tensor(where).argsort().to(logits.device)]
+
+    def _run(self, n: int, T: int, use_lora: bool, ids: list[int]) -> torch.Tensor:
         if not self.use_graphs:
-            return self._step(T, use_lora, [(lora_id, None)] if use_lora else [])
-        key = (T, use_lora)
+            return self._step(n, T, use_lora, self._plan(ids, T) if use_lora else None)
+        key = (n, T, use_lora)
         if key not in self.graphs:
-            self.graphs[key] = self._capture(T, use_lora)
+            self.graphs[key] = self._capture(*key)
         graph, logits = self.graphs[key]
         graph.replay()
         return logits.clone()
 
-    def _stage(self, prompt: list[int], slot: int, lora_id: int, T: int) -> None:
-        """The static inputs of a T-row step: the prompt padded with token 0, every row's
-        adapter and slot, the last real row."""
-        n = len(prompt)
-        staged = torch.tensor([prompt + [0] * (T - n), [lora_id] * T, [slot] * T], dtype=torch.long)
-        self.inputs[:, :T].copy_(staged, non_blocking=True)
-        self.last.fill_(n - 1)
+    @staticmethod
+    def _plan(ids: list[int], T: int):
+        """The torch LoRA path's segments (eager steps): each adapter's rows."""
+        if min(ids) >= 0 and len(set(ids)) == 1:
+            return [(ids[0], None)]
+        rows = lambda a: torch.cat([torch.arange(s * T, (s + 1) * T) for s, i in enumerate(ids) if i == a])  # noqa: E731
+        return [(a, rows(a)) for a in sorted(set(ids)) if a >= 0]
 
-    def _step(self, T: int, use_lora: bool, plan=None) -> torch.Tensor:
-        batch = prefill_batch(self.inputs[0, :T], self.inputs[1, :T], self.inputs[2, :T], self.last, use_lora, plan,
-                              bgmv=self.bgmv)
+    def _stage(self, prompts: list[list[int]], slots: list[int], lora_ids: list[int], T: int) -> None:
+        """The static inputs of a step of len(prompts) sequences of T rows: the prompts padded
+        with token 0, every row's adapter and slot; each sequence's last row, adapter, slot."""
+        rows = [sum((p + [0] * (T - len(p)) for p in prompts), []),
+                [a for a in lora_ids for _ in range(T)], [s for s in slots for _ in range(T)]]
+        n = len(prompts)
+        self.rows[:, :n * T].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
+        seqs = [[i * T + len(p) - 1 for i, p in enumerate(prompts)], lora_ids, slots]
+        self.seqs[:, :n].copy_(torch.tensor(seqs, dtype=torch.long), non_blocking=True)
+
+    def _step(self, n: int, T: int, use_lora: bool, plan=None) -> torch.Tensor:
+        r, s = self.rows[:, :n * T], self.seqs[:, :n]
+        batch = prefill_batch(r[0], r[1], r[2], s[0], s[1], s[2], use_lora, plan, bgmv=self.bgmv)
         return self.model(batch, self.cache, self.lora)
 
-    def _capture(self, T: int, use_lora: bool):
-        graph, logits = capture(lambda: self._step(T, use_lora), self._pool)  # (warm-ups write only the slot's own KV)
+    def _capture(self, n: int, T: int, use_lora: bool):
+        graph, logits = capture(lambda: self._step(n, T, use_lora), self._pool)  # (warm-ups write only staged slots)
         self._pool = graph.pool()
         return graph, logits
 
     def warmup(self) -> int:
-        """Capture every bucket, with and without adapters, writing padding into a free KV
-        slot (the caller holds the engine's step lock). Returns the number of graphs."""
+        """Capture every (sequences, bucket) shape, with and without adapters, writing padding
+        into one free KV slot (the caller holds the engine's step lock). Returns the number
+        of graphs."""
         if not self.use_graphs or self.cache.free_slots == 0:
             return 0
         slot = self.cache.alloc()
         try:
             for T in [b for b in BUCKETS if b < self.top] + [self.top]:  # every value `bucket` takes
-                for use_lora in ((False, True) if self.lora is not None else (False,)):
-                    if (T, use_lora) not in self.graphs:
-                        self._stage([0], slot, -1, T)
-                        self.graphs[(T, use_lora)] = self._capture(T, use_lora)
+                for n in self.sizes(T):
+                    for use_lora in ((False, True) if self.lora is not None else (False,)):
+                        if (n, T, use_lora) not in self.graphs:
+                            self._stage([[0]] * n, [slot] * n, [-1] * n, T)
+                            self.graphs[(n, T, use_lora)] = self._capture(n, T, use_lora)
         finally:
             self.cache.free(slot)
         return len(self.graphs)
