@@ -137,14 +137,14 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
             prefill["profile_adapter"] = profile_prefill(engine, prompts[0], adapters[0], device)
             prefill["profile_no_adapter"] = profile_prefill(engine, prompts[0], None, device)
             decoder.PREFILL_SGMV = False  # the graphs' LoRA through the BGMV pair (session 14), captured anew
-            engine.prefill_step.graphs.clear()
+            engine.prefill_step.reset()
             prefill["bgmv_prefill_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
             prefill[f"bgmv_prefill_burst_{len(prompts)}_ms"] = burst_ms(engine, prompts, adapters, device)
     finally:
         setting("main")
         if not decoder.PREFILL_SGMV:
             decoder.PREFILL_SGMV = True
-            engine.prefill_step.graphs.clear()
+            engine.prefill_step.reset()
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}
     out = {label: {k: v for k, v in m.items() if k != "token_ids"} for label, m in med.items()}
     out["tok_s_all"] = {label: [r["tok_s"] for r in v] for label, v in runs.items()}

@@ -16,7 +16,9 @@ segment, reads its adapter's A or B tile once and multiplies on the tensor cores
 Fused linears take one pair for all their modules, as the BGMV pair does: A stacks the
 modules' ranks ([slots, modules * r, d_in]) and columns from bounds[i] on take module
 i + 1's rank block of h. Segments with slot -1 are skipped (their rows untouched).
-Fixed grids for given shapes and no host sync: CUDA-graph capturable. The caller
+Fixed grids for given shapes and no host sync: CUDA-graph capturable. Row counts and K
+splits are runtime arguments, so every prefill shape shares a few compiled kernels (one
+per tile height and module count), not one per shape each graph capture compiles. The caller
 guarantees that no row tile straddles two segments (`block_m(seg)` divides seg).
 """
 
@@ -46,9 +48,8 @@ if triton is not None:
     import triton.language as tl
 
     @triton.jit
-    def _sgmv_shrink(x_ptr, a_ptr, seg_ids_ptr, h_ptr, N, d_in, rows_a, stride_xn, SEG,
-                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr,
-                     UPCAST: tl.constexpr):
+    def _sgmv_shrink(x_ptr, a_ptr, seg_ids_ptr, h_ptr, N, d_in, rows_a, stride_xn, SEG, K_SPLIT,
+                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
         tile, s = tl.program_id(0), tl.program_id(1)
         slot = tl.load(seg_ids_ptr + tile * BLOCK_M // SEG).to(tl.int64)
         if slot >= 0:
@@ -72,9 +73,9 @@ if triton is not None:
 
     @triton.jit
     def _sgmv_expand(h_ptr, b_ptr, scaling_ptr, seg_ids_ptr, y_ptr, N, d_out, r, stride_yn, bound1, bound2,
-                     stride_bs, stride_bo, stride_br, SEG,
+                     stride_bs, stride_bo, stride_br, SEG, S,
                      R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     S: tl.constexpr, MODULES: tl.constexpr):
+                     MODULES: tl.constexpr):
         tile, t = tl.program_id(0), tl.program_id(1)
         slot = tl.load(seg_ids_ptr + tile * BLOCK_M // SEG).to(tl.int64)
         if slot >= 0:
@@ -135,12 +136,12 @@ def sgmv_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     S = _splits(tiles, d_in)
     k_split = triton.cdiv(triton.cdiv(d_in, BLOCK_K), S) * BLOCK_K
     h = torch.empty(tiles * S * bm, R, dtype=torch.float32, device=x.device)
-    _sgmv_shrink[(tiles, S)](x, A, seg_ids, h, n_rows, d_in, rows_a, x.stride(0), seg, R=R, BLOCK_M=bm,
-                             BLOCK_K=BLOCK_K, K_SPLIT=k_split, UPCAST=x.device.type != "cuda")
+    _sgmv_shrink[(tiles, S)](x, A, seg_ids, h, n_rows, d_in, rows_a, x.stride(0), seg, k_split, R=R, BLOCK_M=bm,
+                             BLOCK_K=BLOCK_K, UPCAST=x.device.type != "cuda")
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     _sgmv_expand[(tiles, triton.cdiv(d_out, BLOCK_N))](
-        h, B, scaling, seg_ids, y, n_rows, d_out, r, y.stride(0), b1, b2, *B.stride(), seg, R=R, R_MODULE=R_MODULE,
-        BLOCK_M=bm, BLOCK_N=BLOCK_N, S=S, MODULES=modules)
+        h, B, scaling, seg_ids, y, n_rows, d_out, r, y.stride(0), b1, b2, *B.stride(), seg, S, R=R, R_MODULE=R_MODULE,
+        BLOCK_M=bm, BLOCK_N=BLOCK_N, MODULES=modules)
     return y
 
 

@@ -20,6 +20,8 @@ graphs capture.
 
 from __future__ import annotations
 
+import time
+
 import torch
 
 from tasktune.serve.cuda_graphs import capture
@@ -44,6 +46,13 @@ class PrefillStep:
         self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)  # tokens, adapter ids, slots
         self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool = None
+        self.capture_s = 0.0  # time spent capturing graphs so far
+
+    def reset(self) -> None:
+        """Drop every graph and their memory pool (the next use captures anew: after a
+        change to what the step runs)."""
+        self.graphs.clear()
         self._pool = None
 
     def bucket(self, n: int) -> int:
@@ -127,8 +136,10 @@ class PrefillStep:
         return self.model(batch, self.cache, self.lora)
 
     def _capture(self, n: int, T: int, use_lora: bool):
+        t0 = time.perf_counter()
         graph, logits = capture(lambda: self._step(n, T, use_lora), self._pool)  # (warm-ups write only staged slots)
         self._pool = graph.pool()
+        self.capture_s += time.perf_counter() - t0
         return graph, logits
 
     def warmup(self) -> int:
