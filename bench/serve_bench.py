@@ -212,9 +212,9 @@ def main() -> None:
     result["cuda_graphs"] = {"captured": engine.warmup()}
     sync(device)
     result["cuda_graphs"]["capture_s"] = time.perf_counter() - t
-    result["cuda_graphs"]["prefill_capture_s"] = engine.prefill_step.capture_s
+    result["cuda_graphs"]["prefill_capture_s"] = {str(k): v for k, v in engine.prefill_step.capture_s.items()}
     result["cuda_graphs"]["dynamo_unique_graphs"] = int(torch._dynamo.utils.counters["stats"]["unique_graphs"])
-    print(f"decode CUDA graphs captured: {result['cuda_graphs']}", flush=True)
+    print(f"CUDA graphs captured: {result['cuda_graphs']}", flush=True)
     cfg = engine.model.cfg
     elem = torch.finfo(dtype).bits // 8
     base_bytes = model_read_bytes(engine.model, batch)

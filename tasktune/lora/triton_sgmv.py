@@ -49,7 +49,7 @@ if triton is not None:
 
     @triton.jit
     def _sgmv_shrink(x_ptr, a_ptr, seg_ids_ptr, h_ptr, N, d_in, rows_a, stride_xn, SEG, K_SPLIT,
-                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, UPCAST: tl.constexpr):
+                     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, FP32: tl.constexpr):
         tile, s = tl.program_id(0), tl.program_id(1)
         slot = tl.load(seg_ids_ptr + tile * BLOCK_M // SEG).to(tl.int64)
         if slot >= 0:
@@ -64,7 +64,7 @@ if triton is not None:
                              other=0.0)  # [BLOCK_M, BLOCK_K]
                 at = tl.load(a_ptr + (slot * rows_a + offs_r[None, :]) * d_in + k[:, None],
                              mask=r_ok[None, :] & k_ok[:, None], other=0.0)  # A^T tile [BLOCK_K, R]
-                if UPCAST:  # the interpreter's bf16 dot is wrong (triton 3.x): fp32 there
+                if FP32:  # fp32 inputs (not tf32), and the interpreter, whose bf16 dot is wrong (triton 3.x)
                     acc = tl.dot(xv.to(tl.float32), at.to(tl.float32), acc, input_precision="ieee")
                 else:
                     acc = tl.dot(xv, at, acc)
@@ -137,7 +137,7 @@ def sgmv_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     k_split = triton.cdiv(triton.cdiv(d_in, BLOCK_K), S) * BLOCK_K
     h = torch.empty(tiles * S * bm, R, dtype=torch.float32, device=x.device)
     _sgmv_shrink[(tiles, S)](x, A, seg_ids, h, n_rows, d_in, rows_a, x.stride(0), seg, k_split, R=R, BLOCK_M=bm,
-                             BLOCK_K=BLOCK_K, UPCAST=x.device.type != "cuda")
+                             BLOCK_K=BLOCK_K, FP32=x.device.type != "cuda" or x.dtype == torch.float32)
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     _sgmv_expand[(tiles, triton.cdiv(d_out, BLOCK_N))](
         h, B, scaling, seg_ids, y, n_rows, d_out, r, y.stride(0), b1, b2, *B.stride(), seg, S, R=R, R_MODULE=R_MODULE,

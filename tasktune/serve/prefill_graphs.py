@@ -47,7 +47,7 @@ class PrefillStep:
         self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
-        self.capture_s = 0.0  # time spent capturing graphs so far
+        self.capture_s: dict[tuple[int, int, bool], float] = {}  # seconds each graph's capture took
 
     def reset(self) -> None:
         """Drop every graph and their memory pool (the next use captures anew: after a
@@ -139,7 +139,7 @@ class PrefillStep:
         t0 = time.perf_counter()
         graph, logits = capture(lambda: self._step(n, T, use_lora), self._pool)  # (warm-ups write only staged slots)
         self._pool = graph.pool()
-        self.capture_s += time.perf_counter() - t0
+        self.capture_s[(n, T, use_lora)] = time.perf_counter() - t0
         return graph, logits
 
     def warmup(self) -> int:
