@@ -30,7 +30,9 @@ import torch
 
 from tasktune.lora.triton_ops import MAX_RANK, _pow2_at_least, triton
 
-TARGET_PROGRAMS = 264  # shrink: split d_in until row tiles x splits reach about this (2 a program an H100 / H200 SM)
+TARGET_PROGRAMS = 264  # shrink: split d_in until row tiles x splits reach about this (2 a program an H100 / H200 SM),
+MAX_SPLIT = 8  # ... in at most this many parts, which every expand program sums (H200, a 256-token prefill, 4
+# row tiles: up to 66 parts made the expand 10.8 us a launch, 1.04 of the step's 2.6 ms of kernels)
 BLOCK_K = 64
 BLOCK_N = 128
 
@@ -106,7 +108,7 @@ if triton is not None:
 def _splits(tiles: int, d_in: int) -> int:
     """K splits of the shrink: enough programs for the GPU, each at least one BLOCK_K."""
     blocks = triton.cdiv(d_in, BLOCK_K)
-    return triton.cdiv(blocks, triton.cdiv(blocks, max(1, min(blocks, triton.cdiv(TARGET_PROGRAMS, tiles)))))
+    return triton.cdiv(blocks, triton.cdiv(blocks, max(1, min(blocks, MAX_SPLIT, triton.cdiv(TARGET_PROGRAMS, tiles)))))
 
 
 def sgmv_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
