@@ -10,8 +10,10 @@ segment, reads its adapter's A or B tile once and multiplies on the tensor cores
 - shrink, (row tiles, K splits) programs: h_part[tile, k, :, :] = x[tile, split k] @
   A[slot, :, split k]^T, accumulated in fp32 (x and A in their dtype: exact products);
 - expand, (row tiles, column tiles) programs: y[tile, cols] += scaling[slot] * (sum_k
-  h_part[tile, k]) @ B[slot, cols, :]^T in fp32 (the K parts summed in a fixed order: no
-  atomics, the same result every replay), rounded once to y's dtype.
+  h_part[tile, k]) @ B[slot, cols, :]^T (the K parts summed in fp32 in a fixed order: no
+  atomics, the same result every replay; h then rounded to B's dtype for the tensor
+  cores, as PEFT rounds A @ x in a bf16 model), accumulated in fp32, rounded once to y's
+  dtype.
 
 Fused linears take one pair for all their modules, as the BGMV pair does: A stacks the
 modules' ranks ([slots, modules * r, d_in]) and columns from bounds[i] on take module
@@ -74,10 +76,27 @@ if triton is not None:
             tl.store(h_ptr + rows[:, None] * R + offs_r[None, :], acc)
 
     @triton.jit
+    def _h(h_ptr, tile, col0, offs_r, r_ok, S, BLOCK_M: tl.constexpr, R: tl.constexpr):
+        """h[tile rows, col0 + offs_r] summed over the shrink's S parts in a fixed order -> fp32 [BLOCK_M, R_MODULE]."""
+        rows = (tile * S * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * R + col0 + offs_r[None, :]
+        h = tl.load(h_ptr + rows, mask=r_ok[None, :], other=0.0)
+        for s in range(1, S):
+            h += tl.load(h_ptr + rows + s * BLOCK_M * R, mask=r_ok[None, :], other=0.0)
+        return h
+
+    @triton.jit
+    def _dot(h, bt, acc, FP32: tl.constexpr):
+        """acc + h @ bt: in IEEE fp32 (fp32 weights, the interpreter), else on the tensor
+        cores with h rounded to B's dtype (as PEFT's bf16 LoRA rounds its A @ x)."""
+        if FP32:
+            return tl.dot(h, bt.to(tl.float32), acc, input_precision="ieee")
+        return tl.dot(h.to(bt.dtype), bt, acc)
+
+    @triton.jit
     def _sgmv_expand(h_ptr, b_ptr, scaling_ptr, seg_ids_ptr, y_ptr, N, d_out, r, stride_yn, bound1, bound2,
                      stride_bs, stride_bo, stride_br, SEG, S,
                      R: tl.constexpr, R_MODULE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                     MODULES: tl.constexpr):
+                     MODULES: tl.constexpr, FP32: tl.constexpr):
         tile, t = tl.program_id(0), tl.program_id(1)
         slot = tl.load(seg_ids_ptr + tile * BLOCK_M // SEG).to(tl.int64)
         if slot >= 0:
@@ -86,17 +105,17 @@ if triton is not None:
             offs_r = tl.arange(0, R_MODULE)
             m_ok, o_ok, r_ok = offs_m < N, offs_o < d_out, offs_r < r
             bt = tl.load(b_ptr + slot * stride_bs + offs_r[:, None] * stride_br + offs_o[None, :] * stride_bo,
-                         mask=r_ok[:, None] & o_ok[None, :], other=0.0).to(tl.float32)  # B^T tile [R_MODULE, BLOCK_N]
-            module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)  # each column's module
-            h_rows = (tile * S * BLOCK_M + tl.arange(0, BLOCK_M))[:, None] * R
+                         mask=r_ok[:, None] & o_ok[None, :], other=0.0)  # B^T tile [R_MODULE, BLOCK_N]
             acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-            for m in tl.static_range(MODULES):
-                h = tl.zeros((BLOCK_M, R_MODULE), dtype=tl.float32)
-                for s in range(S):  # the shrink's K parts, in a fixed order
-                    h += tl.load(h_ptr + h_rows + s * BLOCK_M * R + m * r + offs_r[None, :], mask=r_ok[None, :],
-                                 other=0.0)
-                b_m = bt if MODULES == 1 else tl.where((module == m)[None, :], bt, 0.0)
-                acc = tl.dot(h, b_m, acc, input_precision="ieee")
+            c0, c1 = t * BLOCK_N, tl.minimum(t * BLOCK_N + BLOCK_N, d_out) - 1  # the tile's first and last column
+            first = (c0 >= bound1).to(tl.int32) + (c0 >= bound2).to(tl.int32)  # ... and their modules
+            if first == (c1 >= bound1).to(tl.int32) + (c1 >= bound2).to(tl.int32):  # one module (most tiles)
+                acc = _dot(_h(h_ptr, tile, first * r, offs_r, r_ok, S, BLOCK_M, R), bt, acc, FP32)
+            else:  # a tile across a bound: each module's product on its own columns
+                module = (offs_o >= bound1).to(tl.int32) + (offs_o >= bound2).to(tl.int32)
+                for m in tl.static_range(MODULES):
+                    b_m = tl.where((module == m)[None, :], bt, tl.zeros_like(bt))
+                    acc = _dot(_h(h_ptr, tile, m * r, offs_r, r_ok, S, BLOCK_M, R), b_m, acc, FP32)
             scale = tl.load(scaling_ptr + slot).to(tl.float32)
             y_ptrs = y_ptr + offs_m[:, None] * stride_yn + offs_o[None, :]
             ok = m_ok[:, None] & o_ok[None, :]
@@ -143,7 +162,7 @@ def sgmv_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]
     _sgmv_expand[(tiles, triton.cdiv(d_out, BLOCK_N))](
         h, B, scaling, seg_ids, y, n_rows, d_out, r, y.stride(0), b1, b2, *B.stride(), seg, S, R=R, R_MODULE=R_MODULE,
-        BLOCK_M=bm, BLOCK_N=BLOCK_N, MODULES=modules)
+        BLOCK_M=bm, BLOCK_N=BLOCK_N, MODULES=modules, FP32=x.device.type != "cuda" or B.dtype == torch.float32)
     return y
 
 
