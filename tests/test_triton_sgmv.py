@@ -10,19 +10,24 @@ import pytest
 import torch
 
 from tasktune.lora import triton_sgmv
-from tasktune.lora.ops import lora_delta_gathered
 from test_triton_ops import DEVICE, TOL, make, needs_kernels
 
 
 def reference(y, x, A, B, scaling, seg_ids, seg, bounds=()):
-    """Each module's delta on its own columns, every row under its segment's adapter."""
+    """Each module's delta on its own columns, every row under its segment's adapter; on a
+    GPU with half-precision weights A @ x rounded to their dtype first, as the kernel's
+    tensor-core expand (and PEFT) rounds it."""
     d, r = torch.float64, B.shape[2]
     ids = seg_ids.repeat_interleave(seg)
     out = y.to(d).clone()
     edges = [0, *bounds, y.shape[1]]
+    rounded = DEVICE == "cuda" and B.dtype != torch.float32
     for m, (lo, hi) in enumerate(zip(edges, edges[1:])):
-        a = A[:, m * r:(m + 1) * r].to(d)
-        out[:, lo:hi] += lora_delta_gathered(x.to(d), a, B[:, lo:hi].to(d), scaling.to(d), ids)
+        h = torch.einsum("nk,nrk->nr", x.to(d), A[ids.clamp(min=0), m * r:(m + 1) * r].to(d))
+        if rounded:
+            h = h.to(B.dtype).to(d)
+        delta = torch.einsum("nr,nor->no", h, B[ids.clamp(min=0), lo:hi].to(d)) * scaling[ids.clamp(min=0)].to(d)[:, None]
+        out[:, lo:hi] += torch.where((ids >= 0)[:, None], delta, 0.0)
     return out.to(y.dtype)
 
 
