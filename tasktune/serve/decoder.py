@@ -21,9 +21,9 @@ up one `gate_up_proj` (as vLLM stacks them): one GEMM each instead of three and 
 rotary embedding applied to q and k in one pass. `weights.load_decoder` concatenates the
 checkpoint's weights; LoRA still adds each module's own delta to its slice of the output.
 
-On a GPU the decode step (and a prefill replayed from a CUDA graph, prefill_graphs.py)
-reads its adapters through Triton BGMV kernels (one launch pair per fused linear,
-lora/triton_ops.py) and attends through a Triton kernel that also
+On a GPU the decode step reads its adapters through Triton BGMV kernels (one launch pair
+per fused linear, lora/triton_ops.py; a prefill replayed from a CUDA graph,
+prefill_graphs.py, through the segmented pair of lora/triton_sgmv.py) and attends through a Triton kernel that also
 writes the step's keys and values (triton_attention.py); steps of up to 64 rows run each
 linear with its norm, activation and residual as one launch (`Block.forward_fused`,
 triton_linear.py), which adds the BGMV pair's LoRA delta before rounding; larger ones
@@ -67,9 +67,9 @@ PREFILL_SGMV = True
 
 
 def bgmv_rows(batch: Batch, lora: LoraStacks) -> bool:
-    """Whether this forward's adapted linears take the Triton BGMV pair: a decode step, or a
-    prefill that a CUDA graph captures (prefill_graphs.py), which must read every row's
-    adapter id from the device. (An eager prefill's torch paths cost the host less: one
+    """Whether this forward's adapted linears take the Triton kernels (`kernel_lora_`): a
+    decode step, or a prefill that a CUDA graph captures (prefill_graphs.py), which must
+    read the adapter ids from the device. (An eager prefill's torch paths cost the host less: one
     256-token request with an adapter, H200, 46.5 ms a step against 52.1 through the pair.)"""
     return lora.kernels and (batch.decode or batch.bgmv)
 
