@@ -70,6 +70,18 @@ def test_which_prefills_it_takes(engine):
     assert [step.bucket(n) for n in (1, 32, 33, 150, 200)] == [32, 32, 64, 200, 200]
     assert not step.takes([]) and not step.takes([201])
     assert not step.takes([4, 4])  # eager on the CPU: several sequences as one ragged batch
+    assert step.shapes() == []  # no graphs on the CPU
+
+
+def test_graph_shapes_a_gpu_captures(engine):
+    """Every bucket (200: the top, max_len) with 8, 4, 2, 1 sequences within MAX_TOKENS, with
+    and without adapters: what `warmup` captures and its progress bar counts."""
+    step = PrefillStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=False)
+    step.use_graphs, step.max_seqs = True, 8
+    shapes = step.shapes()
+    assert len(shapes) == len(set(shapes)) == 4 * 4 * 2
+    assert {T for _, T, _ in shapes} == {32, 64, 128, 200} and (8, 200, True) in shapes
+    assert all(n * T <= prefill_graphs.MAX_TOKENS for n, T, _ in shapes)
 
 
 def test_groups_longest_first_within_the_captured_shapes(engine, monkeypatch):

@@ -299,22 +299,28 @@ class DecodeStep:
         self._pool = graph.pool()
         return graph, outputs
 
-    def warmup(self, max_rows: int) -> int:
-        """Capture every (batch, context) bucket up to max_rows rows, with and without
-        adapters, so no request pays for a capture. Returns the number of graphs."""
+    def shapes(self, max_rows: int) -> list[tuple[int, int, bool]]:
+        """Every (batch, context, with adapters) bucket of steps of up to max_rows rows."""
         if not self.use_graphs:
-            return 0
+            return []
         top = batch_bucket(max_rows, self.cache.num_slots)
         batches = [b for b in BATCH_BUCKETS if b < top] + [top]
         contexts = sorted({context_bucket(n, self.cache.max_len)
                            for n in range(CONTEXT_STEP, self.cache.max_len + CONTEXT_STEP, CONTEXT_STEP)})
+        lora = (False, True) if self.lora is not None else (False,)
+        return [(B, L, use_lora) for B in batches for L in contexts for use_lora in lora]
+
+    def warmup(self, max_rows: int, tick: Callable[[], object] = lambda: None) -> int:
+        """Capture every bucket of `shapes`, so no request pays for a capture (tick() after
+        each). Returns the number of graphs."""
+        if not self.use_graphs:
+            return 0
         self._ahead = None
         self.inputs[0].zero_()
         self.inputs[1].fill_(self.cache.max_len - 1)  # padding rows only: writes nothing that is read
         self.inputs[2].fill_(-1)
-        for B in batches:
-            for L in contexts:
-                for use_lora in ((False, True) if self.lora is not None else (False,)):
-                    if (B, L, use_lora) not in self.graphs:
-                        self.graphs[(B, L, use_lora)] = self._capture(B, L, use_lora)
+        for key in self.shapes(max_rows):
+            if key not in self.graphs:
+                self.graphs[key] = self._capture(*key)
+            tick()
         return len(self.graphs)

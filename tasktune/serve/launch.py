@@ -99,7 +99,7 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
             engine.pool.register(name, folder)
     finally:
         engine.pool.root = root
-    engine.warmup()
+    engine.warmup(progress=True)
     predictor = task_predictor(served.tasks) if served.tasks else None  # adapter folders only: the built-in tasks
     app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters)
     return app, sorted(adapters)

@@ -21,6 +21,7 @@ graphs capture.
 from __future__ import annotations
 
 import time
+from typing import Callable
 
 import torch
 
@@ -142,20 +143,26 @@ class PrefillStep:
         self.capture_s[(n, T, use_lora)] = time.perf_counter() - t0
         return graph, logits
 
-    def warmup(self) -> int:
-        """Capture every (sequences, bucket) shape, with and without adapters, writing padding
-        into one free KV slot (the caller holds the engine's step lock). Returns the number
-        of graphs."""
+    def shapes(self) -> list[tuple[int, int, bool]]:
+        """Every (sequences, bucket, with adapters) shape a replay takes (none on the CPU)."""
+        if not self.use_graphs:
+            return []
+        lora = (False, True) if self.lora is not None else (False,)
+        return [(n, T, use_lora) for T in [b for b in BUCKETS if b < self.top] + [self.top]  # every `bucket` value
+                for n in self.sizes(T) for use_lora in lora]
+
+    def warmup(self, tick: Callable[[], object] = lambda: None) -> int:
+        """Capture every shape of `shapes` (tick() after each), writing padding into one free
+        KV slot (the caller holds the engine's step lock). Returns the number of graphs."""
         if not self.use_graphs or self.cache.free_slots == 0:
             return 0
         slot = self.cache.alloc()
         try:
-            for T in [b for b in BUCKETS if b < self.top] + [self.top]:  # every value `bucket` takes
-                for n in self.sizes(T):
-                    for use_lora in ((False, True) if self.lora is not None else (False,)):
-                        if (n, T, use_lora) not in self.graphs:
-                            self._stage([[0]] * n, [slot] * n, [-1] * n, T)
-                            self.graphs[(n, T, use_lora)] = self._capture(n, T, use_lora)
+            for n, T, use_lora in self.shapes():
+                if (n, T, use_lora) not in self.graphs:
+                    self._stage([[0]] * n, [slot] * n, [-1] * n, T)
+                    self.graphs[(n, T, use_lora)] = self._capture(n, T, use_lora)
+                tick()
         finally:
             self.cache.free(slot)
         return len(self.graphs)
