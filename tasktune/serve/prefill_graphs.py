@@ -30,7 +30,7 @@ from tasktune.serve.decoder import Decoder, LoraStacks
 from tasktune.serve.forward_batch import prefill_batch
 from tasktune.serve.kv_cache import KVCache
 
-BUCKETS = (32, 64, 128, 256, 512)
+BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (up to MAX_TOKENS: one prompt a replay)
 MAX_SEQS = 8  # sequences one replay takes (graphs of 1, 2, 4 ... of them); the CPU: 1
 MAX_TOKENS = 2048  # ... and padded rows (sequences x bucket) one replay takes
 
