@@ -180,3 +180,22 @@ def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
         outs[graphs] = (alone, together)
     step.use_graphs = True
     assert outs[True] == outs[False]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root):
+    """A prompt past 1,024 tokens replays the 2,048 bucket's graph (one prompt), as the same
+    step run eagerly; the engine captures every shape up front (what the progress bar counts)."""
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=4, max_len=2100, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    step = eng.prefill_step
+    assert step.top == 2048 and eng.warmup(progress=True) == len(step.graphs) + len(eng.decode_step.graphs)
+    assert set(step.shapes()) == set(step.graphs)
+    eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
+    eager.bgmv = True
+    lora_id = eng.pool.acquire("task-1")
+    prompt = torch.randint(3, eng.model.cfg.vocab_size, (1500,), generator=torch.Generator().manual_seed(1)).tolist()
+    assert torch.equal(step([prompt], [0], [lora_id]), eager([prompt], [1], [lora_id]))
+    assert torch.equal(eng.cache.k[:, 0, :, :1500], eng.cache.k[:, 1, :, :1500])
+    eng.pool.release("task-1")
