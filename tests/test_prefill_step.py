@@ -183,10 +183,16 @@ def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
-def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root):
+def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root, tmp_path):
     """A prompt past 1,024 tokens replays the 2,048 bucket's graph (one prompt), as the same
     step run eagerly; the engine captures every shape up front (what the progress bar counts)."""
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+    import json
+    import shutil
+
+    model = shutil.copytree(tiny_llama, tmp_path / "long")  # the tiny Llama with 4,096 positions
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
+    eng = Engine.from_pretrained(model, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=4, max_len=2100, device="cuda", dtype=torch.bfloat16)
     eng.pool.register_root()
     step = eng.prefill_step
