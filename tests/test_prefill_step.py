@@ -189,7 +189,7 @@ def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root, tm
     import json
     import shutil
 
-    model = shutil.copytree(tiny_llama, tmp_path / "long")  # the tiny Llama with 4,096 positions
+    model = shutil.copytree(tiny_llama, tmp_path / "long" / tiny_llama.name)  # the tiny Llama, 4,096 positions
     config = json.loads((model / "config.json").read_text())
     (model / "config.json").write_text(json.dumps({**config, "max_position_embeddings": 4096}))
     eng = Engine.from_pretrained(model, adapter_root=adapter_root, max_resident=4, max_rank=8,
