@@ -23,13 +23,14 @@ checkpoint's weights; LoRA still adds each module's own delta to its slice of th
 
 On a GPU the decode step reads its adapters through Triton BGMV kernels (one launch pair
 per fused linear, lora/triton_ops.py; a prefill replayed from a CUDA graph,
-prefill_graphs.py, through the segmented pair of lora/triton_sgmv.py) and attends through a Triton kernel that also
-writes the step's keys and values (triton_attention.py); steps of up to 64 rows run each
-linear with its norm, activation and residual as one launch (`Block.forward_fused`,
-triton_linear.py), which adds the BGMV pair's LoRA delta before rounding; larger ones
-run cuBLAS with the pair adding in place; `compile_decode` runs each block through one
-torch.compile'd `Block.forward`. The CPU runs the torch paths, and the tests
-run the kernels under Triton's interpreter against them.
+prefill_graphs.py, through the segmented pair of lora/triton_sgmv.py) and attends
+through a Triton kernel that also writes the step's keys and values
+(triton_attention.py); steps of up to 64 rows run each linear with its norm, activation
+and residual as one launch (`Block.forward_fused`, triton_linear.py), which adds the BGMV
+pair's LoRA delta before rounding; larger ones run cuBLAS with the pair adding in place;
+`compile_decode` runs each block through one torch.compile'd `Block.forward`. The CPU
+runs the torch paths, and the tests run the kernels under Triton's interpreter against
+them.
 """
 
 from __future__ import annotations

@@ -1,10 +1,11 @@
 """The serving engine: continuous batching of many adapters over one base model.
 
 Each `step()`: admit waiting requests into free KV slots and prefill them (their first
-token; on a GPU padded to length buckets and replayed from CUDA graphs of up to 8 prompts,
-`prefill_graphs.PrefillStep`; on the CPU one prompt padded, more as one eager ragged batch), then one batched decode step over every sequence that
-was already running, each row with its own adapter id (`cuda_graphs.DecodeStep`: a
-replayed CUDA graph on a GPU).
+token; on a GPU padded to length buckets and replayed from CUDA graphs of up to 8
+prompts, `prefill_graphs.PrefillStep`; on the CPU one prompt padded, more as one eager
+ragged batch), then one batched decode step over every sequence that was already
+running, each row with its own adapter id (`cuda_graphs.DecodeStep`: a replayed CUDA
+graph on a GPU).
 Finished sequences leave at once. `generate()` drives steps
 synchronously (tests, offline use); `async_engine.AsyncEngine` runs them in a background
 thread and hands results to asyncio code (the HTTP API).
@@ -234,7 +235,8 @@ class Engine:
         yet). All greedy: the argmax stays on the device until read, and the rows that go on
         join the decode step launched ahead next (DecodeStep.join)."""
         if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
-            logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs], [s.lora_id for s in seqs])
+            logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
+                                       [s.lora_id for s in seqs])
         else:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)

@@ -118,8 +118,8 @@ class PrefillStep:
         """The torch LoRA path's segments (eager steps): each adapter's rows."""
         if min(ids) >= 0 and len(set(ids)) == 1:
             return [(ids[0], None)]
-        rows = lambda a: torch.cat([torch.arange(s * T, (s + 1) * T) for s, i in enumerate(ids) if i == a])  # noqa: E731
-        return [(a, rows(a)) for a in sorted(set(ids)) if a >= 0]
+        rows = {a: [s for s, i in enumerate(ids) if i == a] for a in set(ids) if a >= 0}
+        return [(a, torch.cat([torch.arange(s * T, (s + 1) * T) for s in seqs])) for a, seqs in sorted(rows.items())]
 
     def _stage(self, prompts: list[list[int]], slots: list[int], lora_ids: list[int], T: int) -> None:
         """The static inputs of a step of len(prompts) sequences of T rows: the prompts padded
