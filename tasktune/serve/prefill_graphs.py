@@ -13,9 +13,10 @@ every row's adapter id and slot and every sequence's last row in static device t
 LoRA through the Triton segmented pair (each sequence one segment: its adapter read once
 a tile of rows, lora/triton_sgmv.py), the last real rows' logits out.
 
-On the CPU (and with `use_graphs=False`) the same padded step runs eagerly with the torch
-LoRA path (by default for one prompt at a time), so the CPU tests run the layout the
-graphs capture.
+On the CPU the engine prefills eagerly as one ragged batch (`takes` is False: padding
+would be compute there); the same padded step runs eagerly with the torch LoRA path when
+called directly (and with `use_graphs=False`), so the CPU tests run the layout the graphs
+capture.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from tasktune.serve.forward_batch import prefill_batch
 from tasktune.serve.kv_cache import KVCache
 
 BUCKETS = (32, 64, 128, 256, 512, 1024, 2048)  # padded prompt lengths (up to MAX_TOKENS: one prompt a replay)
-MAX_SEQS = 8  # sequences one replay takes (graphs of 1, 2, 4 ... of them); the CPU: 1
+MAX_SEQS = 8  # sequences one replay takes (graphs of 1, 2, 4 ... of them)
 MAX_TOKENS = 2048  # ... and padded rows (sequences x bucket) one replay takes
 
 
@@ -42,7 +43,10 @@ class PrefillStep:
         self.use_graphs = use_graphs and device.type == "cuda"
         self.bgmv = self.use_graphs  # LoRA through the Triton kernels (what a graph needs), else the torch paths
         self.top = min(BUCKETS[-1], cache.max_len)
-        self.max_seqs = MAX_SEQS if self.use_graphs else 1  # (eager, a ragged batch of several costs the host less)
+        # sequences one replay takes; 0: none here (eager, the engine's ragged prefill: on the CPU
+        # padding is compute, e.g. 499 against 348 ms for a 257-token prompt of a 6-layer,
+        # 512-wide model padded to 512; the tests set 1 or more to run the padded layout)
+        self.max_seqs = MAX_SEQS if self.use_graphs else 0
         rows = max(self.top, MAX_TOKENS)  # the most one replay takes (`sizes`)
         self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)  # tokens, adapter ids, slots
         self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
@@ -61,20 +65,21 @@ class PrefillStep:
         return min(next(b for b in BUCKETS if b >= n), self.top)
 
     def sizes(self, T: int) -> list[int]:
-        """How many sequences of bucket T one replay may take: powers of two, largest first."""
-        out, n = [], 1
-        while n <= self.max_seqs and (n == 1 or n * T <= MAX_TOKENS):
+        """How many sequences of bucket T one replay may take: powers of two, largest first
+        (one at least, whatever max_seqs)."""
+        out, n = [1], 2
+        while n <= self.max_seqs and n * T <= MAX_TOKENS:
             out.insert(0, n)
             n *= 2
         return out
 
     def takes(self, lengths: list[int]) -> bool:
         """Whether prompts of these lengths prefill here: each within the buckets, on a GPU
-        LoRA through the kernels (a graph cannot read the torch path's host-built segments),
-        and with max_seqs 1 (the CPU) one prompt (several are cheaper for the host as one
-        ragged batch)."""
+        LoRA through the kernels (a graph cannot read the torch path's host-built segments);
+        none with max_seqs 0 (the CPU), one with max_seqs 1 (several are cheaper for the host
+        as one ragged batch)."""
         kernels_or_none = self.lora is None or self.lora.kernels or not self.use_graphs
-        most = len(lengths) if self.max_seqs > 1 else 1
+        most = len(lengths) if self.max_seqs > 1 else self.max_seqs
         return kernels_or_none and 0 < len(lengths) <= most and max(lengths) <= self.top
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
