@@ -23,7 +23,7 @@ def engine(tiny_llama, adapter_root) -> Engine:
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=4, max_len=200)
     eng.pool.register_root()
-    eng.prefill_step.max_seqs = 1  # the padded step, eagerly (the engine on the CPU prefills ragged)
+    eng.prefill_step.pad = True  # the padded layout a GPU captures, run eagerly (the CPU runs each prompt's length)
     return eng
 
 
@@ -88,11 +88,11 @@ def test_graph_shapes_a_gpu_captures(engine):
 def test_groups_longest_first_within_the_captured_shapes(engine, monkeypatch):
     monkeypatch.setattr(prefill_graphs, "MAX_TOKENS", 128)
     step = PrefillStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=False)
-    step.max_seqs = 8
+    step.max_seqs, step.pad = 8, True
     assert [step.sizes(T) for T in (32, 64, 128, 200)] == [[4, 2, 1], [2, 1], [1], [1]]
     assert step.groups([5, 70, 40, 3, 33, 10, 7]) == [[1], [2, 4], [5, 6, 0, 3]]
     cpu = PrefillStep(engine.model, engine.cache, None, use_graphs=False)
-    assert cpu.max_seqs == 0 and not cpu.takes([3]) and cpu.shapes() == []  # the CPU: the engine's ragged prefill
+    assert cpu.groups([3, 9]) == [[1], [0]] and cpu.bucket(37) == 37  # the CPU: one at a time, unpadded
 
 
 @pytest.mark.parametrize("kernels", [False, True], ids=["torch", "triton"])
@@ -111,7 +111,7 @@ def test_several_padded_prefills_equal_ragged_prefills(engine, lengths, kernels)
     ids = [engine.pool.acquire(a) if a else -1 for a in adapters]
     stacks = replace(engine.pool.stacks, kernels=kernels)
     step = PrefillStep(model, cache, stacks, use_graphs=False)
-    step.max_seqs, step.bgmv = 4, kernels
+    step.max_seqs, step.bgmv, step.pad = 4, kernels, True
     g = torch.Generator().manual_seed(len(lengths))
     prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=g).tolist() for n in lengths]
     try:
@@ -148,7 +148,7 @@ def test_prefill_graph_replays_equal_eager_steps(tiny_llama, adapter_root):
     step = eng.prefill_step
     assert step.use_graphs and step.bgmv and eng.pool.stacks.kernels
     eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
-    eager.bgmv = True
+    eager.bgmv = eager.pad = True  # the graphs' step, run eagerly
     g = torch.Generator().manual_seed(0)
     for length, adapter in ((7, "task-1"), (40, None), (9, "task-3"), (250, "task-1")):
         lora_id = eng.pool.acquire(adapter) if adapter else -1
@@ -201,7 +201,7 @@ def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root, tm
     assert step.top == 2048 and eng.warmup(progress=True) == len(step.graphs) + len(eng.decode_step.graphs)
     assert set(step.shapes()) == set(step.graphs)
     eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
-    eager.bgmv = True
+    eager.bgmv = eager.pad = True  # the graphs' step, run eagerly
     lora_id = eng.pool.acquire("task-1")
     prompt = torch.randint(3, eng.model.cfg.vocab_size, (1500,), generator=torch.Generator().manual_seed(1)).tolist()
     assert torch.equal(step([prompt], [0], [lora_id]), eager([prompt], [1], [lora_id]))

@@ -2,7 +2,8 @@
 
 Each `step()`: admit waiting requests into free KV slots and prefill them (their first
 token; on a GPU padded to length buckets and replayed from CUDA graphs of up to 8
-prompts, `prefill_graphs.PrefillStep`; on the CPU as one eager ragged batch), then one batched decode step over every sequence that was already
+prompts, `prefill_graphs.PrefillStep`; on the CPU one prompt eagerly in that step's
+layout, more as one eager ragged batch), then one batched decode step over every sequence that was already
 running, each row with its own adapter id (`cuda_graphs.DecodeStep`: a replayed CUDA
 graph on a GPU).
 Finished sequences leave at once. `generate()` drives steps

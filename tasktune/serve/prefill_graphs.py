@@ -13,10 +13,9 @@ every row's adapter id and slot and every sequence's last row in static device t
 LoRA through the Triton segmented pair (each sequence one segment: its adapter read once
 a tile of rows, lora/triton_sgmv.py), the last real rows' logits out.
 
-On the CPU the engine prefills eagerly as one ragged batch (`takes` is False: padding
-would be compute there); the same padded step runs eagerly with the torch LoRA path when
-called directly (and with `use_graphs=False`), so the CPU tests run the layout the graphs
-capture.
+On the CPU (and with `use_graphs=False`) the same step runs eagerly with the torch LoRA
+path, one prompt at a time and at its own length (`pad`); the CPU tests pad it to run the
+layout the graphs capture.
 """
 
 from __future__ import annotations
@@ -43,10 +42,13 @@ class PrefillStep:
         self.use_graphs = use_graphs and device.type == "cuda"
         self.bgmv = self.use_graphs  # LoRA through the Triton kernels (what a graph needs), else the torch paths
         self.top = min(BUCKETS[-1], cache.max_len)
-        # sequences one replay takes; 0: none here (eager, the engine's ragged prefill: on the CPU
-        # padding is compute, e.g. 499 against 348 ms for a 257-token prompt of a 6-layer,
-        # 512-wide model padded to 512; the tests set 1 or more to run the padded layout)
-        self.max_seqs = MAX_SEQS if self.use_graphs else 0
+        self.max_seqs = MAX_SEQS if self.use_graphs else 1  # (eager, a ragged batch of several costs the host less)
+        # prompts padded to their bucket, as a graph needs; eagerly (the CPU) each runs at its own
+        # length: padding is compute there (a 257-token prompt of a 6-layer, 512-wide model:
+        # 186 ms padded to 512, 87 at its length), while this step costs the host less than the
+        # ragged prefill (CPU load test, one VM, one hour: 150 requests/s, 141 with prompts
+        # padded, 131 with every prefill ragged). The CPU tests pad, to run the graphs' layout.
+        self.pad = self.use_graphs
         rows = max(self.top, MAX_TOKENS)  # the most one replay takes (`sizes`)
         self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)  # tokens, adapter ids, slots
         self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
@@ -61,8 +63,8 @@ class PrefillStep:
         self._pool = None
 
     def bucket(self, n: int) -> int:
-        """The padded length of an n-token prompt (n <= self.top)."""
-        return min(next(b for b in BUCKETS if b >= n), self.top)
+        """The padded length of an n-token prompt (n <= self.top; n itself when not padding)."""
+        return min(next(b for b in BUCKETS if b >= n), self.top) if self.pad else n
 
     def sizes(self, T: int) -> list[int]:
         """How many sequences of bucket T one replay may take: powers of two, largest first
@@ -75,11 +77,11 @@ class PrefillStep:
 
     def takes(self, lengths: list[int]) -> bool:
         """Whether prompts of these lengths prefill here: each within the buckets, on a GPU
-        LoRA through the kernels (a graph cannot read the torch path's host-built segments);
-        none with max_seqs 0 (the CPU), one with max_seqs 1 (several are cheaper for the host
-        as one ragged batch)."""
+        LoRA through the kernels (a graph cannot read the torch path's host-built segments),
+        and with max_seqs 1 (the CPU) one prompt (several are cheaper for the host as one
+        ragged batch)."""
         kernels_or_none = self.lora is None or self.lora.kernels or not self.use_graphs
-        most = len(lengths) if self.max_seqs > 1 else self.max_seqs
+        most = len(lengths) if self.max_seqs > 1 else 1
         return kernels_or_none and 0 < len(lengths) <= most and max(lengths) <= self.top
 
     def groups(self, lengths: list[int]) -> list[list[int]]:
