@@ -25,6 +25,7 @@ from typing import Callable
 
 import torch
 
+from tasktune.lora.ops import segment_plan
 from tasktune.serve.cuda_graphs import capture
 from tasktune.serve.decoder import Decoder, LoraStacks
 from tasktune.serve.forward_batch import prefill_batch
@@ -120,13 +121,9 @@ class PrefillStep:
         graph.replay()
         return logits.clone()
 
-    @staticmethod
-    def _plan(ids: list[int], T: int):
-        """The torch LoRA path's segments (eager steps): each adapter's rows."""
-        if min(ids) >= 0 and len(set(ids)) == 1:
-            return [(ids[0], None)]
-        rows = {a: [s for s, i in enumerate(ids) if i == a] for a in set(ids) if a >= 0}
-        return [(a, torch.cat([torch.arange(s * T, (s + 1) * T) for s in seqs])) for a, seqs in sorted(rows.items())]
+    def _plan(self, ids: list[int], T: int):
+        """The torch LoRA path's segments (eager steps): each adapter's rows, from host ids."""
+        return segment_plan(torch.tensor([a for a in ids for _ in range(T)]), self.rows.device)
 
     def _stage(self, prompts: list[list[int]], slots: list[int], lora_ids: list[int], T: int) -> None:
         """The static inputs of a step of len(prompts) sequences of T rows: the prompts padded
