@@ -67,36 +67,37 @@ def prefill_one(engine, prompt: list, adapter) -> None:
     engine.step()
 
 
-def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float:
-    """Median wall time of `prefill_one` (the first run warms up)."""
+def median_ms(run, device, repeats: int) -> float:
+    """Median wall time of run() over `repeats` runs after a first that warms up, in ms."""
     times = []
     for _ in range(repeats + 1):
         sync(device)
         t0 = time.perf_counter()
-        prefill_one(engine, prompt, adapter)
+        run()
         sync(device)
         times.append(time.perf_counter() - t0)
     return 1e3 * sorted(times[1:])[repeats // 2]
 
 
+def prefill_ms(engine, prompt: list, adapter, device, repeats: int = 5) -> float:
+    """Median wall time of `prefill_one`."""
+    return median_ms(lambda: prefill_one(engine, prompt, adapter), device, repeats)
+
+
 def burst_ms(engine, prompts: list, adapters: list, device, repeats: int = 3) -> float:
     """Median wall time from submitting len(prompts) requests at once (max_tokens 1) to
-    their end: a burst of arrivals' prefill (the first run warms up)."""
+    their end: a burst of arrivals' prefill."""
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
-    times = []
-    for _ in range(repeats + 1):
-        sync(device)
-        t0 = time.perf_counter()
+    def burst() -> None:
         for i, p in enumerate(prompts):
             engine.submit(Request(prompt=p, adapter=adapters[i % len(adapters)],
                                   params=SamplingParams(max_tokens=1, ignore_eos=True)))
         while engine.has_work:
             engine.step()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return 1e3 * sorted(times[1:])[repeats // 2]
+
+    return median_ms(burst, device, repeats)
 
 
 def profile_prefill(engine, prompt: list, adapter, device) -> dict:
