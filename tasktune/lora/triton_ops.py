@@ -289,6 +289,26 @@ def launch_config(n_rows: int, d_in: int, d_out: int, r: int, modules: int = 1) 
                         S=triton.cdiv(blocks, per_split), BLOCK_N=max(32, min(EXPAND_MAX_N, EXPAND_TILE // R_MODULE)))
 
 
+def check_lora_args(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor,
+                    ids: torch.Tensor, bounds: tuple[int, ...]) -> None:
+    """The arguments every LoRA launch pair takes (`lora_apply_`, triton_sgmv.sgmv_apply_):
+    shapes of up to 3 modules, rank, memory layout, one device; a ValueError naming them."""
+    n_rows, d_in = x.shape
+    n_slots = A.shape[0]
+    d_out, r = B.shape[1], B.shape[2]
+    modules = len(bounds) + 1
+    if (modules > 3 or A.shape != (n_slots, modules * r, d_in) or B.shape[0] != n_slots or y.shape != (n_rows, d_out)
+            or list(bounds) != sorted(bounds) or any(not 0 < b < d_out for b in bounds)):
+        raise ValueError(f"shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
+                         f"bounds {tuple(bounds)}")
+    if r > MAX_RANK:
+        raise ValueError(f"rank {r} > {MAX_RANK}")
+    if not all(t.is_contiguous() for t in (A, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
+        raise ValueError("A, scaling, ids must be contiguous, x and y unit-stride along the feature dim")
+    if len({t.device for t in (y, x, A, B, scaling, ids)}) != 1:
+        raise ValueError("all tensors must be on one device")
+
+
 def lora_apply_(
     y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, scaling: torch.Tensor, ids: torch.Tensor,
     bounds: tuple[int, ...] = (), *, norm: tuple[torch.Tensor, float] | None = None, rms: bool = True,
@@ -306,20 +326,9 @@ def lora_apply_(
     False, x * weight (rounded to x's dtype), whose delta the caller scales by 1 / rms(x).
     store: y (fp32) becomes the delta itself, 0 on rows without an adapter, instead of
     having it added (`lora_delta`: what the fused decode linear adds in its epilogue)."""
+    check_lora_args(y, x, A, B, scaling, ids, bounds)
     n_rows, d_in = x.shape
-    n_slots, rows, _ = A.shape
-    d_out, r = B.shape[1], B.shape[2]
-    modules = len(bounds) + 1
-    if (modules > 3 or A.shape != (n_slots, modules * r, d_in) or B.shape[0] != n_slots or y.shape != (n_rows, d_out)
-            or list(bounds) != sorted(bounds) or any(not 0 < b < d_out for b in bounds)):
-        raise ValueError(f"shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, B {tuple(B.shape)}, "
-                         f"bounds {tuple(bounds)}")
-    if r > MAX_RANK:
-        raise ValueError(f"rank {r} > {MAX_RANK}")
-    if not all(t.is_contiguous() for t in (A, scaling, ids)) or x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("A, scaling, ids must be contiguous, x and y unit-stride along the feature dim")
-    if len({t.device for t in (y, x, A, B, scaling, ids)}) != 1:
-        raise ValueError("all tensors must be on one device")
+    rows, d_out, r, modules = A.shape[1], B.shape[1], B.shape[2], len(bounds) + 1
     if n_rows == 0:
         return y
     b1, b2 = (list(bounds) + [d_out, d_out])[:2]

@@ -30,7 +30,7 @@ import functools
 
 import torch
 
-from tasktune.lora.triton_ops import MAX_RANK, _pow2_at_least, triton
+from tasktune.lora.triton_ops import _pow2_at_least, check_lora_args, triton
 
 TARGET_PROGRAMS = 264  # shrink: split d_in until row tiles x splits reach about this (2 a program an H100 / H200 SM),
 MAX_SPLIT = 8  # ... in at most this many parts, which every expand program sums (H200, a 256-token prefill, 4
@@ -136,20 +136,12 @@ def sgmv_apply_(y: torch.Tensor, x: torch.Tensor, A: torch.Tensor, B: torch.Tens
     an adapter (s >= 0), in place; returns y. y: [N, d_out], x: [N, d_in] (N a multiple of
     seg, unit stride along the features), A: [slots, modules * r, d_in], B: [slots, d_out, r],
     scaling: [slots], seg_ids: [N / seg] int; bounds as triton_ops.lora_apply_."""
+    check_lora_args(y, x, A, B, scaling, seg_ids, bounds)
     n_rows, d_in = x.shape
-    slots, rows_a, _ = A.shape
-    d_out, r = B.shape[1], B.shape[2]
-    modules = len(bounds) + 1
+    rows_a, d_out, r, modules = A.shape[1], B.shape[1], B.shape[2], len(bounds) + 1
     bm = block_m(seg)
-    if (modules > 3 or A.shape != (slots, modules * r, d_in) or B.shape[0] != slots or y.shape != (n_rows, d_out)
-            or not bm or n_rows % seg or seg_ids.shape != (n_rows // seg,) or list(bounds) != sorted(bounds)
-            or any(not 0 < b < d_out for b in bounds)):
-        raise ValueError(f"SGMV shapes: y {tuple(y.shape)}, x {tuple(x.shape)}, A {tuple(A.shape)}, "
-                         f"B {tuple(B.shape)}, segments {tuple(seg_ids.shape)} of {seg} rows, bounds {tuple(bounds)}")
-    if r > MAX_RANK:
-        raise ValueError(f"rank {r} > {MAX_RANK}")
-    if not all(t.is_contiguous() for t in (A, scaling, seg_ids)) or x.stride(1) != 1 or y.stride(1) != 1:
-        raise ValueError("A, scaling, seg_ids must be contiguous, x and y unit-stride along the feature dim")
+    if seg <= 0 or not bm or n_rows % seg or seg_ids.shape != (n_rows // seg,):
+        raise ValueError(f"SGMV: {n_rows} rows as segments {tuple(seg_ids.shape)} of {seg} rows (a multiple of 16)")
     if n_rows == 0:
         return y
     R, R_MODULE = _pow2_at_least(rows_a, 16), _pow2_at_least(r, 16)
