@@ -70,7 +70,7 @@ def measure(layers: int) -> dict[str, collections.Counter]:
     from peft import LoraConfig, get_peft_model
     from transformers import DynamicCache
 
-    from tasktune.serve.decoder import LoraStacks
+    from tasktune.serve.decoder_lora import LoraStacks
     from tasktune.serve.weights import load_decoder
     from tasktune.serve.kv_cache import KVCache
 

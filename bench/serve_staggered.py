@@ -12,7 +12,7 @@ engine launched nothing ahead in such a step) and with every prefill eager
 (`engine.PREFILL_STEP`; session 14 replays one sequence's prefill from a CUDA graph,
 session 15 up to 8 at once). Prefill alone: one request's prefill step, a burst of
 `batch` arrivals (with graphs, eager, and with the graphs' LoRA through the BGMV pair
-instead of the segmented pair, `decoder.PREFILL_SGMV`).
+instead of the segmented pair, `decoder_lora.PREFILL_SGMV`).
 """
 from __future__ import annotations
 
@@ -115,7 +115,7 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
     """The staggered work on the main path and with one setting changed at a time (SETTINGS;
     median of `repeats` each, the settings alternating), whether all gave the same tokens,
     and the wall time of one request's prefill step, with an adapter and without."""
-    from tasktune.serve import decoder, engine as engine_module
+    from tasktune.serve import decoder_lora, engine as engine_module
 
     def setting(label: str) -> None:
         engine_module.AHEAD_PER_ROW, engine_module.PREFILL_STEP = SETTINGS[label]
@@ -137,14 +137,14 @@ def staggered_case(engine, prompts: list, adapters: list, new_tokens: int, devic
         if torch.cuda.is_available():
             prefill["profile_adapter"] = profile_prefill(engine, prompts[0], adapters[0], device)
             prefill["profile_no_adapter"] = profile_prefill(engine, prompts[0], None, device)
-            decoder.PREFILL_SGMV = False  # the graphs' LoRA through the BGMV pair (session 14), captured anew
+            decoder_lora.PREFILL_SGMV = False  # the graphs' LoRA through the BGMV pair (session 14), captured anew
             engine.prefill_step.reset()
             prefill["bgmv_prefill_adapter_ms"] = prefill_ms(engine, prompts[0], adapters[0], device)
             prefill[f"bgmv_prefill_burst_{len(prompts)}_ms"] = burst_ms(engine, prompts, adapters, device)
     finally:
         setting("main")
-        if not decoder.PREFILL_SGMV:
-            decoder.PREFILL_SGMV = True
+        if not decoder_lora.PREFILL_SGMV:
+            decoder_lora.PREFILL_SGMV = True
             engine.prefill_step.reset()
     med = {k: sorted(v, key=lambda r: r["tok_s"])[len(v) // 2] for k, v in runs.items()}
     out = {label: {k: v for k, v in m.items() if k != "token_ids"} for label, m in med.items()}

@@ -188,9 +188,10 @@ def check_greedy_ahead(engine):
 
 def test_prefill_with_several_adapters_takes_the_masked_path(engine, monkeypatch):
     """Prefill with several adapters: one masked matmul pair a linear over the batch's adapters
-    (serve/decoder.py) gives the logits of one matmul pair per adapter (the segmented path)."""
+    (serve/decoder.py, serve/decoder_lora.py) gives the logits of one matmul pair per adapter
+    (the segmented path)."""
     from tasktune.lora import ops
-    from tasktune.serve import decoder
+    from tasktune.serve import decoder, decoder_lora
 
     model, cache, stacks = engine.model, engine.cache, engine.pool.stacks
     ids = [engine.pool.acquire(f"task-{i}") for i in range(3)]
@@ -199,7 +200,7 @@ def test_prefill_with_several_adapters_takes_the_masked_path(engine, monkeypatch
     prompts = [torch.randint(3, model.cfg.vocab_size, (5 + 3 * k,), generator=g).tolist() for k in range(4)]
     calls = []
     masked = ops.lora_delta_masked
-    monkeypatch.setattr(decoder, "lora_delta_masked", lambda *a: calls.append(1) or masked(*a))
+    monkeypatch.setattr(decoder_lora, "lora_delta_masked", lambda *a: calls.append(1) or masked(*a))
     got = model(make_batch(prompts, [0] * 4, slots, lora, engine.device), cache, stacks)
     assert len(calls) == 7 * model.cfg.num_layers  # every adapted module of every layer
     monkeypatch.setattr(decoder, "PREFILL_MASKED_MAX_COLS", 0)  # force the segmented path

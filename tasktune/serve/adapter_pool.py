@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 
 from tasktune.errors import TasktuneError
 from tasktune.lora import triton_ops
-from tasktune.serve.decoder import LoraStacks
+from tasktune.serve.decoder_lora import LoraStacks
 
 NAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,128}$")
 KEY_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.(?:self_attn|mlp)\.(\w+)\.lora_([AB])\.weight$")

@@ -22,7 +22,8 @@ from typing import Callable, TypeVar
 import torch
 
 from tasktune.serve import triton_argmax, triton_lm_head
-from tasktune.serve.decoder import Decoder, LoraStacks
+from tasktune.serve.decoder import Decoder
+from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.kv_cache import KVCache
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)

@@ -27,7 +27,8 @@ import torch
 
 from tasktune.lora.ops import segment_plan
 from tasktune.serve.cuda_graphs import capture
-from tasktune.serve.decoder import Decoder, LoraStacks
+from tasktune.serve.decoder import Decoder
+from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.forward_batch import prefill_batch
 from tasktune.serve.kv_cache import KVCache
 
