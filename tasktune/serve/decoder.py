@@ -44,7 +44,7 @@ from torch import nn
 from tasktune.lora.ops import adapter_column_mask, gather_rows
 from tasktune.serve import triton_attention, triton_linear  # noqa: F401  (registers the decode ops)
 from tasktune.serve.decoder_config import SUPPORTED_TYPES, DecoderConfig, UnsupportedModel  # noqa: F401
-from tasktune.serve.decoder_lora import LayerLora, LoraStacks, add_lora_, bgmv_rows, kernel_lora_
+from tasktune.serve.decoder_lora import LayerLora, LoraStacks, add_lora_, kernel_lora_, takes_kernels
 from tasktune.serve.forward_batch import Batch, decode_batch
 from tasktune.serve.kv_cache import KVCache
 
@@ -125,7 +125,7 @@ class Block(nn.Module):
         if stacks is None or not batch.use_lora:
             return y
         parts = self.parts.get(name, ((name, 0, y.shape[1]),))
-        if name in stacks.fused and bgmv_rows(batch, lora):  # one launch pair for the fused linear
+        if name in stacks.fused and takes_kernels(batch, lora):  # one launch pair for the fused linear
             kernel_lora_(y, x, stacks.fused[name], lora, batch, [start for _, start, _ in parts[1:]])
             return y
         for module, start, width in parts:
@@ -298,7 +298,7 @@ class Decoder(nn.Module):
             additive = torch.zeros(batch.mask.shape, dtype=x.dtype, device=x.device)
             batch = replace(batch, mask=additive.masked_fill_(~batch.mask, float("-inf")))
         if (lora is not None and batch.use_lora and not batch.decode and batch.active is not None
-                and not bgmv_rows(batch, lora)):
+                and not takes_kernels(batch, lora)):
             k, r = batch.active.shape[0], lora.rank
             if 1 < k and k * r <= PREFILL_MASKED_MAX_COLS:  # else one matmul pair per adapter (segmented)
                 batch = replace(batch, lora_mask=adapter_column_mask(batch.active_ids, k, r))

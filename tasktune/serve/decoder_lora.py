@@ -24,7 +24,7 @@ from tasktune.serve.forward_batch import Batch
 PREFILL_SGMV = True
 
 
-def bgmv_rows(batch: Batch, lora: LoraStacks) -> bool:
+def takes_kernels(batch: Batch, lora: LoraStacks) -> bool:
     """Whether this forward's adapted linears take the Triton kernels (`kernel_lora_`): a
     decode step, or a prefill that a CUDA graph captures (prefill_graphs.py), which must
     read the adapter ids from the device. (An eager prefill's torch paths cost the host less: one
@@ -90,7 +90,7 @@ def kernel_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch
 def add_lora_(y: torch.Tensor, x: torch.Tensor, ab: tuple[torch.Tensor, torch.Tensor], lora: LoraStacks,
               batch: Batch) -> None:
     """y += each row's adapter delta, in place; y may be a column slice of a fused output."""
-    if bgmv_rows(batch, lora):  # Triton: each row (or row tile of a padded prefill) reads its adapter in place
+    if takes_kernels(batch, lora):  # Triton: each row (or row tile of a padded prefill) reads its adapter in place
         kernel_lora_(y, x, ab, lora, batch, [])
     elif batch.decode:  # no host sync: the decode step may be a CUDA graph
         rows = batch.lora_rows or gather_rows(batch.lora_ids, lora.scaling)

@@ -46,7 +46,7 @@ class Batch:
     active: torch.Tensor | None = None  # prefill: the distinct adapters of the batch [k] ...
     active_ids: torch.Tensor | None = None  # ... and each token's index among them [N] (-1: none)
     lora_mask: torch.Tensor | None = None  # prefill: adapter_column_mask of active_ids, once per forward
-    bgmv: bool = False  # LoRA through the Triton BGMV pair in any layout (a prefill in a CUDA graph)
+    bgmv: bool = False  # LoRA through the Triton kernels in any layout (a prefill in a CUDA graph: SGMV or BGMV)
     causal: bool = False  # B sequences from position 0, T rows each, L == T: SDPA's is_causal (no mask)
     seg_ids: torch.Tensor | None = None  # causal: each sequence's adapter [B] (its T rows one segment)
 
