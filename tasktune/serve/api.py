@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import hmac
 import json
+import math
 import time
 import uuid
 from contextlib import asynccontextmanager
@@ -28,8 +29,9 @@ from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
 from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.async_engine import AsyncEngine
-from tasktune.serve.engine import Completion, Engine, Request
+from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.metrics import Metrics
+from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
 from tasktune.tasks.spec import Task
@@ -193,10 +195,18 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             return model
         raise APIError(404, f"model {model!r} not found; GET /v1/models lists the base and adapters", "not_found_error")
 
-    def params_of(body: s._Sampling, max_tokens: int | None) -> SamplingParams:
+    text_of = TokenTexts(engine.tokenizer)
+
+    def params_of(body: s._Sampling, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
+        bias = tuple(sorted((int(k), v) for k, v in (body.logit_bias or {}).items()))
+        vocab = engine.model.cfg.vocab_size
+        outside = [t for t, _ in bias if t >= vocab]
+        if outside:
+            raise APIError(400, f"logit_bias: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
         return SamplingParams(max_tokens=max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
-                              seed=body.seed, stop=stop)
+                              seed=body.seed, stop=stop, logprobs=logprobs, presence_penalty=body.presence_penalty,
+                              frequency_penalty=body.frequency_penalty, logit_bias=bias)
 
     def submit_all(reqs: list[Request]) -> list:
         handles = []
@@ -216,8 +226,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         return record(seq, endpoint, model, started)
 
     def record(seq, endpoint: str, model: str, started: float) -> Completion:
-        c = Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "", len(seq.prompt_ids),
-                       seq.error)
+        c = completion_of(seq)
         if c.finish_reason == "error":
             internal = (c.error or "").startswith("internal")
             raise APIError(503 if internal else 409, c.error or "generation failed", "server_error")
@@ -229,18 +238,22 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         p, n = sum(c.prompt_tokens for c in cs), sum(len(c.token_ids) for c in cs)
         return s.Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
 
-    def sse(handle, endpoint: str, model: str, started: float, chunk: Callable[[str, str | None, bool], dict]):
+    def sse(handle, endpoint: str, model: str, started: float, chunk: Callable[[Any, bool], dict],
+            usage_chunk: dict | None = None):
+        """usage_chunk: stream_options.include_usage's last chunk, less its usage."""
         seq, queue = handle
 
         async def events() -> AsyncIterator[str]:
             first = True
             try:
                 async for ev in runner.stream(seq, queue):
-                    if ev.text or ev.finish_reason or first:
-                        yield f"data: {json.dumps(chunk(ev.text, ev.finish_reason, first))}\n\n"
+                    if ev.text or ev.finish_reason or first or ev.logprobs:
+                        yield f"data: {json.dumps(chunk(ev, first))}\n\n"
                         first = False
                 try:
-                    record(seq, endpoint, model, started)
+                    c = record(seq, endpoint, model, started)
+                    if usage_chunk is not None:
+                        yield f"data: {json.dumps({**usage_chunk, 'usage': usage([c]).model_dump()})}\n\n"
                 except APIError as e:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
                 yield "data: [DONE]\n\n"
@@ -256,38 +269,62 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
         if body.stream and len(prompts) > 1:
             raise APIError(400, "stream: true supports one prompt per request")
-        params = params_of(body, body.max_tokens)
+        if body.echo and body.logprobs is not None:
+            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported by this server")
+        params = params_of(body, body.max_tokens, body.logprobs)
         handles = submit_all([Request(p, adapter, params, stream=body.stream) for p in prompts])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+
+        def logprobs(lps, offset: int = 0) -> s.CompletionLogprobs | None:
+            if body.logprobs is None:
+                return None
+            return completion_logprobs(lps, text_of, body.logprobs > 0, offset)
+
         if body.stream:
-            def chunk(text, reason, _first):
-                return {"id": rid, "object": "text_completion", "created": created, "model": body.model,
-                        "choices": [{"index": 0, "text": text, "finish_reason": reason, "logprobs": None}]}
-            return sse(handles[0], "/v1/completions", body.model, started, chunk)
+            offset = [0]
+
+            def chunk(ev, first):
+                lp = logprobs(ev.logprobs, offset[0])
+                if lp is not None:
+                    offset[0] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset[0]
+                text = prompts[0] + ev.text if first and body.echo else ev.text
+                return {**head, "choices": [{"index": 0, "text": text, "finish_reason": ev.finish_reason,
+                                             "logprobs": lp.model_dump() if lp is not None else None}]}
+            include = body.stream_options is not None and body.stream_options.include_usage
+            return sse(handles[0], "/v1/completions", body.model, started, chunk, {**head, "choices": []} if include else None)
         try:
             cs = [await finish(h, "/v1/completions", body.model, started) for h in handles]
         finally:
             for seq, _ in handles:  # a failed or abandoned request must not keep decoding
                 if not seq.finished:
                     engine.cancel(seq)
-        choices = [s.CompletionChoice(index=i, text=c.text, finish_reason=c.finish_reason) for i, c in enumerate(cs)]
+        choices = [s.CompletionChoice(index=i, text=p + c.text if body.echo else c.text, finish_reason=c.finish_reason,
+                                      logprobs=logprobs(c.logprobs)) for i, (p, c) in enumerate(zip(prompts, cs))]
         return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs))
 
     @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, dependencies=auth)
     async def chat(body: s.ChatCompletionRequest):
         started, adapter = time.monotonic(), resolve(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true")
         prompt = render_chat(engine.tokenizer, body.messages)
-        params = params_of(body, body.max_completion_tokens or body.max_tokens)
+        params = params_of(body, body.max_completion_tokens or body.max_tokens,
+                           (body.top_logprobs or 0) if body.logprobs else None)
         handle = submit_all([Request(prompt, adapter, params, stream=body.stream)])[0]
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+        head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         if body.stream:
-            def chunk(text, reason, first):
-                delta = {"role": "assistant", "content": text} if first else {"content": text}
-                return {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model,
-                        "choices": [{"index": 0, "delta": delta, "finish_reason": reason}]}
-            return sse(handle, "/v1/chat/completions", body.model, started, chunk)
+            def chunk(ev, first):
+                delta = {"role": "assistant", "content": ev.text} if first else {"content": ev.text}
+                lp = chat_logprobs(ev.logprobs, text_of).model_dump() if body.logprobs else None
+                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+                                             "finish_reason": ev.finish_reason}]}
+            include = body.stream_options is not None and body.stream_options.include_usage
+            return sse(handle, "/v1/chat/completions", body.model, started, chunk, {**head, "choices": []} if include else None)
         c = await finish(handle, "/v1/chat/completions", body.model, started)
-        choice = s.ChatChoice(index=0, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason)
+        choice = s.ChatChoice(index=0, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                              logprobs=chat_logprobs(c.logprobs, text_of) if body.logprobs else None)
         return s.ChatCompletionResponse(id=rid, created=created, model=body.model, choices=[choice], usage=usage([c]))
 
     @app.get("/v1/models", response_model=s.ModelList, dependencies=auth)
@@ -328,10 +365,12 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
         model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
-        handle = submit_all([Request(prompt, resolve(model), SamplingParams(max_tokens=body.max_tokens))])[0]
+        handle = submit_all([Request(prompt, resolve(model), SamplingParams(max_tokens=body.max_tokens, logprobs=0))])[0]
         c = await finish(handle, "/v1/tasks/{task}/predict", model, started)
         value, valid = parse(c.text)
-        return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text)
+        score = math.exp(sum(lp.logprob for lp in c.logprobs))  # the greedy answer's probability
+        return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text,
+                                     score=score)
 
     @app.get("/health")
     async def health():

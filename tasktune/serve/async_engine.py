@@ -11,10 +11,11 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
+from tasktune.serve.sampling import TokenLogprob
 from tasktune.serve.scheduler import Sequence
 
 log = logging.getLogger(__name__)
@@ -33,14 +34,25 @@ def take_delta(seq: Sequence) -> str:
     return delta
 
 
+def take_logprobs(seq: Sequence) -> list[TokenLogprob]:
+    """The log-probabilities of the tokens generated since the last call (a streamed request
+    that asked for them): they go out with the text of the same update, which may hold back
+    some of those tokens' text (take_delta)."""
+    new = seq.logprobs[seq.logprobs_sent:]
+    seq.logprobs_sent += len(new)
+    return new
+
+
 @dataclass
 class Event:
-    """One update: new text (streamed requests; else empty, the text is seq.text), and the
-    finish reason on the last one."""
+    """One update: new text (streamed requests; else empty, the text is seq.text), the new
+    tokens' log-probabilities (streamed requests that asked), and the finish reason on the
+    last one."""
 
     text: str
     finish_reason: str | None
     seq: Sequence
+    logprobs: list[TokenLogprob] = field(default_factory=list)
 
 
 class AsyncEngine:
@@ -90,7 +102,10 @@ class AsyncEngine:
 
         def on_update(seq: Sequence) -> None:  # (runs in the engine's thread: a request not streamed
             # gets one event, at its end, and its reader takes seq.text, decoded there: Sequence.text)
-            ev = Event(take_delta(seq) if seq.stream else "", seq.finish_reason, seq)
+            if seq.stream:
+                ev = Event(take_delta(seq), seq.finish_reason, seq, take_logprobs(seq))
+            else:
+                ev = Event("", seq.finish_reason, seq)
             loop.call_soon_threadsafe(queue.put_nowait, ev)
 
         self.start()

@@ -36,7 +36,7 @@ from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
-from tasktune.serve.sampling import SamplingParams, make_generator, sample
+from tasktune.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -69,11 +69,13 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     error: str | None = None
+    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked
 
 
 def completion_of(seq: Sequence) -> Completion:
     return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
-                      len(seq.prompt_ids), seq.error)
+                      len(seq.prompt_ids), seq.error,
+                      list(seq.logprobs) if seq.params.logprobs is not None else None)
 
 
 def detokenize_step(tokenizer, seq: Sequence) -> str:
@@ -194,8 +196,8 @@ class Engine:
         elif first is not None:
             self.decode_step.launch_joined()
         if first is not None:  # the prefill's tokens, read after the next step was launched
-            for s, t in zip(prefill, first()):
-                self._append(s, t)
+            for s, (t, lp) in zip(prefill, first()):
+                self._append(s, t, lp)
         touched = prefill + decoding
         with self._lock:
             done = self.scheduler.retire()
@@ -230,10 +232,10 @@ class Engine:
         seq.kv_slot = self.cache.alloc()
         return True
 
-    def _prefill(self, seqs: list[Sequence]) -> Callable[[], list[int]]:
-        """Prefill the new sequences -> a function giving their first tokens (not appended
-        yet). All greedy: the argmax stays on the device until read, and the rows that go on
-        join the decode step launched ahead next (DecodeStep.join)."""
+    def _prefill(self, seqs: list[Sequence]) -> Callable[[], list[tuple[int, TokenLogprob | None]]]:
+        """Prefill the new sequences -> a function giving their first tokens and log-probabilities
+        (not appended yet). All plain greedy: the argmax stays on the device until read, and the rows that go
+        on join the decode step launched ahead next (DecodeStep.join)."""
         if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
             logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
                                        [s.lora_id for s in seqs])
@@ -241,9 +243,9 @@ class Engine:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)
             logits = self.model(batch, self.cache, self.pool.stacks)
-        if not all(s.params.greedy for s in seqs):
-            tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-            return lambda: tokens
+        if not all(s.params.argmax_only for s in seqs):
+            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         read = self.decode_step.first_tokens(first)
         go_on = [i for i, s in enumerate(seqs) if s.params.max_tokens > 1 and len(s.prompt_ids) + 1 < self.max_len]
@@ -253,12 +255,12 @@ class Engine:
             self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
                                   lambda: [t for i, t in enumerate(read()) if i in go_on])
-        return read
+        return lambda: [(t, None) for t in read()]
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
-        if all(s.params.greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
+        if all(s.params.argmax_only for s in seqs):  # the token is the argmax: the GPU can run a step ahead
             ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False
@@ -268,9 +270,10 @@ class Engine:
             self._sample(seqs, self.decode_step(*inputs))
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
-        tokens = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
-        for s, t in zip(seqs, tokens):
-            self._append(s, t)
+        tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
+                             [s.output_ids for s in seqs])
+        for s, t, lp in zip(seqs, tokens, lps):
+            self._append(s, t, lp)
 
     def warmup(self, progress: bool = False) -> int:
         """Capture the decode and prefill steps' CUDA graphs now rather than on first use
@@ -282,9 +285,11 @@ class Engine:
             return (self.decode_step.warmup(self.scheduler.max_running, bar.update)
                     + self.prefill_step.warmup(bar.update))
 
-    def _append(self, seq: Sequence, token: int) -> None:
+    def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
+        if p.logprobs is not None:
+            seq.logprobs.append(logprob)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         is_eos = token in self.eos_ids and not p.ignore_eos

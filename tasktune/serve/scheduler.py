@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 
 from tasktune.errors import TasktuneError
-from tasktune.serve.sampling import SamplingParams
+from tasktune.serve.sampling import SamplingParams, TokenLogprob
 
 _ids = itertools.count()
 
@@ -58,6 +58,8 @@ class Sequence:
     first_token_at: float | None = None
     on_update: Callable[["Sequence"], None] | None = None
     stream: bool = False  # text and on_update every token (else once, when finished)
+    logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs is set
+    logprobs_sent: int = 0  # of `logprobs`, streamed already
 
     @property
     def text(self) -> str:

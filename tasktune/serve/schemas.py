@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 MAX_TEXT = 100_000
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -19,10 +19,23 @@ MaxTokens = Annotated[int, Field(ge=1, le=4096)]
 Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
+Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+TopLogprobs = Annotated[int, Field(ge=0, le=20)]
+# OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> a bias in [-100, 100]
+LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
+                           Annotated[float, Field(ge=-100, le=100, allow_inf_nan=False)]], Field(max_length=1024)]
+
+
+def not_supported(what: str):
+    raise ValueError(f"{what} is not supported by this server")
 
 
 class _Body(BaseModel):
     model_config = ConfigDict(extra="ignore")
+
+
+class StreamOptions(_Body):
+    include_usage: bool = False  # a last chunk with the usage and no choices
 
 
 class _Sampling(_Body):
@@ -32,12 +45,25 @@ class _Sampling(_Body):
     seed: Seed | None = None
     stop: Stop = None
     stream: bool = False
+    stream_options: StreamOptions | None = None
     n: Annotated[int, Field(ge=1, le=1)] = 1
+    presence_penalty: Penalty = 0.0
+    frequency_penalty: Penalty = 0.0
+    logit_bias: LogitBias | None = None
 
 
 class CompletionRequest(_Sampling):
     model: Name
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=16)]]
+    logprobs: TopLogprobs | None = None  # each token's log-probability and this many alternatives
+    echo: bool = False  # the prompt's text before the completion's
+    best_of: Annotated[int, Field(ge=1, le=1)] | None = None
+    suffix: str | None = None
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v):
+        return v if v is None else not_supported("suffix (insertion)")
 
 
 class ChatMessage(_Body):
@@ -49,6 +75,21 @@ class ChatCompletionRequest(_Sampling):
     model: Name
     messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
     max_completion_tokens: MaxTokens | None = None
+    logprobs: bool = False
+    top_logprobs: TopLogprobs | None = None  # alternatives a token, with logprobs
+    tools: list[Any] | None = None
+    functions: list[Any] | None = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v):
+        return v if not v else not_supported("tool and function calling")
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v):
+        return v if v is None or v.get("type", "text") == "text" else not_supported("a response_format other than text")
 
 
 class Usage(BaseModel):
@@ -57,11 +98,20 @@ class Usage(BaseModel):
     total_tokens: int
 
 
+class CompletionLogprobs(BaseModel):
+    """OpenAI's legacy completions format: one entry a generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]] | None
+    text_offset: list[int]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class CompletionResponse(BaseModel):
@@ -78,10 +128,25 @@ class AssistantMessage(BaseModel):
     content: str
 
 
+class TopLogprob(BaseModel):
+    token: str
+    logprob: float
+    bytes: list[int] | None
+
+
+class ChatTokenLogprob(TopLogprob):
+    top_logprobs: list[TopLogprob]
+
+
+class ChatLogprobs(BaseModel):
+    content: list[ChatTokenLogprob] | None
+
+
 class ChatChoice(BaseModel):
     index: int
     message: AssistantMessage
     finish_reason: str | None
+    logprobs: ChatLogprobs | None = None
 
 
 class ChatCompletionResponse(BaseModel):

@@ -1,0 +1,50 @@
+"""Generated tokens' log-probabilities in OpenAI's two response formats.
+
+Completions use the legacy lists (tokens, token_logprobs, top_logprobs, text_offset);
+chat uses one object a token with its UTF-8 bytes. A token's text is its own decode
+(special tokens shown), so a token that is part of a multi-byte character reads as the
+replacement character, as in vLLM; its `bytes` are that text's.
+"""
+
+from __future__ import annotations
+
+from tasktune.serve import schemas as s
+from tasktune.serve.sampling import TokenLogprob
+
+
+class TokenTexts:
+    """Token id -> its text, decoded once (a server sees the same few thousand tokens)."""
+
+    def __init__(self, tokenizer, limit: int = 200_000):
+        self.tokenizer, self.limit, self._texts = tokenizer, limit, {}
+
+    def __call__(self, token: int) -> str:
+        text = self._texts.get(token)
+        if text is None:
+            text = self.tokenizer.decode([token], skip_special_tokens=False)
+            if len(self._texts) < self.limit:
+                self._texts[token] = text
+        return text
+
+
+def completion_logprobs(lps: list[TokenLogprob], text_of: TokenTexts, top: bool, offset: int = 0
+                        ) -> s.CompletionLogprobs:
+    """offset: the text_offset of the first token (where its text starts in the choice's text)."""
+    tokens = [text_of(lp.token) for lp in lps]
+    offsets = []
+    for t in tokens:
+        offsets.append(offset)
+        offset += len(t)
+    return s.CompletionLogprobs(
+        tokens=tokens, token_logprobs=[lp.logprob for lp in lps],
+        top_logprobs=[{text_of(i): v for i, v in lp.top} for lp in lps] if top else None, text_offset=offsets)
+
+
+def chat_logprobs(lps: list[TokenLogprob], text_of: TokenTexts) -> s.ChatLogprobs:
+    def entry(token: int, logprob: float) -> dict:
+        text = text_of(token)
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode("utf-8"))}
+
+    return s.ChatLogprobs(content=[
+        s.ChatTokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[s.TopLogprob(**entry(i, v)) for i, v in lp.top])
+        for lp in lps])

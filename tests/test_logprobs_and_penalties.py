@@ -1,0 +1,129 @@
+"""Log-probabilities, penalties and logit bias through the engine, against Hugging Face + PEFT.
+
+Every reference is recomputed from the HF model's own logits over the prompt and the
+tokens generated so far, so these check the numbers, not just the shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from tasktune.serve.engine import Engine, Request
+from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, shape_logits
+
+from tiny_models import PROMPTS  # noqa: F401
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter_root) -> Engine:
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=6, max_waiting=64, max_len=128)
+    eng.pool.register_root()
+    return eng
+
+
+@pytest.fixture(scope="module")
+def hf(tiny_llama, adapter_root):
+    """(prompt ids + tokens so far, adapter) -> HF + PEFT's next-token logits [V] (fp32)."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, adapter_root / "task-0", adapter_name="task-0")
+    model.load_adapter(adapter_root / "task-5", adapter_name="task-5")
+
+    def logits(ids: list[int], adapter: str | None) -> torch.Tensor:
+        with torch.no_grad():
+            if adapter is None:
+                with model.disable_adapter():
+                    return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+            model.set_adapter(adapter)
+            return model(input_ids=torch.tensor([ids])).logits[0, -1].float()
+
+    return tok, logits
+
+
+@pytest.mark.parametrize("adapter", [None, "task-5"])
+def test_greedy_logprobs_equal_hf_log_softmax(engine, hf, adapter):
+    tok, logits = hf
+    prompt = "book a table for two"
+    plain = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=6))])[0]
+    c = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=6, logprobs=3))])[0]
+    assert c.token_ids == plain.token_ids  # asking for logprobs does not change the tokens
+    assert len(c.logprobs) == len(c.token_ids)
+    ids = tok.encode(prompt)
+    for lp, t in zip(c.logprobs, c.token_ids):
+        ref = torch.log_softmax(logits(ids, adapter), -1)
+        assert lp.token == t
+        assert lp.logprob == pytest.approx(ref[t].item(), abs=1e-4)
+        top = ref.topk(3)
+        assert [i for i, _ in lp.top] == top.indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(top.values.tolist(), abs=1e-4)
+        ids = ids + [t]
+
+
+def test_logprobs_of_sampled_rows_and_mixed_batches(engine, hf):
+    """A sampled request's logprobs are the raw distribution's at the token it drew; rows
+    that ask for none share the batch unchanged."""
+    tok, logits = hf
+    reqs = [Request(PROMPTS[0], "task-0", SamplingParams(max_tokens=5, temperature=0.9, seed=3, logprobs=0)),
+            Request(PROMPTS[1], None, SamplingParams(max_tokens=5)),
+            Request(PROMPTS[2], "task-5", SamplingParams(max_tokens=5, logprobs=1))]
+    out = engine.generate(reqs)
+    assert out[1].logprobs is None
+    assert out[1].token_ids == engine.generate([reqs[1]])[0].token_ids
+    for r, c in ((reqs[0], out[0]), (reqs[2], out[2])):
+        ids = tok.encode(r.prompt)
+        for lp, t in zip(c.logprobs, c.token_ids):
+            assert lp.logprob == pytest.approx(torch.log_softmax(logits(ids, r.adapter), -1)[t].item(), abs=1e-4)
+            assert len(lp.top) == r.params.logprobs
+            ids = ids + [t]
+
+
+def test_penalties_and_bias_follow_openai_formula_against_hf(engine, hf):
+    """Greedy with penalties equals a greedy loop over HF's logits with OpenAI's formula:
+    logit - frequency * count - presence * (count > 0) + bias, counts over generated tokens."""
+    tok, logits = hf
+    params = SamplingParams(max_tokens=12, presence_penalty=0.5, frequency_penalty=1.5, logit_bias=((7, 2.0),))
+    prompt = "play some music by the beatles"
+    c = engine.generate([Request(prompt, "task-0", params)])[0]
+    ids, want = tok.encode(prompt), []
+    for _ in range(len(c.token_ids)):
+        row = logits(ids + want, "task-0")
+        counts = torch.bincount(torch.tensor(want, dtype=torch.long), minlength=row.shape[0]).float()
+        row = row - 1.5 * counts - 0.5 * (counts > 0).float()
+        row[7] += 2.0
+        want.append(int(row.argmax()))
+    assert c.token_ids == want
+    plain = engine.generate([Request(prompt, "task-0", SamplingParams(max_tokens=12))])[0]
+    assert len(set(c.token_ids)) > len(set(plain.token_ids)) or c.token_ids != plain.token_ids
+
+
+def test_logit_bias_forces_a_token(engine):
+    c = engine.generate([Request("hello", None, SamplingParams(max_tokens=4, logit_bias=((11, 100.0),),
+                                                               ignore_eos=True))])[0]
+    assert c.token_ids == [11, 11, 11, 11]
+
+
+def test_processors_and_logprobs_alone():
+    row = torch.tensor([0.0, 1.0, 2.0, 3.0])
+    p = SamplingParams(presence_penalty=1.0, frequency_penalty=0.5, logit_bias=((0, 4.0),))
+    assert shape_logits(row, p, [3, 3, 1]).tolist() == [4.0, 1.0 - 1.5, 2.0, 3.0 - 2.0]
+    assert row.tolist() == [0.0, 1.0, 2.0, 3.0]  # the raw logits are not touched
+    logits = torch.tensor([[0.0, float("-inf"), 1.0], [2.0, 2.0, 0.0]])
+    out = logprobs_of(logits, [1, 2], [2, 0])
+    assert out[0].logprob == LOGPROB_FLOOR  # -inf has no JSON form
+    assert [i for i, _ in out[0].top] == [2, 0] and out[1].top == ()
+    assert out[1].logprob == pytest.approx(torch.log_softmax(logits[1], -1)[2].item())
+    tokens, lps = sample(logits, [SamplingParams(logprobs=1), p], [None, None], [[], [0]])
+    assert tokens == [2, 0] and lps[1] is None and lps[0].token == 2
+
+
+@pytest.mark.parametrize("kw, message", [
+    ({"logprobs": 21}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
+    ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": ((1, 101.0),)}, "logit_bias"),
+])
+def test_bad_params_are_refused(kw, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kw)
