@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import time
 
 import pytest
@@ -151,6 +152,9 @@ def test_task_predict(client, engine, tiny_llama):
     out = r.json()
     assert out["model"] == "tiny-llama" and out["text"] == direct(engine, "play music", None, 4)
     assert out["prediction"] == out["text"].strip().upper()
+    ref = engine.generate([Request("play music", None, SamplingParams(max_tokens=4, logprobs=0))])[0]
+    assert out["score"] == pytest.approx(math.exp(sum(lp.logprob for lp in ref.logprobs)))  # the answer's probability
+    assert 0 < out["score"] <= 1
     assert client.post("/v1/tasks/nope/predict", json={"inputs": {}}, headers=KEY).status_code == 404
     assert client.post("/v1/tasks/echo/predict", json={"inputs": {"x": "y"}}, headers=KEY).status_code == 422
 
@@ -171,3 +175,87 @@ def test_metrics(client):
                  "tasktune_request_latency_seconds_bucket", "tasktune_running_sequences"):
         assert name in text, name
     assert 'endpoint="/v1/completions",status="200"' in text
+
+
+def test_completion_logprobs_match_the_engine_and_stream(client, engine):
+    body = {"model": "task-4", "prompt": "find a flight to boston", "max_tokens": 6, "temperature": 0, "logprobs": 2}
+    r = client.post("/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    ref = engine.generate([Request(body["prompt"], "task-4", SamplingParams(max_tokens=6, logprobs=2))])[0]
+    lp = choice["logprobs"]
+    assert lp["token_logprobs"] == pytest.approx([x.logprob for x in ref.logprobs])
+    assert lp["tokens"] == [engine.tokenizer.decode([t]) for t in ref.token_ids]
+    # (a dict by token text: two ids with one text, e.g. two halves of a UTF-8 character, share a key)
+    assert all(any(v == pytest.approx(w) for _, w in x.top)
+               for d, x in zip(lp["top_logprobs"], ref.logprobs) for v in d.values())
+    assert all(1 <= len(d) <= 2 for d in lp["top_logprobs"])
+    assert all(max(d.values()) >= v - 1e-6 for d, v in zip(lp["top_logprobs"], lp["token_logprobs"]))  # greedy: the top one
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(len(lp["tokens"]))]
+    if choice["finish_reason"] == "length":
+        assert "".join(lp["tokens"]) == choice["text"]
+    chunks = sse(client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                             headers=KEY))
+    streamed = [c["choices"][0]["logprobs"] for c in chunks if c["choices"]]
+    assert sum((x["token_logprobs"] for x in streamed), []) == pytest.approx(lp["token_logprobs"])
+    assert sum((x["text_offset"] for x in streamed), []) == lp["text_offset"]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == len(ref.token_ids)
+    zero = client.post("/v1/completions", json={**body, "logprobs": 0}, headers=KEY).json()["choices"][0]["logprobs"]
+    assert zero["top_logprobs"] is None and zero["token_logprobs"] == pytest.approx(lp["token_logprobs"])
+    plain = client.post("/v1/completions", json={**body, "logprobs": None}, headers=KEY).json()["choices"][0]
+    assert plain["logprobs"] is None and plain["text"] == choice["text"]
+    echoed = client.post("/v1/completions", json={**body, "logprobs": None, "echo": True}, headers=KEY).json()
+    assert echoed["choices"][0]["text"] == body["prompt"] + choice["text"]
+
+
+def test_chat_logprobs(client, engine):
+    msgs = [{"role": "user", "content": "is it raining"}]
+    body = {"model": "task-1", "messages": msgs, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3}
+    r = client.post("/v1/chat/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    content = r.json()["choices"][0]["logprobs"]["content"]
+    ref = engine.generate([Request("user: is it raining\nassistant:", "task-1", SamplingParams(max_tokens=5, logprobs=3))])[0]
+    assert [c["logprob"] for c in content] == pytest.approx([x.logprob for x in ref.logprobs])
+    assert all(len(c["top_logprobs"]) == 3 and c["bytes"] == list(c["token"].encode()) for c in content)
+    chunks = sse(client.post("/v1/chat/completions", json={**body, "stream": True}, headers=KEY))
+    streamed = sum((c["choices"][0]["logprobs"]["content"] for c in chunks), [])
+    assert [c["logprob"] for c in streamed] == pytest.approx([c["logprob"] for c in content])
+    no_top = client.post("/v1/chat/completions", json={**body, "top_logprobs": None}, headers=KEY).json()
+    assert all(c["top_logprobs"] == [] for c in no_top["choices"][0]["logprobs"]["content"])
+    assert client.post("/v1/chat/completions", json={**body, "logprobs": False, "top_logprobs": None}, headers=KEY).json()[
+        "choices"][0]["logprobs"] is None
+
+
+def test_penalties_and_bias_through_the_api(client, engine):
+    body = {"model": "tiny-llama", "prompt": "hi", "max_tokens": 3, "temperature": 0, "logit_bias": {"11": 100}}
+    r = client.post("/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    assert r.json()["choices"][0]["text"] == engine.tokenizer.decode([11, 11, 11]) or r.json()["choices"][0][
+        "finish_reason"] == "stop"
+    pen = {"model": "task-0", "prompt": "play music", "max_tokens": 8, "temperature": 0, "frequency_penalty": 1.2,
+           "presence_penalty": 0.4}
+    text = client.post("/v1/completions", json=pen, headers=KEY).json()["choices"][0]["text"]
+    ref = engine.generate([Request("play music", "task-0", SamplingParams(max_tokens=8, frequency_penalty=1.2,
+                                                                         presence_penalty=0.4))])[0]
+    assert text == ref.text
+
+
+@pytest.mark.parametrize("url, extra, status, words", [
+    ("/v1/completions", {"suffix": "x"}, 422, "suffix"),
+    ("/v1/completions", {"best_of": 2}, 422, "best_of"),
+    ("/v1/completions", {"echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/completions", {"logprobs": 21}, 422, "logprobs"),
+    ("/v1/completions", {"logit_bias": {"99999": 1}}, 400, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"abc": 1}}, 422, "logit_bias"),
+    ("/v1/completions", {"logit_bias": {"1": 101}}, 422, "logit_bias"),
+    ("/v1/completions", {"presence_penalty": 3}, 422, "presence_penalty"),
+    ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs"),
+    ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, "response_format"),
+])
+def test_unsupported_and_out_of_range_fields_are_refused_by_name(client, url, extra, status, words):
+    body = {"model": "tiny-llama", "max_tokens": 2}
+    body |= {"prompt": "hi"} if url == "/v1/completions" else {"messages": [{"role": "user", "content": "hi"}]}
+    r = client.post(url, json={**body, **extra}, headers=KEY)
+    assert r.status_code == status, r.text
+    assert words in r.json()["error"]["message"]

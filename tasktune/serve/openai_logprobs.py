@@ -35,9 +35,18 @@ def completion_logprobs(lps: list[TokenLogprob], text_of: TokenTexts, top: bool,
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return s.CompletionLogprobs(
-        tokens=tokens, token_logprobs=[lp.logprob for lp in lps],
-        top_logprobs=[{text_of(i): v for i, v in lp.top} for lp in lps] if top else None, text_offset=offsets)
+    return s.CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps],
+                                top_logprobs=[_by_text(lp, text_of) for lp in lps] if top else None,
+                                text_offset=offsets)
+
+
+def _by_text(lp: TokenLogprob, text_of: TokenTexts) -> dict[str, float]:
+    """The alternatives keyed by text; where two tokens share a text (two halves of one UTF-8
+    character, say) the more likely one's value stays."""
+    out: dict[str, float] = {}
+    for i, v in lp.top:
+        out.setdefault(text_of(i), v)
+    return out
 
 
 def chat_logprobs(lps: list[TokenLogprob], text_of: TokenTexts) -> s.ChatLogprobs:

@@ -58,12 +58,13 @@ class CompletionRequest(_Sampling):
     logprobs: TopLogprobs | None = None  # each token's log-probability and this many alternatives
     echo: bool = False  # the prompt's text before the completion's
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
-    suffix: str | None = None
+    # accepted only empty (the schema says so; the validator's message says why)
+    suffix: Annotated[str | None, Field(json_schema_extra={"maxLength": 0})] = None
 
     @field_validator("suffix")
     @classmethod
     def _no_suffix(cls, v):
-        return v if v is None else not_supported("suffix (insertion)")
+        return v if not v else not_supported("suffix (insertion)")
 
 
 class ChatMessage(_Body):
@@ -77,9 +78,10 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None  # alternatives a token, with logprobs
-    tools: list[Any] | None = None
-    functions: list[Any] | None = None
-    response_format: dict[str, Any] | None = None
+    tools: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
+    functions: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
+    response_format: Annotated[dict[str, Any] | None, Field(json_schema_extra={
+        "properties": {"type": {"enum": ["text"]}}})] = None
 
     @field_validator("tools", "functions")
     @classmethod
@@ -205,8 +207,10 @@ class SlotSpan(BaseModel):
 
 
 class TaskPredictResponse(BaseModel):
-    """`prediction` is a label, or one BIO tag per word for tagging. Encoder runs also
-    give the label's probability and the top labels (classification) or the slots (tagging)."""
+    """`prediction` is a label, or one BIO tag per word for tagging. `score`: an encoder
+    run's label probability, a causal run's probability of its generated answer (the
+    product of its tokens'). Encoder runs also give the top labels (classification) or the
+    slots (tagging)."""
 
     task: str
     model: str
