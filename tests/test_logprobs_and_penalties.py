@@ -127,3 +127,32 @@ def test_processors_and_logprobs_alone():
 def test_bad_params_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):
         SamplingParams(**kw)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_logprobs_on_the_gpu_paths_equal_hf(tiny_llama, adapter_root):
+    """bf16 on a GPU, prefill and decode from CUDA graphs: a greedy request that asks for
+    logprobs takes the logits path; its logprobs are HF + PEFT's (bf16, same device) at
+    the same prefixes, within bf16's rounding."""
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=128, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.bfloat16).cuda().eval()
+    model = PeftModel.from_pretrained(base, adapter_root / "task-2", adapter_name="task-2")
+    reqs = [Request(p, a, SamplingParams(max_tokens=8, logprobs=2)) for p, a in
+            (("book a table", "task-2"), ("play the beatles", None), ("is it raining", "task-2"))]
+    for c, r in zip(eng.generate(reqs), reqs):
+        ids = tok.encode(r.prompt)
+        for lp, t in zip(c.logprobs, c.token_ids):
+            with torch.no_grad():
+                if r.adapter is None:
+                    with model.disable_adapter():
+                        logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1]
+                else:
+                    logits = model(input_ids=torch.tensor([ids], device="cuda")).logits[0, -1]
+            ref = torch.log_softmax(logits.float(), -1)
+            assert lp.logprob == pytest.approx(ref[t].item(), abs=0.05)
+            assert ref[t] >= ref.max() - 0.05  # greedy: the (near-)top token
+            assert len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1]
+            ids = ids + [t]
