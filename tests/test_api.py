@@ -240,6 +240,29 @@ def test_penalties_and_bias_through_the_api(client, engine):
     assert text == ref.text
 
 
+def test_token_id_prompts_and_vllm_sampling_fields(client, engine):
+    body = {"model": "task-2", "max_tokens": 5, "temperature": 0}
+    text = client.post("/v1/completions", json={**body, "prompt": "turn on the lights"}, headers=KEY).json()
+    ids = engine.tokenizer.encode("turn on the lights")
+    by_ids = client.post("/v1/completions", json={**body, "prompt": ids}, headers=KEY).json()
+    assert by_ids["choices"][0]["text"] == text["choices"][0]["text"]
+    assert by_ids["usage"] == text["usage"]
+    two = client.post("/v1/completions", json={**body, "prompt": [ids, ids[:2]], "echo": True}, headers=KEY).json()
+    assert [c["index"] for c in two["choices"]] == [0, 1]
+    assert two["choices"][0]["text"] == engine.tokenizer.decode(ids) + text["choices"][0]["text"]
+    extras = {"top_k": 1, "min_p": 0.5, "repetition_penalty": 1.3, "min_tokens": 2, "ignore_eos": True,
+              "stop_token_ids": [5]}
+    r = client.post("/v1/completions", json={**body, "prompt": "turn on the lights", "temperature": 1, **extras},
+                    headers=KEY)
+    assert r.status_code == 200, r.text
+    ref = engine.generate([Request("turn on the lights", "task-2", SamplingParams(
+        max_tokens=5, temperature=1, top_k=1, min_p=0.5, repetition_penalty=1.3, min_tokens=2, ignore_eos=True,
+        stop_token_ids=(5,)))])[0]
+    assert r.json()["choices"][0]["text"] == ref.text  # (top_k 1: the greedy token whatever the seed)
+    bad = client.post("/v1/completions", json={**body, "prompt": [10**6]}, headers=KEY)
+    assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
 @pytest.mark.parametrize("url, extra, status, words", [
     ("/v1/completions", {"suffix": "x"}, 422, "suffix"),
     ("/v1/completions", {"best_of": 2}, 422, "best_of"),
@@ -249,6 +272,10 @@ def test_penalties_and_bias_through_the_api(client, engine):
     ("/v1/completions", {"logit_bias": {"abc": 1}}, 422, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"1": 101}}, 422, "logit_bias"),
     ("/v1/completions", {"presence_penalty": 3}, 422, "presence_penalty"),
+    ("/v1/completions", {"stop_token_ids": [99999]}, 400, "stop_token_ids"),
+    ("/v1/completions", {"min_tokens": 3}, 400, "min_tokens"),
+    ("/v1/completions", {"repetition_penalty": 0}, 422, "repetition_penalty"),
+    ("/v1/completions", {"prompt": []}, 422, "prompt"),
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools"),
     ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, "response_format"),

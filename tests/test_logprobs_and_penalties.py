@@ -1,4 +1,5 @@
-"""Log-probabilities, penalties and logit bias through the engine, against Hugging Face + PEFT.
+"""Log-probabilities, penalties, logit bias and vLLM's sampling extras through the engine,
+against Hugging Face + PEFT.
 
 Every reference is recomputed from the HF model's own logits over the prompt and the
 tokens generated so far, so these check the numbers, not just the shapes.
@@ -12,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
-from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, shape_logits
+from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, sampling_probs, shape_logits
 
 from tiny_models import PROMPTS  # noqa: F401
 
@@ -120,9 +121,62 @@ def test_processors_and_logprobs_alone():
     assert tokens == [2, 0] and lps[1] is None and lps[0].token == 2
 
 
+def test_repetition_penalty_equals_hf_generate(engine, tiny_llama, adapter_root):
+    """HF's RepetitionPenaltyLogitsProcessor (over prompt and output) is the reference."""
+    tok = AutoTokenizer.from_pretrained(tiny_llama)
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, adapter_root / "task-3")
+    for prompt in ("play the beatles", "book a table for two at eight"):
+        ids = torch.tensor([tok.encode(prompt)])
+        with torch.no_grad():
+            ref = model.generate(input_ids=ids, max_new_tokens=10, do_sample=False, repetition_penalty=1.8,
+                                 pad_token_id=tok.pad_token_id)[0, ids.shape[1]:].tolist()
+        c = engine.generate([Request(prompt, "task-3", SamplingParams(max_tokens=10, repetition_penalty=1.8))])[0]
+        assert c.token_ids == ref
+        plain = engine.generate([Request(prompt, "task-3", SamplingParams(max_tokens=10))])[0]
+        assert plain.token_ids != ref  # (the penalty changed something)
+
+
+def test_min_tokens_stop_token_ids_top_k_and_min_p(engine):
+    eos = engine.tokenizer.eos_token_id
+    forced = SamplingParams(max_tokens=8, logit_bias=((eos, 100.0),), min_tokens=3)
+    c = engine.generate([Request("hello there", None, forced)])[0]
+    assert len(c.token_ids) == 4 and eos not in c.token_ids[:3] and c.token_ids[3] == eos
+    assert c.finish_reason == "stop"
+    plain = engine.generate([Request("hello there", "task-1", SamplingParams(max_tokens=8, ignore_eos=True))])[0]
+    stop_at = plain.token_ids[3]
+    first = plain.token_ids.index(stop_at)
+    c = engine.generate([Request("hello there", "task-1", SamplingParams(max_tokens=8, stop_token_ids=(stop_at,),
+                                                                          ignore_eos=True))])[0]
+    assert c.token_ids == plain.token_ids[:first + 1] and c.finish_reason == "stop"
+    assert c.text == engine.tokenizer.decode(plain.token_ids[:first], skip_special_tokens=True)
+    greedy = engine.generate([Request("what time is it", "task-2", SamplingParams(max_tokens=6))])[0].token_ids
+    for seed in (1, 2):
+        for kw in ({"top_k": 1}, {"min_p": 1.0}):
+            p = SamplingParams(max_tokens=6, temperature=1.5, seed=seed, **kw)
+            assert engine.generate([Request("what time is it", "task-2", p)])[0].token_ids == greedy, kw
+
+
+def test_processor_order_and_filters():
+    row = torch.tensor([2.0, -1.0, 0.5, 4.0])
+    p = SamplingParams(repetition_penalty=2.0, logit_bias=((1, 3.0),), min_tokens=2)
+    out = shape_logits(row, p, [3], prompt=[1], end_ids=(2,))
+    # bias first (-1 + 3 = 2, then / 2 = 1), token 2 barred (1 token < min_tokens), 3 seen: 4 / 2
+    assert out.tolist() == [2.0, 1.0, float("-inf"), 2.0]
+    assert shape_logits(row, p, [3, 0], prompt=[1], end_ids=(2,))[2] == 0.5  # min_tokens reached
+    neg = shape_logits(torch.tensor([-2.0]), SamplingParams(repetition_penalty=2.0), [0])
+    assert neg.tolist() == [-4.0]
+    probs = sampling_probs(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), SamplingParams(temperature=1.0, top_k=2))
+    assert (probs > 0).tolist() == [True, True, False, False]
+    probs = sampling_probs(torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05])), SamplingParams(temperature=1.0, min_p=0.4))
+    assert (probs > 0).tolist() == [True, True, False, False]  # 0.15 < 0.4 x 0.5
+
+
 @pytest.mark.parametrize("kw, message", [
     ({"logprobs": 21}, "logprobs"), ({"presence_penalty": 2.5}, "presence_penalty"),
     ({"frequency_penalty": -3}, "frequency_penalty"), ({"logit_bias": ((1, 101.0),)}, "logit_bias"),
+    ({"top_k": -2}, "top_k"), ({"min_p": 1.5}, "min_p"), ({"repetition_penalty": 0}, "repetition_penalty"),
+    ({"min_tokens": 20, "max_tokens": 4}, "min_tokens"), ({"stop_token_ids": (-1,)}, "stop_token_ids"),
 ])
 def test_bad_params_are_refused(kw, message):
     with pytest.raises(ValueError, match=message):

@@ -201,12 +201,19 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         bias = tuple(sorted((int(k), v) for k, v in (body.logit_bias or {}).items()))
         vocab = engine.model.cfg.vocab_size
-        outside = [t for t, _ in bias if t >= vocab]
-        if outside:
-            raise APIError(400, f"logit_bias: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
-        return SamplingParams(max_tokens=max_tokens or 16, temperature=body.temperature, top_p=body.top_p,
+        for name, ids in (("logit_bias", [t for t, _ in bias]), ("stop_token_ids", body.stop_token_ids or [])):
+            outside = [t for t in ids if t >= vocab]
+            if outside:
+                raise APIError(400, f"{name}: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
+        max_tokens = max_tokens or 16
+        if body.min_tokens > max_tokens:
+            raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})")
+        return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               seed=body.seed, stop=stop, logprobs=logprobs, presence_penalty=body.presence_penalty,
-                              frequency_penalty=body.frequency_penalty, logit_bias=bias)
+                              frequency_penalty=body.frequency_penalty, logit_bias=bias, top_k=body.top_k,
+                              min_p=body.min_p, repetition_penalty=body.repetition_penalty,
+                              min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
+                              ignore_eos=body.ignore_eos)
 
     def submit_all(reqs: list[Request]) -> list:
         handles = []
@@ -266,7 +273,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     @app.post("/v1/completions", response_model=s.CompletionResponse, dependencies=auth)
     async def completions(body: s.CompletionRequest):
         started, adapter = time.monotonic(), resolve(body.model)
-        prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
+        prompts = [body.prompt] if one else body.prompt
         if body.stream and len(prompts) > 1:
             raise APIError(400, "stream: true supports one prompt per request")
         if body.echo and body.logprobs is not None:
@@ -275,6 +283,9 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         handles = submit_all([Request(p, adapter, params, stream=body.stream) for p in prompts])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
+
+        def echoed(prompt: str | list[int]) -> str:
+            return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
         def logprobs(lps, offset: int = 0) -> s.CompletionLogprobs | None:
             if body.logprobs is None:
@@ -288,7 +299,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                 lp = logprobs(ev.logprobs, offset[0])
                 if lp is not None:
                     offset[0] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset[0]
-                text = prompts[0] + ev.text if first and body.echo else ev.text
+                text = echoed(prompts[0]) + ev.text if first and body.echo else ev.text
                 return {**head, "choices": [{"index": 0, "text": text, "finish_reason": ev.finish_reason,
                                              "logprobs": lp.model_dump() if lp is not None else None}]}
             include = body.stream_options is not None and body.stream_options.include_usage
@@ -299,7 +310,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             for seq, _ in handles:  # a failed or abandoned request must not keep decoding
                 if not seq.finished:
                     engine.cancel(seq)
-        choices = [s.CompletionChoice(index=i, text=p + c.text if body.echo else c.text, finish_reason=c.finish_reason,
+        choices = [s.CompletionChoice(index=i, text=echoed(p) + c.text if body.echo else c.text, finish_reason=c.finish_reason,
                                       logprobs=logprobs(c.logprobs)) for i, (p, c) in enumerate(zip(prompts, cs))]
         return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs))
 

@@ -116,6 +116,7 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.end_ids = tuple(sorted(eos))
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self._lock = threading.Lock()  # guards the scheduler's queues
@@ -244,7 +245,8 @@ class Engine:
                                [s.lora_id for s in seqs], self.device)
             logits = self.model(batch, self.cache, self.pool.stacks)
         if not all(s.params.argmax_only for s in seqs):
-            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs])
+            tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
+                                 [s.prompt_ids for s in seqs], self.end_ids)
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         read = self.decode_step.first_tokens(first)
@@ -271,7 +273,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                             [s.output_ids for s in seqs])
+                             [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.end_ids)
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 
@@ -292,7 +294,7 @@ class Engine:
             seq.logprobs.append(logprob)
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
-        is_eos = token in self.eos_ids and not p.ignore_eos
+        is_eos = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
         searched = len(seq.text)
         done = is_eos or len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
         if done:
@@ -304,7 +306,8 @@ class Engine:
         elif seq.stream or p.stop:  # text is needed now: for the client, or to look for stop strings
             seq.text += detokenize_step(self.tokenizer, seq)
         start = max(0, searched - max((len(s) for s in p.stop), default=0) + 1)
-        hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+        stops = p.stop if len(seq.output_ids) >= p.min_tokens else ()  # (vLLM: none before min_tokens)
+        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
         if hits:
             seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
         elif is_eos:

@@ -1,11 +1,12 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
-Greedy rows take the argmax. Sampled rows use temperature and nucleus (top-p) filtering
-and draw with their own `torch.Generator`, so a request with a seed produces the same
-tokens whatever else shares its batch. Presence and frequency penalties (OpenAI's, over
-the tokens generated so far, as vLLM applies them) and a logit bias shape a row's logits
-before either. Log-probabilities are of the model's raw distribution (vLLM's default
-`raw_logprobs`): what the model said, not what the processors made of it.
+Greedy rows take the argmax. Sampled rows use temperature, then top-k, nucleus (top-p)
+and min-p filtering, and draw with their own `torch.Generator`, so a request with a seed
+produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
+a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
+(Hugging Face's and vLLM's, over prompt and output) and OpenAI's presence and frequency
+penalties (over the output). Log-probabilities are of the model's raw distribution
+(vLLM's default `raw_logprobs`): what the model said, not what the processors made of it.
 """
 
 from __future__ import annotations
@@ -32,6 +33,11 @@ class SamplingParams:
     presence_penalty: float = 0.0  # subtracted once from every token already generated
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, added to its logit)
+    top_k: int = 0  # sample among the k most likely (0 or -1: all)
+    min_p: float = 0.0  # drop tokens below min_p x the most likely one's probability
+    repetition_penalty: float = 1.0  # a seen token's logit / p if positive, else x p
+    min_tokens: int = 0  # end tokens and stop_token_ids barred before this many tokens
+    stop_token_ids: tuple[int, ...] = ()  # generating one ends the request, like an end token
 
     def __post_init__(self):
         if self.max_tokens < 1:
@@ -49,6 +55,16 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2]")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
+        if self.top_k < -1:
+            raise ValueError("top_k must be >= 1, or 0 or -1 for all tokens")
+        if not 0 <= self.min_p <= 1:
+            raise ValueError("min_p must be in [0, 1]")
+        if not 0 < self.repetition_penalty <= 2:
+            raise ValueError("repetition_penalty must be in (0, 2]")
+        if not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError("min_tokens must be in [0, max_tokens]")
+        if any(t < 0 for t in self.stop_token_ids):
+            raise ValueError("stop_token_ids must be >= 0")
 
     @property
     def greedy(self) -> bool:
@@ -56,7 +72,8 @@ class SamplingParams:
 
     @property
     def shapes_logits(self) -> bool:
-        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
+                    or self.repetition_penalty != 1)
 
     @property
     def argmax_only(self) -> bool:
@@ -93,18 +110,43 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
     return torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
 
 
-def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int]) -> torch.Tensor:
-    """row [V] float32 -> a copy with the request's penalties and logit bias applied:
-    logit - frequency * count - presence * (count > 0), plus the bias (OpenAI's formula)."""
+def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int], prompt: list[int] = (),
+                 end_ids: tuple[int, ...] = ()) -> torch.Tensor:
+    """row [V] float32 -> a copy with the request's processors applied, in vLLM's order: the
+    logit bias; end_ids and stop_token_ids at -inf while fewer than min_tokens were
+    generated; the repetition penalty over prompt and output; then OpenAI's
+    logit - frequency * count - presence * (count > 0) over the output."""
     row = row.clone()
     V = row.shape[0]
-    if generated and (params.presence_penalty or params.frequency_penalty):
-        counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=V)[:V].to(row.dtype)
-        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
     for token, bias in params.logit_bias:
         if token < V:  # (the API checks ids against the vocabulary)
             row[token] += bias
+    if len(generated) < params.min_tokens:
+        barred = [t for t in (*end_ids, *params.stop_token_ids) if t < V]
+        row[barred] = float("-inf")
+    if params.repetition_penalty != 1 and (generated or prompt):
+        seen = torch.tensor(sorted(set(prompt) | set(generated)), device=row.device, dtype=torch.long)
+        seen = seen[seen < V]
+        old = row[seen]
+        row[seen] = torch.where(old > 0, old / params.repetition_penalty, old * params.repetition_penalty)
+    if generated and (params.presence_penalty or params.frequency_penalty):
+        counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=V)[:V].to(row.dtype)
+        row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
     return row
+
+
+def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """row [V] (processed logits) -> the distribution a sampled row draws from: temperature,
+    then top-k, top-p and min-p (unnormalised; multinomial normalises)."""
+    # subtract the max first: a tiny temperature then gives -inf, never inf - inf = nan
+    scaled = (row - row.max()) / params.temperature
+    if 0 < params.top_k < scaled.shape[0]:
+        kth = scaled.topk(params.top_k).values[-1]
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = top_p_filter(torch.softmax(scaled, dim=-1), params.top_p)
+    if params.min_p > 0:
+        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
+    return probs
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
@@ -128,21 +170,22 @@ def _finite(x: float) -> float:
 
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
-           generated: list[list[int]] | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+           generated: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
+           end_ids: tuple[int, ...] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V] float32 -> one token per row, and its log-probabilities where the
-    row's request asked for them (else None). generated: each row's tokens so far (the
-    penalties count them)."""
+    row's request asked for them (else None). generated, prompts: each row's tokens so far
+    and its prompt (the penalties read them); end_ids: the model's end tokens (min_tokens)."""
     generated = generated if generated is not None else [[] for _ in params]
-    shaped = {i: shape_logits(logits[i], p, generated[i]) for i, p in enumerate(params) if p.shapes_logits}
+    prompts = prompts if prompts is not None else [[] for _ in params]
+    shaped = {i: shape_logits(logits[i], p, generated[i], prompts[i], end_ids)
+              for i, p in enumerate(params) if p.shapes_logits}
     out = logits.argmax(dim=-1).tolist()
     for i, row in shaped.items():
         out[i] = int(row.argmax())
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
-        row = shaped.get(i, logits[i])
-        # subtract the max first: a tiny temperature then gives -inf, never inf - inf = nan
-        probs = top_p_filter(torch.softmax((row - row.max()) / p.temperature, dim=-1), p.top_p)
+        probs = sampling_probs(shaped.get(i, logits[i]), p)
         if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
             continue  # degenerate distribution (non-finite logits): keep the argmax
         out[i] = int(torch.multinomial(probs, 1, generator=g).item())

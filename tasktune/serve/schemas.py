@@ -20,6 +20,8 @@ Temperature = Annotated[float, Field(ge=0.0, le=2.0, allow_inf_nan=False)]
 TopP = Annotated[float, Field(gt=0.0, le=1.0, allow_inf_nan=False)]
 Seed = Annotated[int, Field(ge=0, le=2**63 - 1)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0, allow_inf_nan=False)]
+TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1, max_length=MAX_TEXT)]
 TopLogprobs = Annotated[int, Field(ge=0, le=20)]
 # OpenAI's logit_bias: token ids (as JSON object keys, so strings) -> a bias in [-100, 100]
 LogitBias = Annotated[dict[Annotated[str, Field(pattern=r"^[0-9]{1,9}$")],
@@ -50,11 +52,20 @@ class _Sampling(_Body):
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: LogitBias | None = None
+    # vLLM's extensions
+    top_k: Annotated[int, Field(ge=-1, le=1_000_000)] = 0
+    min_p: Annotated[float, Field(ge=0.0, le=1.0, allow_inf_nan=False)] = 0.0
+    repetition_penalty: Annotated[float, Field(gt=0.0, le=2.0, allow_inf_nan=False)] = 1.0
+    min_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
+    stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
+    ignore_eos: bool = False
 
 
 class CompletionRequest(_Sampling):
     model: Name
-    prompt: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=16)]]
+    # text, texts, token ids, or lists of token ids (OpenAI's four forms)
+    prompt: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=16)], TokenIds,
+                  Annotated[list[TokenIds], Field(min_length=1, max_length=16)]]
     logprobs: TopLogprobs | None = None  # each token's log-probability and this many alternatives
     echo: bool = False  # the prompt's text before the completion's
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
