@@ -74,11 +74,12 @@ FORMULAS = {
 
 
 # --- engine cases ----------------------------------------------------------------------------
-def run_engine(engine, prompts, adapters, new_tokens: int, device) -> dict:
+def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None) -> dict:
+    """logprobs: every request asks for its tokens' log-probabilities (the logits path)."""
     from tasktune.serve.engine import Request, completion_of
     from tasktune.serve.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=new_tokens, temperature=0.0, ignore_eos=True, logprobs=logprobs)
     seqs = []
     sync(device)
     t0 = time.perf_counter()
@@ -289,10 +290,11 @@ def main() -> None:
             if label == "graphs_torch_lora" and not main.kernels:
                 continue  # the main run already used torch LoRA
             switch(engine, main, label, graphs, use_kernels)
+            lp = 0 if label == "logprobs" else None
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device)
+                run_engine(engine, prompts, cases[name], new_tokens, device, lp)
             for name in names_:
-                other = run_engine(engine, prompts, cases[name], new_tokens, device)
+                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp)
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]
