@@ -64,6 +64,33 @@ def test_greedy_logprobs_equal_hf_log_softmax(engine, hf, adapter):
         ids = ids + [t]
 
 
+def test_greedy_logprobs_ride_the_device_path_with_arrivals(engine, hf):
+    """Greedy requests that ask for logprobs keep the device-side path (steps launched
+    ahead, rows joining from prefills); each one's logprobs equal HF's at its own prefixes."""
+    tok, logits = hf
+    jobs = [("set an alarm", "task-0", 2), ("play jazz", None, None), ("what is the weather", "task-5", 0),
+            ("order a pizza", "task-0", 4)]
+    used = engine.decode_step.ahead_used
+    seqs = [engine.submit(Request(p, a, SamplingParams(max_tokens=7, logprobs=k))) for p, a, k in jobs[:2]]
+    engine.step()
+    engine.step()
+    seqs += [engine.submit(Request(p, a, SamplingParams(max_tokens=7, logprobs=k))) for p, a, k in jobs[2:]]
+    while engine.has_work:
+        engine.step()
+    assert engine.decode_step.ahead_used > used
+    for seq, (prompt, adapter, k) in zip(seqs, jobs):
+        if k is None:
+            assert seq.logprobs == []
+            continue
+        ids = tok.encode(prompt)
+        assert len(seq.logprobs) == len(seq.output_ids) == 7
+        for lp, t in zip(seq.logprobs, seq.output_ids):
+            ref = torch.log_softmax(logits(ids, adapter), -1)
+            assert lp.token == t and lp.logprob == pytest.approx(ref[t].item(), abs=1e-4)
+            assert [i for i, _ in lp.top] == ref.topk(k).indices.tolist()
+            ids = ids + [t]
+
+
 def test_logprobs_of_sampled_rows_and_mixed_batches(engine, hf):
     """A sampled request's logprobs are the raw distribution's at the token it drew; rows
     that ask for none share the batch unchanged."""

@@ -25,6 +25,7 @@ from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.kv_cache import KVCache
+from tasktune.serve.sampling import MAX_LOGPROBS, logprob_table
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 128
@@ -87,6 +88,7 @@ class _Ahead:
     gens: list[int]  # each slot's generation at launch (DecodeStep.release)
     host: torch.Tensor  # where its tokens land (by slot)
     done: torch.cuda.Event | None
+    lp_host: torch.Tensor | None = None  # where its logprob_table lands (by slot), if it made one
     tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
 
     def matches(self, slots, tokens, positions, lora_ids, gens) -> bool:
@@ -119,6 +121,9 @@ class DecodeStep:
         self._joining: tuple | None = None  # rows prefilled this step that join it (`join`)
         self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
+        width = 1 + 2 * min(MAX_LOGPROBS, model.cfg.vocab_size)  # logprob_table's rows, made on first use
+        self._lp_shape, self._lp_hosts = (n, width), {}
+        self.last_logprobs: torch.Tensor | None = None  # the last `greedy` step's logprob_table rows, by slot
         self._flip, self._last_use_lora = 0, False
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
@@ -134,8 +139,12 @@ class DecodeStep:
         return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
-               ahead: bool | list[bool]) -> list[int]:
+               ahead: bool | list[bool], logprobs: bool = False) -> list[int]:
         """The same step for rows that all decode greedily -> each row's argmax token.
+
+        logprobs: also each row's `logprob_table` row (`last_logprobs[slot]` after the call),
+        made on the device after the step and copied back with its tokens (a step launched
+        ahead makes it too when this call or a joining row asks).
 
         ahead (one flag a row, or one for all): the row goes on at least one more step unless
         it samples an end token (False: nothing is launched ahead, rows joining from a
@@ -150,47 +159,50 @@ class DecodeStep:
         attends to them."""
         gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
-        if ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens):
-            host, done = ahead_step.host, ahead_step.done
+        if (ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens)
+                and (ahead_step.lp_host is not None or not logprobs)):
+            host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
             self.ahead_used += 1
         else:
             self.ahead_wasted += ahead_step is not None
-            _, argmax = self._launch(slots, tokens, positions, lora_ids)
-            host, done = self._to_host(argmax)
+            logits, argmax = self._launch(slots, tokens, positions, lora_ids)
+            host, done, lp_host = self._to_host(argmax, table=logprob_table(logits, argmax) if logprobs else None)
         joining, self._joining = self._joining, None
         go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
         on = [i for i, g in enumerate(go) if g]
         if ahead is not False and (on or joining):  # the step just run left its tokens and positions + 1 in the inputs (_step)
             self._launch_ahead([slots[i] for i in on], [positions[i] + 1 for i in on], [lora_ids[i] for i in on],
-                               joining)
+                               joining, logprobs)
         if done is not None:
             done.synchronize()
         out = host.tolist()
+        self.last_logprobs = lp_host
         if self._ahead is not None:
             self._ahead.tokens = [out[slots[i]] for i in on] + (joining[4]() if joining else [])
         return [out[s] for s in slots]
 
-    def first_tokens(self, argmax: torch.Tensor) -> Callable[[], list[int]]:
-        """A prefill's argmax [n] on the device -> a function that returns it as a list: copied
-        now without waiting (a pinned buffer and an event on a GPU), so that reading it later
-        does not wait for steps launched in between."""
-        host, done = self._to_host(argmax, self._first_host)
+    def first_tokens(self, argmax: torch.Tensor, table: torch.Tensor | None = None
+                     ) -> Callable[[], tuple[list[int], list[list[float]] | None]]:
+        """A prefill's argmax [n] on the device (and its logprob_table, if made) -> a function
+        that returns them as lists: copied now without waiting (pinned buffers and an event on
+        a GPU), so that reading them later does not wait for steps launched in between."""
+        host, done, lp_host = self._to_host(argmax, self._first_host, table, "first")
 
-        def read() -> list[int]:
+        def read() -> tuple[list[int], list[list[float]] | None]:
             if done is not None:
                 done.synchronize()
-            return host.tolist()
+            return host.tolist(), lp_host.tolist() if lp_host is not None else None
         return read
 
     def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
-             read: Callable[[], list[int]]) -> None:
+             read: Callable[[], list[int]], logprobs: bool = False) -> None:
         """Rows prefilled in this engine step that decode greedily from the next one: the step
         `greedy` launches ahead next includes them (tokens: their first tokens as the prefill's
         device argmax, not read yet, `read` giving them as a list; positions: where those
         tokens go), so the first decode step after a prefill is launched before the host reads
         the prefill. With no `greedy` call in this engine step, `launch_joined` launches it
-        for them alone."""
-        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read)
+        for them alone. logprobs: some of them ask for log-probabilities (that step makes them)."""
+        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read, logprobs)
 
     def launch_joined(self) -> None:
         """The step ahead for the rows `join` named alone (an engine step with no decode rows)."""
@@ -201,7 +213,8 @@ class DecodeStep:
         self._launch_ahead([], [], [], joining)
         self._ahead.tokens = joining[4]()
 
-    def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None) -> None:
+    def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None,
+                      logprobs: bool = False) -> None:
         """Launch the next step for `slots`, whose inputs the step before left in place (its
         argmax, positions + 1), and the joining rows, whose inputs are put in first. Every
         other row the inputs hold as running (sequences at their last token, or finished)
@@ -209,7 +222,8 @@ class DecodeStep:
         that a new sequence may have been prefilled into since."""
         gone = sorted(self._rows_on.difference(slots))
         if joining is not None:
-            j_slots, j_tokens, j_positions, j_lora, _ = joining
+            j_slots, j_tokens, j_positions, j_lora, _, j_logprobs = joining
+            logprobs = logprobs or j_logprobs
             gone = [r for r in gone if r not in j_slots]
         if gone:
             index = torch.tensor(gone, dtype=torch.long).to(self.inputs.device, non_blocking=True)
@@ -232,8 +246,9 @@ class DecodeStep:
         self._rows_on = set(slots)
         self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
-        _, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
-        self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots], *self._to_host(argmax))
+        logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
+        self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots],
+                             *self._to_host(argmax, table=logprob_table(logits, argmax) if logprobs else None))
 
     def release(self, slot: int) -> None:
         """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""
@@ -259,22 +274,30 @@ class DecodeStep:
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
 
-    def _to_host(self, argmax: torch.Tensor, buffer: torch.Tensor | None = None
-                 ) -> tuple[torch.Tensor, torch.cuda.Event | None]:
-        """Copy this step's tokens into a host buffer without waiting (a pinned buffer and an
-        event on a GPU); the graph's output is overwritten by the next replay. buffer: that
-        pinned buffer (default: the two that decode steps take in turn)."""
+    def _to_host(self, argmax: torch.Tensor, buffer: torch.Tensor | None = None, table: torch.Tensor | None = None,
+                 table_key: str | None = None) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:
+        """Copy this step's tokens (and its logprob_table, if made) into host buffers without
+        waiting (pinned buffers and an event on a GPU); the graph's outputs are overwritten by
+        the next replay. buffer: the tokens' pinned buffer (default: the two that decode steps
+        take in turn), table_key its table buffer's name (default: the turn's)."""
         B = argmax.shape[0]
         if not self.use_graphs:
-            return argmax, None
+            return argmax, None, table
         if buffer is None:
             self._flip ^= 1
             buffer = self._host[self._flip]
         host = buffer[:B]
         host.copy_(argmax, non_blocking=True)
+        lp_host = None
+        if table is not None:
+            key = table_key or str(self._flip)
+            if key not in self._lp_hosts:
+                self._lp_hosts[key] = torch.zeros(self._lp_shape, dtype=torch.float32, pin_memory=True)
+            lp_host = self._lp_hosts[key][:B, :table.shape[1]]
+            lp_host.copy_(table, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return host, done
+        return host, done, lp_host
 
     def _run(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.use_graphs:

@@ -36,7 +36,7 @@ from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
-from tasktune.serve.sampling import SamplingParams, TokenLogprob, make_generator, sample
+from tasktune.serve.sampling import SamplingParams, TokenLogprob, logprob_table, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -235,8 +235,9 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> Callable[[], list[tuple[int, TokenLogprob | None]]]:
         """Prefill the new sequences -> a function giving their first tokens and log-probabilities
-        (not appended yet). All plain greedy: the argmax stays on the device until read, and the rows that go
-        on join the decode step launched ahead next (DecodeStep.join)."""
+        (not appended yet). All greedy on raw logits: the argmax (and the log-probabilities
+        asked for) stay on the device until read, and the rows that go on join the decode step
+        launched ahead next (DecodeStep.join)."""
         if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
             logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
                                        [s.lora_id for s in seqs])
@@ -244,30 +245,41 @@ class Engine:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)
             logits = self.model(batch, self.cache, self.pool.stacks)
-        if not all(s.params.argmax_only for s in seqs):
+        if not all(s.params.device_greedy for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
                                  [s.prompt_ids for s in seqs], self.end_ids)
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
-        read = self.decode_step.first_tokens(first)
+        ks = [s.params.logprobs for s in seqs]
+        read = self.decode_step.first_tokens(first, logprob_table(logits, first) if any(k is not None for k in ks) else None)
         go_on = [i for i, s in enumerate(seqs) if s.params.max_tokens > 1 and len(s.prompt_ids) + 1 < self.max_len]
         if go_on:
             picked = [seqs[i] for i in go_on]
             index = torch.tensor(go_on, device=first.device)
             self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
-                                  lambda: [t for i, t in enumerate(read()) if i in go_on])
-        return lambda: [(t, None) for t in read()]
+                                  lambda: [t for i, t in enumerate(read()[0]) if i in go_on],
+                                  logprobs=any(s.params.logprobs is not None for s in picked))
+
+        def result() -> list[tuple[int, TokenLogprob | None]]:
+            tokens, rows = read()
+            return [(t, None if k is None else TokenLogprob.from_row(t, rows[i], k))
+                    for i, (t, k) in enumerate(zip(tokens, ks))]
+        return result
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
-        if all(s.params.argmax_only for s in seqs):  # the token is the argmax: the GPU can run a step ahead
+        if all(s.params.device_greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
             ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False
-            for s, t in zip(seqs, self.decode_step.greedy(*inputs, ahead=ahead)):
-                self._append(s, t)
+            ks = [s.params.logprobs for s in seqs]
+            want = any(k is not None for k in ks)
+            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=want)
+            rows = self.decode_step.last_logprobs.tolist() if want else None
+            for s, t, k in zip(seqs, tokens, ks):
+                self._append(s, t, None if k is None else TokenLogprob.from_row(t, rows[s.kv_slot], k))
         else:
             self._sample(seqs, self.decode_step(*inputs))
 

@@ -76,10 +76,11 @@ class SamplingParams:
                     or self.repetition_penalty != 1)
 
     @property
-    def argmax_only(self) -> bool:
-        """The token is the raw argmax and nothing else is read: the engine's device-side
-        greedy path (the fused LM head's argmax, steps launched ahead) serves the row."""
-        return self.greedy and not self.shapes_logits and self.logprobs is None
+    def device_greedy(self) -> bool:
+        """The token is the raw argmax: the engine's device-side greedy path (the fused LM
+        head's argmax, steps launched ahead, log-probabilities copied back with the tokens)
+        serves the row."""
+        return self.greedy and not self.shapes_logits
 
 
 @dataclass(frozen=True)
@@ -90,6 +91,27 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+
+    @classmethod
+    def from_row(cls, token: int, row: list[float], k: int) -> "TokenLogprob":
+        """A row of `logprob_table` -> this token's entry with its k most likely alternatives."""
+        K = (len(row) - 1) // 2
+        return cls(token, _finite(row[0]), tuple((int(row[1 + K + j]), _finite(row[1 + j])) for j in range(k)))
+
+
+def logprob_table(logits: torch.Tensor, tokens: torch.Tensor, k: int = MAX_LOGPROBS) -> torch.Tensor:
+    """logits [n, V], tokens [n] -> [n, 1 + 2k] float32 on their device: each row's token's
+    log-probability, its k most likely tokens' log-probabilities, then their ids (as
+    floats, exact below 2**24). One tensor, so one copy takes it to the host, with no wait
+    where the engine copies it behind a step's tokens."""
+    x = logits.float()
+    k = min(k, x.shape[-1])
+    lse = torch.logsumexp(x, dim=-1, keepdim=True)
+    chosen = x.gather(1, tokens.view(-1, 1).to(torch.long)) - lse
+    if not k:
+        return chosen
+    top = x.topk(k, dim=-1)
+    return torch.cat([chosen, top.values - lse, top.indices.to(torch.float32)], dim=1)
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
@@ -150,19 +172,10 @@ def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
-    """logits [n, V] float32, the chosen token and k of each row -> its TokenLogprob, from
-    one log-softmax and one top-k on the device, read back in one transfer."""
-    lp = torch.log_softmax(logits, dim=-1)
-    chosen = lp.gather(1, torch.tensor(tokens, device=lp.device)[:, None])[:, 0]
-    k = max(ks)
-    if k:
-        top_lp, top_ids = lp.topk(k, dim=-1)
-        top_lp, top_ids = top_lp.tolist(), top_ids.tolist()
-    out = []
-    for i, (t, c) in enumerate(zip(tokens, chosen.tolist())):
-        top = tuple((top_ids[i][j], _finite(top_lp[i][j])) for j in range(ks[i])) if k else ()
-        out.append(TokenLogprob(t, _finite(c), top))
-    return out
+    """logits [n, V], the chosen token and k of each row -> its TokenLogprob (logprob_table,
+    read back in one transfer)."""
+    rows = logprob_table(logits, torch.tensor(tokens, device=logits.device), max(ks)).tolist()
+    return [TokenLogprob.from_row(t, row, k) for t, row, k in zip(tokens, rows, ks)]
 
 
 def _finite(x: float) -> float:
