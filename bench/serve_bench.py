@@ -290,7 +290,7 @@ def main() -> None:
             if label == "graphs_torch_lora" and not main.kernels:
                 continue  # the main run already used torch LoRA
             switch(engine, main, label, graphs, use_kernels)
-            lp = 0 if label == "logprobs" else None
+            lp = int(label[8:] or 0) if label.startswith("logprobs") else None  # logprobs<k>: k alternatives
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
                 run_engine(engine, prompts, cases[name], new_tokens, device, lp)
             for name in names_:

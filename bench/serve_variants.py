@@ -47,7 +47,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "bgmv_1024_2048": (True, kernels, lora),  # session 9's BGMV sizes
              "rms_in_shrink": (True, kernels, lora),  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
              "unfused_head": (True, kernels, every),  # final norm, cuBLAS LM head, argmax: three launches (session 11)
-             "logprobs": (True, kernels, every)}  # requests ask for logprobs: the logits path, no step ahead
+             "logprobs": (True, kernels, every),  # every request asks for its tokens' log-probabilities
+             "logprobs5": (True, kernels, every)}  # ... and 5 alternatives a token
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:

@@ -25,7 +25,7 @@ from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.kv_cache import KVCache
-from tasktune.serve.sampling import MAX_LOGPROBS, logprob_table
+from tasktune.serve.sampling import logprob_table
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 128
@@ -89,6 +89,7 @@ class _Ahead:
     host: torch.Tensor  # where its tokens land (by slot)
     done: torch.cuda.Event | None
     lp_host: torch.Tensor | None = None  # where its logprob_table lands (by slot), if it made one
+    lp_k: int | None = None  # ... with this many alternatives a row
     tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
 
     def matches(self, slots, tokens, positions, lora_ids, gens) -> bool:
@@ -121,8 +122,7 @@ class DecodeStep:
         self._joining: tuple | None = None  # rows prefilled this step that join it (`join`)
         self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
-        width = 1 + 2 * min(MAX_LOGPROBS, model.cfg.vocab_size)  # logprob_table's rows, made on first use
-        self._lp_shape, self._lp_hosts = (n, width), {}
+        self._lp_hosts: dict[tuple[str, int], torch.Tensor] = {}  # pinned buffers for logprob_table, by (turn, k)
         self.last_logprobs: torch.Tensor | None = None  # the last `greedy` step's logprob_table rows, by slot
         self._flip, self._last_use_lora = 0, False
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
@@ -139,12 +139,13 @@ class DecodeStep:
         return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
-               ahead: bool | list[bool], logprobs: bool = False) -> list[int]:
+               ahead: bool | list[bool], logprobs: int | None = None) -> list[int]:
         """The same step for rows that all decode greedily -> each row's argmax token.
 
-        logprobs: also each row's `logprob_table` row (`last_logprobs[slot]` after the call),
-        made on the device after the step and copied back with its tokens (a step launched
-        ahead makes it too when this call or a joining row asks).
+        logprobs: also each row's `logprob_table` row with this many alternatives
+        (`last_logprobs[slot]` after the call), made on the device after the step and copied
+        back with its tokens (a step launched ahead makes it too when this call or a joining
+        row asks; with only the token's own log-probability, k = 0, it costs a log-sum-exp).
 
         ahead (one flag a row, or one for all): the row goes on at least one more step unless
         it samples an end token (False: nothing is launched ahead, rows joining from a
@@ -160,13 +161,14 @@ class DecodeStep:
         gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
         if (ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens)
-                and (ahead_step.lp_host is not None or not logprobs)):
+                and (logprobs is None or (ahead_step.lp_k or 0) >= logprobs and ahead_step.lp_host is not None)):
             host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
             self.ahead_used += 1
         else:
             self.ahead_wasted += ahead_step is not None
             logits, argmax = self._launch(slots, tokens, positions, lora_ids)
-            host, done, lp_host = self._to_host(argmax, table=logprob_table(logits, argmax) if logprobs else None)
+            table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
+            host, done, lp_host = self._to_host(argmax, table=table)
         joining, self._joining = self._joining, None
         go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
         on = [i for i, g in enumerate(go) if g]
@@ -195,13 +197,13 @@ class DecodeStep:
         return read
 
     def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
-             read: Callable[[], list[int]], logprobs: bool = False) -> None:
+             read: Callable[[], list[int]], logprobs: int | None = None) -> None:
         """Rows prefilled in this engine step that decode greedily from the next one: the step
         `greedy` launches ahead next includes them (tokens: their first tokens as the prefill's
         device argmax, not read yet, `read` giving them as a list; positions: where those
         tokens go), so the first decode step after a prefill is launched before the host reads
         the prefill. With no `greedy` call in this engine step, `launch_joined` launches it
-        for them alone. logprobs: some of them ask for log-probabilities (that step makes them)."""
+        for them alone. logprobs: the most alternatives one of them asks for (that step makes them)."""
         self._joining = (list(slots), tokens, list(positions), list(lora_ids), read, logprobs)
 
     def launch_joined(self) -> None:
@@ -214,7 +216,7 @@ class DecodeStep:
         self._ahead.tokens = joining[4]()
 
     def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None,
-                      logprobs: bool = False) -> None:
+                      logprobs: int | None = None) -> None:
         """Launch the next step for `slots`, whose inputs the step before left in place (its
         argmax, positions + 1), and the joining rows, whose inputs are put in first. Every
         other row the inputs hold as running (sequences at their last token, or finished)
@@ -223,7 +225,7 @@ class DecodeStep:
         gone = sorted(self._rows_on.difference(slots))
         if joining is not None:
             j_slots, j_tokens, j_positions, j_lora, _, j_logprobs = joining
-            logprobs = logprobs or j_logprobs
+            logprobs = max((k for k in (logprobs, j_logprobs) if k is not None), default=None)
             gone = [r for r in gone if r not in j_slots]
         if gone:
             index = torch.tensor(gone, dtype=torch.long).to(self.inputs.device, non_blocking=True)
@@ -247,8 +249,9 @@ class DecodeStep:
         self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
         logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
+        table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
         self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots],
-                             *self._to_host(argmax, table=logprob_table(logits, argmax) if logprobs else None))
+                             *self._to_host(argmax, table=table), logprobs)
 
     def release(self, slot: int) -> None:
         """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""
@@ -290,10 +293,10 @@ class DecodeStep:
         host.copy_(argmax, non_blocking=True)
         lp_host = None
         if table is not None:
-            key = table_key or str(self._flip)
+            key = (table_key or str(self._flip), table.shape[1])
             if key not in self._lp_hosts:
-                self._lp_hosts[key] = torch.zeros(self._lp_shape, dtype=torch.float32, pin_memory=True)
-            lp_host = self._lp_hosts[key][:B, :table.shape[1]]
+                self._lp_hosts[key] = torch.zeros(self.cache.num_slots, table.shape[1], pin_memory=True)
+            lp_host = self._lp_hosts[key][:table.shape[0]]
             lp_host.copy_(table, non_blocking=True)
         done = torch.cuda.Event()
         done.record()

@@ -72,6 +72,11 @@ class Completion:
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked
 
 
+def most(ks: list[int | None]) -> int | None:
+    """The most alternatives any row asks for (None: no row asks for logprobs)."""
+    return max((k for k in ks if k is not None), default=None)
+
+
 def completion_of(seq: Sequence) -> Completion:
     return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
                       len(seq.prompt_ids), seq.error,
@@ -251,7 +256,8 @@ class Engine:
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         ks = [s.params.logprobs for s in seqs]
-        read = self.decode_step.first_tokens(first, logprob_table(logits, first) if any(k is not None for k in ks) else None)
+        k = most(ks)
+        read = self.decode_step.first_tokens(first, logprob_table(logits, first, k) if k is not None else None)
         go_on = [i for i, s in enumerate(seqs) if s.params.max_tokens > 1 and len(s.prompt_ids) + 1 < self.max_len]
         if go_on:
             picked = [seqs[i] for i in go_on]
@@ -259,7 +265,7 @@ class Engine:
             self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
                                   lambda: [t for i, t in enumerate(read()[0]) if i in go_on],
-                                  logprobs=any(s.params.logprobs is not None for s in picked))
+                                  logprobs=most([s.params.logprobs for s in picked]))
 
         def result() -> list[tuple[int, TokenLogprob | None]]:
             tokens, rows = read()
@@ -275,9 +281,8 @@ class Engine:
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False
             ks = [s.params.logprobs for s in seqs]
-            want = any(k is not None for k in ks)
-            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=want)
-            rows = self.decode_step.last_logprobs.tolist() if want else None
+            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=most(ks))
+            rows = self.decode_step.last_logprobs.tolist() if most(ks) is not None else None
             for s, t, k in zip(seqs, tokens, ks):
                 self._append(s, t, None if k is None else TokenLogprob.from_row(t, rows[s.kv_slot], k))
         else:
