@@ -104,7 +104,7 @@ def test_api_key(client):
 def test_bad_bodies(client):
     url, ok = "/v1/completions", {"model": "tiny-llama", "prompt": "hi"}
     for bad in ({**ok, "temperature": -1}, {**ok, "max_tokens": 0}, {**ok, "top_p": 0}, {"prompt": "hi"},
-                {**ok, "stop": [""]}, {**ok, "prompt": []}, {**ok, "n": 2}):
+                {**ok, "stop": [""]}, {**ok, "prompt": []}, {**ok, "n": 17}, {**ok, "n": 0}):
         r = client.post(url, json=bad, headers=KEY)
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("invalid request"), bad
     r = client.post(url, content=b"{not json", headers={**KEY, "content-type": "application/json"})
@@ -261,6 +261,45 @@ def test_token_id_prompts_and_vllm_sampling_fields(client, engine):
     assert r.json()["choices"][0]["text"] == ref.text  # (top_k 1: the greedy token whatever the seed)
     bad = client.post("/v1/completions", json={**body, "prompt": [10**6]}, headers=KEY)
     assert bad.status_code == 400 and "vocabulary" in bad.json()["error"]["message"]
+
+
+def test_n_choices_and_streams_of_several_prompts(client, engine):
+    """n choices a prompt (a seeded one draws choice j with seed + j), several prompts in one
+    stream: each choice's chunks, by index, add up to the choice the request gets unstreamed."""
+    body = {"model": "task-3", "prompt": ["turn it up", "call mom"], "max_tokens": 6, "temperature": 1.0,
+            "seed": 11, "n": 3}
+    r = client.post("/v1/completions", json=body, headers=KEY)  # (6 sequences; this server queues 4)
+    assert r.status_code == 400 and "queues at most 4" in r.json()["error"]["message"]
+    body["n"] = 2
+    r = client.post("/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    assert [c["index"] for c in out["choices"]] == list(range(4))
+    for c in out["choices"]:
+        prompt, j = body["prompt"][c["index"] // 2], c["index"] % 2
+        ref = engine.generate([Request(prompt, "task-3", SamplingParams(max_tokens=6, temperature=1.0, seed=11 + j))])[0]
+        assert c["text"] == ref.text
+    prompt_tokens = sum(len(engine.tokenizer.encode(p)) for p in body["prompt"])
+    assert out["usage"]["prompt_tokens"] == prompt_tokens  # each prompt once, whatever n
+    chunks = sse(client.post("/v1/completions", json={**body, "stream": True, "stream_options": {"include_usage": True}},
+                             headers=KEY))
+    texts, reasons = [""] * 4, [None] * 4
+    for ch in chunks[:-1]:
+        (c,) = ch["choices"]
+        texts[c["index"]] += c["text"]
+        reasons[c["index"]] = c["finish_reason"] or reasons[c["index"]]
+    assert texts == [c["text"] for c in out["choices"]]
+    assert reasons == [c["finish_reason"] for c in out["choices"]]
+    assert chunks[-1]["usage"] == out["usage"]
+    chat = {"model": "task-1", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "n": 2,
+            "temperature": 0.8, "seed": 5}
+    full = client.post("/v1/chat/completions", json=chat, headers=KEY).json()
+    assert [c["index"] for c in full["choices"]] == [0, 1]
+    streamed = sse(client.post("/v1/chat/completions", json={**chat, "stream": True}, headers=KEY))
+    for i in (0, 1):
+        mine = [c["choices"][0] for c in streamed if c["choices"][0]["index"] == i]
+        assert mine[0]["delta"]["role"] == "assistant"
+        assert "".join(c["delta"].get("content", "") for c in mine) == full["choices"][i]["message"]["content"]
 
 
 @pytest.mark.parametrize("url, extra, status, words", [

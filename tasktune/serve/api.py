@@ -10,6 +10,7 @@ An encoder run gets its own routes (encoder_api.py) on the same scaffolding (`ap
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import hmac
 import json
@@ -216,6 +217,9 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                               ignore_eos=body.ignore_eos)
 
     def submit_all(reqs: list[Request]) -> list:
+        if len(reqs) > engine.scheduler.max_waiting:
+            raise APIError(400, f"this request makes {len(reqs)} sequences (prompts x n); this server queues at "
+                                f"most {engine.scheduler.max_waiting}")
         handles = []
         try:
             for r in reqs:
@@ -241,32 +245,64 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         metrics.observe_completion(endpoint, model, c.prompt_tokens, len(c.token_ids), time.monotonic() - started, ttft)
         return c
 
-    def usage(cs: list[Completion]) -> s.Usage:
-        p, n = sum(c.prompt_tokens for c in cs), sum(len(c.token_ids) for c in cs)
-        return s.Usage(prompt_tokens=p, completion_tokens=n, total_tokens=p + n)
+    def usage(cs: list[Completion], n: int = 1) -> s.Usage:
+        """n: choices a prompt (its tokens count once, as OpenAI counts them)."""
+        p, g = sum(c.prompt_tokens for c in cs[::n]), sum(len(c.token_ids) for c in cs)
+        return s.Usage(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
 
-    def sse(handle, endpoint: str, model: str, started: float, chunk: Callable[[Any, bool], dict],
-            usage_chunk: dict | None = None):
-        """usage_chunk: stream_options.include_usage's last chunk, less its usage."""
-        seq, queue = handle
+    def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
+        """n choices' parameters: a seeded request's choice j draws with seed + j."""
+        if params.seed is None:
+            return [params] * n
+        return [dataclasses.replace(params, seed=(params.seed + j) % 2**63) for j in range(n)]
+
+    async def merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
+        """Several requests' events as they come, each with its request's index."""
+        queue: asyncio.Queue = asyncio.Queue()
+
+        async def pump(i: int, handle) -> None:
+            try:
+                async for ev in runner.stream(*handle):
+                    queue.put_nowait((i, ev))
+            finally:
+                queue.put_nowait((i, None))
+
+        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
+        try:
+            left = len(tasks)
+            while left:
+                i, ev = await queue.get()
+                if ev is None:
+                    left -= 1
+                else:
+                    yield i, ev
+        finally:
+            for t in tasks:
+                t.cancel()
+
+    def sse(handles: list, endpoint: str, model: str, started: float, chunk: Callable[[Any, bool, int], dict],
+            usage_chunk: dict | None = None, n: int = 1):
+        """One event stream for the choices of `handles` (chunk(event, first of its choice,
+        choice index)); usage_chunk: stream_options.include_usage's last chunk, less its usage."""
 
         async def events() -> AsyncIterator[str]:
-            first = True
+            seen: set[int] = set()
             try:
-                async for ev in runner.stream(seq, queue):
-                    if ev.text or ev.finish_reason or first or ev.logprobs:
-                        yield f"data: {json.dumps(chunk(ev, first))}\n\n"
-                        first = False
+                async for i, ev in merged(handles):
+                    if ev.text or ev.finish_reason or i not in seen or ev.logprobs:
+                        yield f"data: {json.dumps(chunk(ev, i not in seen, i))}\n\n"
+                        seen.add(i)
                 try:
-                    c = record(seq, endpoint, model, started)
+                    cs = [record(seq, endpoint, model, started) for seq, _ in handles]
                     if usage_chunk is not None:
-                        yield f"data: {json.dumps({**usage_chunk, 'usage': usage([c]).model_dump()})}\n\n"
+                        yield f"data: {json.dumps({**usage_chunk, 'usage': usage(cs, n).model_dump()})}\n\n"
                 except APIError as e:
                     yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
                 yield "data: [DONE]\n\n"
             finally:
-                if not seq.finished:
-                    engine.cancel(seq)
+                for seq, _ in handles:
+                    if not seq.finished:
+                        engine.cancel(seq)
 
         return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
 
@@ -275,12 +311,11 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         started, adapter = time.monotonic(), resolve(body.model)
         one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
         prompts = [body.prompt] if one else body.prompt
-        if body.stream and len(prompts) > 1:
-            raise APIError(400, "stream: true supports one prompt per request")
         if body.echo and body.logprobs is not None:
             raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported by this server")
-        params = params_of(body, body.max_tokens, body.logprobs)
-        handles = submit_all([Request(p, adapter, params, stream=body.stream) for p in prompts])
+        n = body.n  # choice i * n + j is prompt i's j-th
+        params = choice_params(params_of(body, body.max_tokens, body.logprobs), n)
+        handles = submit_all([Request(p, adapter, params[j], stream=body.stream) for p in prompts for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
 
@@ -293,26 +328,28 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             return completion_logprobs(lps, text_of, body.logprobs > 0, offset)
 
         if body.stream:
-            offset = [0]
+            offsets = [0] * len(handles)
 
-            def chunk(ev, first):
-                lp = logprobs(ev.logprobs, offset[0])
-                if lp is not None:
-                    offset[0] = lp.text_offset[-1] + len(lp.tokens[-1]) if lp.tokens else offset[0]
-                text = echoed(prompts[0]) + ev.text if first and body.echo else ev.text
-                return {**head, "choices": [{"index": 0, "text": text, "finish_reason": ev.finish_reason,
+            def chunk(ev, first, i):
+                lp = logprobs(ev.logprobs, offsets[i])
+                if lp is not None and lp.tokens:
+                    offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
+                text = echoed(prompts[i // n]) + ev.text if first and body.echo else ev.text
+                return {**head, "choices": [{"index": i, "text": text, "finish_reason": ev.finish_reason,
                                              "logprobs": lp.model_dump() if lp is not None else None}]}
             include = body.stream_options is not None and body.stream_options.include_usage
-            return sse(handles[0], "/v1/completions", body.model, started, chunk, {**head, "choices": []} if include else None)
+            return sse(handles, "/v1/completions", body.model, started, chunk, {**head, "choices": []} if include else None,
+                       n)
         try:
             cs = [await finish(h, "/v1/completions", body.model, started) for h in handles]
         finally:
             for seq, _ in handles:  # a failed or abandoned request must not keep decoding
                 if not seq.finished:
                     engine.cancel(seq)
-        choices = [s.CompletionChoice(index=i, text=echoed(p) + c.text if body.echo else c.text, finish_reason=c.finish_reason,
-                                      logprobs=logprobs(c.logprobs)) for i, (p, c) in enumerate(zip(prompts, cs))]
-        return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs))
+        choices = [s.CompletionChoice(index=i, text=echoed(prompts[i // n]) + c.text if body.echo else c.text,
+                                      finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs))
+                   for i, c in enumerate(cs)]
+        return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs, n))
 
     @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, dependencies=auth)
     async def chat(body: s.ChatCompletionRequest):
@@ -320,23 +357,31 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         if body.top_logprobs is not None and not body.logprobs:
             raise APIError(400, "top_logprobs needs logprobs: true")
         prompt = render_chat(engine.tokenizer, body.messages)
-        params = params_of(body, body.max_completion_tokens or body.max_tokens,
-                           (body.top_logprobs or 0) if body.logprobs else None)
-        handle = submit_all([Request(prompt, adapter, params, stream=body.stream)])[0]
+        params = choice_params(params_of(body, body.max_completion_tokens or body.max_tokens,
+                                         (body.top_logprobs or 0) if body.logprobs else None), body.n)
+        handles = submit_all([Request(prompt, adapter, p, stream=body.stream) for p in params])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
         if body.stream:
-            def chunk(ev, first):
+            def chunk(ev, first, i):
                 delta = {"role": "assistant", "content": ev.text} if first else {"content": ev.text}
                 lp = chat_logprobs(ev.logprobs, text_of).model_dump() if body.logprobs else None
-                return {**head, "choices": [{"index": 0, "delta": delta, "logprobs": lp,
+                return {**head, "choices": [{"index": i, "delta": delta, "logprobs": lp,
                                              "finish_reason": ev.finish_reason}]}
             include = body.stream_options is not None and body.stream_options.include_usage
-            return sse(handle, "/v1/chat/completions", body.model, started, chunk, {**head, "choices": []} if include else None)
-        c = await finish(handle, "/v1/chat/completions", body.model, started)
-        choice = s.ChatChoice(index=0, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
-                              logprobs=chat_logprobs(c.logprobs, text_of) if body.logprobs else None)
-        return s.ChatCompletionResponse(id=rid, created=created, model=body.model, choices=[choice], usage=usage([c]))
+            return sse(handles, "/v1/chat/completions", body.model, started, chunk,
+                       {**head, "choices": []} if include else None, body.n)
+        try:
+            cs = [await finish(h, "/v1/chat/completions", body.model, started) for h in handles]
+        finally:
+            for seq, _ in handles:
+                if not seq.finished:
+                    engine.cancel(seq)
+        choices = [s.ChatChoice(index=i, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
+                                logprobs=chat_logprobs(c.logprobs, text_of) if body.logprobs else None)
+                   for i, c in enumerate(cs)]
+        return s.ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices,
+                                        usage=usage(cs, body.n))
 
     @app.get("/v1/models", response_model=s.ModelList, dependencies=auth)
     async def models():

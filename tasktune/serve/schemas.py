@@ -48,7 +48,7 @@ class _Sampling(_Body):
     stop: Stop = None
     stream: bool = False
     stream_options: StreamOptions | None = None
-    n: Annotated[int, Field(ge=1, le=1)] = 1
+    n: Annotated[int, Field(ge=1, le=16)] = 1  # choices a prompt
     presence_penalty: Penalty = 0.0
     frequency_penalty: Penalty = 0.0
     logit_bias: LogitBias | None = None
