@@ -19,7 +19,7 @@ import torch  # noqa: E402
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-from tiny_models import make_adapters, tiny_bert_dir, tiny_llama_dir  # noqa: E402
+from tiny_models import make_adapters, tiny_bert_dir, tiny_engine, tiny_llama_dir  # noqa: E402
 
 # Tiny matmuls gain nothing from threads, and on a shared 2-core machine spinning
 # OpenMP threads made them hundreds of times slower.
@@ -42,3 +42,9 @@ def adapter_root(tiny_llama, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("adapters")
     make_adapters(tiny_llama, root)
     return root
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_llama, adapter_root):
+    """The engine tests' CPU engine (a module may define its own with other limits)."""
+    return tiny_engine(tiny_llama, adapter_root, max_running=6, max_waiting=64, max_len=128)

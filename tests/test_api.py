@@ -12,6 +12,9 @@ from fastapi.testclient import TestClient
 from tasktune.serve.api import create_app
 from tasktune.serve.engine import Engine, Request
 from tasktune.serve.sampling import SamplingParams
+from tasktune.serve.task_predictor import TaskQuery
+
+from tiny_models import tiny_engine
 
 KEY = {"Authorization": "Bearer secret"}
 
@@ -21,15 +24,12 @@ def echo_predictor(task: str, inputs: dict):
         raise LookupError(f"unknown task {task!r}")
     if "text" not in inputs:
         raise ValueError("needs 'text'")
-    return inputs["text"], lambda out: (out.strip().upper(), bool(out.strip()))
+    return TaskQuery(inputs["text"], lambda out: (out.strip().upper(), bool(out.strip())))
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama, adapter_root) -> Engine:  # noqa: F811
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
-                                 max_running=8, max_waiting=4, max_len=128)
-    eng.pool.register_root()
-    return eng
+def engine(tiny_llama, adapter_root) -> Engine:
+    return tiny_engine(tiny_llama, adapter_root, max_running=8, max_waiting=4, max_len=128)
 
 
 @pytest.fixture(scope="module")
@@ -103,7 +103,7 @@ def test_api_key(client):
 
 def test_bad_bodies(client):
     url, ok = "/v1/completions", {"model": "tiny-llama", "prompt": "hi"}
-    for bad in ({**ok, "temperature": -1}, {**ok, "max_tokens": 0}, {**ok, "top_p": 0}, {"prompt": "hi"},
+    for bad in ({**ok, "temperature": -1}, {**ok, "max_tokens": -1}, {**ok, "top_p": 0}, {"prompt": "hi"},
                 {**ok, "stop": [""]}, {**ok, "prompt": []}, {**ok, "n": 17}, {**ok, "n": 0}):
         r = client.post(url, json=bad, headers=KEY)
         assert r.status_code == 422 and r.json()["error"]["message"].startswith("invalid request"), bad
@@ -208,6 +208,35 @@ def test_completion_logprobs_match_the_engine_and_stream(client, engine):
     assert echoed["choices"][0]["text"] == body["prompt"] + choice["text"]
 
 
+def test_echo_with_logprobs_scores_the_prompt(client, engine):
+    """OpenAI's echo + logprobs (how lm-evaluation-harness's local-completions scores a
+    continuation): the prompt's tokens come first with their log-probabilities, the first
+    null; max_tokens 0 generates nothing. Streamed, the first chunk carries the prompt's."""
+    prompt = "set a timer for ten minutes"
+    body = {"model": "task-3", "prompt": prompt, "max_tokens": 0, "temperature": 0, "logprobs": 1, "echo": True}
+    r = client.post("/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    out = r.json()
+    choice, ids = out["choices"][0], engine.tokenizer.encode(prompt)
+    ref = engine.generate([Request(prompt, "task-3", SamplingParams(max_tokens=0, prompt_logprobs=1))])[0]
+    lp = choice["logprobs"]
+    assert choice["text"] == prompt and choice["finish_reason"] == "length"
+    assert out["usage"] == {"prompt_tokens": len(ids), "completion_tokens": 0, "total_tokens": len(ids)}
+    assert lp["tokens"] == [engine.tokenizer.decode([t]) for t in ids]
+    assert lp["token_logprobs"][0] is None and lp["top_logprobs"][0] is None
+    assert lp["token_logprobs"][1:] == pytest.approx([x.logprob for x in ref.prompt_logprobs[1:]])
+    assert all(len(d) == 1 for d in lp["top_logprobs"][1:])
+    more = client.post("/v1/completions", json={**body, "max_tokens": 3}, headers=KEY).json()["choices"][0]
+    gen = engine.generate([Request(prompt, "task-3", SamplingParams(max_tokens=3, logprobs=1))])[0]
+    assert more["text"] == prompt + gen.text
+    assert more["logprobs"]["token_logprobs"][1:] == pytest.approx(
+        lp["token_logprobs"][1:] + [x.logprob for x in gen.logprobs])
+    chunks = sse(client.post("/v1/completions", json={**body, "max_tokens": 3, "stream": True}, headers=KEY))
+    streamed = sum((c["choices"][0]["logprobs"]["token_logprobs"] for c in chunks), [])
+    assert streamed[0] is None and streamed[1:] == pytest.approx(more["logprobs"]["token_logprobs"][1:])
+    assert chunks[0]["choices"][0]["text"].startswith(prompt)
+
+
 def test_chat_logprobs(client, engine):
     msgs = [{"role": "user", "content": "is it raining"}]
     body = {"model": "task-1", "messages": msgs, "max_tokens": 5, "temperature": 0, "logprobs": True, "top_logprobs": 3}
@@ -305,7 +334,7 @@ def test_n_choices_and_streams_of_several_prompts(client, engine):
 @pytest.mark.parametrize("url, extra, status, words", [
     ("/v1/completions", {"suffix": "x"}, 422, "suffix"),
     ("/v1/completions", {"best_of": 2}, 422, "best_of"),
-    ("/v1/completions", {"echo": True, "logprobs": 1}, 400, "echo"),
+    ("/v1/chat/completions", {"max_tokens": 0}, 422, "max_tokens"),
     ("/v1/completions", {"logprobs": 21}, 422, "logprobs"),
     ("/v1/completions", {"logit_bias": {"99999": 1}}, 400, "logit_bias"),
     ("/v1/completions", {"logit_bias": {"abc": 1}}, 422, "logit_bias"),
@@ -325,3 +354,26 @@ def test_unsupported_and_out_of_range_fields_are_refused_by_name(client, url, ex
     r = client.post(url, json={**body, **extra}, headers=KEY)
     assert r.status_code == status, r.text
     assert words in r.json()["error"]["message"]
+
+
+def test_guided_choice_and_guided_task_answers(client, engine):
+    """vLLM's guided_choice: the text is one of the choices whatever the model prefers;
+    /v1/tasks/{task}/predict constrains a closed-set task to its labels unless guided is false."""
+    answers = ["turn on the lights", "play music", "no"]
+    body = {"model": "task-2", "prompt": "hello there", "max_tokens": 24, "temperature": 0, "guided_choice": answers}
+    r = client.post("/v1/completions", json=body, headers=KEY)
+    assert r.status_code == 200, r.text
+    choice = r.json()["choices"][0]
+    decoded = {engine.tokenizer.decode(engine.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers}
+    assert choice["text"] in decoded and choice["finish_reason"] == "stop"
+    ids = tuple(tuple(engine.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    ref = engine.generate([Request("hello there", "task-2", SamplingParams(max_tokens=24, choices=ids))])[0]
+    assert choice["text"] == ref.text
+    chat = {"model": "task-2", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 24, "guided_choice": answers,
+            "temperature": 1.2, "seed": 5, "n": 4}
+    out = client.post("/v1/chat/completions", json=chat, headers=KEY).json()
+    assert all(c["message"]["content"] in decoded for c in out["choices"])
+    for extra, words in (({"min_tokens": 1}, "guided_choice"), ({"ignore_eos": True}, "guided_choice"),
+                         ({"guided_choice": []}, "guided_choice"), ({"guided_choice": [""]}, "guided_choice")):
+        bad = client.post("/v1/completions", json={**body, **extra}, headers=KEY)
+        assert bad.status_code in (400, 422) and words in bad.json()["error"]["message"], bad.text

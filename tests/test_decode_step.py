@@ -17,15 +17,12 @@ from tasktune.serve.engine import Engine, detokenize_step
 from tasktune.serve.scheduler import Sequence
 from tasktune.serve.sampling import SamplingParams
 
-from tiny_models import train_tokenizer
+from tiny_models import tiny_engine, train_tokenizer
 
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama, adapter_root) -> Engine:
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
-                                 max_running=8, max_len=2 * CONTEXT_STEP + 16)
-    eng.pool.register_root()
-    return eng
+    return tiny_engine(tiny_llama, adapter_root, max_running=8, max_len=2 * CONTEXT_STEP + 16)
 
 
 def test_buckets():

@@ -23,14 +23,6 @@ from tiny_models import PROMPTS, make_adapter  # noqa: E402,F401
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_llama, adapter_root) -> Engine:
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
-                                 max_running=6, max_waiting=64, max_len=128)
-    eng.pool.register_root()
-    return eng
-
-
-@pytest.fixture(scope="module")
 def reference(tiny_llama, adapter_root):
     """Greedy tokens of HF + PEFT `generate` for one request alone (cached)."""
     tok = AutoTokenizer.from_pretrained(tiny_llama)

@@ -13,17 +13,10 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
+from tasktune.serve.guided import constrain_, next_tokens
 from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, sampling_probs, shape_logits
 
 from tiny_models import PROMPTS  # noqa: F401
-
-
-@pytest.fixture(scope="module")
-def engine(tiny_llama, adapter_root) -> Engine:
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
-                                 max_running=6, max_waiting=64, max_len=128)
-    eng.pool.register_root()
-    return eng
 
 
 @pytest.fixture(scope="module")
@@ -237,3 +230,109 @@ def test_logprobs_on_the_gpu_paths_equal_hf(tiny_llama, adapter_root):
             assert ref[t] >= ref.max() - 0.05  # greedy: the (near-)top token
             assert len(lp.top) == 2 and lp.top[0][1] >= lp.top[1][1]
             ids = ids + [t]
+    # a prompt's log-probabilities (an eager prefill that keeps every position) and a guided row
+    choices = tuple(tuple(tok(a, add_special_tokens=False)["input_ids"]) for a in ("yes", "no", "maybe later"))
+    scored, guided = eng.generate([
+        Request("book a table for two", "task-2", SamplingParams(max_tokens=2, prompt_logprobs=1)),
+        Request("is it raining", "task-2", SamplingParams(max_tokens=12, choices=choices))])
+    ids = tok.encode("book a table for two")
+    with torch.no_grad():
+        ref = torch.log_softmax(model(input_ids=torch.tensor([ids], device="cuda")).logits[0].float(), -1)
+    assert [lp.logprob for lp in scored.prompt_logprobs[1:]] == pytest.approx(
+        [ref[t - 1, ids[t]].item() for t in range(1, len(ids))], abs=0.05)
+    assert tuple(guided.token_ids[:-1]) in choices and guided.finish_reason == "stop"
+
+
+@pytest.mark.parametrize("adapter", [None, "task-5"])
+def test_prompt_logprobs_equal_hf_log_softmax_at_every_prompt_position(engine, hf, adapter, monkeypatch):
+    """prompt_logprobs (OpenAI's echo + logprobs): token t's entry is HF's log-softmax at the
+    prefix before it, with the same top-k; the first token has none. The LM head runs over
+    a few positions at a time (SCORING_ROWS), which must not change a value. max_tokens=0
+    scores the prompt and generates nothing."""
+    from tasktune.serve import engine as engine_module
+
+    chunk = 3
+    monkeypatch.setattr(engine_module, "SCORING_ROWS", chunk)
+    tok, logits = hf
+    prompt = "remind me to call my sister tomorrow at noon"
+    ids = tok.encode(prompt)
+    scored, plain = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=0, prompt_logprobs=2)),
+                                     Request("play jazz", "task-0", SamplingParams(max_tokens=3))])
+    assert scored.token_ids == [] and scored.text == "" and scored.finish_reason == "length"
+    assert len(scored.prompt_logprobs) == len(ids) > 2 * chunk
+    assert scored.prompt_logprobs[0] is None
+    for t in range(1, len(ids)):
+        ref = torch.log_softmax(logits(ids[:t], adapter), -1)
+        lp = scored.prompt_logprobs[t]
+        assert lp.token == ids[t] and lp.logprob == pytest.approx(ref[ids[t]].item(), abs=1e-4)
+        assert [i for i, _ in lp.top] == ref.topk(2).indices.tolist()
+        assert [v for _, v in lp.top] == pytest.approx(ref.topk(2).values.tolist(), abs=1e-4)
+    # the request beside it in that prefill, and generation after scoring, are unchanged
+    assert plain.token_ids == engine.generate([Request("play jazz", "task-0", SamplingParams(max_tokens=3))])[0].token_ids
+    both = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=4, prompt_logprobs=0, logprobs=0))])[0]
+    alone = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=4))])[0]
+    assert both.token_ids == alone.token_ids and len(both.logprobs) == 4
+    assert [lp.logprob for lp in both.prompt_logprobs[1:]] == pytest.approx(
+        [lp.logprob for lp in scored.prompt_logprobs[1:]], abs=1e-5)
+    assert all(lp.top == () for lp in both.prompt_logprobs[1:])
+
+
+
+def test_prompt_logprobs_and_max_tokens_bounds():
+    SamplingParams(max_tokens=0)  # the prompt only
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+    with pytest.raises(ValueError, match="max_tokens"):
+        SamplingParams(max_tokens=-1)
+
+
+def test_next_tokens_follow_the_answers_token_paths():
+    choices, eos = ((1, 2, 3), (1, 2), (4,)), {0, 9}
+    assert next_tokens(choices, [], eos) == [1, 4]
+    assert next_tokens(choices, [1], eos) == [2]
+    assert next_tokens(choices, [1, 2], eos) == [0, 3, 9]  # (1, 2) is whole: it may end, or go on to (1, 2, 3)
+    assert next_tokens(choices, [4], eos) == [0, 9]
+    row = constrain_(torch.zeros(10), choices, [1], eos)
+    assert row[2] == 0 and torch.isinf(row).sum() == 9
+    with pytest.raises(ValueError, match="choices"):
+        SamplingParams(choices=((1,),), min_tokens=1)
+    with pytest.raises(ValueError, match="choices"):
+        SamplingParams(choices=((),))
+
+
+@pytest.mark.parametrize("adapter", [None, "task-5"])
+def test_guided_choice_equals_a_constrained_greedy_loop_over_hf_logits(engine, hf, adapter):
+    """A row bound to answers takes, each step, the argmax of HF's logits over the tokens
+    that continue an answer (the end token once one is whole); it ends on an answer, its
+    logprobs are the raw distribution's, and rows beside it are unchanged."""
+    tok, logits = hf
+    answers = ["play music", "set an alarm", "book a table", "play"]
+    choices = tuple(tuple(tok(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    prompt = "what should i do now"
+    eos = engine.eos_ids
+    guided, free = engine.generate([
+        Request(prompt, adapter, SamplingParams(max_tokens=12, choices=choices, logprobs=0)),
+        Request(prompt, adapter, SamplingParams(max_tokens=5))])
+    ids, want, raw = tok.encode(prompt), [], []
+    while True:
+        row = logits(ids + want, adapter)
+        ok = [c[len(want)] for c in choices if len(c) > len(want) and list(c[:len(want)]) == want]
+        ok += sorted(eos) if any(list(c) == want for c in choices) else []
+        t = max(ok, key=lambda i: row[i].item())
+        raw.append(torch.log_softmax(row, -1)[t].item())
+        want.append(t)
+        if t in eos:
+            break
+    assert guided.token_ids == want and tuple(want[:-1]) in choices and guided.finish_reason == "stop"
+    assert [lp.logprob for lp in guided.logprobs] == pytest.approx(raw, abs=1e-4)
+    assert free.token_ids == engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=5))])[0].token_ids
+
+
+def test_sampled_guided_choice_always_ends_on_an_answer(engine):
+    answers = ["yes", "no", "maybe later"]
+    choices = tuple(tuple(engine.tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
+    reqs = [Request("is it raining", "task-1", SamplingParams(max_tokens=16, temperature=1.5, seed=s, choices=choices))
+            for s in range(12)]
+    outs = engine.generate(reqs)
+    assert all(tuple(c.token_ids[:-1]) in choices and c.finish_reason == "stop" for c in outs)
+    assert len({c.text for c in outs}) > 1  # (it samples)

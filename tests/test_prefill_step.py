@@ -17,12 +17,12 @@ from tasktune.serve.forward_batch import make_batch
 from tasktune.serve import prefill_graphs
 from tasktune.serve.prefill_graphs import BUCKETS, PrefillStep
 
+from tiny_models import tiny_engine
+
 
 @pytest.fixture(scope="module")
 def engine(tiny_llama, adapter_root) -> Engine:
-    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
-                                 max_running=4, max_len=200)
-    eng.pool.register_root()
+    eng = tiny_engine(tiny_llama, adapter_root, max_running=4, max_len=200)
     eng.prefill_step.pad = True  # the padded layout a GPU captures, run eagerly (the CPU runs each prompt's length)
     return eng
 

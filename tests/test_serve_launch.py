@@ -47,23 +47,30 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
     """A user-declared task (not in the built-in registry) is rendered with the run's own
     template, answered by the run's adapter for it, and parsed with the run's label set."""
     from tasktune.model.restore import read_run, run_tasks
-    from tasktune.serve.api import task_predictor
+    from tasktune.serve.task_predictor import task_predictor
 
     cfg = tiny_config(tmp_path, tiny_llama, max_steps=2)
     train_strategy(cfg, strategy, tmp_path / "run", progress=False)
     app, _ = build_server([tmp_path / "run"], None)
     text = "turn off the lights in the hall"
     with TestClient(app) as client:
-        reply = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6})
+        reply = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 32})
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["model"] == adapter
-        # the same prompt through the completions endpoint gives the same greedy text
+        # the same prompt and the task's labels through the completions endpoint give the same
+        # greedy text; the answer is one of the labels whatever the (barely trained) adapter says
         tasks = {t.name: t for t in run_tasks(*read_run(tmp_path / "run"))}
-        prompt, parse = task_predictor(tasks)("home_intent", {"text": text})
-        direct = client.post("/v1/completions", json={"model": adapter, "prompt": prompt, "max_tokens": 6, "temperature": 0})
+        query = task_predictor(tasks)("home_intent", {"text": text})
+        assert len(query.answers) == len(tasks["home_intent"].labels)
+        plain = {"model": adapter, "prompt": query.prompt, "max_tokens": 32, "temperature": 0}
+        direct = client.post("/v1/completions", json={**plain, "guided_choice": list(query.answers)})
         assert body["text"] == direct.json()["choices"][0]["text"]
-        assert body["prediction"] == parse(body["text"])[0]
+        assert body["valid"] and direct.json()["choices"][0]["finish_reason"] == "stop"
+        assert body["prediction"] == query.parse(body["text"])[0] in tasks["home_intent"].labels
+        free = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6,
+                                                                   "guided": False}).json()
+        assert free["text"] == client.post("/v1/completions", json={**plain, "max_tokens": 6}).json()["choices"][0]["text"]
         missing = client.post("/v1/tasks/clinc150/predict", json={"inputs": {"text": text}})
         assert missing.status_code == 404
         assert "home_intent" in missing.json()["error"]["message"]

@@ -148,3 +148,13 @@ def make_adapters(base_dir: Path, root: Path, n: int = 8) -> list[str]:
                      seed=100 + i, use_rslora=(i == 5))
         names.append(name)
     return names
+
+
+def tiny_engine(model_dir: Path, adapter_root: Path, **options):
+    """A CPU engine on the tiny Llama with every adapter under adapter_root registered
+    (4 resident, max rank 8); options go to Engine.from_pretrained (max_running, max_len ...)."""
+    from tasktune.serve.engine import Engine
+
+    eng = Engine.from_pretrained(model_dir, adapter_root=adapter_root, max_resident=4, max_rank=8, **options)
+    eng.pool.register_root()
+    return eng

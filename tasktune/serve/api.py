@@ -10,19 +10,16 @@ An encoder run gets its own routes (encoder_api.py) on the same scaffolding (`ap
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 import hmac
-import json
 import math
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Mapping, Protocol
+from typing import Any, Callable, Mapping
 
 from fastapi import Depends, FastAPI, Request as HTTPRequest
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response, StreamingResponse
+from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
 from tasktune.errors import TasktuneError
@@ -33,64 +30,10 @@ from tasktune.serve.async_engine import AsyncEngine
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from tasktune.serve.openai_stream import choice_params, event_stream
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
-from tasktune.tasks.spec import Task
-
-
-class TaskPredictor(Protocol):
-    """(task name, inputs) -> (prompt, parse), where parse(text) -> (value, valid).
-    Raises LookupError for an unknown task and ValueError for unusable inputs."""
-
-    def __call__(self, task: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]: ...
-
-
-def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
-    """A TaskPredictor over `tasks` (a served run's own tasks, user-declared ones too),
-    else over the built-in registry: the task's first template and its parser."""
-
-    def predict(task_name: str, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
-        from tasktune.tasks.registry import get_task
-
-        if tasks is not None:
-            if task_name not in tasks:
-                raise LookupError(f"task {task_name!r} is not served here; tasks: {', '.join(tasks)}")
-            return _prompt_and_parser(tasks[task_name], inputs)
-        try:
-            return _prompt_and_parser(get_task(task_name), inputs)
-        except TasktuneError as e:
-            raise LookupError(str(e)) from None
-
-    return predict
-
-
-def _prompt_and_parser(task: Task, inputs: dict[str, Any]) -> tuple[str, Callable[[str], tuple[Any, bool]]]:
-    from tasktune.tasks.parsers import parse_output
-    from tasktune.tasks.render import render
-    from tasktune.tasks.spec import Example, Origin
-
-    task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
-    inputs = dict(inputs)
-    if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
-        inputs["tokens"] = str(inputs.get("tokens", inputs.get("text"))).split()
-    missing = [f for f in task.input_fields if f not in inputs]
-    if missing:
-        raise ValueError(f"task {task.name!r} needs input field(s) {missing}")
-    target = ["O"] * len(inputs["tokens"]) if task.kind == "tagging" else ""
-    example = Example(task=task.name, uid="api", inputs=inputs, target=target, origin=Origin("api", 0))
-    try:
-        prompt = render(task, example, 0).prompt
-    except (KeyError, IndexError, ValueError, TypeError) as e:
-        raise ValueError(f"cannot render task {task.name!r} with these inputs: {e}") from None
-
-    def parse(text: str) -> tuple[Any, bool]:
-        parsed = parse_output(task, text, example)
-        return parsed.value, parsed.valid
-
-    return prompt, parse
-
-
-registry_predictor = task_predictor()  # the built-in tasks
+from tasktune.serve.task_predictor import TaskPredictor, registry_predictor
 
 
 class APIError(Exception):
@@ -198,7 +141,17 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
 
     text_of = TokenTexts(engine.tokenizer)
 
-    def params_of(body: s._Sampling, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
+    def encode_choices(texts, field: str) -> tuple[tuple[int, ...], ...]:
+        """Answers -> token sequences, each encoded on its own as training encodes a target."""
+        choices = tuple(tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts or ())
+        if any(not c for c in choices):
+            raise APIError(400, f"{field}: an answer encodes to no tokens")
+        if any(t >= engine.model.cfg.vocab_size for c in choices for t in c):
+            raise APIError(400, f"{field}: an answer has tokens outside the model's vocabulary")
+        return choices
+
+    def params_of(body: s._Sampling, max_tokens: int | None, logprobs: int | None = None,
+                  prompt_logprobs: int | None = None) -> SamplingParams:
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         bias = tuple(sorted((int(k), v) for k, v in (body.logit_bias or {}).items()))
         vocab = engine.model.cfg.vocab_size
@@ -206,15 +159,18 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             outside = [t for t in ids if t >= vocab]
             if outside:
                 raise APIError(400, f"{name}: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
-        max_tokens = max_tokens or 16
+        max_tokens = 16 if max_tokens is None else max_tokens
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})")
+        if body.guided_choice and (body.min_tokens or body.ignore_eos):
+            raise APIError(400, "guided_choice cannot be combined with min_tokens or ignore_eos")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               seed=body.seed, stop=stop, logprobs=logprobs, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, logit_bias=bias, top_k=body.top_k,
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
-                              ignore_eos=body.ignore_eos)
+                              ignore_eos=body.ignore_eos, prompt_logprobs=prompt_logprobs,
+                              choices=encode_choices(body.guided_choice, "guided_choice"))
 
     def submit_all(reqs: list[Request]) -> list:
         if len(reqs) > engine.scheduler.max_waiting:
@@ -250,71 +206,28 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         p, g = sum(c.prompt_tokens for c in cs[::n]), sum(len(c.token_ids) for c in cs)
         return s.Usage(prompt_tokens=p, completion_tokens=g, total_tokens=p + g)
 
-    def choice_params(params: SamplingParams, n: int) -> list[SamplingParams]:
-        """n choices' parameters: a seeded request's choice j draws with seed + j."""
-        if params.seed is None:
-            return [params] * n
-        return [dataclasses.replace(params, seed=(params.seed + j) % 2**63) for j in range(n)]
-
-    async def merged(handles: list) -> AsyncIterator[tuple[int, Any]]:
-        """Several requests' events as they come, each with its request's index."""
-        queue: asyncio.Queue = asyncio.Queue()
-
-        async def pump(i: int, handle) -> None:
-            try:
-                async for ev in runner.stream(*handle):
-                    queue.put_nowait((i, ev))
-            finally:
-                queue.put_nowait((i, None))
-
-        tasks = [asyncio.create_task(pump(i, h)) for i, h in enumerate(handles)]
-        try:
-            left = len(tasks)
-            while left:
-                i, ev = await queue.get()
-                if ev is None:
-                    left -= 1
-                else:
-                    yield i, ev
-        finally:
-            for t in tasks:
-                t.cancel()
-
     def sse(handles: list, endpoint: str, model: str, started: float, chunk: Callable[[Any, bool, int], dict],
             usage_chunk: dict | None = None, n: int = 1):
-        """One event stream for the choices of `handles` (chunk(event, first of its choice,
-        choice index)); usage_chunk: stream_options.include_usage's last chunk, less its usage."""
+        """The choices of `handles` as one event stream (openai_stream.py); usage_chunk:
+        stream_options.include_usage's last chunk, less its usage."""
 
-        async def events() -> AsyncIterator[str]:
-            seen: set[int] = set()
+        def last() -> dict | None:
             try:
-                async for i, ev in merged(handles):
-                    if ev.text or ev.finish_reason or i not in seen or ev.logprobs:
-                        yield f"data: {json.dumps(chunk(ev, i not in seen, i))}\n\n"
-                        seen.add(i)
-                try:
-                    cs = [record(seq, endpoint, model, started) for seq, _ in handles]
-                    if usage_chunk is not None:
-                        yield f"data: {json.dumps({**usage_chunk, 'usage': usage(cs, n).model_dump()})}\n\n"
-                except APIError as e:
-                    yield f"data: {json.dumps({'error': {'message': e.message, 'type': e.kind, 'code': e.status}})}\n\n"
-                yield "data: [DONE]\n\n"
-            finally:
-                for seq, _ in handles:
-                    if not seq.finished:
-                        engine.cancel(seq)
+                cs = [record(seq, endpoint, model, started) for seq, _ in handles]
+            except APIError as e:
+                return {"error": {"message": e.message, "type": e.kind, "code": e.status}}
+            return None if usage_chunk is None else {**usage_chunk, "usage": usage(cs, n).model_dump()}
 
-        return StreamingResponse(events(), media_type="text/event-stream", headers={"Cache-Control": "no-cache"})
+        return event_stream(runner, handles, chunk, last)
 
     @app.post("/v1/completions", response_model=s.CompletionResponse, dependencies=auth)
     async def completions(body: s.CompletionRequest):
         started, adapter = time.monotonic(), resolve(body.model)
         one = isinstance(body.prompt, str) or (body.prompt and isinstance(body.prompt[0], int))
         prompts = [body.prompt] if one else body.prompt
-        if body.echo and body.logprobs is not None:
-            raise APIError(400, "echo with logprobs (the prompt's log-probabilities) is not supported by this server")
         n = body.n  # choice i * n + j is prompt i's j-th
-        params = choice_params(params_of(body, body.max_tokens, body.logprobs), n)
+        scored = body.logprobs if body.echo else None  # echo + logprobs: the prompt's tokens' entries too
+        params = choice_params(params_of(body, body.max_tokens, body.logprobs, scored), n)
         handles = submit_all([Request(p, adapter, params[j], stream=body.stream) for p in prompts for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
@@ -322,16 +235,20 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         def echoed(prompt: str | list[int]) -> str:
             return prompt if isinstance(prompt, str) else engine.tokenizer.decode(prompt)
 
-        def logprobs(lps, offset: int = 0) -> s.CompletionLogprobs | None:
+        def logprobs(lps, offset: int = 0, echoed_seq=None) -> s.CompletionLogprobs | None:
+            """echoed_seq: the choice's sequence, whose prompt's entries go first (echo)."""
             if body.logprobs is None:
                 return None
+            if scored is not None and echoed_seq is not None:
+                return completion_logprobs(echoed_seq.prompt_logprobs + lps, text_of, body.logprobs > 0, offset,
+                                           echoed_seq.prompt_ids + [lp.token for lp in lps])
             return completion_logprobs(lps, text_of, body.logprobs > 0, offset)
 
         if body.stream:
             offsets = [0] * len(handles)
 
             def chunk(ev, first, i):
-                lp = logprobs(ev.logprobs, offsets[i])
+                lp = logprobs(ev.logprobs, offsets[i], handles[i][0] if first else None)
                 if lp is not None and lp.tokens:
                     offsets[i] = lp.text_offset[-1] + len(lp.tokens[-1])
                 text = echoed(prompts[i // n]) + ev.text if first and body.echo else ev.text
@@ -347,8 +264,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                 if not seq.finished:
                     engine.cancel(seq)
         choices = [s.CompletionChoice(index=i, text=echoed(prompts[i // n]) + c.text if body.echo else c.text,
-                                      finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs))
-                   for i, c in enumerate(cs)]
+                                      finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs, 0, seq))
+                   for i, (c, (seq, _)) in enumerate(zip(cs, handles))]
         return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs, n))
 
     @app.post("/v1/chat/completions", response_model=s.ChatCompletionResponse, dependencies=auth)
@@ -415,15 +332,17 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     async def predict(task: str, body: s.TaskPredictRequest):
         started = time.monotonic()
         try:
-            prompt, parse = predictor(task, body.inputs)
+            query = predictor(task, body.inputs)
         except LookupError as e:
             raise APIError(404, str(e).strip("'\""), "not_found_error") from None
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
         model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
-        handle = submit_all([Request(prompt, resolve(model), SamplingParams(max_tokens=body.max_tokens, logprobs=0))])[0]
+        choices = encode_choices(query.answers, "the task's labels") if body.guided else ()
+        params = SamplingParams(max_tokens=body.max_tokens, logprobs=0, choices=choices)
+        handle = submit_all([Request(query.prompt, resolve(model), params)])[0]
         c = await finish(handle, "/v1/tasks/{task}/predict", model, started)
-        value, valid = parse(c.text)
+        value, valid = query.parse(c.text)
         score = math.exp(sum(lp.logprob for lp in c.logprobs))  # the greedy answer's probability
         return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text,
                                      score=score)
@@ -440,4 +359,4 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     return app
 
 
-__all__ = ["APIError", "TaskPredictor", "api_app", "create_app", "registry_predictor", "task_predictor"]
+__all__ = ["APIError", "api_app", "create_app"]

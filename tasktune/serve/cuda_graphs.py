@@ -312,6 +312,7 @@ class DecodeStep:
         graph.replay()
         return outputs  # static memory of the graph: read before the next replay
 
+    @torch.no_grad()  # (the tail after the decoder's forward would otherwise record autograd history)
     def _step(self, B: int, L: int, use_lora: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """The step; at its end, its argmax tokens and the positions one on (rows of running
         sequences) are already the inputs of the step after it, for `greedy`'s step ahead

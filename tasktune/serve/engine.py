@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -47,6 +47,8 @@ AHEAD_PER_ROW = True
 # Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
 # (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
+# A prefill that scores its prompt (prompt_logprobs) runs the LM head over this many positions at a time
+SCORING_ROWS = 512
 
 
 class PromptTooLong(TasktuneError):
@@ -70,6 +72,7 @@ class Completion:
     prompt_tokens: int
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked
+    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, if asked (the first None)
 
 
 def most(ks: list[int | None]) -> int | None:
@@ -80,7 +83,7 @@ def most(ks: list[int | None]) -> int | None:
 def completion_of(seq: Sequence) -> Completion:
     return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
                       len(seq.prompt_ids), seq.error,
-                      list(seq.logprobs) if seq.params.logprobs is not None else None)
+                      list(seq.logprobs) if seq.params.logprobs is not None else None, seq.prompt_logprobs)
 
 
 def detokenize_step(tokenizer, seq: Sequence) -> str:
@@ -121,7 +124,6 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
-        self.end_ids = tuple(sorted(eos))
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self._lock = threading.Lock()  # guards the scheduler's queues
@@ -203,7 +205,11 @@ class Engine:
             self.decode_step.launch_joined()
         if first is not None:  # the prefill's tokens, read after the next step was launched
             for s, (t, lp) in zip(prefill, first()):
-                self._append(s, t, lp)
+                if s.params.max_tokens:
+                    self._append(s, t, lp)
+                else:  # the prompt only (scored, say): nothing to generate
+                    s.finish_reason = "length"
+                    self._notify(s)
         touched = prefill + decoding
         with self._lock:
             done = self.scheduler.retire()
@@ -243,7 +249,9 @@ class Engine:
         (not appended yet). All greedy on raw logits: the argmax (and the log-probabilities
         asked for) stay on the device until read, and the rows that go on join the decode step
         launched ahead next (DecodeStep.join)."""
-        if PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
+        if any(s.params.prompt_logprobs is not None for s in seqs):
+            logits = self._prefill_scoring(seqs)
+        elif PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
             logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
                                        [s.lora_id for s in seqs])
         else:
@@ -252,7 +260,7 @@ class Engine:
             logits = self.model(batch, self.cache, self.pool.stacks)
         if not all(s.params.device_greedy for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
-                                 [s.prompt_ids for s in seqs], self.end_ids)
+                                 [s.prompt_ids for s in seqs], self.eos_ids)
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         ks = [s.params.logprobs for s in seqs]
@@ -273,6 +281,29 @@ class Engine:
                     for i, (t, k) in enumerate(zip(tokens, ks))]
         return result
 
+    @torch.no_grad()
+    def _prefill_scoring(self, seqs: list[Sequence]) -> torch.Tensor:
+        """An eager prefill that keeps every position's output, for requests that ask for their
+        prompt's log-probabilities: fills their `prompt_logprobs` and returns each sequence's
+        last logits [B, vocab] float32, as the other prefill paths do. The LM head runs over
+        SCORING_ROWS positions at a time, so a long prompt never holds all its logits at once."""
+        prompts = [s.prompt_ids for s in seqs]
+        batch = make_batch(prompts, [0] * len(seqs), [s.kv_slot for s in seqs], [s.lora_id for s in seqs], self.device)
+        model = self.model
+        rows = model(replace(batch, last=None), self.cache, self.pool.stacks, head=False)  # [N, hidden]
+        head = lambda r: model.lm_head(model.model.norm(r))  # noqa: E731
+        start = 0
+        for s, ids in zip(seqs, prompts):
+            k = s.params.prompt_logprobs
+            if k is not None:  # position t's logits score token t + 1
+                targets = torch.tensor(ids[1:], device=rows.device)
+                table = [row for lo in range(0, len(ids) - 1, SCORING_ROWS)
+                         for row in logprob_table(head(rows[start + lo:start + min(lo + SCORING_ROWS, len(ids) - 1)]),
+                                                  targets[lo:lo + SCORING_ROWS], k).tolist()]
+                s.prompt_logprobs = [None] + [TokenLogprob.from_row(t, row, k) for t, row in zip(ids[1:], table)]
+            start += len(ids)
+        return head(rows.index_select(0, batch.last)).float()
+
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
@@ -281,8 +312,9 @@ class Engine:
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False
             ks = [s.params.logprobs for s in seqs]
-            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=most(ks))
-            rows = self.decode_step.last_logprobs.tolist() if most(ks) is not None else None
+            k = most(ks)
+            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=k)
+            rows = self.decode_step.last_logprobs.tolist() if k is not None else None
             for s, t, k in zip(seqs, tokens, ks):
                 self._append(s, t, None if k is None else TokenLogprob.from_row(t, rows[s.kv_slot], k))
         else:
@@ -290,7 +322,7 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                             [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.end_ids)
+                             [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids)
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 

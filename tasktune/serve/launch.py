@@ -73,7 +73,8 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     compile: the decode step through torch.compile (None: on a GPU). On a GPU the decode
     step's CUDA graphs are captured here, before the first request."""
     from tasktune.model.load import resolve
-    from tasktune.serve.api import create_app, task_predictor
+    from tasktune.serve.api import create_app
+    from tasktune.serve.task_predictor import task_predictor
     from tasktune.serve.engine import Engine
 
     device = resolve_device(device)

@@ -1,6 +1,7 @@
 """Generated tokens' log-probabilities in OpenAI's two response formats.
 
-Completions use the legacy lists (tokens, token_logprobs, top_logprobs, text_offset);
+Completions use the legacy lists (tokens, token_logprobs, top_logprobs, text_offset; with
+`echo`, the prompt's tokens first, the first of them null: nothing precedes it);
 chat uses one object a token with its UTF-8 bytes. A token's text is its own decode
 (special tokens shown), so a token that is part of a multi-byte character reads as the
 replacement character, as in vLLM; its `bytes` are that text's.
@@ -27,17 +28,20 @@ class TokenTexts:
         return text
 
 
-def completion_logprobs(lps: list[TokenLogprob], text_of: TokenTexts, top: bool, offset: int = 0
-                        ) -> s.CompletionLogprobs:
-    """offset: the text_offset of the first token (where its text starts in the choice's text)."""
-    tokens = [text_of(lp.token) for lp in lps]
+def completion_logprobs(lps: list[TokenLogprob | None], text_of: TokenTexts, top: bool, offset: int = 0,
+                        ids: list[int] | None = None) -> s.CompletionLogprobs:
+    """offset: the text_offset of the first token (where its text starts in the choice's text);
+    ids: the tokens, where an entry is None (an echoed prompt's first token: null entries)."""
+    ids = ids if ids is not None else [lp.token for lp in lps]
+    tokens = [text_of(t) for t in ids]
     offsets = []
     for t in tokens:
         offsets.append(offset)
         offset += len(t)
-    return s.CompletionLogprobs(tokens=tokens, token_logprobs=[lp.logprob for lp in lps],
-                                top_logprobs=[_by_text(lp, text_of) for lp in lps] if top else None,
-                                text_offset=offsets)
+    return s.CompletionLogprobs(
+        tokens=tokens, token_logprobs=[lp.logprob if lp is not None else None for lp in lps],
+        top_logprobs=[_by_text(lp, text_of) if lp is not None else None for lp in lps] if top else None,
+        text_offset=offsets)
 
 
 def _by_text(lp: TokenLogprob, text_of: TokenTexts) -> dict[str, float]:

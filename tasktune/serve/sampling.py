@@ -13,9 +13,12 @@ from __future__ import annotations
 
 import math
 import random
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
+
+from tasktune.serve.guided import constrain_
 
 MAX_LOGPROBS = 20  # alternatives a token (vLLM's default max_logprobs)
 LOGPROB_FLOOR = -9999.0  # -inf has no JSON form (vLLM clamps to the same)
@@ -38,18 +41,25 @@ class SamplingParams:
     repetition_penalty: float = 1.0  # a seen token's logit / p if positive, else x p
     min_tokens: int = 0  # end tokens and stop_token_ids barred before this many tokens
     stop_token_ids: tuple[int, ...] = ()  # generating one ends the request, like an end token
+    # None: none; k: each prompt token's log-probability given the tokens before it (the
+    # first token's is None) and the k most likely there (vLLM's prompt_logprobs, OpenAI's echo)
+    prompt_logprobs: int | None = None
+    # the answer must be one of these token sequences (guided.py; vLLM's guided_choice); () = any text
+    choices: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self):
-        if self.max_tokens < 1:
-            raise ValueError("max_tokens must be >= 1")
+        if self.max_tokens < 0:
+            raise ValueError("max_tokens must be >= 0 (0: the prompt only, e.g. to score it)")
         if self.temperature < 0:
             raise ValueError("temperature must be >= 0")
         if not 0 < self.top_p <= 1:
             raise ValueError("top_p must be in (0, 1]")
         if any(not s for s in self.stop):
             raise ValueError("stop strings must be non-empty")
-        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_LOGPROBS:
-            raise ValueError(f"logprobs must be in [0, {MAX_LOGPROBS}]")
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and not 0 <= k <= MAX_LOGPROBS:
+                raise ValueError(f"{name} must be in [0, {MAX_LOGPROBS}]")
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2]")
@@ -65,6 +75,10 @@ class SamplingParams:
             raise ValueError("min_tokens must be in [0, max_tokens]")
         if any(t < 0 for t in self.stop_token_ids):
             raise ValueError("stop_token_ids must be >= 0")
+        if any(not c or min(c) < 0 for c in self.choices):
+            raise ValueError("choices must be non-empty token sequences of ids >= 0")
+        if self.choices and (self.min_tokens or self.ignore_eos):
+            raise ValueError("choices cannot be combined with min_tokens or ignore_eos (an answer ends at its last token)")
 
     @property
     def greedy(self) -> bool:
@@ -73,7 +87,7 @@ class SamplingParams:
     @property
     def shapes_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1)
+                    or self.repetition_penalty != 1 or self.choices)
 
     @property
     def device_greedy(self) -> bool:
@@ -133,11 +147,12 @@ def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int], prompt: list[int] = (),
-                 end_ids: tuple[int, ...] = ()) -> torch.Tensor:
+                 end_ids: Collection[int] = ()) -> torch.Tensor:
     """row [V] float32 -> a copy with the request's processors applied, in vLLM's order: the
     logit bias; end_ids and stop_token_ids at -inf while fewer than min_tokens were
     generated; the repetition penalty over prompt and output; then OpenAI's
-    logit - frequency * count - presence * (count > 0) over the output."""
+    logit - frequency * count - presence * (count > 0) over the output; last, a row bound to
+    `choices` keeps only the tokens that continue one (guided.py)."""
     row = row.clone()
     V = row.shape[0]
     for token, bias in params.logit_bias:
@@ -154,6 +169,8 @@ def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int]
     if generated and (params.presence_penalty or params.frequency_penalty):
         counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=V)[:V].to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
+    if params.choices:
+        constrain_(row, params.choices, generated, end_ids)
     return row
 
 
@@ -184,7 +201,7 @@ def _finite(x: float) -> float:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            generated: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
-           end_ids: tuple[int, ...] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
+           end_ids: Collection[int] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V] float32 -> one token per row, and its log-probabilities where the
     row's request asked for them (else None). generated, prompts: each row's tokens so far
     and its prompt (the penalties read them); end_ids: the model's end tokens (min_tokens)."""

@@ -60,6 +60,8 @@ class Sequence:
     stream: bool = False  # text and on_update every token (else once, when finished)
     logprobs: list[TokenLogprob] = field(default_factory=list)  # one per output token, if params.logprobs is set
     logprobs_sent: int = 0  # of `logprobs`, streamed already
+    # one per prompt token if params.prompt_logprobs is set (the first None: nothing precedes it)
+    prompt_logprobs: list[TokenLogprob | None] | None = None
 
     @property
     def text(self) -> str:

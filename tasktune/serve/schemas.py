@@ -59,6 +59,9 @@ class _Sampling(_Body):
     min_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
     stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
     ignore_eos: bool = False
+    # the answer is one of these texts (each encoded on its own; serve/guided.py)
+    guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
+                             Field(min_length=1, max_length=256)] | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -66,8 +69,10 @@ class CompletionRequest(_Sampling):
     # text, texts, token ids, or lists of token ids (OpenAI's four forms)
     prompt: Union[Text, Annotated[list[Text], Field(min_length=1, max_length=16)], TokenIds,
                   Annotated[list[TokenIds], Field(min_length=1, max_length=16)]]
+    # 0: the prompt only (with echo and logprobs: its log-probabilities, as scoring clients ask)
+    max_tokens: Annotated[int, Field(ge=0, le=4096)] | None = 16
     logprobs: TopLogprobs | None = None  # each token's log-probability and this many alternatives
-    echo: bool = False  # the prompt's text before the completion's
+    echo: bool = False  # the prompt's text before the completion's (with logprobs: and its tokens' entries)
     best_of: Annotated[int, Field(ge=1, le=1)] | None = None
     # accepted only empty (the schema says so; the validator's message says why)
     suffix: Annotated[str | None, Field(json_schema_extra={"maxLength": 0})] = None
@@ -115,8 +120,8 @@ class CompletionLogprobs(BaseModel):
     """OpenAI's legacy completions format: one entry a generated token."""
 
     tokens: list[str]
-    token_logprobs: list[float]
-    top_logprobs: list[dict[str, float]] | None
+    token_logprobs: list[float | None]  # None: an echoed prompt's first token (nothing precedes it)
+    top_logprobs: list[dict[str, float] | None] | None
     text_offset: list[int]
 
 
@@ -203,6 +208,7 @@ class TaskPredictRequest(_Body):
     model: Name | None = None
     max_tokens: MaxTokens = 64  # causal runs
     top_k: Annotated[int, Field(ge=1, le=100)] = 5  # encoder runs: how many labels `top` lists
+    guided: bool = True  # causal runs: a closed-set task's answer is constrained to its labels
 
 
 class LabelScore(BaseModel):

@@ -1,0 +1,41 @@
+"""Decoding constrained to a closed set of answers (vLLM's `guided_choice`).
+
+Each answer is a token sequence: the tokenizer's encoding of the answer on its own, which
+is how training encodes a target (data/tokenize.py: prompt and target tokenised apart), so
+a trained adapter's label is exactly one of these paths. At every step a constrained row
+may take only a token that continues some answer it is still a prefix of, or an end token
+once it has spelled one out whole; every other logit is set to -inf before sampling (the
+log-probabilities reported stay the model's raw ones, as vLLM reports them).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection, Sequence
+
+import torch
+
+
+def next_tokens(choices: Sequence[Sequence[int]], generated: Sequence[int], end_ids: Collection[int]) -> list[int]:
+    """The tokens a row that has generated `generated` may take next: each answer's next token
+    where `generated` is a proper prefix of it, the end tokens where it equals one. Never
+    empty while `generated` is a prefix of some answer, which the constraint keeps true."""
+    n, allowed = len(generated), set()
+    prefix = tuple(generated)
+    for c in choices:
+        if len(c) >= n and tuple(c[:n]) == prefix:
+            if len(c) > n:
+                allowed.add(c[n])
+            else:
+                allowed.update(end_ids)
+    return sorted(allowed)
+
+
+def constrain_(row: torch.Tensor, choices: Sequence[Sequence[int]], generated: Sequence[int],
+               end_ids: Collection[int]) -> torch.Tensor:
+    """row [V] -> the same row (in place) with every token but next_tokens' at -inf."""
+    allowed = [t for t in next_tokens(choices, generated, end_ids) if t < row.shape[0]]
+    if not allowed:  # (no end token known: nothing can finish the answer; leave the row as it is)
+        return row
+    index = torch.tensor(allowed, device=row.device)
+    keep = row.index_select(0, index)
+    return row.fill_(float("-inf")).index_copy_(0, index, keep)

@@ -1,0 +1,82 @@
+"""A task's served question: /v1/tasks/{task}/predict's prompt, answer set and parser.
+
+The prompt is the task's canonical template rendered with the request's inputs (tasks/
+render.py, the same code training used), `parse` inverts the answer text (tasks/parsers.py),
+and for a closed-set task (classification, yes/no) `answers` lists every label as its
+target is written, so the engine can constrain decoding to them (guided.py): an answer is
+then always one of the labels.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Protocol
+
+from tasktune.errors import TasktuneError
+from tasktune.tasks.spec import Task
+
+
+@dataclass(frozen=True)
+class TaskQuery:
+    prompt: str
+    parse: Callable[[str], tuple[Any, bool]]  # answer text -> (value, valid)
+    answers: tuple[str, ...] = ()  # a closed-set task's labels as the model writes them (() = free text)
+
+
+class TaskPredictor(Protocol):
+    """(task name, inputs) -> TaskQuery. Raises LookupError for an unknown task and
+    ValueError for unusable inputs."""
+
+    def __call__(self, task: str, inputs: dict[str, Any]) -> TaskQuery: ...
+
+
+def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
+    """A TaskPredictor over `tasks` (a served run's own tasks, user-declared ones too),
+    else over the built-in registry: the task's first template and its parser."""
+
+    def predict(task_name: str, inputs: dict[str, Any]) -> TaskQuery:
+        from tasktune.tasks.registry import get_task
+
+        if tasks is not None:
+            if task_name not in tasks:
+                raise LookupError(f"task {task_name!r} is not served here; tasks: {', '.join(tasks)}")
+            return task_query(tasks[task_name], inputs)
+        try:
+            return task_query(get_task(task_name), inputs)
+        except TasktuneError as e:
+            raise LookupError(str(e)) from None
+
+    return predict
+
+
+def task_query(task: Task, inputs: dict[str, Any]) -> TaskQuery:
+    from tasktune.tasks.parsers import parse_output
+    from tasktune.tasks.render import label_text, render
+    from tasktune.tasks.spec import Example, Origin
+
+    task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
+    inputs = dict(inputs)
+    if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
+        inputs["tokens"] = str(inputs.get("tokens", inputs.get("text"))).split()
+    missing = [f for f in task.input_fields if f not in inputs]
+    if missing:
+        raise ValueError(f"task {task.name!r} needs input field(s) {missing}")
+    target = ["O"] * len(inputs["tokens"]) if task.kind == "tagging" else ""
+    example = Example(task=task.name, uid="api", inputs=inputs, target=target, origin=Origin("api", 0))
+    try:
+        prompt = render(task, example, 0).prompt
+    except (KeyError, IndexError, ValueError, TypeError) as e:
+        raise ValueError(f"cannot render task {task.name!r} with these inputs: {e}") from None
+
+    def parse(text: str) -> tuple[Any, bool]:
+        parsed = parse_output(task, text, example)
+        return parsed.value, parsed.valid
+
+    closed = task.kind in ("classification", "yesno") and task.labels
+    answers = tuple(task.templates[0].target.format(target=label_text(task, label)) for label in task.labels) \
+        if closed else ()
+    return TaskQuery(prompt, parse, answers)
+
+
+registry_predictor = task_predictor()  # the built-in tasks
