@@ -74,8 +74,12 @@ FORMULAS = {
 
 
 # --- engine cases ----------------------------------------------------------------------------
-def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None) -> dict:
-    """logprobs: every request asks for its tokens' log-probabilities (the logits path)."""
+def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None,
+               choices: list | None = None) -> dict:
+    """logprobs: every request asks for its tokens' log-probabilities (the logits path);
+    choices: each request's answers (guided_choice; token sequences of new_tokens or more)."""
+    from dataclasses import replace
+
     from tasktune.serve.engine import Request, completion_of
     from tasktune.serve.sampling import SamplingParams
 
@@ -83,8 +87,9 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     seqs = []
     sync(device)
     t0 = time.perf_counter()
-    for p, a in zip(prompts, adapters):
-        seqs.append(engine.submit(Request(prompt=p, adapter=a, params=params)))
+    for i, (p, a) in enumerate(zip(prompts, adapters)):
+        mine = params if choices is None else replace(params, ignore_eos=False, choices=choices[i])
+        seqs.append(engine.submit(Request(prompt=p, adapter=a, params=mine)))
     engine.step()  # admits and prefills every prompt, samples the first token
     sync(device)
     t1 = time.perf_counter()
@@ -108,6 +113,14 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
         "tokens": [o.token_ids for o in outs],
         "step_timing": summarise(clock),
     }
+
+
+def guided_answers(tokens: list[list[int]], vocab: int, decoys: int = 3) -> list[tuple[tuple[int, ...], ...]]:
+    """Each request's answers for the `guided` variant: its own main-run tokens (so the
+    constrained greedy path must give them again) and `decoys` random sequences as long."""
+    g = torch.Generator().manual_seed(0)
+    fakes = [tuple(torch.randint(3, vocab, (len(tokens[0]),), generator=g).tolist()) for _ in range(decoys)]
+    return [(tuple(t), *fakes) for t in tokens]
 
 
 # --- PEFT baseline ---------------------------------------------------------------------------
@@ -291,10 +304,12 @@ def main() -> None:
                 continue  # the main run already used torch LoRA
             switch(engine, main, label, graphs, use_kernels)
             lp = int(label[8:] or 0) if label.startswith("logprobs") else None  # logprobs<k>: k alternatives
+            answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
+                       for name in names_} if label == "guided" else {}
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device, lp)
+                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name))
             for name in names_:
-                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp)
+                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name))
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]

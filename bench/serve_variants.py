@@ -48,7 +48,9 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "rms_in_shrink": (True, kernels, lora),  # the BGMV shrink applies RMSNorm's 1 / rms (session 10)
              "unfused_head": (True, kernels, every),  # final norm, cuBLAS LM head, argmax: three launches (session 11)
              "logprobs": (True, kernels, every),  # every request asks for its tokens' log-probabilities
-             "logprobs5": (True, kernels, every)}  # ... and 5 alternatives a token
+             "logprobs5": (True, kernels, every),  # ... and 5 alternatives a token
+             # every request bound to 4 answers (guided_choice): its own main-run tokens and 3 decoys
+             "guided": (True, kernels, every)}
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:

@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
-from tasktune.serve.guided import constrain_, next_tokens
+from tasktune.serve.guided import constrain_, constrain_rows, next_tokens
 from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, sampling_probs, shape_logits
 
 from tiny_models import PROMPTS  # noqa: F401
@@ -294,6 +294,13 @@ def test_next_tokens_follow_the_answers_token_paths():
     assert next_tokens(choices, [4], eos) == [0, 9]
     row = constrain_(torch.zeros(10), choices, [1], eos)
     assert row[2] == 0 and torch.isinf(row).sum() == 9
+    # several rows at once (the batched mask) equal one row at a time; no end token known: left free
+    logits = torch.randn(4, 10)
+    gens, rows = [[], [1, 2], [4], []], [3, 0, 2, 1]
+    together = constrain_rows(logits, rows, [choices] * 3 + [((5,),)], gens, eos)
+    for j, (r, g) in enumerate(zip(rows[:3], gens)):
+        assert torch.equal(together[j], constrain_(logits[r].clone(), choices, g, eos))
+    assert torch.equal(constrain_rows(logits, [1], [((5,),)], [[5]], ()), logits[1:2])
     with pytest.raises(ValueError, match="choices"):
         SamplingParams(choices=((1,),), min_tokens=1)
     with pytest.raises(ValueError, match="choices"):

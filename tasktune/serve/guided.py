@@ -39,3 +39,30 @@ def constrain_(row: torch.Tensor, choices: Sequence[Sequence[int]], generated: S
     index = torch.tensor(allowed, device=row.device)
     keep = row.index_select(0, index)
     return row.fill_(float("-inf")).index_copy_(0, index, keep)
+
+
+def constrain_rows(logits: torch.Tensor, rows: Sequence[int], choices: Sequence[Sequence[Sequence[int]]],
+                   generated: Sequence[Sequence[int]], end_ids: Collection[int]) -> torch.Tensor:
+    """The rows `rows` of logits [B, V], each constrained to its own answers -> [len(rows), V],
+    in a few launches whatever the number of rows (one mask built from all rows' allowed
+    tokens), not a handful a row as `constrain_` would take."""
+    V = logits.shape[1]
+    pairs: list[int] = []
+    free: list[int] = []
+    for j, (c, g) in enumerate(zip(choices, generated)):
+        allowed = [t for t in next_tokens(c, g, end_ids) if t < V]
+        if not allowed:
+            free.append(j)
+        for t in allowed:
+            pairs += (j, t)
+    out = logits.index_select(0, torch.tensor(list(rows), dtype=torch.long).to(logits.device))
+    if len(free) == len(rows):
+        return out
+    index = torch.tensor(pairs, dtype=torch.long).view(-1, 2).to(logits.device, non_blocking=True)
+    keep = out[index[:, 0], index[:, 1]]
+    kept = out[free] if free else None
+    out.fill_(float("-inf"))
+    out[index[:, 0], index[:, 1]] = keep
+    if free:
+        out[free] = kept
+    return out

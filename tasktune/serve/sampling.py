@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from tasktune.serve.guided import constrain_
+from tasktune.serve.guided import constrain_, constrain_rows
 
 MAX_LOGPROBS = 20  # alternatives a token (vLLM's default max_logprobs)
 LOGPROB_FLOOR = -9999.0  # -inf has no JSON form (vLLM clamps to the same)
@@ -85,9 +85,14 @@ class SamplingParams:
         return self.temperature == 0
 
     @property
-    def shapes_logits(self) -> bool:
+    def penalizes(self) -> bool:
+        """A bias, min_tokens or a penalty changes the row's logits (shape_logits, one row at a time)."""
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias or self.min_tokens
-                    or self.repetition_penalty != 1 or self.choices)
+                    or self.repetition_penalty != 1)
+
+    @property
+    def shapes_logits(self) -> bool:
+        return self.penalizes or bool(self.choices)
 
     @property
     def device_greedy(self) -> bool:
@@ -208,10 +213,18 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
     generated = generated if generated is not None else [[] for _ in params]
     prompts = prompts if prompts is not None else [[] for _ in params]
     shaped = {i: shape_logits(logits[i], p, generated[i], prompts[i], end_ids)
-              for i, p in enumerate(params) if p.shapes_logits}
-    out = logits.argmax(dim=-1).tolist()
-    for i, row in shaped.items():
-        out[i] = int(row.argmax())
+              for i, p in enumerate(params) if p.penalizes}
+    guided = [i for i, p in enumerate(params) if p.choices and not p.penalizes]
+    top = logits.argmax(dim=-1)
+    if shaped:
+        keys = torch.tensor(list(shaped), device=top.device)
+        top = top.index_put((keys,), torch.stack(list(shaped.values())).argmax(-1))
+    if guided:  # rows bound to answers and nothing else: masked together
+        rows = constrain_rows(logits, guided, [params[i].choices for i in guided], [generated[i] for i in guided],
+                              end_ids)
+        top = top.index_put((torch.tensor(guided, device=top.device),), rows.argmax(-1))
+        shaped.update(zip(guided, rows))
+    out = top.tolist()  # the one wait for the device here, greedy rows and all
     for i, (p, g) in enumerate(zip(params, generators)):
         if p.greedy:
             continue
