@@ -75,9 +75,10 @@ FORMULAS = {
 
 # --- engine cases ----------------------------------------------------------------------------
 def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None,
-               choices: list | None = None) -> dict:
+               choices: list | None = None, temperature: float = 0.0) -> dict:
     """logprobs: every request asks for its tokens' log-probabilities (the logits path);
-    choices: each request's answers (guided_choice; token sequences of new_tokens or more)."""
+    choices: each request's answers (guided_choice; token sequences of new_tokens or more);
+    temperature > 0: every request samples (top-p 0.95, request i seeded with i)."""
     from dataclasses import replace
 
     from tasktune.serve.engine import Request, completion_of
@@ -89,6 +90,7 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         mine = params if choices is None else replace(params, ignore_eos=False, choices=choices[i])
+        mine = mine if not temperature else replace(mine, temperature=temperature, top_p=0.95, seed=i)
         seqs.append(engine.submit(Request(prompt=p, adapter=a, params=mine)))
     engine.step()  # admits and prefills every prompt, samples the first token
     sync(device)
@@ -306,10 +308,11 @@ def main() -> None:
             lp = int(label[8:] or 0) if label.startswith("logprobs") else None  # logprobs<k>: k alternatives
             answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
                        for name in names_} if label == "guided" else {}
+            temperature = 0.8 if label.startswith("sampled") else 0.0
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name))
+                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature)
             for name in names_:
-                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name))
+                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature)
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]

@@ -50,7 +50,10 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "logprobs": (True, kernels, every),  # every request asks for its tokens' log-probabilities
              "logprobs5": (True, kernels, every),  # ... and 5 alternatives a token
              # every request bound to 4 answers (guided_choice): its own main-run tokens and 3 decoys
-             "guided": (True, kernels, every)}
+             "guided": (True, kernels, every),
+             # every request sampled (temperature 0.8, top-p 0.95, its own seed): rows drawn together
+             "sampled": (True, kernels, every),
+             "sampled_per_row": (True, kernels, every)}  # ... one row at a time (as up to session 16)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:
@@ -65,10 +68,11 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     first use): the main path's settings with the variant's own changes, or back on the main
     path (label None)."""
     from tasktune.lora import triton_ops
-    from tasktune.serve import cuda_graphs, triton_attention, triton_linear
+    from tasktune.serve import cuda_graphs, sampling, triton_attention, triton_linear
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
+    sampling.BATCHED_SAMPLING = name != "sampled_per_row"
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     pdl, early, late, before_rms = main.switches

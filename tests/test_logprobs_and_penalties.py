@@ -14,7 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
 from tasktune.serve.guided import constrain_, constrain_rows, next_tokens
-from tasktune.serve.sampling import LOGPROB_FLOOR, SamplingParams, logprobs_of, sample, sampling_probs, shape_logits
+from tasktune.serve.sampling import (LOGPROB_FLOOR, SamplingParams, draw, logprobs_of, sample, sampling_probs,
+                                     sampling_probs_rows, shape_logits)
 
 from tiny_models import PROMPTS  # noqa: F401
 
@@ -343,3 +344,31 @@ def test_sampled_guided_choice_always_ends_on_an_answer(engine):
     outs = engine.generate(reqs)
     assert all(tuple(c.token_ids[:-1]) in choices and c.finish_reason == "stop" for c in outs)
     assert len({c.text for c in outs}) > 1  # (it samples)
+
+
+def test_batched_sampling_filters_equal_one_row_at_a_time_and_draws_follow_the_distribution():
+    """sampling_probs_rows (every row's own temperature, top-k, top-p, min-p) equals
+    sampling_probs row by row; `draw`'s exponential race picks token i with probability p_i,
+    and a seeded row draws the same token whatever rows share its batch."""
+    torch.manual_seed(0)
+    rows = torch.randn(5, 50) * 3
+    params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
+              SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0.9, min_p=0.2, top_k=40),
+              SamplingParams(temperature=1e-300)]
+    together = sampling_probs_rows(rows, params)
+    for j, p in enumerate(params[:4]):
+        alone = sampling_probs(rows[j], p)
+        assert torch.allclose(together[j] / together[j].sum(), alone / alone.sum(), atol=1e-6), j
+    assert together[4].tolist() == torch.nn.functional.one_hot(rows[4].argmax(), 50).float().tolist()  # ~greedy
+    p = torch.tensor([0.5, 0.3, 0.15, 0.05])
+    n = 4000
+    gens = [torch.Generator().manual_seed(s) for s in range(n)]
+    tokens = draw(p.log().expand(n, 4).contiguous(), [SamplingParams(temperature=1.0)] * n, gens)
+    freq = torch.bincount(tokens, minlength=4).float() / n
+    assert torch.allclose(freq, p, atol=0.03), freq  # (4 standard errors at n = 4000)
+    seeded = lambda: torch.Generator().manual_seed(99)  # noqa: E731
+    one = draw(rows[:1], [params[0]], [seeded()])
+    among = draw(rows[[2, 0, 1]], [params[2], params[0], params[1]], [seeded(), seeded(), seeded()])
+    assert one[0] == among[1]
+    bad = draw(torch.full((1, 4), float("nan")), [SamplingParams(temperature=1.0)], [seeded()])
+    assert bad.tolist() == [torch.full((1, 4), float("nan")).argmax().item()]  # degenerate: the argmax

@@ -20,6 +20,10 @@ import torch
 
 from tasktune.serve.guided import constrain_, constrain_rows
 
+# Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
+# their own); False: one row at a time through torch.multinomial, three waits for the device a
+# row (as up to session 16; the serve bench's variant `sampled_per_row` times it)
+BATCHED_SAMPLING = True
 MAX_LOGPROBS = 20  # alternatives a token (vLLM's default max_logprobs)
 LOGPROB_FLOOR = -9999.0  # -inf has no JSON form (vLLM clamps to the same)
 
@@ -193,6 +197,44 @@ def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
+def sampling_probs_rows(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """`sampling_probs` for many rows at once: rows [n, V], one SamplingParams each -> [n, V],
+    in a fixed number of launches whatever n (each filter runs only if some row asks for it)."""
+    n, V = rows.shape
+    column = lambda values: torch.tensor(values, dtype=rows.dtype).view(n, 1).to(rows.device)  # noqa: E731
+    # (a temperature below float32's range would divide by 0: the smallest one it holds acts the same)
+    scaled = (rows - rows.max(dim=-1, keepdim=True).values) / column([max(p.temperature, 1e-30) for p in params])
+    ks = [p.top_k if 0 < p.top_k < V else 0 for p in params]
+    if any(ks):
+        kth = scaled.topk(max(ks), dim=-1).values.gather(1, column([max(k, 1) - 1 for k in ks]).long())
+        kth = kth.masked_fill(column(ks) == 0, float("-inf"))  # rows without top-k keep everything
+        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+    probs = torch.softmax(scaled, dim=-1)
+    if any(p.top_p < 1 for p in params):
+        sorted_p, order = probs.sort(dim=-1, descending=True)
+        keep = sorted_p.cumsum(dim=-1) - sorted_p < column([p.top_p for p in params])  # always keeps the top token
+        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
+    if any(p.min_p > 0 for p in params):
+        probs = probs.masked_fill(probs < column([p.min_p for p in params]) * probs.max(dim=-1, keepdim=True).values,
+                                  0.0)
+    return probs
+
+
+def draw(rows: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
+    """One token for each row of processed logits rows [n, V] -> [n] on their device, with no
+    wait for it: token = argmax(p / E), E ~ Exp(1) drawn from the row's own generator (the
+    exponential race, as vLLM samples: the token is distributed as p, and a seeded request
+    draws the same noise whatever rows share its batch). A row whose distribution is
+    degenerate (non-finite logits) keeps its argmax."""
+    probs = sampling_probs_rows(rows, params)
+    noise = torch.empty_like(probs)
+    for j, g in enumerate(generators):
+        noise[j].exponential_(generator=g)
+    drawn = (probs / noise).argmax(dim=-1)
+    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+    return torch.where(ok, drawn, rows.argmax(dim=-1))
+
+
 def logprobs_of(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
     """logits [n, V], the chosen token and k of each row -> its TokenLogprob (logprob_table,
     read back in one transfer)."""
@@ -224,14 +266,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                               end_ids)
         top = top.index_put((torch.tensor(guided, device=top.device),), rows.argmax(-1))
         shaped.update(zip(guided, rows))
+    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    if drawn and BATCHED_SAMPLING:
+        rows = torch.stack([shaped[i] if i in shaped else logits[i] for i in drawn])
+        top = top.index_put((torch.tensor(drawn, device=top.device),),
+                            draw(rows, [params[i] for i in drawn], [generators[i] for i in drawn]))
     out = top.tolist()  # the one wait for the device here, greedy rows and all
-    for i, (p, g) in enumerate(zip(params, generators)):
-        if p.greedy:
-            continue
-        probs = sampling_probs(shaped.get(i, logits[i]), p)
+    for i in drawn if not BATCHED_SAMPLING else ():  # (the per-row path: three waits a row)
+        probs = sampling_probs(shaped.get(i, logits[i]), params[i])
         if not bool(torch.isfinite(probs).all()) or float(probs.sum()) <= 0:
             continue  # degenerate distribution (non-finite logits): keep the argmax
-        out[i] = int(torch.multinomial(probs, 1, generator=g).item())
+        out[i] = int(torch.multinomial(probs, 1, generator=generators[i]).item())
     want = [i for i, p in enumerate(params) if p.logprobs is not None]
     lps: list[TokenLogprob | None] = [None] * len(params)
     if want:
