@@ -75,10 +75,10 @@ FORMULAS = {
 
 # --- engine cases ----------------------------------------------------------------------------
 def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None,
-               choices: list | None = None, temperature: float = 0.0) -> dict:
+               choices: list | None = None, temperature: float = 0.0, seeded: bool = False) -> dict:
     """logprobs: every request asks for its tokens' log-probabilities (the logits path);
     choices: each request's answers (guided_choice; token sequences of new_tokens or more);
-    temperature > 0: every request samples (top-p 0.95, request i seeded with i)."""
+    temperature > 0: every request samples (top-p 0.95; seeded: request i with seed i)."""
     from dataclasses import replace
 
     from tasktune.serve.engine import Request, completion_of
@@ -90,7 +90,8 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         mine = params if choices is None else replace(params, ignore_eos=False, choices=choices[i])
-        mine = mine if not temperature else replace(mine, temperature=temperature, top_p=0.95, seed=i)
+        mine = mine if not temperature else replace(mine, temperature=temperature, top_p=0.95,
+                                                    seed=i if seeded else None)
         seqs.append(engine.submit(Request(prompt=p, adapter=a, params=mine)))
     engine.step()  # admits and prefills every prompt, samples the first token
     sync(device)
@@ -308,18 +309,19 @@ def main() -> None:
             lp = int(label[8:] or 0) if label.startswith("logprobs") else None  # logprobs<k>: k alternatives
             answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
                        for name in names_} if label == "guided" else {}
-            temperature = 0.8 if label.startswith("sampled") else 0.0
+            temperature, seeded = (0.8 if label.startswith("sampled") else 0.0), label == "sampled_seeded"
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature)
+                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded)
             for name in names_:
-                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature)
+                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature,
+                                   seeded)
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]
                 print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
                       f"{c[f'{label}_tokens_equal']}", flush=True)
                 if label in args.profile_variants.split(","):
-                    prof = c[f"{label}_profile"] = profile_decode_step(engine, prompts, cases[name], device)
+                    prof = c[f"{label}_profile"] = profile_decode_step(engine, prompts, cases[name], device, temperature)
                     print(f"  profile: {prof['kernels']} kernels, {prof['kernel_time_s'] * 1e3:.2f} ms of device time; "
                           + ", ".join(f"{k['name'][:28]} {k['time_us']:.0f} us/{k['count']}x"
                                       for k in prof["top_kernels"][:5]), flush=True)

@@ -173,12 +173,13 @@ def kernel_summary(prof, wall: float, top: int = TOP_KERNELS, first: int = 0) ->
     return out
 
 
-def profile_decode_step(engine, prompts, adapters, device) -> dict:
-    """One decode step under the profiler (`kernel_summary`, with the step's first kernels)."""
+def profile_decode_step(engine, prompts, adapters, device, temperature: float = 0.0) -> dict:
+    """One decode step under the profiler (`kernel_summary`, with the step's first kernels);
+    temperature > 0: of requests that sample (top-p 0.95)."""
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
-    params = SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True)
+    params = SamplingParams(max_tokens=4, temperature=temperature, top_p=0.95 if temperature else 1.0, ignore_eos=True)
     for p, a in zip(prompts, adapters):
         engine.submit(Request(prompt=p, adapter=a, params=params))
     engine.step()

@@ -51,9 +51,10 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "logprobs5": (True, kernels, every),  # ... and 5 alternatives a token
              # every request bound to 4 answers (guided_choice): its own main-run tokens and 3 decoys
              "guided": (True, kernels, every),
-             # every request sampled (temperature 0.8, top-p 0.95, its own seed): rows drawn together
+             # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
-             "sampled_per_row": (True, kernels, every)}  # ... one row at a time (as up to session 16)
+             "sampled_seeded": (True, kernels, every),  # ... request i with seed i: a generator a row
+             "sampled_per_row": (True, kernels, every)}  # ... no seed, one row at a time (as up to session 16)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
     if requested:

@@ -14,8 +14,8 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
 from tasktune.serve.guided import constrain_, constrain_rows, next_tokens
-from tasktune.serve.sampling import (LOGPROB_FLOOR, SamplingParams, draw, logprobs_of, sample, sampling_probs,
-                                     sampling_probs_rows, shape_logits)
+from tasktune.serve.sampling import (LOGPROB_FLOOR, SamplingParams, cumsum_rows, draw, logprobs_of, sample,
+                                     sampling_probs, sampling_probs_rows, shape_logits)
 
 from tiny_models import PROMPTS  # noqa: F401
 
@@ -355,11 +355,22 @@ def test_batched_sampling_filters_equal_one_row_at_a_time_and_draws_follow_the_d
     params = [SamplingParams(temperature=0.7), SamplingParams(temperature=1.3, top_k=5),
               SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0.9, min_p=0.2, top_k=40),
               SamplingParams(temperature=1e-300)]
-    together = sampling_probs_rows(rows, params)
-    for j, p in enumerate(params[:4]):
+    plain = [0, 1, 3, 4]
+    together, order = sampling_probs_rows(rows[plain], [params[j] for j in plain])
+    assert order is None
+    for i, j in enumerate(plain[:3]):
+        alone = sampling_probs(rows[j], params[j])
+        assert torch.allclose(together[i] / together[i].sum(), alone / alone.sum(), atol=1e-6), j
+    assert together[3].tolist() == torch.nn.functional.one_hot(rows[4].argmax(), 50).float().tolist()  # ~greedy
+    nucleus = [SamplingParams(temperature=1.0, top_p=0.6), SamplingParams(temperature=0.8, top_p=0.9, min_p=0.05)]
+    ranked, order = sampling_probs_rows(rows[[2, 3]], nucleus, nucleus=True)  # sorted, most likely first
+    assert (ranked[:, :-1] >= ranked[:, 1:]).all()
+    back = torch.zeros_like(ranked).scatter_(1, order, ranked)
+    for i, (j, p) in enumerate(zip((2, 3), nucleus)):
         alone = sampling_probs(rows[j], p)
-        assert torch.allclose(together[j] / together[j].sum(), alone / alone.sum(), atol=1e-6), j
-    assert together[4].tolist() == torch.nn.functional.one_hot(rows[4].argmax(), 50).float().tolist()  # ~greedy
+        assert torch.allclose(back[i] / back[i].sum(), alone / alone.sum(), atol=1e-6), j
+    x = torch.rand(3, 1000)
+    assert torch.allclose(cumsum_rows(x, chunk=128), x.cumsum(-1), atol=1e-4)  # (1000 = 7 chunks + 104)
     p = torch.tensor([0.5, 0.3, 0.15, 0.05])
     n = 4000
     gens = [torch.Generator().manual_seed(s) for s in range(n)]
@@ -370,5 +381,11 @@ def test_batched_sampling_filters_equal_one_row_at_a_time_and_draws_follow_the_d
     one = draw(rows[:1], [params[0]], [seeded()])
     among = draw(rows[[2, 0, 1]], [params[2], params[0], params[1]], [seeded(), seeded(), seeded()])
     assert one[0] == among[1]
+    free = draw(p.log().expand(n, 4).contiguous(), [SamplingParams(temperature=1.0)] * n, [None] * n)
+    assert torch.allclose(torch.bincount(free, minlength=4).float() / n, p, atol=0.03)  # unseeded: one draw for all
+    nuc = draw(p.log().expand(n, 4).contiguous(), [SamplingParams(temperature=1.0, top_p=0.7)] * n, [None] * n)
+    assert torch.allclose(torch.bincount(nuc, minlength=4).float() / n, torch.tensor([0.625, 0.375, 0, 0]), atol=0.03)
+    mixed = draw(rows[[1, 0]], [params[1], params[0]], [None, seeded()])
+    assert mixed[1] == one[0]
     bad = draw(torch.full((1, 4), float("nan")), [SamplingParams(temperature=1.0)], [seeded()])
     assert bad.tolist() == [torch.full((1, 4), float("nan")).argmax().item()]  # degenerate: the argmax

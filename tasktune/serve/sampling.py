@@ -12,11 +12,11 @@ penalties (over the output). Log-probabilities are of the model's raw distributi
 from __future__ import annotations
 
 import math
-import random
 from collections.abc import Collection
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from tasktune.serve.guided import constrain_, constrain_rows
 
@@ -138,11 +138,12 @@ def logprob_table(logits: torch.Tensor, tokens: torch.Tensor, k: int = MAX_LOGPR
 
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
-    """A generator seeded from the request's seed (or a random one); None for greedy."""
-    if params.greedy:
+    """A generator seeded from a seeded request's seed; None for greedy and for unseeded
+    requests, which draw from torch's default generator, all rows in one call (`draw`)."""
+    if params.greedy or params.seed is None:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed if params.seed is not None else random.getrandbits(63))
+    g.manual_seed(params.seed)
     return g
 
 
@@ -197,9 +198,22 @@ def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     return probs
 
 
-def sampling_probs_rows(rows: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """`sampling_probs` for many rows at once: rows [n, V], one SamplingParams each -> [n, V],
-    in a fixed number of launches whatever n (each filter runs only if some row asks for it)."""
+def cumsum_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
+    """x.cumsum(-1) of [n, V] rows as a scan within chunks of `chunk` columns plus the running
+    total of the chunks before: torch's innermost-dim scan gives each long row to one block
+    (243 us for 32 x 151,936 floats on an H200, against a sort of 382)."""
+    n, V = x.shape
+    y = F.pad(x, (0, -V % chunk)).view(n, -1, chunk).cumsum(dim=-1)
+    totals = y[..., -1]
+    return (y + (totals.cumsum(dim=-1) - totals).unsqueeze(-1)).view(n, -1)[:, :V]
+
+
+def sampling_probs_rows(rows: torch.Tensor, params: list[SamplingParams], nucleus: bool = False
+                        ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`sampling_probs` for many rows at once: rows [n, V], one SamplingParams each -> (probs
+    [n, V], None), in a fixed number of launches whatever n. nucleus: the rows ask for top-p;
+    their probabilities come back sorted, most likely first, with `order` [n, V] (the token
+    of each column), so no scatter puts them back."""
     n, V = rows.shape
     column = lambda values: torch.tensor(values, dtype=rows.dtype).view(n, 1).to(rows.device)  # noqa: E731
     # (a temperature below float32's range would divide by 0: the smallest one it holds acts the same)
@@ -209,30 +223,48 @@ def sampling_probs_rows(rows: torch.Tensor, params: list[SamplingParams]) -> tor
         kth = scaled.topk(max(ks), dim=-1).values.gather(1, column([max(k, 1) - 1 for k in ks]).long())
         kth = kth.masked_fill(column(ks) == 0, float("-inf"))  # rows without top-k keep everything
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = torch.softmax(scaled, dim=-1)
-    if any(p.top_p < 1 for p in params):
-        sorted_p, order = probs.sort(dim=-1, descending=True)
-        keep = sorted_p.cumsum(dim=-1) - sorted_p < column([p.top_p for p in params])  # always keeps the top token
-        probs = torch.zeros_like(probs).scatter_(1, order, sorted_p * keep)
+    probs, order = torch.softmax(scaled, dim=-1), None
+    if nucleus:
+        probs, order = probs.sort(dim=-1, descending=True)
+        keep = cumsum_rows(probs) - probs < column([p.top_p for p in params])  # always keeps the top token
+        probs = probs * keep
     if any(p.min_p > 0 for p in params):
         probs = probs.masked_fill(probs < column([p.min_p for p in params]) * probs.max(dim=-1, keepdim=True).values,
                                   0.0)
-    return probs
+    return probs, order
 
 
 def draw(rows: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]) -> torch.Tensor:
     """One token for each row of processed logits rows [n, V] -> [n] on their device, with no
     wait for it: token = argmax(p / E), E ~ Exp(1) drawn from the row's own generator (the
     exponential race, as vLLM samples: the token is distributed as p, and a seeded request
-    draws the same noise whatever rows share its batch). A row whose distribution is
-    degenerate (non-finite logits) keeps its argmax."""
-    probs = sampling_probs_rows(rows, params)
-    noise = torch.empty_like(probs)
-    for j, g in enumerate(generators):
-        noise[j].exponential_(generator=g)
-    drawn = (probs / noise).argmax(dim=-1)
-    ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
-    return torch.where(ok, drawn, rows.argmax(dim=-1))
+    draws the same noise whatever rows share its batch; rows without a generator draw from
+    torch's default one, together). Rows that ask for top-p race in sorted order, the others
+    in vocabulary order: a row's path depends on its own parameters only. A row whose
+    distribution is degenerate (non-finite logits) keeps its argmax."""
+    out = rows.argmax(dim=-1)
+    for nucleus in (False, True):
+        group = [j for j, p in enumerate(params) if (p.top_p < 1) == nucleus]
+        if not group:
+            continue
+        index = torch.tensor(group, device=rows.device)
+        mine = rows if len(group) == len(params) else rows.index_select(0, index)
+        probs, order = sampling_probs_rows(mine, [params[j] for j in group], nucleus)
+        noise = torch.empty_like(probs)
+        gens = [generators[j] for j in group]
+        free = [j for j, g in enumerate(gens) if g is None]  # unseeded rows: one draw for all of them
+        if len(free) == len(gens):
+            noise.exponential_()
+        elif free:
+            noise[free] = torch.empty((len(free), probs.shape[1]), device=probs.device).exponential_()
+        for j, g in enumerate(gens):
+            if g is not None:
+                noise[j].exponential_(generator=g)
+        picked = (probs / noise).argmax(dim=-1, keepdim=True)
+        token = (picked if order is None else order.gather(1, picked)).squeeze(1)
+        ok = torch.isfinite(probs).all(dim=-1) & (probs.sum(dim=-1) > 0)
+        out = out.index_put((index,), torch.where(ok, token, out.index_select(0, index)))
+    return out
 
 
 def logprobs_of(logits: torch.Tensor, tokens: list[int], ks: list[int]) -> list[TokenLogprob]:
