@@ -51,11 +51,9 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "logprobs5": (True, kernels, every),  # ... and 5 alternatives a token
              # every request bound to 4 answers (guided_choice): its own main-run tokens and 3 decoys
              "guided": (True, kernels, every),
-             # every request sampled (temperature 0.8, top-p 0.95, no seed): drawn on the device after
-             # each step, the next launched ahead (engine.row_sampler)
+             # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
-             "sampled_logits_path": (True, kernels, every),  # ... drawn together after a wait for the logits
-             "sampled_seeded": (True, kernels, every),  # ... request i with seed i: that path, a generator a row
+             "sampled_seeded": (True, kernels, every),  # ... request i with seed i: a generator a row
              "sampled_per_row": (True, kernels, every)}  # ... no seed, one row at a time (as up to session 16)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
@@ -72,12 +70,10 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     path (label None)."""
     from tasktune.lora import triton_ops
     from tasktune.serve import cuda_graphs, sampling, triton_attention, triton_linear
-    from tasktune.serve import engine as engine_module
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
     sampling.BATCHED_SAMPLING = name != "sampled_per_row"
-    engine_module.DEVICE_SAMPLING = name not in ("sampled_per_row", "sampled_logits_path")
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     pdl, early, late, before_rms = main.switches

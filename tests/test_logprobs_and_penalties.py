@@ -389,32 +389,3 @@ def test_batched_sampling_filters_equal_one_row_at_a_time_and_draws_follow_the_d
     assert mixed[1] == one[0]
     bad = draw(torch.full((1, 4), float("nan")), [SamplingParams(temperature=1.0)], [seeded()])
     assert bad.tolist() == [torch.full((1, 4), float("nan")).argmax().item()]  # degenerate: the argmax
-
-
-def test_unseeded_sampled_rows_draw_on_the_device_and_launch_ahead(engine, hf):
-    """Rows that sample without a seed or penalties draw after each step on the device
-    (DecodeStep.sampler) and keep the step-ahead path: with top_k=1 (or a tiny temperature)
-    they must give the greedy tokens, beside greedy rows and rows that join from prefills;
-    at temperature 1 they vary, and each token's logprob is HF's for the token drawn."""
-    prompts = [("set an alarm", "task-0"), ("play jazz", None), ("what is the weather", "task-5")]
-    greedy = engine.generate([Request(p, a, SamplingParams(max_tokens=8)) for p, a in prompts])
-    used = engine.decode_step.ahead_used
-    one = [SamplingParams(max_tokens=8, temperature=0.9, top_k=1), SamplingParams(max_tokens=8),
-           SamplingParams(max_tokens=8, temperature=1e-6, top_p=0.9)]
-    seqs = [engine.submit(Request(p, a, k)) for (p, a), k in zip(prompts[:2], one[:2])]
-    engine.step()
-    engine.step()
-    seqs.append(engine.submit(Request(*prompts[2], one[2])))
-    while engine.has_work:
-        engine.step()
-    assert [s.output_ids for s in seqs] == [g.token_ids for g in greedy]
-    assert engine.decode_step.ahead_used > used + 5
-    hot = engine.generate([Request("play jazz", "task-5", SamplingParams(max_tokens=6, temperature=1.0, logprobs=0,
-                                                                         ignore_eos=True)) for _ in range(6)])
-    assert len({tuple(c.token_ids) for c in hot}) > 1
-    tok, logits = hf
-    ids = tok.encode("play jazz")
-    for lp, t in zip(hot[0].logprobs, hot[0].token_ids):
-        assert lp.token == t and lp.logprob == pytest.approx(torch.log_softmax(logits(ids, "task-5"), -1)[t].item(),
-                                                             abs=1e-4)
-        ids = ids + [t]

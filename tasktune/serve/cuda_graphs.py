@@ -128,10 +128,6 @@ class DecodeStep:
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
-        # (logits [B, V], argmax [B]) -> each row's token [B] on the device, for steps whose rows
-        # sample (the engine sets it each step; None: the argmax): `greedy` then draws without
-        # a wait and launches ahead as for argmax rows (`_pick`)
-        self.sampler: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
         """One decode step for the sequences in KV `slots` (each fed `tokens[i]` at
@@ -144,8 +140,7 @@ class DecodeStep:
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
                ahead: bool | list[bool], logprobs: int | None = None) -> list[int]:
-        """The same step for rows that all decode greedily -> each row's argmax token (or, with
-        `sampler` set, its draw: rows that sample without a seed or penalties take this path too).
+        """The same step for rows that all decode greedily -> each row's argmax token.
 
         logprobs: also each row's `logprob_table` row with this many alternatives
         (`last_logprobs[slot]` after the call), made on the device after the step and copied
@@ -172,7 +167,6 @@ class DecodeStep:
         else:
             self.ahead_wasted += ahead_step is not None
             logits, argmax = self._launch(slots, tokens, positions, lora_ids)
-            argmax = self._pick(logits, argmax)
             table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
             host, done, lp_host = self._to_host(argmax, table=table)
         joining, self._joining = self._joining, None
@@ -255,20 +249,9 @@ class DecodeStep:
         self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
         logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
-        argmax = self._pick(logits, argmax)
         table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
         self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots],
                              *self._to_host(argmax, table=table), logprobs)
-
-    def _pick(self, logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-        """A step's tokens: its argmax, or with a sampler set each row's draw, which then also
-        replaces the argmax the step wrote as its running rows' next input token."""
-        if self.sampler is None:
-            return argmax
-        tokens = self.sampler(logits, argmax)
-        B = argmax.shape[0]
-        self.inputs[0, :B] = torch.where(self._active[:B].bool(), tokens, self.inputs[0, :B])
-        return tokens
 
     def release(self, slot: int) -> None:
         """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""

@@ -36,7 +36,7 @@ from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
-from tasktune.serve.sampling import SamplingParams, TokenLogprob, draw, logprob_table, make_generator, sample
+from tasktune.serve.sampling import SamplingParams, TokenLogprob, logprob_table, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
 log = logging.getLogger(__name__)
@@ -47,9 +47,6 @@ AHEAD_PER_ROW = True
 # Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
 # (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
-# Rows that sample without a seed or penalties draw on the device after each step, and the next
-# step is launched ahead as for greedy rows (row_sampler; False: the logits path, a wait a step)
-DEVICE_SAMPLING = True
 # A prefill that scores its prompt (prompt_logprobs) runs the LM head over this many positions at a time
 SCORING_ROWS = 512
 
@@ -81,21 +78,6 @@ class Completion:
 def most(ks: list[int | None]) -> int | None:
     """The most alternatives any row asks for (None: no row asks for logprobs)."""
     return max((k for k in ks if k is not None), default=None)
-
-
-def row_sampler(params: dict[int, SamplingParams]) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """DecodeStep.sampler for the rows (KV slots) in `params`, which draw (`draw`) with torch's
-    default generator; every other row keeps its argmax."""
-    slots = sorted(params)
-
-    def pick(logits: torch.Tensor, argmax: torch.Tensor) -> torch.Tensor:
-        rows = [s for s in slots if s < logits.shape[0]]
-        if not rows:
-            return argmax
-        index = torch.tensor(rows, dtype=torch.long).to(logits.device, non_blocking=True)
-        tokens = draw(logits.index_select(0, index).float(), [params[s] for s in rows], [None] * len(rows))
-        return argmax.index_put((index,), tokens.to(argmax.dtype))
-    return pick
 
 
 def completion_of(seq: Sequence) -> Completion:
@@ -216,7 +198,6 @@ class Engine:
         for s in admitted:
             if s.finished and s not in self.scheduler.running:  # cancelled while waiting
                 self._notify(s)
-        self.decode_step.sampler = None  # (set again by _decode for a batch whose rows draw on the device)
         first = self._prefill(prefill) if prefill else None
         if decoding:
             self._decode(decoding)
@@ -326,11 +307,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
-        drawn = [s for s in seqs if s.params.device_sampled]
-        if drawn and DEVICE_SAMPLING and all(s.params.device_greedy or s.params.device_sampled for s in seqs):
-            self.decode_step.sampler = row_sampler({s.kv_slot: s.params for s in drawn})
-        if all(s.params.device_greedy for s in seqs) or self.decode_step.sampler is not None:
-            # the token is the argmax (or a draw on the device): the GPU can run a step ahead
+        if all(s.params.device_greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
             ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False

@@ -105,14 +105,6 @@ class SamplingParams:
         serves the row."""
         return self.greedy and not self.shapes_logits
 
-    @property
-    def device_sampled(self) -> bool:
-        """The token is drawn from the raw logits' filtered distribution with torch's default
-        generator: the device can draw it (`draw`) and launch the next step ahead, as for
-        greedy rows. (A seeded row keeps the logits path: a discarded step ahead would have
-        advanced its generator.)"""
-        return not self.greedy and not self.shapes_logits and self.seed is None
-
 
 @dataclass(frozen=True)
 class TokenLogprob:
