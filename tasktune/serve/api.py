@@ -302,9 +302,30 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
 
     @app.get("/v1/models", response_model=s.ModelList, dependencies=auth)
     async def models():
-        cards = [s.ModelCard(id=engine.base_name, root=engine.base_name)]
-        cards += [s.ModelCard(id=n, root=n, parent=engine.base_name) for n in pool.names()]
+        cards = [s.ModelCard(id=engine.base_name, root=engine.base_name, max_model_len=engine.max_len)]
+        cards += [s.ModelCard(id=n, root=n, parent=engine.base_name, max_model_len=engine.max_len)
+                  for n in pool.names()]
         return s.ModelList(data=cards)
+
+    @app.post("/tokenize", response_model=s.TokenizeResponse, dependencies=auth)
+    async def tokenize(body: s.TokenizeRequest):
+        if body.model is not None:
+            resolve(body.model)
+        if (body.prompt is None) == (body.messages is None):
+            raise APIError(400, "give either prompt or messages")
+        text = body.prompt if body.prompt is not None else render_chat(engine.tokenizer, body.messages)
+        ids = engine.tokenizer.encode(text)
+        return s.TokenizeResponse(tokens=ids, count=len(ids), max_model_len=engine.max_len)
+
+    @app.post("/detokenize", response_model=s.DetokenizeResponse, dependencies=auth)
+    async def detokenize(body: s.DetokenizeRequest):
+        if body.model is not None:
+            resolve(body.model)
+        vocab = engine.model.cfg.vocab_size
+        outside = [t for t in body.tokens if t >= vocab]
+        if outside:
+            raise APIError(400, f"tokens: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
+        return s.DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
     def adapter_out(name: str) -> s.AdapterOut:
         i = pool.info(name)

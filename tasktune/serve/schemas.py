@@ -88,9 +88,12 @@ class ChatMessage(_Body):
     content: Text | None = ""
 
 
+Messages = Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+
+
 class ChatCompletionRequest(_Sampling):
     model: Name
-    messages: Annotated[list[ChatMessage], Field(min_length=1, max_length=256)]
+    messages: Messages
     max_completion_tokens: MaxTokens | None = None
     logprobs: bool = False
     top_logprobs: TopLogprobs | None = None  # alternatives a token, with logprobs
@@ -183,6 +186,7 @@ class ModelCard(BaseModel):
     owned_by: str = "tasktune"
     root: str | None = None
     parent: str | None = None
+    max_model_len: int | None = None  # prompt + completion tokens (vLLM's field)
 
 
 class ModelList(BaseModel):
@@ -247,3 +251,26 @@ class ErrorDetail(BaseModel):
 
 class ErrorResponse(BaseModel):
     error: ErrorDetail
+
+
+class TokenizeRequest(_Body):
+    """vLLM's /tokenize: a prompt, or chat messages (rendered as /v1/chat/completions renders them)."""
+
+    model: Name | None = None
+    prompt: Text | None = None
+    messages: Messages | None = None
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int]
+    count: int
+    max_model_len: int
+
+
+class DetokenizeRequest(_Body):
+    model: Name | None = None
+    tokens: TokenIds
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
