@@ -13,7 +13,7 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from tasktune.serve.engine import Engine, Request
-from tasktune.serve.guided import constrain_, constrain_rows, next_tokens
+from tasktune.serve.guided import constrain_rows, next_tokens
 from tasktune.serve.sampling import (LOGPROB_FLOOR, SamplingParams, cumsum_rows, draw, logprobs_of, sample,
                                      sampling_probs, sampling_probs_rows, shape_logits)
 
@@ -293,14 +293,14 @@ def test_next_tokens_follow_the_answers_token_paths():
     assert next_tokens(choices, [1], eos) == [2]
     assert next_tokens(choices, [1, 2], eos) == [0, 3, 9]  # (1, 2) is whole: it may end, or go on to (1, 2, 3)
     assert next_tokens(choices, [4], eos) == [0, 9]
-    row = constrain_(torch.zeros(10), choices, [1], eos)
-    assert row[2] == 0 and torch.isinf(row).sum() == 9
-    # several rows at once (the batched mask) equal one row at a time; no end token known: left free
+    # several rows at once, each kept to its own next tokens; no end token known: left as it is
     logits = torch.randn(4, 10)
     gens, rows = [[], [1, 2], [4], []], [3, 0, 2, 1]
     together = constrain_rows(logits, rows, [choices] * 3 + [((5,),)], gens, eos)
-    for j, (r, g) in enumerate(zip(rows[:3], gens)):
-        assert torch.equal(together[j], constrain_(logits[r].clone(), choices, g, eos))
+    for j, (r, g) in enumerate(zip(rows, gens)):
+        allowed = next_tokens(choices if j < 3 else ((5,),), g, eos)
+        assert torch.isinf(together[j]).nonzero().flatten().tolist() == [t for t in range(10) if t not in allowed]
+        assert torch.equal(together[j, allowed], logits[r, allowed])
     assert torch.equal(constrain_rows(logits, [1], [((5,),)], [[5]], ()), logits[1:2])
     with pytest.raises(ValueError, match="choices"):
         SamplingParams(choices=((1,),), min_tokens=1)

@@ -30,22 +30,12 @@ def next_tokens(choices: Sequence[Sequence[int]], generated: Sequence[int], end_
     return sorted(allowed)
 
 
-def constrain_(row: torch.Tensor, choices: Sequence[Sequence[int]], generated: Sequence[int],
-               end_ids: Collection[int]) -> torch.Tensor:
-    """row [V] -> the same row (in place) with every token but next_tokens' at -inf."""
-    allowed = [t for t in next_tokens(choices, generated, end_ids) if t < row.shape[0]]
-    if not allowed:  # (no end token known: nothing can finish the answer; leave the row as it is)
-        return row
-    index = torch.tensor(allowed, device=row.device)
-    keep = row.index_select(0, index)
-    return row.fill_(float("-inf")).index_copy_(0, index, keep)
-
-
 def constrain_rows(logits: torch.Tensor, rows: Sequence[int], choices: Sequence[Sequence[Sequence[int]]],
                    generated: Sequence[Sequence[int]], end_ids: Collection[int]) -> torch.Tensor:
-    """The rows `rows` of logits [B, V], each constrained to its own answers -> [len(rows), V],
-    in a few launches whatever the number of rows (one mask built from all rows' allowed
-    tokens), not a handful a row as `constrain_` would take."""
+    """The rows `rows` of logits [B, V], each with every token but its next_tokens' at -inf ->
+    [len(rows), V], in a few launches whatever the number of rows (one index of all rows'
+    allowed tokens). A row with none (no end token known: nothing could finish its answer)
+    is left as it is."""
     V = logits.shape[1]
     pairs: list[int] = []
     free: list[int] = []

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
-from tasktune.serve.guided import constrain_, constrain_rows
+from tasktune.serve.guided import constrain_rows
 
 # Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
 # their own); False: one row at a time through torch.multinomial, three waits for the device a
@@ -147,15 +147,6 @@ def make_generator(params: SamplingParams, device: torch.device) -> torch.Genera
     return g
 
 
-def top_p_filter(probs: torch.Tensor, top_p: float) -> torch.Tensor:
-    """probs: [V] -> probs with the tail outside the smallest set of mass >= top_p zeroed."""
-    if top_p >= 1.0:
-        return probs
-    sorted_p, order = probs.sort(descending=True)
-    keep = sorted_p.cumsum(0) - sorted_p < top_p  # always keeps the top token
-    return torch.zeros_like(probs).scatter(0, order[keep], sorted_p[keep])
-
-
 def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int], prompt: list[int] = (),
                  end_ids: Collection[int] = ()) -> torch.Tensor:
     """row [V] float32 -> a copy with the request's processors applied, in vLLM's order: the
@@ -180,22 +171,15 @@ def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int]
         counts = torch.bincount(torch.tensor(generated, device=row.device), minlength=V)[:V].to(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0).to(row.dtype)
     if params.choices:
-        constrain_(row, params.choices, generated, end_ids)
+        row = constrain_rows(row[None], [0], [params.choices], [generated], end_ids)[0]
     return row
 
 
 def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
-    """row [V] (processed logits) -> the distribution a sampled row draws from: temperature,
-    then top-k, top-p and min-p (unnormalised; multinomial normalises)."""
-    # subtract the max first: a tiny temperature then gives -inf, never inf - inf = nan
-    scaled = (row - row.max()) / params.temperature
-    if 0 < params.top_k < scaled.shape[0]:
-        kth = scaled.topk(params.top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
-    probs = top_p_filter(torch.softmax(scaled, dim=-1), params.top_p)
-    if params.min_p > 0:
-        probs = probs.masked_fill(probs < params.min_p * probs.max(), 0.0)
-    return probs
+    """row [V] (processed logits) -> the distribution a sampled row draws from, in vocabulary
+    order: temperature, then top-k, top-p and min-p (unnormalised; `sampling_probs_rows`)."""
+    probs, order = sampling_probs_rows(row[None], [params], params.top_p < 1)
+    return probs[0] if order is None else torch.zeros_like(probs[0]).scatter_(0, order[0], probs[0])
 
 
 def cumsum_rows(x: torch.Tensor, chunk: int = 128) -> torch.Tensor:
