@@ -3,6 +3,9 @@ answering exactly like the trained model (greedy tokens equal HF + the runner)."
 
 from __future__ import annotations
 
+from dataclasses import replace
+from unittest.mock import patch
+
 import pytest
 import torch
 from fastapi.testclient import TestClient
@@ -46,8 +49,11 @@ def test_serve_rejects_a_folder_that_is_neither(tmp_path):
 def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, adapter):
     """A user-declared task (not in the built-in registry) is rendered with the run's own
     template, answered by the run's adapter for it, and parsed with the run's label set."""
-    from tasktune.model.restore import read_run, run_tasks
+    from tasktune.model.predict import score_labels
+    from tasktune.model.restore import read_run, restore_runner, run_tasks
+    from tasktune.serve.api import EXACT_LABELS
     from tasktune.serve.task_predictor import task_predictor
+    from tasktune.tasks.spec import Example, Origin
 
     cfg = tiny_config(tmp_path, tiny_llama, max_steps=2)
     train_strategy(cfg, strategy, tmp_path / "run", progress=False)
@@ -58,16 +64,26 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["model"] == adapter
-        # the same prompt and the task's labels through the completions endpoint give the same
-        # greedy text; the answer is one of the labels whatever the (barely trained) adapter says
+        # a few labels: each scored whole after the prompt, as `tasktune eval` scores them, so the
+        # served answer and its probability are eval's for the same run
         tasks = {t.name: t for t in run_tasks(*read_run(tmp_path / "run"))}
         query = task_predictor(tasks)("home_intent", {"text": text})
-        assert len(query.answers) == len(tasks["home_intent"].labels)
+        assert len(query.answers) == len(tasks["home_intent"].labels) <= EXACT_LABELS
+        example = Example(task="home_intent", uid="t", inputs={"text": text}, target="", origin=Origin("api", 0))
+        runner = restore_runner(tmp_path / "run")  # (serving renders the canonical template: eval here too)
+        runner.tasks["home_intent"] = replace(runner.tasks["home_intent"], templates=tasks["home_intent"].templates[:1])
+        ref = score_labels(runner, tasks["home_intent"], [example])[0]
+        assert body["valid"] and body["prediction"] == ref.value
+        assert body["score"] == pytest.approx(ref.score, abs=1e-4)
+        assert body["top"][0] == {"label": ref.value, "score": body["score"]}
+        assert sum(t["score"] for t in body["top"]) <= 1 + 1e-6 and len(body["top"]) == min(5, len(query.answers))
+        # constrained greedy decoding (the path for larger label sets) equals completions with those answers
         plain = {"model": adapter, "prompt": query.prompt, "max_tokens": 32, "temperature": 0}
-        direct = client.post("/v1/completions", json={**plain, "guided_choice": list(query.answers)})
-        assert body["text"] == direct.json()["choices"][0]["text"]
-        assert body["valid"] and direct.json()["choices"][0]["finish_reason"] == "stop"
-        assert body["prediction"] == query.parse(body["text"])[0] in tasks["home_intent"].labels
+        with patch("tasktune.serve.api.EXACT_LABELS", 0):
+            greedy = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 32})
+        direct = client.post("/v1/completions", json={**plain, "guided_choice": list(query.answers)}).json()
+        assert greedy.json()["text"] == direct["choices"][0]["text"] and direct["choices"][0]["finish_reason"] == "stop"
+        assert greedy.json()["valid"] and greedy.json()["prediction"] in tasks["home_intent"].labels
         free = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6,
                                                                    "guided": False}).json()
         assert free["text"] == client.post("/v1/completions", json={**plain, "max_tokens": 6}).json()["choices"][0]["text"]

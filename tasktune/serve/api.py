@@ -22,6 +22,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException
 
+from tasktune.data.tokenize import encode_prompt
 from tasktune.errors import TasktuneError
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
@@ -34,6 +35,12 @@ from tasktune.serve.openai_stream import choice_params, event_stream
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.scheduler import QueueFull
 from tasktune.serve.task_predictor import TaskPredictor, registry_predictor
+
+
+# /v1/tasks/{task}/predict scores every label of a closed-set task with at most this many (one
+# prompt-only request a label), as `tasktune eval` does; larger label sets decode greedily,
+# constrained to the labels' token paths
+EXACT_LABELS = 16
 
 
 class APIError(Exception):
@@ -349,6 +356,34 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         pool.unregister(name)
         return {"deleted": name}
 
+    async def predict_by_likelihood(task: str, model: str, query, top_k: int, started: float) -> s.TaskPredictResponse:
+        """A closed-set task with few labels, as `tasktune eval` answers it (model/predict.py,
+        score_labels): each label's whole target and the end token scored after the prompt
+        (both encoded as training encodes them), in one batch of prompt-only requests; the
+        likeliest label, its probability among the labels, and the top_k."""
+        tok = engine.tokenizer
+        prompt = encode_prompt(tok, query.prompt)
+        targets = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in query.answers]
+        handles = submit_all([Request(prompt + t, resolve(model), SamplingParams(max_tokens=0, prompt_logprobs=0))
+                              for t in targets])
+        try:
+            cs = [await finish(h, "/v1/tasks/{task}/predict", model, started) for h in handles]
+        finally:
+            for seq, _ in handles:
+                if not seq.finished:
+                    engine.cancel(seq)
+        totals = [sum(lp.logprob for lp in c.prompt_logprobs[len(prompt):]) for c in cs]
+        top = max(totals)
+        weights = [math.exp(t - top) for t in totals]
+        probs = [w / sum(weights) for w in weights]
+        ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
+        text = query.answers[ranked[0]]
+        value, valid = query.parse(text)
+        return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=text,
+                                     score=probs[ranked[0]],
+                                     top=[s.LabelScore(label=str(query.parse(query.answers[i])[0]), score=probs[i])
+                                          for i in ranked[:top_k]])
+
     @app.post("/v1/tasks/{task}/predict", response_model=s.TaskPredictResponse, dependencies=auth)
     async def predict(task: str, body: s.TaskPredictRequest):
         started = time.monotonic()
@@ -359,6 +394,9 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
         model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
+        exact = min(EXACT_LABELS, engine.scheduler.max_waiting)  # (one request a label must fit the queue)
+        if body.guided and 0 < len(query.answers) <= exact and engine.tokenizer.eos_token_id is not None:
+            return await predict_by_likelihood(task, model, query, body.top_k, started)
         choices = encode_choices(query.answers, "the task's labels") if body.guided else ()
         params = SamplingParams(max_tokens=body.max_tokens, logprobs=0, choices=choices)
         handle = submit_all([Request(query.prompt, resolve(model), params)])[0]

@@ -211,8 +211,10 @@ class TaskPredictRequest(_Body):
     inputs: Annotated[dict[Annotated[str, Field(max_length=64)], Union[Text, list[Text]]], Field(max_length=32)]
     model: Name | None = None
     max_tokens: MaxTokens = 64  # causal runs
-    top_k: Annotated[int, Field(ge=1, le=100)] = 5  # encoder runs: how many labels `top` lists
-    guided: bool = True  # causal runs: a closed-set task's answer is constrained to its labels
+    top_k: Annotated[int, Field(ge=1, le=100)] = 5  # how many labels `top` lists
+    # causal runs: a closed-set task answers with one of its labels (up to 16 labels: each scored
+    # whole, as `tasktune eval` scores them; more: decoding constrained to them)
+    guided: bool = True
 
 
 class LabelScore(BaseModel):
@@ -229,9 +231,10 @@ class SlotSpan(BaseModel):
 
 class TaskPredictResponse(BaseModel):
     """`prediction` is a label, or one BIO tag per word for tagging. `score`: an encoder
-    run's label probability, a causal run's probability of its generated answer (the
-    product of its tokens'). Encoder runs also give the top labels (classification) or the
-    slots (tagging)."""
+    run's label probability; a causal run's probability of its label among the labels
+    (closed sets of up to 16 labels, each scored whole), else of its generated answer (the
+    product of its tokens'). `top`: the likeliest labels (encoder runs, and causal runs
+    scoring their labels); `slots`: an encoder run's tagging spans."""
 
     task: str
     model: str
