@@ -5,60 +5,39 @@
 bad prompt 400, wrong API key 401, full queue 429. Bodies are bounded in schemas.py so
 that no input reaches the engine in a shape it cannot handle.
 
-An encoder run gets its own routes (encoder_api.py) on the same scaffolding (`api_app`).
+An encoder run gets its own routes (encoder_api.py) on the same scaffolding (api_app.py).
 """
 
 from __future__ import annotations
 
-import hmac
 import math
 import time
 import uuid
 from contextlib import asynccontextmanager
 from typing import Any, Callable, Mapping
 
-from fastapi import Depends, FastAPI, Request as HTTPRequest
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
-from starlette.exceptions import HTTPException
+from fastapi import FastAPI
+from fastapi.responses import Response
 
 from tasktune.data.tokenize import encode_prompt
-from tasktune.errors import TasktuneError
 from tasktune.serve import schemas as s
-from tasktune.serve.adapter_pool import AdapterError, AdapterNotFound, AdapterPool
-from tasktune.serve.encoder_engine import EncoderEngine
+from tasktune.serve.adapter_pool import AdapterPool
+from tasktune.serve.api_app import APIError, api_app
 from tasktune.serve.async_engine import AsyncEngine
+from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
+from tasktune.serve.guided import encode_answers
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
 from tasktune.serve.openai_stream import choice_params, event_stream
 from tasktune.serve.sampling import SamplingParams
-from tasktune.serve.scheduler import QueueFull
-from tasktune.serve.task_predictor import TaskPredictor, registry_predictor
+from tasktune.serve.task_predictor import TaskPredictor, label_probabilities, registry_predictor
 
 
 # /v1/tasks/{task}/predict scores every label of a closed-set task with at most this many (one
 # prompt-only request a label), as `tasktune eval` does; larger label sets decode greedily,
 # constrained to the labels' token paths
 EXACT_LABELS = 16
-
-
-class APIError(Exception):
-    def __init__(self, status: int, message: str, kind: str = "invalid_request_error"):
-        super().__init__(message)
-        self.status, self.message, self.kind = status, message, kind
-
-
-def error_response(status: int, message: str, kind: str) -> JSONResponse:
-    return JSONResponse({"error": {"message": message, "type": kind, "code": status}}, status_code=status)
-
-
-def status_of(e: TasktuneError) -> tuple[int, str]:
-    if isinstance(e, AdapterError):
-        return e.status, "not_found_error" if isinstance(e, AdapterNotFound) else "adapter_error"
-    if isinstance(e, QueueFull):
-        return 429, "rate_limit_error"
-    return 400, "invalid_request_error"
 
 
 def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
@@ -70,48 +49,6 @@ def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
         except Exception as e:  # a template may reject role orders (e.g. two system messages)
             raise APIError(400, f"the chat template rejected these messages: {e}") from None
     return "".join(f"{m['role']}: {m['content']}\n" for m in msgs) + "assistant:"
-
-
-def api_app(metrics: Metrics, *, api_key: str | None = None, lifespan=None) -> tuple[FastAPI, list]:
-    """The app every engine's routes hang on: JSON error bodies, the API key check (the
-    returned dependencies) and per-endpoint request counts."""
-    app = FastAPI(title="tasktune serve", version="0.1.0", lifespan=lifespan,
-                  responses={k: {"model": s.ErrorResponse} for k in (400, 401, 404, 422, 429)})
-    app.state.metrics = metrics
-
-    def check_key(request: HTTPRequest) -> None:
-        if api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode("utf-8", "replace"), f"Bearer {api_key}".encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", "authentication_error")
-
-    @app.middleware("http")
-    async def count_requests(request: HTTPRequest, call_next):
-        response = await call_next(request)
-        route = request.scope.get("route")
-        metrics.count(getattr(route, "path", "unmatched"), response.status_code)
-        return response
-
-    @app.exception_handler(APIError)
-    async def _api_error(_, e: APIError):
-        return error_response(e.status, e.message, e.kind)
-
-    @app.exception_handler(TasktuneError)
-    async def _tasktune_error(_, e: TasktuneError):
-        status, kind = status_of(e)
-        return error_response(status, str(e), kind)
-
-    @app.exception_handler(RequestValidationError)
-    async def _invalid(_, e: RequestValidationError):
-        parts = [f"{'.'.join(str(x) for x in err.get('loc', ()))}: {err.get('msg', '')}" for err in e.errors()[:5]]
-        return error_response(422, "invalid request: " + "; ".join(parts), "invalid_request_error")
-
-    @app.exception_handler(HTTPException)
-    async def _http(_, e: HTTPException):
-        return error_response(e.status_code, str(e.detail), "invalid_request_error")
-
-    return app, [Depends(check_key)]
 
 
 def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, *, api_key: str | None = None,
@@ -149,13 +86,10 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     text_of = TokenTexts(engine.tokenizer)
 
     def encode_choices(texts, field: str) -> tuple[tuple[int, ...], ...]:
-        """Answers -> token sequences, each encoded on its own as training encodes a target."""
-        choices = tuple(tuple(engine.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts or ())
-        if any(not c for c in choices):
-            raise APIError(400, f"{field}: an answer encodes to no tokens")
-        if any(t >= engine.model.cfg.vocab_size for c in choices for t in c):
-            raise APIError(400, f"{field}: an answer has tokens outside the model's vocabulary")
-        return choices
+        try:
+            return encode_answers(engine.tokenizer, texts or (), engine.model.cfg.vocab_size)
+        except ValueError as e:
+            raise APIError(400, f"{field}: {e}") from None
 
     def params_of(body: s._Sampling, max_tokens: int | None, logprobs: int | None = None,
                   prompt_logprobs: int | None = None) -> SamplingParams:
@@ -372,10 +306,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             for seq, _ in handles:
                 if not seq.finished:
                     engine.cancel(seq)
-        totals = [sum(lp.logprob for lp in c.prompt_logprobs[len(prompt):]) for c in cs]
-        top = max(totals)
-        weights = [math.exp(t - top) for t in totals]
-        probs = [w / sum(weights) for w in weights]
+        probs = label_probabilities([sum(lp.logprob for lp in c.prompt_logprobs[len(prompt):]) for c in cs])
         ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
         text = query.answers[ranked[0]]
         value, valid = query.parse(text)
@@ -418,4 +349,4 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     return app
 
 
-__all__ = ["APIError", "api_app", "create_app"]
+__all__ = ["create_app"]

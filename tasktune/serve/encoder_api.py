@@ -17,7 +17,7 @@ from fastapi.responses import Response
 from starlette.concurrency import run_in_threadpool
 
 from tasktune.serve import schemas as s
-from tasktune.serve.api import APIError, api_app
+from tasktune.serve.api_app import APIError, api_app
 from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.metrics import Metrics
 

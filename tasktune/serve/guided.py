@@ -15,6 +15,17 @@ from collections.abc import Collection, Sequence
 import torch
 
 
+def encode_answers(tokenizer, texts: Sequence[str], vocab_size: int) -> tuple[tuple[int, ...], ...]:
+    """Answers -> their token paths, each encoded on its own as training encodes a target.
+    Raises ValueError for an answer that encodes to nothing or outside the vocabulary."""
+    paths = tuple(tuple(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
+    if any(not c for c in paths):
+        raise ValueError("an answer encodes to no tokens")
+    if any(t >= vocab_size for c in paths for t in c):
+        raise ValueError("an answer has tokens outside the model's vocabulary")
+    return paths
+
+
 def next_tokens(choices: Sequence[Sequence[int]], generated: Sequence[int], end_ids: Collection[int]) -> list[int]:
     """The tokens a row that has generated `generated` may take next: each answer's next token
     where `generated` is a proper prefix of it, the end tokens where it equals one. Never

@@ -10,6 +10,7 @@ then always one of the labels.
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
@@ -77,6 +78,14 @@ def task_query(task: Task, inputs: dict[str, Any]) -> TaskQuery:
     answers = tuple(task.templates[0].target.format(target=label_text(task, label)) for label in task.labels) \
         if closed else ()
     return TaskQuery(prompt, parse, answers)
+
+
+def label_probabilities(totals: list[float]) -> list[float]:
+    """Each label's probability among the labels from their targets' total log-likelihoods
+    (a softmax, as `tasktune eval`'s score_labels takes it)."""
+    top = max(totals)
+    weights = [math.exp(t - top) for t in totals]
+    return [w / sum(weights) for w in weights]
 
 
 registry_predictor = task_predictor()  # the built-in tasks
