@@ -133,6 +133,15 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             pass
         return record(seq, endpoint, model, started)
 
+    async def finish_all(handles: list, endpoint: str, model: str, started: float) -> list[Completion]:
+        """Every handle's completion; a failed or abandoned request must not keep decoding."""
+        try:
+            return [await finish(h, endpoint, model, started) for h in handles]
+        finally:
+            for seq, _ in handles:
+                if not seq.finished:
+                    engine.cancel(seq)
+
     def record(seq, endpoint: str, model: str, started: float) -> Completion:
         c = completion_of(seq)
         if c.finish_reason == "error":
@@ -198,12 +207,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             include = body.stream_options is not None and body.stream_options.include_usage
             return sse(handles, "/v1/completions", body.model, started, chunk, {**head, "choices": []} if include else None,
                        n)
-        try:
-            cs = [await finish(h, "/v1/completions", body.model, started) for h in handles]
-        finally:
-            for seq, _ in handles:  # a failed or abandoned request must not keep decoding
-                if not seq.finished:
-                    engine.cancel(seq)
+        cs = await finish_all(handles, "/v1/completions", body.model, started)
         choices = [s.CompletionChoice(index=i, text=echoed(prompts[i // n]) + c.text if body.echo else c.text,
                                       finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs, 0, seq))
                    for i, (c, (seq, _)) in enumerate(zip(cs, handles))]
@@ -229,12 +233,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             include = body.stream_options is not None and body.stream_options.include_usage
             return sse(handles, "/v1/chat/completions", body.model, started, chunk,
                        {**head, "choices": []} if include else None, body.n)
-        try:
-            cs = [await finish(h, "/v1/chat/completions", body.model, started) for h in handles]
-        finally:
-            for seq, _ in handles:
-                if not seq.finished:
-                    engine.cancel(seq)
+        cs = await finish_all(handles, "/v1/chat/completions", body.model, started)
         choices = [s.ChatChoice(index=i, message=s.AssistantMessage(content=c.text), finish_reason=c.finish_reason,
                                 logprobs=chat_logprobs(c.logprobs, text_of) if body.logprobs else None)
                    for i, c in enumerate(cs)]
@@ -298,22 +297,15 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         tok = engine.tokenizer
         prompt = encode_prompt(tok, query.prompt)
         targets = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in query.answers]
-        handles = submit_all([Request(prompt + t, resolve(model), SamplingParams(max_tokens=0, prompt_logprobs=0))
-                              for t in targets])
-        try:
-            cs = [await finish(h, "/v1/tasks/{task}/predict", model, started) for h in handles]
-        finally:
-            for seq, _ in handles:
-                if not seq.finished:
-                    engine.cancel(seq)
+        adapter, params = resolve(model), SamplingParams(max_tokens=0, prompt_logprobs=0)
+        handles = submit_all([Request(prompt + t, adapter, params) for t in targets])
+        cs = await finish_all(handles, "/v1/tasks/{task}/predict", model, started)
         probs = label_probabilities([sum(lp.logprob for lp in c.prompt_logprobs[len(prompt):]) for c in cs])
         ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
-        text = query.answers[ranked[0]]
-        value, valid = query.parse(text)
-        return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=text,
-                                     score=probs[ranked[0]],
-                                     top=[s.LabelScore(label=str(query.parse(query.answers[i])[0]), score=probs[i])
-                                          for i in ranked[:top_k]])
+        best = ranked[0]
+        return s.TaskPredictResponse(task=task, model=model, prediction=query.labels[best], valid=True,
+                                     text=query.answers[best], score=probs[best],
+                                     top=[s.LabelScore(label=query.labels[i], score=probs[i]) for i in ranked[:top_k]])
 
     @app.post("/v1/tasks/{task}/predict", response_model=s.TaskPredictResponse, dependencies=auth)
     async def predict(task: str, body: s.TaskPredictRequest):

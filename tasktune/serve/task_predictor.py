@@ -23,6 +23,7 @@ class TaskQuery:
     prompt: str
     parse: Callable[[str], tuple[Any, bool]]  # answer text -> (value, valid)
     answers: tuple[str, ...] = ()  # a closed-set task's labels as the model writes them (() = free text)
+    labels: tuple[str, ...] = ()  # ... and the label each of those answers is
 
 
 class TaskPredictor(Protocol):
@@ -74,10 +75,9 @@ def task_query(task: Task, inputs: dict[str, Any]) -> TaskQuery:
         parsed = parse_output(task, text, example)
         return parsed.value, parsed.valid
 
-    closed = task.kind in ("classification", "yesno") and task.labels
-    answers = tuple(task.templates[0].target.format(target=label_text(task, label)) for label in task.labels) \
-        if closed else ()
-    return TaskQuery(prompt, parse, answers)
+    labels = tuple(task.labels or ()) if task.kind in ("classification", "yesno") else ()
+    answers = tuple(task.templates[0].target.format(target=label_text(task, label)) for label in labels)
+    return TaskQuery(prompt, parse, answers, labels)
 
 
 def label_probabilities(totals: list[float]) -> list[float]:
