@@ -30,7 +30,8 @@ from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, 
 
 
 def main() -> None:
-    args, device = kernel_bench_args(__doc__)
+    args, device = kernel_bench_args(__doc__, lambda ap: ap.add_argument(
+        "--streams", action="store_true", help="also time the BGMV pair on a second stream (joined / deferred)"))
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
     from tasktune.serve import triton_linear
     from tasktune.serve.triton_linear import decode_linear
@@ -75,6 +76,40 @@ def main() -> None:
             return x
         return fn
 
+    def streamed(ids, deferred: bool):
+        """The BGMV pair on a second stream beside each fused launch (session 18's question:
+        can LoRA leave the critical path?). deferred: the launch does not wait for the delta,
+        the next one does (a consumer would add it as it loads its input: timing only, the
+        sums are wrong); else the launch waits for it and adds it (the default's sums)."""
+        side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        keep: list[torch.Tensor] = []
+
+        def lin(i, n, x, **kw):
+            if ids is None:
+                return decode_linear(x, W[i][n], bounds=bounds[n], **kw)
+            main = torch.cuda.current_stream()
+            side.wait_stream(main)
+            with torch.cuda.stream(side):
+                d = lora_delta(x, *AB[i][n], scaling, ids, bounds[n], kw.get("norm"), rms=True)
+            keep.append(d)
+            if deferred:
+                y = decode_linear(x, W[i][n], bounds=bounds[n], **kw)
+                main.wait_stream(side)
+                return y
+            main.wait_stream(side)
+            return decode_linear(x, W[i][n], delta=d, delta_rms=True, bounds=bounds[n], **kw)
+
+        def fn():
+            keep.clear()
+            x = x0
+            for i in range(layers):
+                qkv = lin(i, "qkv", x, bias=bias[i], norm=(norms[i][0], 1e-6))
+                x = lin(i, "o", qkv[:, :Q].contiguous(), residual=x)
+                act = lin(i, "gate_up", x, norm=(norms[i][1], 1e-6), swiglu=True)
+                x = lin(i, "down", act, residual=x)
+            return x
+        return fn
+
     def eager(ids):
         def lin(i, n, h, b=None):
             y = F.linear(h, W[i][n], b)
@@ -101,8 +136,15 @@ def main() -> None:
         c = {"delta_us_per_layer": timed_graph(fused(ids, delta=True), device, replays) / layers * 1e6,
              "fused_us_per_layer": timed_graph(fused(ids), device, replays) / layers * 1e6,
              "eager_us_per_layer": timed_graph(eager(ids), device, replays) / layers * 1e6,
+             **({"side_joined_us_per_layer": timed_graph(streamed(ids, False), device, replays) / layers * 1e6,
+                 "side_deferred_us_per_layer": timed_graph(streamed(ids, True), device, replays) / layers * 1e6,
+                 "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
+                if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
         result["cases"][case] = c
+        if "side_joined_us_per_layer" in c:
+            print(f"{case}: pair on a second stream, joined {c['side_joined_us_per_layer']:.1f} us a layer, "
+                  f"deferred {c['side_deferred_us_per_layer']:.1f}", flush=True)
         print(f"{case}: BGMV delta + fused {c['delta_us_per_layer']:.1f} us a layer, LoRA in the fused launches "
               f"{c['fused_us_per_layer']:.1f}, cuBLAS + eager {c['eager_us_per_layer']:.1f}; max rel err against "
               f"eager {c['max_rel_err_delta_vs_eager']:.1e}, {c['max_rel_err_fused_vs_eager']:.1e}", flush=True)
