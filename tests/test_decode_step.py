@@ -13,7 +13,8 @@ import torch
 
 from tasktune.serve.cuda_graphs import CONTEXT_STEP, DecodeStep, batch_bucket, context_bucket
 from tasktune.serve.forward_batch import make_batch
-from tasktune.serve.engine import Engine, detokenize_step
+from tasktune.serve.detokenize import detokenize_step
+from tasktune.serve.engine import Engine
 from tasktune.serve.scheduler import Sequence
 from tasktune.serve.sampling import SamplingParams
 
@@ -81,11 +82,11 @@ TEXTS = ["plain words and spaces", "accents: café naïve über", "emoji 🙂�
 def test_incremental_detokenisation_equals_full_decode(text, stream, monkeypatch):
     """Both ways: the tokenizers library's DecodeStream, and decoded windows (a tokenizer
     without a Rust backend, or an older tokenizers)."""
-    from tasktune.serve import engine
+    from tasktune.serve import detokenize
 
     tok = train_tokenizer("bpe", vocab_size=300)  # byte-level: multi-byte characters span tokens
     if not stream:
-        monkeypatch.setattr(engine, "DecodeStream", None)
+        monkeypatch.setattr(detokenize, "DecodeStream", None)
     ids = tok.encode(text)
     assert tok.decode(ids) == text
     seq = Sequence(prompt_ids=[1], params=SamplingParams())

@@ -4,7 +4,6 @@ answering exactly like the trained model (greedy tokens equal HF + the runner)."
 from __future__ import annotations
 
 from dataclasses import replace
-from unittest.mock import patch
 
 import pytest
 import torch
@@ -12,7 +11,9 @@ from fastapi.testclient import TestClient
 
 from projects import tiny_config
 from tasktune.errors import TasktuneError
+from tasktune.data.tokenize import encode_prompt
 from tasktune.lora.inject import use_adapters
+from tasktune.serve.branch_scoring import pack_branches
 from tasktune.serve.launch import build_server
 from tasktune.train.run import train_strategy
 
@@ -51,7 +52,6 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
     template, answered by the run's adapter for it, and parsed with the run's label set."""
     from tasktune.model.predict import score_labels
     from tasktune.model.restore import read_run, restore_runner, run_tasks
-    from tasktune.serve.api import EXACT_LABELS
     from tasktune.serve.task_predictor import task_predictor
     from tasktune.tasks.spec import Example, Origin
 
@@ -64,11 +64,11 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
         assert reply.status_code == 200, reply.text
         body = reply.json()
         assert body["model"] == adapter
-        # a few labels: each scored whole after the prompt, as `tasktune eval` scores them, so the
-        # served answer and its probability are eval's for the same run
+        # each label scored whole after the prompt, as `tasktune eval` scores them (the labels as
+        # branches of one prefill), so the served answer and its probability are eval's for the same run
         tasks = {t.name: t for t in run_tasks(*read_run(tmp_path / "run"))}
         query = task_predictor(tasks)("home_intent", {"text": text})
-        assert len(query.answers) == len(tasks["home_intent"].labels) <= EXACT_LABELS
+        assert len(query.answers) == len(tasks["home_intent"].labels) > 2
         example = Example(task="home_intent", uid="t", inputs={"text": text}, target="", origin=Origin("api", 0))
         runner = restore_runner(tmp_path / "run")  # (serving renders the canonical template: eval here too)
         runner.tasks["home_intent"] = replace(runner.tasks["home_intent"], templates=tasks["home_intent"].templates[:1])
@@ -77,19 +77,24 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
         assert body["score"] == pytest.approx(ref.score, abs=1e-4)
         assert body["top"][0] == {"label": ref.value, "score": body["score"]}
         assert sum(t["score"] for t in body["top"]) <= 1 + 1e-6 and len(body["top"]) == min(5, len(query.answers))
-        # constrained greedy decoding (the path for larger label sets) equals completions with those answers
         plain = {"model": adapter, "prompt": query.prompt, "max_tokens": 32, "temperature": 0}
-        with patch("tasktune.serve.api.EXACT_LABELS", 0):
-            greedy = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 32})
-        direct = client.post("/v1/completions", json={**plain, "guided_choice": list(query.answers)}).json()
-        assert greedy.json()["text"] == direct["choices"][0]["text"] and direct["choices"][0]["finish_reason"] == "stop"
-        assert greedy.json()["valid"] and greedy.json()["prediction"] in tasks["home_intent"].labels
         free = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6,
                                                                    "guided": False}).json()
         assert free["text"] == client.post("/v1/completions", json={**plain, "max_tokens": 6}).json()["choices"][0]["text"]
         missing = client.post("/v1/tasks/clinc150/predict", json={"inputs": {"text": text}})
         assert missing.status_code == 404
         assert "home_intent" in missing.json()["error"]["message"]
+    # a context too short for the prompt and every label at once: the labels split over
+    # several prefills, and the answer does not change
+    tok = runner.tokenizer
+    prompt_len = len(encode_prompt(tok, query.prompt))
+    longest = max(len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in query.answers)
+    lengths = [len(tok(a, add_special_tokens=False)["input_ids"]) + 1 for a in query.answers]
+    assert len(pack_branches(prompt_len, lengths, prompt_len + longest + 1)) > 1
+    app, _ = build_server([tmp_path / "run"], None, max_len=prompt_len + longest + 2)
+    with TestClient(app) as client:
+        split = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}}).json()
+        assert split["prediction"] == ref.value and split["score"] == pytest.approx(ref.score, abs=1e-4)
 
 
 def test_serve_limits_reach_the_engine(tiny_llama, adapter_root):

@@ -24,6 +24,7 @@ from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterPool
 from tasktune.serve.api_app import APIError, api_app
 from tasktune.serve.async_engine import AsyncEngine
+from tasktune.serve.branch_scoring import pack_branches
 from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.guided import encode_answers
@@ -32,12 +33,6 @@ from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion
 from tasktune.serve.openai_stream import choice_params, event_stream
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.task_predictor import TaskPredictor, label_probabilities, registry_predictor
-
-
-# /v1/tasks/{task}/predict scores every label of a closed-set task with at most this many (one
-# prompt-only request a label), as `tasktune eval` does; larger label sets decode greedily,
-# constrained to the labels' token paths
-EXACT_LABELS = 16
 
 
 def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
@@ -290,17 +285,20 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         return {"deleted": name}
 
     async def predict_by_likelihood(task: str, model: str, query, top_k: int, started: float) -> s.TaskPredictResponse:
-        """A closed-set task with few labels, as `tasktune eval` answers it (model/predict.py,
-        score_labels): each label's whole target and the end token scored after the prompt
-        (both encoded as training encodes them), in one batch of prompt-only requests; the
-        likeliest label, its probability among the labels, and the top_k."""
+        """A closed-set task, as `tasktune eval` answers it (model/predict.py, score_labels):
+        each label's whole target and the end token scored after the prompt (both encoded as
+        training encodes them), the labels as branches of one prompt (branch_scoring.py: one
+        prefill, or one per group of labels that fits the context); the likeliest label, its
+        probability among the labels, and the top_k."""
         tok = engine.tokenizer
         prompt = encode_prompt(tok, query.prompt)
-        targets = [tok(a, add_special_tokens=False)["input_ids"] + [tok.eos_token_id] for a in query.answers]
-        adapter, params = resolve(model), SamplingParams(max_tokens=0, prompt_logprobs=0)
-        handles = submit_all([Request(prompt + t, adapter, params) for t in targets])
+        end = [tok.eos_token_id] if tok.eos_token_id is not None else []
+        targets = [tok(a, add_special_tokens=False)["input_ids"] + end for a in query.answers]
+        adapter, params = resolve(model), SamplingParams(max_tokens=0)
+        packs = pack_branches(len(prompt), [len(t) for t in targets], engine.max_len - 1)
+        handles = submit_all([Request(prompt, adapter, params, branches=[targets[i] for i in p]) for p in packs])
         cs = await finish_all(handles, "/v1/tasks/{task}/predict", model, started)
-        probs = label_probabilities([sum(lp.logprob for lp in c.prompt_logprobs[len(prompt):]) for c in cs])
+        probs = label_probabilities([sum(lps) for c in cs for lps in c.branch_logprobs])
         ranked = sorted(range(len(probs)), key=lambda i: -probs[i])
         best = ranked[0]
         return s.TaskPredictResponse(task=task, model=model, prediction=query.labels[best], valid=True,
@@ -317,13 +315,11 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         except (ValueError, KeyError, TypeError) as e:
             raise APIError(422, f"invalid inputs for task {task!r}: {e}") from None
         model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
-        exact = min(EXACT_LABELS, engine.scheduler.max_waiting)  # (one request a label must fit the queue)
-        if body.guided and 0 < len(query.answers) <= exact and engine.tokenizer.eos_token_id is not None:
+        if body.guided and query.answers:
             return await predict_by_likelihood(task, model, query, body.top_k, started)
-        choices = encode_choices(query.answers, "the task's labels") if body.guided else ()
-        params = SamplingParams(max_tokens=body.max_tokens, logprobs=0, choices=choices)
-        handle = submit_all([Request(query.prompt, resolve(model), params)])[0]
-        c = await finish(handle, "/v1/tasks/{task}/predict", model, started)
+        params = SamplingParams(max_tokens=body.max_tokens, logprobs=0)
+        c, = await finish_all(submit_all([Request(query.prompt, resolve(model), params)]), "/v1/tasks/{task}/predict",
+                              model, started)
         value, valid = query.parse(c.text)
         score = math.exp(sum(lp.logprob for lp in c.logprobs))  # the greedy answer's probability
         return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text,

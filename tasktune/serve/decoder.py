@@ -153,8 +153,9 @@ class Block(nn.Module):
         qk = apply_rope(qk, cos, sin)  # q and k heads together; cos, sin: [N, 1, head_dim]
         q, k = qk[:, :H], qk[:, H:]
         v = qkv[:, (H + kvh) * hd:].view(N, kvh, hd)
-        kc[batch.token_slots, :, batch.positions] = k.to(kc.dtype)
-        vc[batch.token_slots, :, batch.positions] = v.to(vc.dtype)
+        rows = batch.positions if batch.cache_positions is None else batch.cache_positions
+        kc[batch.token_slots, :, rows] = k.to(kc.dtype)
+        vc[batch.token_slots, :, rows] = v.to(vc.dtype)
         if batch.decode:  # row b = slot b, one query each: attend to a view of the first N slots
             o = grouped_attention(q.unsqueeze(2), kc[:N, :, :L], vc[:N, :, :L], batch.mask).reshape(N, -1)
         else:

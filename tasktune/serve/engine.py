@@ -23,15 +23,12 @@ from typing import Callable
 import torch
 from tqdm.auto import tqdm
 
-try:  # the tokenizers library's incremental decoder (tokenizers >= 0.21)
-    from tokenizers.decoders import DecodeStream
-except ImportError:  # older: detokenize_step decodes windows
-    DecodeStream = None
-
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
+from tasktune.serve.branch_scoring import SCORING_ROWS, InvalidBranches, branch_logprobs, check_branches
 from tasktune.serve.cuda_graphs import DecodeStep
 from tasktune.serve.decoder import FUSED, Decoder
+from tasktune.serve.detokenize import detokenize_step
 from tasktune.serve.forward_batch import make_batch
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
@@ -47,8 +44,6 @@ AHEAD_PER_ROW = True
 # Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
 # (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
-# A prefill that scores its prompt (prompt_logprobs) runs the LM head over this many positions at a time
-SCORING_ROWS = 512
 
 
 class PromptTooLong(TasktuneError):
@@ -61,6 +56,9 @@ class Request:
     adapter: str | None = None  # None = the base model
     params: SamplingParams = field(default_factory=SamplingParams)
     stream: bool = False  # text and an update every token; otherwise text once, when finished
+    # continuations to score after the prompt, all in one prefill (branch_scoring.py; needs
+    # max_tokens 0): Completion.branch_logprobs
+    branches: list[list[int]] | None = None
 
 
 @dataclass
@@ -73,6 +71,7 @@ class Completion:
     error: str | None = None
     logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, if asked (the first None)
+    branch_logprobs: list[list[float]] | None = None  # one per token of each branch, if the request had branches
 
 
 def most(ks: list[int | None]) -> int | None:
@@ -83,31 +82,8 @@ def most(ks: list[int | None]) -> int | None:
 def completion_of(seq: Sequence) -> Completion:
     return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
                       len(seq.prompt_ids), seq.error,
-                      list(seq.logprobs) if seq.params.logprobs is not None else None, seq.prompt_logprobs)
-
-
-def detokenize_step(tokenizer, seq: Sequence) -> str:
-    """The text the newest output token adds (called for every output token of a streamed
-    request, or one with stop strings). With a fast tokenizer whose decode is its Rust
-    backend's (no space clean-up), the tokenizers library's DecodeStream: one call a token,
-    0.03 ms a step for 32 streams on a 2-core CPU against 0.18 for the window below.
-    Else a short window is decoded instead of the whole output every step (Hugging Face
-    TGI's incremental detokenisation): it starts a few tokens back so merges across token
-    boundaries (a leading space, a multi-byte character split over tokens) come out as the
-    full decode would; while the window ends in an incomplete character nothing is emitted."""
-    ids = seq.output_ids
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if (seq.decode_stream is None and len(ids) == 1 and DecodeStream is not None and backend is not None
-            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)):
-        seq.decode_stream = DecodeStream(skip_special_tokens=True)
-    if seq.decode_stream is not None:
-        return seq.decode_stream.step(backend, ids[-1]) or ""
-    prefix = tokenizer.decode(ids[seq.prefix_offset:seq.read_offset], skip_special_tokens=True)
-    full = tokenizer.decode(ids[seq.prefix_offset:], skip_special_tokens=True)
-    if len(full) > len(prefix) and not full.endswith("\ufffd"):
-        seq.prefix_offset, seq.read_offset = seq.read_offset, len(ids)
-        return full[len(prefix):]
-    return ""
+                      list(seq.logprobs) if seq.params.logprobs is not None else None, seq.prompt_logprobs,
+                      seq.branch_logprobs)
 
 
 class Engine:
@@ -163,6 +139,13 @@ class Engine:
             self.pool.info(request.adapter)
         seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update,
                        stream=request.stream)
+        if request.branches is not None:
+            if request.params.max_tokens:
+                raise InvalidBranches("branches are scored after the prompt alone: max_tokens must be 0")
+            seq.branches = check_branches(request.branches, self.model.cfg.vocab_size)
+            if seq.prefill_tokens >= self.max_len:
+                raise InvalidBranches(f"the prompt and its branches have {seq.prefill_tokens} tokens; this "
+                                      f"server's limit is {self.max_len - 1}")
         seq.generator = make_generator(request.params, self.device)
         with self._lock:
             self.scheduler.add(seq)
@@ -198,6 +181,13 @@ class Engine:
         for s in admitted:
             if s.finished and s not in self.scheduler.running:  # cancelled while waiting
                 self._notify(s)
+        for s in [s for s in prefill if s.branches is not None]:  # scored in a prefill of their own, and done
+            s.branch_logprobs = branch_logprobs(self.model, self.cache, self.pool.stacks, s.prompt_ids, s.branches,
+                                                s.kv_slot, s.lora_id)
+            s.finish_reason = "length"
+            self._notify(s)
+        touched = list(prefill)
+        prefill = [s for s in prefill if s.branches is None]
         first = self._prefill(prefill) if prefill else None
         if decoding:
             self._decode(decoding)
@@ -210,7 +200,7 @@ class Engine:
                 else:  # the prompt only (scored, say): nothing to generate
                     s.finish_reason = "length"
                     self._notify(s)
-        touched = prefill + decoding
+        touched += decoding
         with self._lock:
             done = self.scheduler.retire()
         seen = set(touched)

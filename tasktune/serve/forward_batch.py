@@ -9,7 +9,7 @@ graph can capture it). See decoder.py for how the layers read them.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -49,6 +49,9 @@ class Batch:
     bgmv: bool = False  # LoRA through the Triton kernels in any layout (a prefill in a CUDA graph: SGMV or BGMV)
     causal: bool = False  # B sequences from position 0, T rows each, L == T: SDPA's is_causal (no mask)
     seg_ids: torch.Tensor | None = None  # causal: each sequence's adapter [B] (its T rows one segment)
+    # where each token's key and value go in its slot when that is not its position: the
+    # branches of a `tree_batch` share positions but not cache rows (None: positions)
+    cache_positions: torch.Tensor | None = None
 
 
 def make_batch(
@@ -96,6 +99,24 @@ def make_batch(
         active=as_long(distinct),
         active_ids=as_long([where.get(a, -1) for a in token_lora]),
     )
+
+
+def tree_batch(prompt: list[int], branches: list[list[int]], slot: int, lora_id: int, device: torch.device) -> Batch:
+    """A prompt and its branches as one prefill into one slot. The branches follow the
+    prompt in the slot's cache rows, but each sits at positions P, P + 1, ... as if it alone
+    followed the prompt, and each branch token attends to the prompt and to its own
+    branch's earlier tokens only: every branch's outputs are those of prompt + branch run
+    alone, for one prompt's worth of prefill (branch_scoring.py)."""
+    P = len(prompt)
+    flat = prompt + [t for b in branches for t in b]
+    T = len(flat)
+    batch = make_batch([flat], [0], [slot], [lora_id], device)
+    positions = list(range(P)) + [P + j for b in branches for j in range(len(b))]
+    owner = torch.tensor([-1] * P + [i for i, b in enumerate(branches) for _ in b], device=device)
+    rows = torch.arange(T, device=device)
+    mask = (rows[None, :] <= rows[:, None]) & ((rows[None, :] < P) | (owner[None, :] == owner[:, None]))
+    return replace(batch, positions=torch.tensor(positions, dtype=torch.long, device=device), cache_positions=rows,
+                   mask=mask.view(1, 1, T, T))
 
 
 @functools.lru_cache(maxsize=None)

@@ -46,7 +46,7 @@ class Sequence:
     output_ids: list[int] = field(default_factory=list)
     _text: str = ""
     _text_later: Callable[[], str] | None = field(default=None, repr=False)
-    prefix_offset: int = 0  # incremental detokenisation window over output_ids (engine.detokenize_step)
+    prefix_offset: int = 0  # incremental detokenisation window over output_ids (detokenize.detokenize_step)
     read_offset: int = 0
     decode_stream: object | None = field(default=None, repr=False)  # ... or the tokenizers library's DecodeStream
     sent: int = 0  # characters of `text` already streamed
@@ -62,6 +62,10 @@ class Sequence:
     logprobs_sent: int = 0  # of `logprobs`, streamed already
     # one per prompt token if params.prompt_logprobs is set (the first None: nothing precedes it)
     prompt_logprobs: list[TokenLogprob | None] | None = None
+    # continuations scored after the prompt in one prefill (branch_scoring.py), and each one's
+    # tokens' log-probabilities once scored
+    branches: list[list[int]] | None = None
+    branch_logprobs: list[list[float]] | None = None
 
     @property
     def text(self) -> str:
@@ -84,6 +88,11 @@ class Sequence:
     @property
     def length(self) -> int:
         return len(self.prompt_ids) + len(self.output_ids)
+
+    @property
+    def prefill_tokens(self) -> int:
+        """The tokens its prefill runs: the prompt and any branches."""
+        return len(self.prompt_ids) + sum(map(len, self.branches or ()))
 
 
 class Scheduler:
@@ -119,14 +128,14 @@ class Scheduler:
                 seq.finish_reason = "cancelled"
                 admitted.append(seq)
                 continue
-            if admitted and len(seq.prompt_ids) > budget:
+            if admitted and seq.prefill_tokens > budget:
                 break
             if not reserve(seq):
                 break
             self.waiting.popleft()
             self.running.append(seq)
             admitted.append(seq)
-            budget -= len(seq.prompt_ids)
+            budget -= seq.prefill_tokens
         return admitted
 
     def retire(self) -> list[Sequence]:

@@ -212,8 +212,8 @@ class TaskPredictRequest(_Body):
     model: Name | None = None
     max_tokens: MaxTokens = 64  # causal runs
     top_k: Annotated[int, Field(ge=1, le=100)] = 5  # how many labels `top` lists
-    # causal runs: a closed-set task answers with one of its labels (up to 16 labels: each scored
-    # whole, as `tasktune eval` scores them; more: decoding constrained to them)
+    # causal runs: a closed-set task answers with one of its labels, each scored whole after the
+    # prompt as `tasktune eval` scores them (false: free decoding, parsed)
     guided: bool = True
 
 
@@ -232,8 +232,8 @@ class SlotSpan(BaseModel):
 class TaskPredictResponse(BaseModel):
     """`prediction` is a label, or one BIO tag per word for tagging. `score`: an encoder
     run's label probability; a causal run's probability of its label among the labels
-    (closed sets of up to 16 labels, each scored whole), else of its generated answer (the
-    product of its tokens'). `top`: the likeliest labels (encoder runs, and causal runs
+    (closed sets, each label scored whole), else of its generated answer (the product of its
+    tokens'). `top`: the likeliest labels (encoder runs, and causal runs
     scoring their labels); `slots`: an encoder run's tagging spans."""
 
     task: str

@@ -3,8 +3,8 @@
 The prompt is the task's canonical template rendered with the request's inputs (tasks/
 render.py, the same code training used), `parse` inverts the answer text (tasks/parsers.py),
 and for a closed-set task (classification, yes/no) `answers` lists every label as its
-target is written, so the engine can constrain decoding to them (guided.py): an answer is
-then always one of the labels.
+target is written, so the API can score each one after the prompt as `tasktune eval` does
+(branch_scoring.py): an answer is then always one of the labels.
 """
 
 from __future__ import annotations
