@@ -4,8 +4,9 @@ session 18), on the serve bench's model.
 
 Work: one 64-token prompt through one r=16 adapter, 2 / 16 / 150 labels (yes/no; the old
 exact limit; CLINC150's intent count) of 2-6 random tokens and the end token, each
-label's total log-likelihood after the prompt. Both ways run in the same process on the same engine (bf16 on a GPU, eager
-prefills: neither is a CUDA graph); medians of `--repeats` predictions after one untimed.
+label's total log-likelihood after the prompt. Both ways run in the same process on the same engine (bf16 on a GPU: the tree a
+CUDA graph replay, branch_graphs.py; prompt-only requests an eager prefill that keeps
+every position); medians of `--repeats` predictions after one untimed (which captures).
 The two ways' totals are compared (max abs difference) and must pick the same label.
 
     PYTHONPATH=. python3 bench/predict_bench.py             # GPU: writes $OUT/ and bench/results/

@@ -58,6 +58,36 @@ def test_branches_equal_each_continuation_scored_alone(engine, hf_scores, adapte
         assert lps == pytest.approx([lp.logprob for lp in c.prompt_logprobs[len(prompt):]], abs=1e-5)
 
 
+@pytest.mark.parametrize("adapter", [None, "task-3"])
+def test_padded_branch_step_equals_the_eager_tree(engine, adapter, monkeypatch):
+    """The layout a GPU captures (branch_graphs.BranchStep: padded to a bucket, the mask
+    built from static rows), run eagerly, gives the eager tree's numbers."""
+    from tasktune.serve.branch_scoring import branch_logprobs
+
+    step = engine.branch_step
+    prompt = engine.tokenizer.encode("set an alarm for seven")
+    branches = [[5, 6], [7], [5, 8, 9, 10]]
+    lora_id = engine.pool.acquire(adapter) if adapter else -1
+    slot = engine.cache.alloc()
+    try:
+        want = branch_logprobs(engine.model, engine.cache, engine.pool.stacks, prompt, branches, slot, lora_id)
+        monkeypatch.setattr(step, "pad", True)
+        assert step.takes(len(prompt) + 7, adapter is not None) and step.bucket(len(prompt) + 7) == 64
+        got = step(prompt, branches, slot, lora_id)
+        assert [len(g) for g in got] == [2, 1, 4]
+        for g, w in zip(got, want):
+            assert g == pytest.approx(w, abs=1e-5)
+        long = [[5] * 40, [6, 7] * 20]  # the next bucket (128 rows: the engine's max_len here)
+        assert step.bucket(len(prompt) + 80) == 128
+        for g, w in zip(step(prompt, long, slot, lora_id),
+                        branch_logprobs(engine.model, engine.cache, engine.pool.stacks, prompt, long, slot, lora_id)):
+            assert g == pytest.approx(w, abs=1e-5)
+    finally:
+        engine.cache.free(slot)
+        if adapter:
+            engine.pool.release(adapter)
+
+
 def test_tree_batch_positions_cache_rows_and_mask():
     b = tree_batch([7, 8, 9], [[1, 2], [3], [4, 5]], slot=2, lora_id=-1, device=torch.device("cpu"))
     assert b.tokens.tolist() == [7, 8, 9, 1, 2, 3, 4, 5]

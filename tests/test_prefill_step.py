@@ -198,7 +198,9 @@ def test_long_prompt_graph_replay_equals_eager_step(tiny_llama, adapter_root, tm
                                  max_running=4, max_len=2100, device="cuda", dtype=torch.bfloat16)
     eng.pool.register_root()
     step = eng.prefill_step
-    assert step.top == 2048 and eng.warmup(progress=True) == len(step.graphs) + len(eng.decode_step.graphs)
+    assert step.top == 2048 and eng.warmup(progress=True) == (len(step.graphs) + len(eng.decode_step.graphs)
+                                                              + len(eng.branch_step.graphs))
+    assert len(eng.branch_step.graphs) == len(eng.branch_step.shapes()) == 12  # 6 buckets, with and without LoRA
     assert set(step.shapes()) == set(step.graphs)
     eager = PrefillStep(eng.model, eng.cache, eng.pool.stacks, use_graphs=False)
     eager.bgmv = eager.pad = True  # the graphs' step, run eagerly

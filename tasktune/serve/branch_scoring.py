@@ -58,28 +58,44 @@ def pack_branches(prompt_len: int, lengths: list[int], max_len: int) -> list[lis
     return packs
 
 
-@torch.no_grad()
-def branch_logprobs(model, cache, stacks, prompt: list[int], branches: list[list[int]], slot: int,
-                    lora_id: int) -> list[list[float]]:
-    """Each branch token's log-probability (float32 log-softmax of its logits, as eval takes
-    them) after the prompt and the branch's earlier tokens, from one prefill of `prompt` and
-    all branches into KV slot `slot` (which the caller frees afterwards)."""
-    batch = tree_batch(prompt, branches, slot, lora_id, cache.k.device)
-    rows = model(replace(batch, last=None), cache, stacks, head=False)  # [T, hidden]
-    P, reads, start = len(prompt), [], len(prompt)
-    for b in branches:  # branch token j is scored by the row before it: the prompt's last, then its own
-        reads += [P - 1] + list(range(start, start + len(b) - 1))
+def reads_and_targets(prompt_len: int, branches: list[list[int]]) -> tuple[list[int], list[int]]:
+    """Which output row scores each branch token (the row before it: the prompt's last for
+    a branch's first token, then the branch's own), and the tokens, branch after branch."""
+    reads, start = [], prompt_len
+    for b in branches:
+        reads += [prompt_len - 1] + list(range(start, start + len(b) - 1))
         start += len(b)
-    targets = torch.tensor([t for b in branches for t in b], device=rows.device)
-    index = torch.tensor(reads, device=rows.device)
+    return reads, [t for b in branches for t in b]
+
+
+def score_rows(model, hidden: torch.Tensor, reads: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """float32 log-softmax of the LM head at rows `reads` of the last layer's output, taken
+    at `targets` -> [len(reads)], as eval takes them; SCORING_ROWS rows at a time."""
     picked = []
-    for lo in range(0, len(reads), SCORING_ROWS):
-        h = model.model.norm(rows.index_select(0, index[lo:lo + SCORING_ROWS]))
+    for lo in range(0, reads.shape[0], SCORING_ROWS):
+        h = model.model.norm(hidden.index_select(0, reads[lo:lo + SCORING_ROWS]))
         logp = model.lm_head(h).float().log_softmax(-1)
         picked.append(logp.gather(-1, targets[lo:lo + SCORING_ROWS, None]).squeeze(-1))
-    flat = torch.cat(picked).tolist()
+    return torch.cat(picked) if len(picked) > 1 else picked[0]
+
+
+def split(flat: list[float], branches: list[list[int]]) -> list[list[float]]:
+    """flat per-token values back into one list per branch."""
     out, at = [], 0
     for b in branches:
         out.append(flat[at:at + len(b)])
         at += len(b)
     return out
+
+
+@torch.no_grad()
+def branch_logprobs(model, cache, stacks, prompt: list[int], branches: list[list[int]], slot: int,
+                    lora_id: int) -> list[list[float]]:
+    """Each branch token's log-probability after the prompt and the branch's earlier tokens,
+    from one eager prefill of `prompt` and all branches into KV slot `slot` (which the
+    caller frees afterwards). branch_graphs.BranchStep runs the same padded, from a graph."""
+    batch = tree_batch(prompt, branches, slot, lora_id, cache.k.device)
+    hidden = model(replace(batch, last=None), cache, stacks, head=False)  # [T, hidden]
+    reads, targets = reads_and_targets(len(prompt), branches)
+    as_long = lambda v: torch.tensor(v, dtype=torch.long, device=hidden.device)  # noqa: E731
+    return split(score_rows(model, hidden, as_long(reads), as_long(targets)).tolist(), branches)

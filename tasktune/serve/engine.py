@@ -25,7 +25,8 @@ from tqdm.auto import tqdm
 
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
-from tasktune.serve.branch_scoring import SCORING_ROWS, InvalidBranches, branch_logprobs, check_branches
+from tasktune.serve.branch_graphs import BranchStep
+from tasktune.serve.branch_scoring import SCORING_ROWS, InvalidBranches, check_branches
 from tasktune.serve.cuda_graphs import DecodeStep
 from tasktune.serve.decoder import FUSED, Decoder
 from tasktune.serve.detokenize import detokenize_step
@@ -102,6 +103,7 @@ class Engine:
         self.eos_ids = eos
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
+        self.branch_step = BranchStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self._lock = threading.Lock()  # guards the scheduler's queues
         self._step_lock = threading.Lock()
 
@@ -182,8 +184,7 @@ class Engine:
             if s.finished and s not in self.scheduler.running:  # cancelled while waiting
                 self._notify(s)
         for s in [s for s in prefill if s.branches is not None]:  # scored in a prefill of their own, and done
-            s.branch_logprobs = branch_logprobs(self.model, self.cache, self.pool.stacks, s.prompt_ids, s.branches,
-                                                s.kv_slot, s.lora_id)
+            s.branch_logprobs = self.branch_step(s.prompt_ids, s.branches, s.kv_slot, s.lora_id)
             s.finish_reason = "length"
             self._notify(s)
         touched = list(prefill)
@@ -320,11 +321,12 @@ class Engine:
         """Capture the decode and prefill steps' CUDA graphs now rather than on first use
         (no-op on the CPU; ~100 s for a 0.5B model on a fresh machine, so `progress` shows a
         bar); returns how many exist."""
-        total = len(self.decode_step.shapes(self.scheduler.max_running)) + len(self.prefill_step.shapes())
+        total = (len(self.decode_step.shapes(self.scheduler.max_running)) + len(self.prefill_step.shapes())
+                 + len(self.branch_step.shapes()))
         with self._step_lock, tqdm(total=total, desc="capturing CUDA graphs", unit="graph",
                                    disable=not progress or total == 0) as bar:
             return (self.decode_step.warmup(self.scheduler.max_running, bar.update)
-                    + self.prefill_step.warmup(bar.update))
+                    + self.prefill_step.warmup(bar.update) + self.branch_step.warmup(bar.update))
 
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         p = seq.params

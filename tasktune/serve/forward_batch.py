@@ -101,22 +101,28 @@ def make_batch(
     )
 
 
+def tree_mask(owner: torch.Tensor, prompt_len: int | torch.Tensor) -> torch.Tensor:
+    """[1, 1, T, T] bool: row q sees key k <= q that is in the prompt (k < prompt_len) or in
+    q's own branch (owner: each row's branch, -1 for the prompt's rows)."""
+    T = owner.shape[0]
+    rows = torch.arange(T, device=owner.device)
+    mask = (rows[None, :] <= rows[:, None]) & ((rows[None, :] < prompt_len) | (owner[None, :] == owner[:, None]))
+    return mask.view(1, 1, T, T)
+
+
 def tree_batch(prompt: list[int], branches: list[list[int]], slot: int, lora_id: int, device: torch.device) -> Batch:
     """A prompt and its branches as one prefill into one slot. The branches follow the
     prompt in the slot's cache rows, but each sits at positions P, P + 1, ... as if it alone
     followed the prompt, and each branch token attends to the prompt and to its own
-    branch's earlier tokens only: every branch's outputs are those of prompt + branch run
-    alone, for one prompt's worth of prefill (branch_scoring.py)."""
+    branch's earlier tokens only (`tree_mask`): every branch's outputs are those of prompt
+    + branch run alone, for one prompt's worth of prefill (branch_scoring.py)."""
     P = len(prompt)
     flat = prompt + [t for b in branches for t in b]
-    T = len(flat)
     batch = make_batch([flat], [0], [slot], [lora_id], device)
     positions = list(range(P)) + [P + j for b in branches for j in range(len(b))]
     owner = torch.tensor([-1] * P + [i for i, b in enumerate(branches) for _ in b], device=device)
-    rows = torch.arange(T, device=device)
-    mask = (rows[None, :] <= rows[:, None]) & ((rows[None, :] < P) | (owner[None, :] == owner[:, None]))
-    return replace(batch, positions=torch.tensor(positions, dtype=torch.long, device=device), cache_positions=rows,
-                   mask=mask.view(1, 1, T, T))
+    return replace(batch, positions=torch.tensor(positions, dtype=torch.long, device=device),
+                   cache_positions=torch.arange(len(flat), device=device), mask=tree_mask(owner, P))
 
 
 @functools.lru_cache(maxsize=None)
