@@ -75,9 +75,10 @@ FORMULAS = {
 
 # --- engine cases ----------------------------------------------------------------------------
 def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None,
-               choices: list | None = None, temperature: float = 0.0, seeded: bool = False) -> dict:
+               choices: list | None = None, temperature: float = 0.0, seeded: bool = False, grammar=None) -> dict:
     """logprobs: every request asks for its tokens' log-probabilities (the logits path);
     choices: each request's answers (guided_choice; token sequences of new_tokens or more);
+    grammar: every request bound to it (grammar.py: a regex of new_tokens tokens or more);
     temperature > 0: every request samples (top-p 0.95; seeded: request i with seed i)."""
     from dataclasses import replace
 
@@ -90,6 +91,7 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     t0 = time.perf_counter()
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         mine = params if choices is None else replace(params, ignore_eos=False, choices=choices[i])
+        mine = mine if grammar is None else replace(mine, ignore_eos=False, grammar=grammar)
         mine = mine if not temperature else replace(mine, temperature=temperature, top_p=0.95,
                                                     seed=i if seeded else None)
         seqs.append(engine.submit(Request(prompt=p, adapter=a, params=mine)))
@@ -310,11 +312,15 @@ def main() -> None:
             answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
                        for name in names_} if label == "guided" else {}
             temperature, seeded = (0.8 if label.startswith("sampled") else 0.0), label == "sampled_seeded"
+            # guided_regex: every token of the bench's vocabulary is 't<id>', so this allows any
+            # token but the end token ('t0') until new_tokens of them
+            grammar = engine.grammars.regex(f"(t[0-9]+){{{new_tokens}}}") if label == "guided_regex" else None
             for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded)
+                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded,
+                           grammar)
             for name in names_:
                 other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature,
-                                   seeded)
+                                   seeded, grammar)
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]

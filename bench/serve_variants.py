@@ -51,6 +51,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "logprobs5": (True, kernels, every),  # ... and 5 alternatives a token
              # every request bound to 4 answers (guided_choice): its own main-run tokens and 3 decoys
              "guided": (True, kernels, every),
+             # every request bound to a regex (xgrammar, serve/grammar.py) that any token but the end one continues
+             "guided_regex": (True, kernels, every),
              # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
              "sampled_seeded": (True, kernels, every),  # ... request i with seed i: a generator a row

@@ -346,7 +346,7 @@ def test_n_choices_and_streams_of_several_prompts(client, engine):
     ("/v1/completions", {"prompt": []}, 422, "prompt"),
     ("/v1/chat/completions", {"top_logprobs": 2}, 400, "top_logprobs"),
     ("/v1/chat/completions", {"tools": [{"type": "function", "function": {"name": "f"}}]}, 422, "tools"),
-    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, 422, "response_format"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_schema"}}, 422, "needs json_schema"),
 ])
 def test_unsupported_and_out_of_range_fields_are_refused_by_name(client, url, extra, status, words):
     body = {"model": "tiny-llama", "max_tokens": 2}

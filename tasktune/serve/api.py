@@ -27,6 +27,7 @@ from tasktune.serve.async_engine import AsyncEngine
 from tasktune.serve.branch_scoring import pack_branches
 from tasktune.serve.encoder_engine import EncoderEngine
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
+from tasktune.serve.grammar import GrammarError
 from tasktune.serve.guided import encode_answers
 from tasktune.serve.metrics import Metrics
 from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
@@ -98,15 +99,37 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         max_tokens = 16 if max_tokens is None else max_tokens
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})")
-        if body.guided_choice and (body.min_tokens or body.ignore_eos):
-            raise APIError(400, "guided_choice cannot be combined with min_tokens or ignore_eos")
+        grammar = grammar_of(body)
+        if (body.guided_choice or grammar is not None) and (body.min_tokens or body.ignore_eos):
+            raise APIError(400, f"{'guided_choice' if body.guided_choice else 'a grammar'} cannot be combined with "
+                                "min_tokens or ignore_eos")
         return SamplingParams(max_tokens=max_tokens, temperature=body.temperature, top_p=body.top_p,
                               seed=body.seed, stop=stop, logprobs=logprobs, presence_penalty=body.presence_penalty,
                               frequency_penalty=body.frequency_penalty, logit_bias=bias, top_k=body.top_k,
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
                               ignore_eos=body.ignore_eos, prompt_logprobs=prompt_logprobs,
-                              choices=encode_choices(body.guided_choice, "guided_choice"))
+                              choices=encode_choices(body.guided_choice, "guided_choice"), grammar=grammar)
+
+    def grammar_of(body: s._Sampling):
+        """The compiled grammar of guided_json, guided_regex or a JSON response_format (None:
+        free text); two ways to guide one request are refused."""
+        rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
+        given = [name for name, v in (("guided_choice", body.guided_choice), ("guided_json", body.guided_json),
+                                      ("guided_regex", body.guided_regex), ("response_format", rf)) if v is not None]
+        if len(given) > 1:
+            raise APIError(400, f"give one of {' and '.join(given)}, not both")
+        if not given or given[0] == "guided_choice":
+            return None
+        try:
+            if body.guided_json is not None:
+                return engine.grammars.json_schema(body.guided_json)
+            if body.guided_regex is not None:
+                return engine.grammars.regex(body.guided_regex)
+            schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
+            return engine.grammars.json_object() if schema is None else engine.grammars.json_schema(schema)
+        except GrammarError as e:
+            raise APIError(400, f"{given[0]}: {e}") from None
 
     def submit_all(reqs: list[Request]) -> list:
         if len(reqs) > engine.scheduler.max_waiting:

@@ -31,6 +31,7 @@ from tasktune.serve.cuda_graphs import DecodeStep
 from tasktune.serve.decoder import FUSED, Decoder
 from tasktune.serve.detokenize import detokenize_step
 from tasktune.serve.forward_batch import make_batch
+from tasktune.serve.grammar import Grammars, matcher
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
@@ -101,6 +102,7 @@ class Engine:
         if getattr(tokenizer, "eos_token_id", None) is not None:
             eos.add(tokenizer.eos_token_id)
         self.eos_ids = eos
+        self.grammars = Grammars(tokenizer, cfg.vocab_size, eos)  # compiles guided_json / guided_regex requests
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self.branch_step = BranchStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
@@ -149,6 +151,8 @@ class Engine:
                 raise InvalidBranches(f"the prompt and its branches have {seq.prefill_tokens} tokens; this "
                                       f"server's limit is {self.max_len - 1}")
         seq.generator = make_generator(request.params, self.device)
+        if request.params.grammar is not None:
+            seq.matcher = matcher(request.params.grammar)
         with self._lock:
             self.scheduler.add(seq)
         return seq
@@ -251,7 +255,7 @@ class Engine:
             logits = self.model(batch, self.cache, self.pool.stacks)
         if not all(s.params.device_greedy for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
-                                 [s.prompt_ids for s in seqs], self.eos_ids)
+                                 [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs])
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         ks = [s.params.logprobs for s in seqs]
@@ -313,7 +317,8 @@ class Engine:
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
-                             [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids)
+                             [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids,
+                             [s.matcher for s in seqs])
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 
@@ -331,6 +336,8 @@ class Engine:
     def _append(self, seq: Sequence, token: int, logprob: TokenLogprob | None = None) -> None:
         p = seq.params
         seq.output_ids.append(token)
+        if seq.matcher is not None:
+            seq.matcher.accept_token(token)
         if p.logprobs is not None:
             seq.logprobs.append(logprob)
         if seq.first_token_at is None:

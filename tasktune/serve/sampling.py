@@ -5,19 +5,22 @@ and min-p filtering, and draw with their own `torch.Generator`, so a request wit
 produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
 (Hugging Face's and vLLM's, over prompt and output) and OpenAI's presence and frequency
-penalties (over the output). Log-probabilities are of the model's raw distribution
+penalties (over the output); last, a row bound to answers (guided.py) or a grammar
+(grammar.py) keeps only the tokens that continue it. Log-probabilities are of the model's raw distribution
 (vLLM's default `raw_logprobs`): what the model said, not what the processors made of it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 
+from tasktune.serve.grammar import mask_rows
 from tasktune.serve.guided import constrain_rows
 
 # Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
@@ -50,6 +53,8 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     # the answer must be one of these token sequences (guided.py; vLLM's guided_choice); () = any text
     choices: tuple[tuple[int, ...], ...] = ()
+    # ... or a match of this compiled grammar (grammar.py: a JSON schema, any JSON, a regex)
+    grammar: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         if self.max_tokens < 0:
@@ -83,6 +88,9 @@ class SamplingParams:
             raise ValueError("choices must be non-empty token sequences of ids >= 0")
         if self.choices and (self.min_tokens or self.ignore_eos):
             raise ValueError("choices cannot be combined with min_tokens or ignore_eos (an answer ends at its last token)")
+        if self.grammar is not None and (self.choices or self.min_tokens or self.ignore_eos):
+            raise ValueError("a grammar cannot be combined with choices, min_tokens or ignore_eos (a match ends "
+                             "where the grammar does)")
 
     @property
     def greedy(self) -> bool:
@@ -96,7 +104,7 @@ class SamplingParams:
 
     @property
     def shapes_logits(self) -> bool:
-        return self.penalizes or bool(self.choices)
+        return self.penalizes or bool(self.choices) or self.grammar is not None
 
     @property
     def device_greedy(self) -> bool:
@@ -264,10 +272,12 @@ def _finite(x: float) -> float:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            generated: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
-           end_ids: Collection[int] = ()) -> tuple[list[int], list[TokenLogprob | None]]:
+           end_ids: Collection[int] = (), matchers: Sequence | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V] float32 -> one token per row, and its log-probabilities where the
     row's request asked for them (else None). generated, prompts: each row's tokens so far
-    and its prompt (the penalties read them); end_ids: the model's end tokens (min_tokens)."""
+    and its prompt (the penalties read them); end_ids: the model's end tokens (min_tokens);
+    matchers: each row's grammar matcher, if its request has a grammar (grammar.py; the
+    caller lets it accept the token)."""
     generated = generated if generated is not None else [[] for _ in params]
     prompts = prompts if prompts is not None else [[] for _ in params]
     shaped = {i: shape_logits(logits[i], p, generated[i], prompts[i], end_ids)
@@ -282,6 +292,12 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                               end_ids)
         top = top.index_put((torch.tensor(guided, device=top.device),), rows.argmax(-1))
         shaped.update(zip(guided, rows))
+    bound = [i for i, m in enumerate(matchers or ()) if m is not None]
+    if bound:  # rows bound to a grammar: each one's allowed tokens from its matcher, masked together
+        rows = mask_rows(torch.stack([shaped[i] if i in shaped else logits[i].float() for i in bound]),
+                         [matchers[i] for i in bound])
+        top = top.index_put((torch.tensor(bound, device=top.device),), rows.argmax(-1))
+        shaped.update(zip(bound, rows))
     drawn = [i for i, p in enumerate(params) if not p.greedy]
     if drawn and BATCHED_SAMPLING:
         rows = torch.stack([shaped[i] if i in shaped else logits[i] for i in drawn])

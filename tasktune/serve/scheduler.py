@@ -65,6 +65,7 @@ class Sequence:
     # continuations scored after the prompt in one prefill (branch_scoring.py), and each one's
     # tokens' log-probabilities once scored
     branches: list[list[int]] | None = None
+    matcher: object | None = field(default=None, repr=False)  # its grammar's matcher, if params.grammar (grammar.py)
     branch_logprobs: list[list[float]] | None = None
 
     @property

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 MAX_TEXT = 100_000
 Name = Annotated[str, Field(min_length=1, max_length=256)]
@@ -40,6 +40,24 @@ class StreamOptions(_Body):
     include_usage: bool = False  # a last chunk with the usage and no choices
 
 
+class JSONSchemaFormat(_Body):
+    name: Annotated[str, Field(max_length=64)] = "response"
+    description: Annotated[str, Field(max_length=4096)] | None = None
+    schema_: Annotated[dict[str, Any] | None, Field(alias="schema")] = None  # None: any JSON object
+    strict: bool | None = None
+
+
+class ResponseFormat(_Body):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+    @model_validator(mode="after")
+    def _schema_given(self):
+        if self.type == "json_schema" and self.json_schema is None:
+            raise ValueError("response_format of type json_schema needs json_schema")
+        return self
+
+
 class _Sampling(_Body):
     max_tokens: MaxTokens | None = 16
     temperature: Temperature = 1.0
@@ -59,9 +77,13 @@ class _Sampling(_Body):
     min_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
     stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
     ignore_eos: bool = False
-    # the answer is one of these texts (each encoded on its own; serve/guided.py)
+    # the answer is one of these texts (each encoded on its own; serve/guided.py) ...
     guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
                              Field(min_length=1, max_length=256)] | None = None
+    # ... or JSON valid under this schema, or a full match of this regex (serve/grammar.py)
+    guided_json: Union[dict[str, Any], Annotated[str, Field(min_length=1, max_length=65536)]] | None = None
+    guided_regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    response_format: ResponseFormat | None = None  # OpenAI's: text, json_object, json_schema
 
 
 class CompletionRequest(_Sampling):
@@ -99,18 +121,11 @@ class ChatCompletionRequest(_Sampling):
     top_logprobs: TopLogprobs | None = None  # alternatives a token, with logprobs
     tools: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
     functions: Annotated[list[Any] | None, Field(json_schema_extra={"maxItems": 0})] = None
-    response_format: Annotated[dict[str, Any] | None, Field(json_schema_extra={
-        "properties": {"type": {"enum": ["text"]}}})] = None
 
     @field_validator("tools", "functions")
     @classmethod
     def _no_tools(cls, v):
         return v if not v else not_supported("tool and function calling")
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v):
-        return v if v is None or v.get("type", "text") == "text" else not_supported("a response_format other than text")
 
 
 class Usage(BaseModel):

@@ -1,0 +1,92 @@
+"""Decoding bound to a JSON schema, any JSON object, or a regular expression (vLLM's
+`guided_json`, `guided_regex`, OpenAI's `response_format`), through xgrammar, vLLM's
+default structured-output backend.
+
+A request's grammar is compiled once (`Grammars`, cached by its text); each sequence keeps
+its own matcher (`matcher`), which the sampler asks for the tokens allowed next (a bitmask
+over the vocabulary; every other logit goes to -inf, `mask_rows`) and which accepts each
+token the sequence takes (engine._append). Once the grammar is complete only the end
+tokens remain allowed, so a request that is not cut short by max_tokens ends with a whole
+match. JSON comes out on one line as `json.dumps` writes it (", " and ": "), the form
+tasktune's JSON targets take, instead of xgrammar's default of any whitespace, which lets
+weak models loop on blanks.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from collections.abc import Collection, Sequence
+from typing import Any
+
+import torch
+
+try:
+    import xgrammar as xgr
+except ImportError:  # an install without it: guided JSON / regex requests get a clear 400
+    xgr = None
+
+
+class GrammarError(ValueError):
+    """A schema or pattern that cannot be compiled (or no xgrammar to compile it)."""
+
+
+class Grammars:
+    """Compiles grammars against one tokenizer (its vocabulary read once, on first use)."""
+
+    def __init__(self, tokenizer, vocab_size: int, stop_ids: Collection[int]):
+        self.tokenizer, self.vocab_size, self.stop_ids = tokenizer, vocab_size, sorted(stop_ids)
+
+    @functools.cached_property
+    def _compiler(self):
+        if xgr is None:
+            raise GrammarError("guided decoding needs the xgrammar package (pip install xgrammar)")
+        info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size,
+                                                  stop_token_ids=self.stop_ids)
+        return xgr.GrammarCompiler(info, max_threads=1)
+
+    def json_schema(self, schema: dict[str, Any] | str):
+        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        return self._compile("json_schema", text)
+
+    def json_object(self):
+        return self._compile("json", "")
+
+    def regex(self, pattern: str):
+        return self._compile("regex", pattern)
+
+    @functools.lru_cache(maxsize=256)
+    def _compile(self, kind: str, text: str):
+        compiler = self._compiler
+        try:
+            if kind == "json_schema":
+                json.loads(text)  # a clear message for text that is not JSON at all
+                return compiler.compile_json_schema(text, any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(text)
+            # any object (OpenAI's json_object; xgrammar's built-in grammar takes any value)
+            return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
+        except (RuntimeError, ValueError, TypeError) as e:
+            what = {"json_schema": "JSON schema", "regex": "regular expression"}.get(kind, kind)
+            raise GrammarError(f"invalid {what}: {_first_line(e)}") from None
+
+
+def _first_line(e: Exception) -> str:
+    """xgrammar's C++ errors start with a source location: keep the message."""
+    text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+
+
+def matcher(compiled):
+    """A fresh matcher of a compiled grammar: one per sequence (it holds the position)."""
+    return xgr.GrammarMatcher(compiled)
+
+
+def mask_rows(rows: torch.Tensor, matchers: Sequence) -> torch.Tensor:
+    """rows [n, V] float32 (row j a sequence bound to matchers[j]) -> the same rows with
+    every token its grammar does not allow next at -inf, in place."""
+    bitmask = xgr.allocate_token_bitmask(len(matchers), rows.shape[1])
+    for j, m in enumerate(matchers):
+        m.fill_next_token_bitmask(bitmask, j)
+    xgr.apply_token_bitmask_inplace(rows, bitmask.to(rows.device, non_blocking=True))
+    return rows

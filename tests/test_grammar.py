@@ -1,0 +1,156 @@
+"""Decoding bound to a JSON schema, any JSON object or a regex (serve/grammar.py, xgrammar),
+against a greedy loop over Hugging Face + PEFT logits masked by the same grammar."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+import torch
+from peft import PeftModel
+from transformers import AutoModelForCausalLM
+
+from tasktune.serve.engine import Request
+from tasktune.serve.grammar import GrammarError, mask_rows, matcher
+from tasktune.serve.sampling import SamplingParams
+
+xgr = pytest.importorskip("xgrammar")
+
+SCHEMA = {"type": "object", "properties": {"intent": {"type": "string", "enum": ["play_music", "book_table", "weather"]},
+                                           "people": {"type": "integer"}},
+          "required": ["intent", "people"]}
+
+
+@pytest.mark.parametrize("adapter", [None, "task-4"])
+def test_guided_json_equals_a_masked_greedy_loop_over_hf_logits(engine, tiny_llama, adapter_root, adapter):
+    base = AutoModelForCausalLM.from_pretrained(tiny_llama, torch_dtype=torch.float32).eval()
+    model = PeftModel.from_pretrained(base, adapter_root / "task-4", adapter_name="task-4")
+    grammar = engine.grammars.json_schema(SCHEMA)
+    prompt = "book a table for two"
+    c = engine.generate([Request(prompt, adapter, SamplingParams(max_tokens=40, grammar=grammar))])[0]
+    ids, want, m = engine.tokenizer.encode(prompt), [], matcher(grammar)
+    for _ in range(40):
+        with torch.no_grad():
+            if adapter is None:
+                with model.disable_adapter():
+                    logits = model(input_ids=torch.tensor([ids + want])).logits[0, -1:].float()
+            else:
+                logits = model(input_ids=torch.tensor([ids + want])).logits[0, -1:].float()
+        t = int(mask_rows(logits, [m]).argmax())
+        m.accept_token(t)
+        if t in engine.eos_ids:
+            break
+        want.append(t)
+    assert c.token_ids[:len(want)] == want
+    if c.finish_reason == "stop":  # a whole match: the schema's JSON, on one line as json.dumps writes it
+        value = json.loads(c.text)
+        assert set(value) == {"intent", "people"} and value["intent"] in SCHEMA["properties"]["intent"]["enum"]
+        assert isinstance(value["people"], int) and c.text == json.dumps(value)
+
+
+def test_sampled_rows_always_match_their_grammar(engine):
+    """Sampled at temperature 1, beside unbound rows: every request that ends by itself ends on a
+    whole match of its own grammar (JSON schema, any JSON object, regex)."""
+    g = engine.grammars
+    cases = [(g.json_schema(SCHEMA), lambda t: set(json.loads(t)) == {"intent", "people"}),
+             (g.json_object(), lambda t: isinstance(json.loads(t), dict)),
+             (g.regex(r"(yes|no), [0-9]{1,3} times"), lambda t: re.fullmatch(r"(yes|no), [0-9]{1,3} times", t))]
+    reqs = []
+    for seed in range(4):
+        for grammar, _ in cases:
+            reqs.append(Request("is it raining", f"task-{seed}", SamplingParams(max_tokens=60, temperature=1.0,
+                                                                               seed=seed, grammar=grammar)))
+        reqs.append(Request("play some jazz", None, SamplingParams(max_tokens=8, temperature=1.0, seed=seed)))
+    out = engine.generate(reqs)
+    ended = 0
+    for i, c in enumerate(out):
+        if i % 4 == 3 or c.finish_reason != "stop":
+            continue
+        ended += 1
+        assert cases[i % 4][1](c.text), (i, c.text)
+    assert ended >= 4  # the regex is short: those always end
+
+
+def test_bad_grammars_name_the_problem(engine):
+    with pytest.raises(GrammarError, match="invalid JSON schema"):
+        engine.grammars.json_schema("{not json")
+    with pytest.raises(GrammarError, match="invalid regular expression"):
+        engine.grammars.regex("a[")
+    with pytest.raises(ValueError, match="cannot be combined with choices, min_tokens or ignore_eos"):
+        SamplingParams(grammar=engine.grammars.json_object(), min_tokens=2)
+    assert engine.grammars.json_schema(SCHEMA) is engine.grammars.json_schema(dict(reversed(SCHEMA.items())))
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    from fastapi.testclient import TestClient
+
+    from tasktune.serve.api import create_app
+
+    with TestClient(create_app(engine)) as c:
+        yield c
+
+
+def test_api_guided_json_regex_and_response_format(client, engine):
+    """The API's three ways (vLLM's guided_json and guided_regex, OpenAI's response_format)
+    give what the engine gives for the same grammar; chat and completions both take them."""
+    body = {"model": "task-2", "prompt": "book a table for two", "max_tokens": 40, "temperature": 0}
+    want = engine.generate([Request(body["prompt"], "task-2", SamplingParams(
+        max_tokens=40, grammar=engine.grammars.json_schema(SCHEMA)))])[0].text
+    got = client.post("/v1/completions", json={**body, "guided_json": SCHEMA})
+    assert got.status_code == 200, got.text
+    assert got.json()["choices"][0]["text"] == want
+    as_format = {"type": "json_schema", "json_schema": {"name": "booking", "schema": SCHEMA, "strict": True}}
+    assert client.post("/v1/completions", json={**body, "response_format": as_format}).json()["choices"][0]["text"] == want
+    regex = client.post("/v1/completions", json={**body, "guided_regex": "(yes|no)!", "max_tokens": 8}).json()
+    assert regex["choices"][0]["text"] in ("yes!", "no!") and regex["choices"][0]["finish_reason"] == "stop"
+    chat = client.post("/v1/chat/completions", json={
+        "model": "task-2", "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "temperature": 0,
+        "response_format": {"type": "json_object"}})
+    assert chat.status_code == 200, chat.text
+    text = chat.json()["choices"][0]["message"]["content"]
+    if chat.json()["choices"][0]["finish_reason"] == "stop":
+        assert isinstance(json.loads(text), dict)
+    else:
+        assert text.startswith("{")
+
+
+@pytest.mark.parametrize("extra, message", [
+    ({"guided_json": "{not json"}, "guided_json: invalid JSON schema"),
+    ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "guided_json: invalid JSON schema"),
+    ({"guided_regex": "a["}, "guided_regex: invalid regular expression"),
+    ({"guided_regex": "a", "guided_choice": ["x"]}, "give one of guided_choice and guided_regex, not both"),
+    ({"guided_json": {}, "response_format": {"type": "json_object"}}, "give one of guided_json and response_format"),
+    ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "a grammar cannot be combined with"),
+])
+def test_api_refuses_bad_grammars_by_name(client, extra, message):
+    r = client.post("/v1/completions", json={"model": "task-2", "prompt": "hi", "max_tokens": 4, **extra})
+    assert r.status_code == 400, r.text
+    assert message in r.json()["error"]["message"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_grammar_rows_on_the_gpu_beside_graph_decoding(tiny_llama, adapter_root):
+    """bf16 on a GPU: grammar-bound rows (masked on the device) take the logits path while
+    plain greedy rows decode from CUDA graphs; the plain rows' tokens are those they get
+    alone, and every bound row that ends matches its grammar."""
+    from tasktune.serve.engine import Engine
+
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=128, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    plain = [Request("book a table", "task-1", SamplingParams(max_tokens=12)),
+             Request("play the beatles", None, SamplingParams(max_tokens=12))]
+    alone = eng.generate(plain)
+    bound = [Request("is it raining", f"task-{i}", SamplingParams(max_tokens=60, temperature=t, seed=i, grammar=g))
+             for i, (g, t) in enumerate([(eng.grammars.json_schema(SCHEMA), 0.0), (eng.grammars.json_schema(SCHEMA), 1.0),
+                                         (eng.grammars.regex(r"(yes|no), [0-9]{1,3} times"), 1.0)])]
+    out = eng.generate([plain[0], *bound, plain[1]])
+    assert [c.token_ids for c in alone] == [out[0].token_ids, out[-1].token_ids]
+    for c in out[1:3]:
+        if c.finish_reason == "stop":
+            assert set(json.loads(c.text)) == {"intent", "people"}
+        else:
+            assert c.text.startswith('{"intent": "')
+    assert out[3].finish_reason == "stop" and re.fullmatch(r"(yes|no), [0-9]{1,3} times", out[3].text)
