@@ -109,6 +109,7 @@ def test_pack_branches_fills_each_slot_in_order():
 
 @pytest.mark.parametrize("params, branches, message", [
     (SamplingParams(max_tokens=2), [[1, 2]], "max_tokens must be 0"),
+    (SamplingParams(max_tokens=0, prompt_logprobs=1), [[1, 2]], "prompt_logprobs unset"),
     (SamplingParams(max_tokens=0), [], "at least one continuation"),
     (SamplingParams(max_tokens=0), [[1], []], r"branches\[1\] is empty"),
     (SamplingParams(max_tokens=0), [[1, 10 ** 9]], r"branches\[0\] has token ids outside the vocabulary"),

@@ -144,8 +144,9 @@ class Engine:
         seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update,
                        stream=request.stream)
         if request.branches is not None:
-            if request.params.max_tokens:
-                raise InvalidBranches("branches are scored after the prompt alone: max_tokens must be 0")
+            if request.params.max_tokens or request.params.prompt_logprobs is not None:
+                raise InvalidBranches("branches are scored after the prompt alone: max_tokens must be 0, "
+                                      "prompt_logprobs unset")
             seq.branches = check_branches(request.branches, self.model.cfg.vocab_size)
             if seq.prefill_tokens >= self.max_len:
                 raise InvalidBranches(f"the prompt and its branches have {seq.prefill_tokens} tokens; this "
