@@ -56,6 +56,19 @@ def main() -> None:
     x0 = rand(M, D)
     cases = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
 
+    def chain(lin, before=lambda: None):
+        """Every layer's four linears in decode order, each through lin(layer, name, x, **kw)."""
+        def fn():
+            before()
+            x = x0
+            for i in range(layers):
+                qkv = lin(i, "qkv", x, bias=bias[i], norm=(norms[i][0], 1e-6))
+                x = lin(i, "o", qkv[:, :Q].contiguous(), residual=x)
+                act = lin(i, "gate_up", x, norm=(norms[i][1], 1e-6), swiglu=True)
+                x = lin(i, "down", act, residual=x)
+            return x
+        return fn
+
     def fused(ids, delta: bool = False):
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the delta holds the norm's 1 / rms
 
@@ -66,15 +79,7 @@ def main() -> None:
             return decode_linear(x, W[i][n], lora=None if ids is None else (*AB[i][n], scaling, ids),
                                  bounds=bounds[n], **kw)
 
-        def fn():
-            x = x0
-            for i in range(layers):
-                qkv = lin(i, "qkv", x, bias=bias[i], norm=(norms[i][0], 1e-6))
-                x = lin(i, "o", qkv[:, :Q].contiguous(), residual=x)
-                act = lin(i, "gate_up", x, norm=(norms[i][1], 1e-6), swiglu=True)
-                x = lin(i, "down", act, residual=x)
-            return x
-        return fn
+        return chain(lin)
 
     def streamed(ids, deferred: bool):
         """The BGMV pair on a second stream beside each fused launch (session 18's question:
@@ -99,16 +104,7 @@ def main() -> None:
             main.wait_stream(side)
             return decode_linear(x, W[i][n], delta=d, delta_rms=True, bounds=bounds[n], **kw)
 
-        def fn():
-            keep.clear()
-            x = x0
-            for i in range(layers):
-                qkv = lin(i, "qkv", x, bias=bias[i], norm=(norms[i][0], 1e-6))
-                x = lin(i, "o", qkv[:, :Q].contiguous(), residual=x)
-                act = lin(i, "gate_up", x, norm=(norms[i][1], 1e-6), swiglu=True)
-                x = lin(i, "down", act, residual=x)
-            return x
-        return fn
+        return chain(lin, keep.clear)
 
     def eager(ids):
         def lin(i, n, h, b=None):
