@@ -94,7 +94,7 @@ def client(engine):
 
 
 def test_api_guided_json_regex_and_response_format(client, engine):
-    """The API's three ways (vLLM's guided_json and guided_regex, OpenAI's response_format)
+    """The API's ways (vLLM's guided_json, guided_regex and guided_grammar, OpenAI's response_format)
     give what the engine gives for the same grammar; chat and completions both take them."""
     body = {"model": "task-2", "prompt": "book a table for two", "max_tokens": 40, "temperature": 0}
     want = engine.generate([Request(body["prompt"], "task-2", SamplingParams(
@@ -106,6 +106,9 @@ def test_api_guided_json_regex_and_response_format(client, engine):
     assert client.post("/v1/completions", json={**body, "response_format": as_format}).json()["choices"][0]["text"] == want
     regex = client.post("/v1/completions", json={**body, "guided_regex": "(yes|no)!", "max_tokens": 8}).json()
     assert regex["choices"][0]["text"] in ("yes!", "no!") and regex["choices"][0]["finish_reason"] == "stop"
+    ebnf = client.post("/v1/completions", json={**body, "guided_grammar": 'root ::= ("yes" | "no") ", " [0-9] [0-9]?',
+                                                "max_tokens": 8}).json()
+    assert re.fullmatch(r"(yes|no), [0-9]{1,2}", ebnf["choices"][0]["text"]), ebnf
     chat = client.post("/v1/chat/completions", json={
         "model": "task-2", "messages": [{"role": "user", "content": "weather?"}], "max_tokens": 60, "temperature": 0,
         "response_format": {"type": "json_object"}})
@@ -121,6 +124,7 @@ def test_api_guided_json_regex_and_response_format(client, engine):
     ({"guided_json": "{not json"}, "guided_json: invalid JSON schema"),
     ({"guided_json": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}, "guided_json: invalid JSON schema"),
     ({"guided_regex": "a["}, "guided_regex: invalid regular expression"),
+    ({"guided_grammar": "root ::= undefined_rule"}, "guided_grammar: invalid EBNF grammar"),
     ({"guided_regex": "a", "guided_choice": ["x"]}, "give one of guided_choice and guided_regex, not both"),
     ({"guided_json": {}, "response_format": {"type": "json_object"}}, "give one of guided_json and response_format"),
     ({"response_format": {"type": "json_object"}, "ignore_eos": True}, "a grammar cannot be combined with"),

@@ -112,11 +112,12 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                               choices=encode_choices(body.guided_choice, "guided_choice"), grammar=grammar)
 
     def grammar_of(body: s._Sampling):
-        """The compiled grammar of guided_json, guided_regex or a JSON response_format (None:
+        """The compiled grammar of guided_json, guided_regex, guided_grammar or a JSON response_format (None:
         free text); two ways to guide one request are refused."""
         rf = body.response_format if body.response_format is not None and body.response_format.type != "text" else None
         given = [name for name, v in (("guided_choice", body.guided_choice), ("guided_json", body.guided_json),
-                                      ("guided_regex", body.guided_regex), ("response_format", rf)) if v is not None]
+                                      ("guided_regex", body.guided_regex), ("guided_grammar", body.guided_grammar),
+                                      ("response_format", rf)) if v is not None]
         if len(given) > 1:
             raise APIError(400, f"give one of {' and '.join(given)}, not both")
         if not given or given[0] == "guided_choice":
@@ -126,6 +127,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                 return engine.grammars.json_schema(body.guided_json)
             if body.guided_regex is not None:
                 return engine.grammars.regex(body.guided_regex)
+            if body.guided_grammar is not None:
+                return engine.grammars.ebnf(body.guided_grammar)
             schema = rf.json_schema.schema_ if rf.type == "json_schema" else None
             return engine.grammars.json_object() if schema is None else engine.grammars.json_schema(schema)
         except GrammarError as e:

@@ -1,6 +1,6 @@
-"""Decoding bound to a JSON schema, any JSON object, or a regular expression (vLLM's
-`guided_json`, `guided_regex`, OpenAI's `response_format`), through xgrammar, vLLM's
-default structured-output backend.
+"""Decoding bound to a JSON schema, any JSON object, a regular expression or an EBNF
+grammar (vLLM's `guided_json`, `guided_regex`, `guided_grammar`, OpenAI's
+`response_format`), through xgrammar, vLLM's default structured-output backend.
 
 A request's grammar is compiled once (`Grammars`, cached by its text); each sequence keeps
 its own matcher (`matcher`), which the sampler asks for the tokens allowed next (a bitmask
@@ -55,6 +55,10 @@ class Grammars:
     def regex(self, pattern: str):
         return self._compile("regex", pattern)
 
+    def ebnf(self, grammar: str):
+        """A grammar in xgrammar's EBNF (GBNF-like: `root ::= ...`), vLLM's guided_grammar."""
+        return self._compile("ebnf", grammar)
+
     @functools.lru_cache(maxsize=256)
     def _compile(self, kind: str, text: str):
         compiler = self._compiler
@@ -64,10 +68,12 @@ class Grammars:
                 return compiler.compile_json_schema(text, any_whitespace=False)
             if kind == "regex":
                 return compiler.compile_regex(text)
+            if kind == "ebnf":
+                return compiler.compile_grammar(text)
             # any object (OpenAI's json_object; xgrammar's built-in grammar takes any value)
             return compiler.compile_json_schema('{"type": "object"}', any_whitespace=False, strict_mode=False)
         except (RuntimeError, ValueError, TypeError) as e:
-            what = {"json_schema": "JSON schema", "regex": "regular expression"}.get(kind, kind)
+            what = {"json_schema": "JSON schema", "regex": "regular expression", "ebnf": "EBNF grammar"}.get(kind, kind)
             raise GrammarError(f"invalid {what}: {_first_line(e)}") from None
 
 

@@ -80,9 +80,10 @@ class _Sampling(_Body):
     # the answer is one of these texts (each encoded on its own; serve/guided.py) ...
     guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
                              Field(min_length=1, max_length=256)] | None = None
-    # ... or JSON valid under this schema, or a full match of this regex (serve/grammar.py)
+    # ... or JSON valid under this schema, or a full match of this regex or grammar (serve/grammar.py)
     guided_json: Union[dict[str, Any], Annotated[str, Field(min_length=1, max_length=65536)]] | None = None
     guided_regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
+    guided_grammar: Annotated[str, Field(min_length=1, max_length=65536)] | None = None  # EBNF: root ::= ...
     response_format: ResponseFormat | None = None  # OpenAI's: text, json_object, json_schema
 
 
