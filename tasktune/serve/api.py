@@ -17,8 +17,9 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
+from tasktune import __version__
 from tasktune.data.tokenize import encode_prompt
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterPool
@@ -310,6 +311,17 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         pool.unregister(name)
         return {"deleted": name}
 
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, dependencies=auth)
+    async def vllm_load_adapter(body: s.LoraLoadRequest):
+        """vLLM's route and answer for loading an adapter (the same checks as POST /v1/adapters)."""
+        await load_adapter(s.AdapterLoadRequest(name=body.lora_name, path=body.lora_path))
+        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, dependencies=auth)
+    async def vllm_unload_adapter(body: s.LoraUnloadRequest):
+        pool.unregister(body.lora_name)
+        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+
     async def predict_by_likelihood(task: str, model: str, query, top_k: int, started: float) -> s.TaskPredictResponse:
         """A closed-set task, as `tasktune eval` answers it (model/predict.py, score_labels):
         each label's whole target and the end token scored after the prompt (both encoded as
@@ -350,6 +362,10 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         score = math.exp(sum(lp.logprob for lp in c.logprobs))  # the greedy answer's probability
         return s.TaskPredictResponse(task=task, model=model, prediction=value, valid=bool(valid), text=c.text,
                                      score=score)
+
+    @app.get("/version")
+    async def version():
+        return {"version": __version__}
 
     @app.get("/health")
     async def health():

@@ -210,9 +210,27 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+AdapterName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
+AdapterPath = Annotated[str, Field(min_length=1, max_length=4096)]
+
+
 class AdapterLoadRequest(_Body):
-    name: Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9._-]+$")]
-    path: Annotated[str, Field(min_length=1, max_length=4096)]
+    name: AdapterName
+    path: AdapterPath
+
+
+class LoraLoadRequest(_Body):
+    """vLLM's /v1/load_lora_adapter body."""
+
+    lora_name: AdapterName
+    lora_path: AdapterPath
+
+
+class LoraUnloadRequest(_Body):
+    """vLLM's /v1/unload_lora_adapter body (lora_int_id is accepted and not needed)."""
+
+    lora_name: AdapterName
+    lora_int_id: int | None = None
 
 
 class AdapterOut(BaseModel):

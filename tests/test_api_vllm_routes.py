@@ -1,0 +1,43 @@
+"""vLLM's own routes beside the OpenAI ones: dynamic LoRA loading (/v1/load_lora_adapter,
+/v1/unload_lora_adapter, with vLLM's bodies and plain-text answers) and /version."""
+
+from __future__ import annotations
+
+import pytest
+from fastapi.testclient import TestClient
+
+import tasktune
+from tasktune.serve.api import create_app
+
+
+@pytest.fixture(scope="module")
+def client(engine):
+    with TestClient(create_app(engine, api_key="k")) as c:
+        yield c
+
+
+KEY = {"Authorization": "Bearer k"}
+
+
+def test_load_and_unload_lora_adapter_as_vllm_does(client):
+    r = client.post("/v1/load_lora_adapter", json={"lora_name": "copy-3", "lora_path": "task-3"}, headers=KEY)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'copy-3' added successfully."
+    assert "copy-3" in {m["id"] for m in client.get("/v1/models", headers=KEY).json()["data"]}
+    body = {"prompt": "book a table for two", "max_tokens": 6, "temperature": 0}
+    same = [client.post("/v1/completions", json={**body, "model": m}, headers=KEY).json()["choices"][0]["text"]
+            for m in ("copy-3", "task-3")]
+    assert same[0] == same[1]  # the same folder under another name answers the same
+    again = client.post("/v1/load_lora_adapter", json={"lora_name": "copy-3", "lora_path": "task-3"}, headers=KEY)
+    assert again.status_code == 409 and "already registered" in again.json()["error"]["message"]
+    outside = client.post("/v1/load_lora_adapter", json={"lora_name": "x", "lora_path": "../x"}, headers=KEY)
+    assert outside.status_code == 400
+    assert client.post("/v1/load_lora_adapter", json={"lora_name": "a/b", "lora_path": "task-3"},
+                       headers=KEY).status_code == 422
+    r = client.post("/v1/unload_lora_adapter", json={"lora_name": "copy-3", "lora_int_id": 7}, headers=KEY)
+    assert r.status_code == 200 and r.text == "Success: LoRA adapter 'copy-3' removed successfully."
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "copy-3"}, headers=KEY).status_code == 404
+    assert client.post("/v1/unload_lora_adapter", json={"lora_name": "task-3"}).status_code == 401
+
+
+def test_version(client):
+    assert client.get("/version").json() == {"version": tasktune.__version__}
