@@ -79,7 +79,19 @@ def test_bad_grammars_name_the_problem(engine):
         engine.grammars.regex("a[")
     with pytest.raises(ValueError, match="cannot be combined with choices, min_tokens or ignore_eos"):
         SamplingParams(grammar=engine.grammars.json_object(), min_tokens=2)
-    assert engine.grammars.json_schema(SCHEMA) is engine.grammars.json_schema(dict(reversed(SCHEMA.items())))
+    assert engine.grammars.json_schema(SCHEMA) is engine.grammars.json_schema(json.dumps(SCHEMA))  # compiled once
+
+
+def test_properties_come_in_the_schema_order(engine):
+    """As the schema declares them (not sorted): a model trained on {"zeta": .., "alpha": ..}
+    must be able to write exactly that."""
+    schema = {"type": "object", "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+              "required": ["zeta", "alpha"]}
+    c = engine.generate([Request("is it raining", None, SamplingParams(
+        max_tokens=30, grammar=engine.grammars.json_schema(schema)))])[0]
+    assert c.text.startswith('{"zeta": ')
+    if c.finish_reason == "stop":
+        assert list(json.loads(c.text)) == ["zeta", "alpha"]
 
 
 @pytest.fixture(scope="module")

@@ -46,7 +46,7 @@ class Grammars:
         return xgr.GrammarCompiler(info, max_threads=1)
 
     def json_schema(self, schema: dict[str, Any] | str):
-        text = schema if isinstance(schema, str) else json.dumps(schema, sort_keys=True)
+        text = schema if isinstance(schema, str) else json.dumps(schema)  # (key order kept: properties come in it)
         return self._compile("json_schema", text)
 
     def json_object(self):
