@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 from collections.abc import Collection, Sequence
 from typing import Any
 
@@ -78,9 +79,11 @@ class Grammars:
 
 
 def _first_line(e: Exception) -> str:
-    """xgrammar's C++ errors start with a source location: keep the message."""
+    """xgrammar's C++ errors start with a time, a source location and the failed check:
+    keep the message."""
     text = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-    return text.split(": ", 1)[1] if text.startswith("[") and ": " in text else text
+    text = re.sub(r"^\[[^\]]*\] \S+: ", "", text)
+    return re.sub(r"^Check failed: \(.*?\) is false: ", "", text)
 
 
 def matcher(compiled):
