@@ -26,7 +26,7 @@ from tasktune.serve.branch_scoring import branch_logprobs, reads_and_targets, sc
 from tasktune.serve.cuda_graphs import capture
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
-from tasktune.serve.forward_batch import Batch, _rows, tree_mask
+from tasktune.serve.forward_batch import Batch, _rows, tree_mask, tree_rows
 from tasktune.serve.kv_cache import KVCache
 
 BUCKETS = (64, 128, 256, 512, 1024, 2048)  # padded tree lengths (prompt + branches)
@@ -73,15 +73,14 @@ class BranchStep:
         return split(out[:n - len(prompt)].tolist(), branches)
 
     def _stage(self, prompt: list[int], branches: list[list[int]], slot: int, lora_id: int, T: int) -> None:
-        P, n = len(prompt), len(prompt) + sum(map(len, branches))
-        reads, targets = reads_and_targets(P, branches)
-        fill = T - n
-        rows = [prompt + [t for b in branches for t in b] + [0] * fill,
-                list(range(P)) + [P + j for b in branches for j in range(len(b))] + [0] * fill,
-                [-1] * P + [i for i, b in enumerate(branches) for _ in b] + list(range(len(branches), len(branches) + fill)),
+        tokens, positions, owner = tree_rows(prompt, branches)
+        reads, targets = reads_and_targets(len(prompt), branches)
+        fill = T - len(tokens)  # padding: token 0 at position 0, each row a branch of its own
+        rows = [tokens + [0] * fill, positions + [0] * fill,
+                owner + list(range(len(branches), len(branches) + fill)),
                 reads + [0] * (T - len(reads)), targets + [0] * (T - len(targets))]
         self.rows[:, :T].copy_(torch.tensor(rows, dtype=torch.long), non_blocking=True)
-        self.seq.copy_(torch.tensor([slot, lora_id, P], dtype=torch.long), non_blocking=True)
+        self.seq.copy_(torch.tensor([slot, lora_id, len(prompt)], dtype=torch.long), non_blocking=True)
 
     def _step(self, T: int, use_lora: bool) -> torch.Tensor:
         """The padded tree's forward from the static inputs -> [T] log-probabilities (the

@@ -49,7 +49,7 @@ def pack_branches(prompt_len: int, lengths: list[int], max_len: int) -> list[lis
     for i, n in enumerate(lengths):
         if prompt_len + n > max_len:
             raise InvalidBranches(f"the prompt ({prompt_len} tokens) and continuation {i} ({n} tokens) exceed "
-                             f"this server's limit of {max_len} tokens")
+                                  f"this server's limit of {max_len} tokens")
         if used + n > max_len:
             packs.append([])
             used = prompt_len

@@ -110,19 +110,27 @@ def tree_mask(owner: torch.Tensor, prompt_len: int | torch.Tensor) -> torch.Tens
     return mask.view(1, 1, T, T)
 
 
+def tree_rows(prompt: list[int], branches: list[list[int]]) -> tuple[list[int], list[int], list[int]]:
+    """A tree's rows, prompt then branch after branch: each row's token, its position (a
+    branch's continue the prompt's, as if it alone followed it) and its branch (-1: the
+    prompt), as `tree_batch` and branch_graphs.BranchStep lay them out."""
+    P = len(prompt)
+    return (prompt + [t for b in branches for t in b],
+            list(range(P)) + [P + j for b in branches for j in range(len(b))],
+            [-1] * P + [i for i, b in enumerate(branches) for _ in b])
+
+
 def tree_batch(prompt: list[int], branches: list[list[int]], slot: int, lora_id: int, device: torch.device) -> Batch:
     """A prompt and its branches as one prefill into one slot. The branches follow the
     prompt in the slot's cache rows, but each sits at positions P, P + 1, ... as if it alone
     followed the prompt, and each branch token attends to the prompt and to its own
     branch's earlier tokens only (`tree_mask`): every branch's outputs are those of prompt
     + branch run alone, for one prompt's worth of prefill (branch_scoring.py)."""
-    P = len(prompt)
-    flat = prompt + [t for b in branches for t in b]
-    batch = make_batch([flat], [0], [slot], [lora_id], device)
-    positions = list(range(P)) + [P + j for b in branches for j in range(len(b))]
-    owner = torch.tensor([-1] * P + [i for i, b in enumerate(branches) for _ in b], device=device)
+    tokens, positions, owner = tree_rows(prompt, branches)
+    batch = make_batch([tokens], [0], [slot], [lora_id], device)
     return replace(batch, positions=torch.tensor(positions, dtype=torch.long, device=device),
-                   cache_positions=torch.arange(len(flat), device=device), mask=tree_mask(owner, P))
+                   cache_positions=torch.arange(len(tokens), device=device),
+                   mask=tree_mask(torch.tensor(owner, device=device), len(prompt)))
 
 
 @functools.lru_cache(maxsize=None)
