@@ -53,6 +53,7 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "guided": (True, kernels, every),
              # every request bound to a regex (xgrammar, serve/grammar.py) that any token but the end one continues
              "guided_regex": (True, kernels, every),
+             "guided_regex_logits_path": (True, kernels, every),  # ... each step through the logits (session 18)
              # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
              "sampled_seeded": (True, kernels, every),  # ... request i with seed i: a generator a row
@@ -72,10 +73,12 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     path (label None)."""
     from tasktune.lora import triton_ops
     from tasktune.serve import cuda_graphs, sampling, triton_attention, triton_linear
+    from tasktune.serve import engine as engine_module
 
     name = label or ""
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
     sampling.BATCHED_SAMPLING = name != "sampled_per_row"
+    engine_module.GRAMMAR_AHEAD = name != "guided_regex_logits_path"
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     pdl, early, late, before_rms = main.switches

@@ -72,6 +72,31 @@ def test_sampled_rows_always_match_their_grammar(engine):
     assert ended >= 4  # the regex is short: those always end
 
 
+def test_greedy_grammar_rows_on_the_device_path_equal_the_logits_path(engine, monkeypatch):
+    """Greedy rows bound to grammars decode with steps launched ahead (their masks filled when
+    the step is taken) beside plain greedy rows, one asking for log-probabilities, rows ending
+    on different steps: tokens and log-probabilities equal those of the logits path."""
+    from tasktune.serve import engine as engine_module
+
+    g = engine.grammars
+    grammars = [g.json_schema(SCHEMA), g.regex(r"(yes|no), [0-9]{1,3} times"), g.json_object()]
+    reqs = [Request(prompt, f"task-{i % 5}" if i % 3 else None,
+                    SamplingParams(max_tokens=8 + 5 * i, grammar=grammars[i % 3] if i % 4 != 3 else None,
+                                   logprobs=2 if i == 5 else None))
+            for i, prompt in enumerate(["book a table for two", "is it raining", "play jazz", "weather in paris",
+                                        "wake me at six", "is it sunny", "add milk", "set a timer"])]
+    step = engine.decode_step
+    used = step.ahead_used
+    on = engine.generate(reqs)
+    assert step.ahead_used - used >= 20  # the grammar rows' steps were the ones launched ahead
+    monkeypatch.setattr(engine_module, "GRAMMAR_AHEAD", False)
+    off = engine.generate(reqs)
+    assert [c.token_ids for c in on] == [c.token_ids for c in off]
+    assert [c.finish_reason for c in on] == [c.finish_reason for c in off]
+    assert on[5].logprobs == off[5].logprobs and len(on[5].logprobs) == len(on[5].token_ids)
+    assert on[1].finish_reason != "stop" or re.fullmatch(r"(yes|no), [0-9]{1,3} times", on[1].text)
+
+
 def test_bad_grammars_name_the_problem(engine):
     with pytest.raises(GrammarError, match="invalid JSON schema"):
         engine.grammars.json_schema("{not json")
@@ -148,10 +173,12 @@ def test_api_refuses_bad_grammars_by_name(client, extra, message):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
-def test_grammar_rows_on_the_gpu_beside_graph_decoding(tiny_llama, adapter_root):
-    """bf16 on a GPU: grammar-bound rows (masked on the device) take the logits path while
-    plain greedy rows decode from CUDA graphs; the plain rows' tokens are those they get
-    alone, and every bound row that ends matches its grammar."""
+def test_grammar_rows_on_the_gpu_beside_graph_decoding(tiny_llama, adapter_root, monkeypatch):
+    """bf16 on a GPU: grammar-bound rows (masked on the device) beside plain greedy rows
+    decoding from CUDA graphs; the plain rows' tokens are those they get alone, every bound
+    row that ends matches its grammar, and the greedy ones (steps launched ahead, masks filled
+    while they run) give the tokens of the logits path."""
+    from tasktune.serve import engine as engine_module
     from tasktune.serve.engine import Engine
 
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
@@ -171,3 +198,6 @@ def test_grammar_rows_on_the_gpu_beside_graph_decoding(tiny_llama, adapter_root)
         else:
             assert c.text.startswith('{"intent": "')
     assert out[3].finish_reason == "stop" and re.fullmatch(r"(yes|no), [0-9]{1,3} times", out[3].text)
+    monkeypatch.setattr(engine_module, "GRAMMAR_AHEAD", False)
+    logits_path = eng.generate([plain[0], *bound, plain[1]])
+    assert [c.token_ids for c in logits_path[:2]] == [c.token_ids for c in out[:2]]

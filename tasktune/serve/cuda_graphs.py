@@ -24,6 +24,7 @@ import torch
 from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
+from tasktune.serve.grammar import bitmask_buffer, mask_rows
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 
@@ -86,11 +87,14 @@ class _Ahead:
     lora_ids: list[int]
     positions: list[int]
     gens: list[int]  # each slot's generation at launch (DecodeStep.release)
-    host: torch.Tensor  # where its tokens land (by slot)
+    host: torch.Tensor | None  # where its tokens land (by slot)
     done: torch.cuda.Event | None
     lp_host: torch.Tensor | None = None  # where its logprob_table lands (by slot), if it made one
     lp_k: int | None = None  # ... with this many alternatives a row
     tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
+    # (logits, argmax) of a step with rows bound to grammars: their tokens wait for the masks
+    # filled after the previous step's tokens are read (host copies made then, `greedy`)
+    outputs: tuple[torch.Tensor, torch.Tensor] | None = None
 
     def matches(self, slots, tokens, positions, lora_ids, gens) -> bool:
         """Every row asked for was one of its rows, fed the same (rows that joined from a
@@ -127,6 +131,7 @@ class DecodeStep:
         self._flip, self._last_use_lora = 0, False
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
+        self._bitmask: torch.Tensor | None = None  # host buffer of grammar rows' masks (`_finish`)
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -139,8 +144,16 @@ class DecodeStep:
         return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
-               ahead: bool | list[bool], logprobs: int | None = None) -> list[int]:
+               ahead: bool | list[bool], logprobs: int | None = None, matchers: list[tuple[int, object]] | None = None
+               ) -> list[int]:
         """The same step for rows that all decode greedily -> each row's argmax token.
+
+        matchers: (slot, grammar matcher) of the rows bound to a grammar (grammar.py): their
+        token is the argmax of their logits masked by the tokens the matcher allows, which
+        `_finish` makes on the device between this step and the one launched ahead. A step
+        launched ahead for such rows stops at its logits: their masks are filled when the
+        call that takes it comes (the matchers have accepted this step's tokens by then),
+        while it runs, as vLLM overlaps structured outputs with the forward pass.
 
         logprobs: also each row's `logprob_table` row with this many alternatives
         (`last_logprobs[slot]` after the call), made on the device after the step and copied
@@ -160,21 +173,24 @@ class DecodeStep:
         attends to them."""
         gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
+        masked = bool(matchers)
         if (ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens)
-                and (logprobs is None or (ahead_step.lp_k or 0) >= logprobs and ahead_step.lp_host is not None)):
-            host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
+                and (ahead_step.outputs is not None) == masked
+                and (masked or logprobs is None or (ahead_step.lp_k or 0) >= logprobs and ahead_step.lp_host is not None)):
             self.ahead_used += 1
+            if masked:
+                host, done, lp_host = self._finish(*ahead_step.outputs, matchers, logprobs)
+            else:
+                host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
         else:
             self.ahead_wasted += ahead_step is not None
-            logits, argmax = self._launch(slots, tokens, positions, lora_ids)
-            table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
-            host, done, lp_host = self._to_host(argmax, table=table)
+            host, done, lp_host = self._finish(*self._launch(slots, tokens, positions, lora_ids), matchers, logprobs)
         joining, self._joining = self._joining, None
         go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
         on = [i for i, g in enumerate(go) if g]
         if ahead is not False and (on or joining):  # the step just run left its tokens and positions + 1 in the inputs (_step)
             self._launch_ahead([slots[i] for i in on], [positions[i] + 1 for i in on], [lora_ids[i] for i in on],
-                               joining, logprobs)
+                               joining, logprobs, masked)
         if done is not None:
             done.synchronize()
         out = host.tolist()
@@ -216,7 +232,7 @@ class DecodeStep:
         self._ahead.tokens = joining[4]()
 
     def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None,
-                      logprobs: int | None = None) -> None:
+                      logprobs: int | None = None, masked: bool = False) -> None:
         """Launch the next step for `slots`, whose inputs the step before left in place (its
         argmax, positions + 1), and the joining rows, whose inputs are put in first. Every
         other row the inputs hold as running (sequences at their last token, or finished)
@@ -249,9 +265,12 @@ class DecodeStep:
         self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
         logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
+        gens = [self._gens[s] for s in slots]
+        if masked:  # its grammar rows' tokens wait for their masks (`greedy`)
+            self._ahead = _Ahead(slots, lora_ids, positions, gens, None, None, outputs=(logits, argmax))
+            return
         table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
-        self._ahead = _Ahead(slots, lora_ids, positions, [self._gens[s] for s in slots],
-                             *self._to_host(argmax, table=table), logprobs)
+        self._ahead = _Ahead(slots, lora_ids, positions, gens, *self._to_host(argmax, table=table), logprobs)
 
     def release(self, slot: int) -> None:
         """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""
@@ -276,6 +295,23 @@ class DecodeStep:
         self._rows_on = set(slots)
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
+
+    def _finish(self, logits: torch.Tensor, argmax: torch.Tensor, matchers: list[tuple[int, object]] | None,
+                logprobs: int | None) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:
+        """A step's outputs -> its tokens (and logprob_table) on their way to the host
+        (`_to_host`). Rows bound to a grammar take the argmax of their masked logits, written
+        over the graph's argmax and over the next step's input tokens, so that a step
+        launched after this call feeds them; their log-probabilities stay the raw logits'."""
+        if matchers:
+            index = torch.tensor([s for s, _ in matchers], dtype=torch.long).to(argmax.device, non_blocking=True)
+            if self._bitmask is None:  # pinned: refilled only after the step's tokens were read, its copy done
+                self._bitmask = bitmask_buffer(self.cache.num_slots, logits.shape[1], self.use_graphs)
+            rows = mask_rows(logits.index_select(0, index).float(), [m for _, m in matchers], self._bitmask)
+            chosen = rows.argmax(dim=-1)
+            argmax.index_copy_(0, index, chosen)
+            self.inputs[0].index_copy_(0, index, chosen)
+        table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
+        return self._to_host(argmax, table=table)
 
     def _to_host(self, argmax: torch.Tensor, buffer: torch.Tensor | None = None, table: torch.Tensor | None = None,
                  table_key: str | None = None) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:

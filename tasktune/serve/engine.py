@@ -46,6 +46,9 @@ AHEAD_PER_ROW = True
 # Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
 # (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
+# Greedy rows bound to a grammar decode on the device path, steps launched ahead, each mask
+# filled while the step runs (False: every such batch through the logits and `sample`, as in session 18)
+GRAMMAR_AHEAD = True
 
 
 class PromptTooLong(TasktuneError):
@@ -303,13 +306,15 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
-        if all(s.params.device_greedy for s in seqs):  # the token is the argmax: the GPU can run a step ahead
+        if all(s.params.device_greedy or GRAMMAR_AHEAD and s.params.grammar_greedy for s in seqs):
+            # the token is the argmax (of masked logits, for grammar rows): the GPU can run a step ahead
             ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
             if not AHEAD_PER_ROW and not all(ahead):
                 ahead = False
             ks = [s.params.logprobs for s in seqs]
             k = most(ks)
-            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=k)
+            tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=k,
+                                             matchers=[(s.kv_slot, s.matcher) for s in seqs if s.matcher is not None])
             rows = self.decode_step.last_logprobs.tolist() if k is not None else None
             for s, t, k in zip(seqs, tokens, ks):
                 self._append(s, t, None if k is None else TokenLogprob.from_row(t, rows[s.kv_slot], k))

@@ -91,13 +91,21 @@ def matcher(compiled):
     return xgr.GrammarMatcher(compiled)
 
 
-def mask_rows(rows: torch.Tensor, matchers: Sequence) -> torch.Tensor:
+def mask_rows(rows: torch.Tensor, matchers: Sequence, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """rows [n, V] float32 (row j a sequence bound to matchers[j]) -> the same rows with
     every token its grammar does not allow next at -inf, in place. The bitmasks are filled
     on the host one row after another, while the step that made the rows runs (xgrammar's
-    thread pool, BatchGrammarMatcher, was 2.4x slower on an H200 host: bench/README.md)."""
-    bitmask = xgr.allocate_token_bitmask(len(matchers), rows.shape[1])
+    thread pool, BatchGrammarMatcher, was 2.4x slower on an H200 host: bench/README.md).
+    bitmask: a host buffer of at least n rows to fill (`bitmask_buffer`; pinned, its copy to
+    the device does not wait for the running step, and the caller must not refill it before
+    that copy is done)."""
+    bitmask = bitmask[:len(matchers)] if bitmask is not None else xgr.allocate_token_bitmask(len(matchers), rows.shape[1])
     for j, m in enumerate(matchers):
         m.fill_next_token_bitmask(bitmask, j)
     xgr.apply_token_bitmask_inplace(rows, bitmask.to(rows.device, non_blocking=True))
     return rows
+
+
+def bitmask_buffer(rows: int, vocab: int, pinned: bool) -> torch.Tensor:
+    """A host buffer for `mask_rows` of up to `rows` rows over `vocab` tokens."""
+    return torch.zeros(rows, -(-vocab // 32), dtype=torch.int32, pin_memory=pinned)

@@ -113,6 +113,13 @@ class SamplingParams:
         serves the row."""
         return self.greedy and not self.shapes_logits
 
+    @property
+    def grammar_greedy(self) -> bool:
+        """Greedy under a grammar and nothing else that shapes the logits: the argmax of the
+        raw logits masked by the grammar, which the device-side path makes too (its steps
+        launched ahead stop at the logits until the masks are filled: DecodeStep.greedy)."""
+        return self.greedy and self.grammar is not None and not self.penalizes and not self.choices
+
 
 @dataclass(frozen=True)
 class TokenLogprob:
