@@ -1,11 +1,10 @@
 """Serving speed: tasktune's engine against Hugging Face PEFT `generate`, mixed adapters.
 
-Randomly initialised Qwen2.5-0.5B-shaped Qwen2 (hidden 896, intermediate 4864, 24 layers,
-14 heads, 2 KV heads, vocab 151936, tied embeddings, rope_theta 1e6), bf16, saved to a
-temporary folder with a word-level tokenizer built here (prompts are token ids, so the
-tokenizer only turns generated ids back into text, as the engine does every step).
-32 random PEFT LoRA adapters, r=16, alpha=32, on q,k,v,o,gate,up,down (get_peft_model +
-save_pretrained; lora_A and lora_B random and non-zero).
+Randomly initialised Qwen2.5-0.5B-shaped Qwen2 (hidden 896, intermediate 4864, 24 layers, 14 heads,
+2 KV heads, vocab 151936, tied embeddings, rope_theta 1e6), bf16, saved to a temporary folder with a
+word-level tokenizer built here (prompts are token ids, so the tokenizer only turns generated ids
+back into text, as the engine does every step). 32 random PEFT LoRA adapters, r=16, alpha=32, on
+q,k,v,o,gate,up,down (get_peft_model + save_pretrained; lora_A and lora_B random and non-zero).
 
 Work: batch of 32 requests, 256-token random prompts, 128 new tokens, greedy, ignore_eos.
 Cases, all in one run:
@@ -15,11 +14,11 @@ Cases, all in one run:
   peft   HF PEFT `generate(adapter_names=[...])` on the a32 work; decode rate from the
          difference of two generate calls (1 and 1 + n_peft new tokens) since it is slow.
 
-Engine decode throughput = 32 * (decode steps) / (time of the decode steps); the first
-engine step is the prefill (all 32 prompts) plus the first token and is timed apart.
-Memory roofline of one decode step = bytes it must read (base weights once, the KV cache
-of the batch at the mean context length of the decode steps, each distinct adapter's
-weights once) / device-to-device copy bandwidth measured here (bytes read + written).
+Engine decode throughput = 32 * (decode steps) / (time of the decode steps); the first engine step
+is the prefill (all 32 prompts) plus the first token and is timed apart. Memory roofline of one
+decode step = bytes it must read (base weights once, the KV cache of the batch at the mean context
+length of the decode steps, each distinct adapter's weights once) / device-to-device copy bandwidth
+measured here (bytes read + written).
 
     PYTHONPATH=. python3 bench/serve_bench.py          # on the GPU (writes $OUT too)
     .venv/bin/python bench/serve_bench.py --tiny       # 2 layers, hidden 64, on the CPU
@@ -46,9 +45,9 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
-from serve_timing import StepClock, graph_replay_s, profile_decode_step, profile_last_step, summarise  # noqa: E402
+from serve_timing import StepClock, graph_replay_s, host_profile, profile_decode_step, profile_last_step, summarise  # noqa: E402
 from serve_staggered import report, staggered_case  # noqa: E402
-from serve_variants import main_path, switch, variant_table  # noqa: E402
+from serve_variants import guided_answers, main_path, switch, variant_table  # noqa: E402
 
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
@@ -120,14 +119,6 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     }
 
 
-def guided_answers(tokens: list[list[int]], vocab: int, decoys: int = 3) -> list[tuple[tuple[int, ...], ...]]:
-    """Each request's answers for the `guided` variant: its own main-run tokens (so the
-    constrained greedy path must give them again) and `decoys` random sequences as long."""
-    g = torch.Generator().manual_seed(0)
-    fakes = [tuple(torch.randint(3, vocab, (len(tokens[0]),), generator=g).tolist()) for _ in range(decoys)]
-    return [(tuple(t), *fakes) for t in tokens]
-
-
 # --- PEFT baseline ---------------------------------------------------------------------------
 def peft_generate(model, input_ids, names, max_new: int, device) -> tuple[float, torch.Tensor]:
     sync(device)
@@ -158,6 +149,8 @@ def main() -> None:
                          + ", ".join(variant_table(True, "", "", None, False))
                          + "; any bgmv_<programs>_<expand tile>[_<columns>[_<shrink tile>]] too)")
     ap.add_argument("--profile-variants", default="", help="comma-separated variants whose decode step is also profiled")
+    ap.add_argument("--profile-host-variants", default="",
+                    help="comma-separated variants whose whole run is also timed under cProfile (host functions)")
     ap.add_argument("--autotune-variant", action="store_true",
                     help="also time the decode step compiled with Inductor's GEMM autotuning (Decoder.compile_decode(autotune=True))")
     ap.add_argument("--no-compile", action="store_true",
@@ -315,17 +308,23 @@ def main() -> None:
             # guided_regex: every token of the bench's vocabulary is 't<id>', so this allows any
             # token but the end token ('t0') until new_tokens of them
             grammar = engine.grammars.regex(f"(t[0-9]+){{{new_tokens}}}") if label.startswith("guided_regex") else None
-            for name in names_:  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
-                run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded,
-                           grammar)
-            for name in names_:
-                other = run_engine(engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature,
-                                   seeded, grammar)
+            works = {name: (engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded,
+                            grammar) for name in names_}
+            for work in works.values():  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
+                run_engine(*work)
+            for name, work in works.items():
+                other = run_engine(*work)
                 c = result["cases"][name]
                 c[f"{label}_decode_tok_s"] = other["decode_tok_s"]
                 c[f"{label}_tokens_equal"] = other["tokens"] == result["_tokens"][name]
+                c[f"{label}_step_timing"] = timing = other["step_timing"]
                 print(f"{name} {label}: decode {other['decode_tok_s']:.0f} tok/s, tokens equal the main run: "
-                      f"{c[f'{label}_tokens_equal']}", flush=True)
+                      f"{c[f'{label}_tokens_equal']}, step / host busy p50 {timing.get('p50_ms', 0):.3f} / "
+                      f"{timing.get('host_busy_median_ms', 0):.3f} ms", flush=True)
+                if label in args.profile_host_variants.split(","):  # the run again, under cProfile
+                    prof = c[f"{label}_host_profile"] = host_profile(lambda: run_engine(*work), top=25)
+                    print("  host: " + ", ".join(f"{f['function']} {f['own_ms']:.0f} ms/{f['calls']}"
+                                                for f in prof["by_own_time"][:10]), flush=True)
                 if label in args.profile_variants.split(","):
                     prof = c[f"{label}_profile"] = profile_decode_step(engine, prompts, cases[name], device, temperature)
                     print(f"  profile: {prof['kernels']} kernels, {prof['kernel_time_s'] * 1e3:.2f} ms of device time; "

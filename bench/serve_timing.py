@@ -11,7 +11,8 @@ own per-step Python) and a few slow steps. These split it up:
 - `graph_replay_s`: one bucket's CUDA graph replayed back to back with nothing between,
   timed by CUDA events: the device's own step time, no host in it.
 - `profile_last_step`: the host functions of the step in which every sequence finishes
-  (the slowest step of a run: nothing is launched ahead of it).
+  (the slowest step of a run: nothing is launched ahead of it); `host_profile` those of
+  any call (a variant's whole run).
 - `profiled` / `kernel_summary`: one call under torch's profiler -> its wall time, the
   device kernels it launched, their summed time and the top ones (`profile_decode_step`).
 """
@@ -114,9 +115,6 @@ def profile_last_step(engine, prompts, adapters, new_tokens: int, top: int = 20)
     """One run of the work with the final engine step (every sequence finishes in it) under
     cProfile: where the host time of that step goes -> its wall time and the functions with
     the most time of their own."""
-    import cProfile
-    import pstats
-
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
@@ -125,19 +123,27 @@ def profile_last_step(engine, prompts, adapters, new_tokens: int, top: int = 20)
     out: dict = {}
     while engine.has_work:
         if all(len(s.output_ids) == new_tokens - 1 for s in seqs):
-            prof = cProfile.Profile()
-            t = time.perf_counter()
-            prof.enable()
-            engine.step()
-            prof.disable()
-            out["wall_ms"] = (time.perf_counter() - t) * 1e3
-            stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
-            rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
-            out["by_own_time"] = [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls": v[1],
-                                   "own_ms": v[2] * 1e3, "cum_ms": v[3] * 1e3} for k, v in rows]
+            out = host_profile(engine.step, top)
         else:
             engine.step()
     return out
+
+
+def host_profile(fn, top: int = 20) -> dict:
+    """fn() under cProfile -> its wall time and the functions with the most time of their own."""
+    import cProfile
+    import pstats
+
+    prof = cProfile.Profile()
+    t = time.perf_counter()
+    prof.enable()
+    fn()
+    prof.disable()
+    wall_ms = (time.perf_counter() - t) * 1e3
+    stats = pstats.Stats(prof).stats  # (file, line, name) -> (calls, ncalls, tottime, cumtime, callers)
+    rows = sorted(stats.items(), key=lambda kv: -kv[1][2])[:top]
+    return {"wall_ms": wall_ms, "by_own_time": [{"function": f"{Path(k[0]).name}:{k[1]}({k[2]})", "calls": v[1],
+                                                  "own_ms": v[2] * 1e3, "cum_ms": v[3] * 1e3} for k, v in rows]}
 
 
 def profiled(fn, device) -> tuple[object, float]:

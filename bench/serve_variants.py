@@ -98,3 +98,13 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     if name == "gemm_autotune":
         engine.model.compile_decode(autotune=True)
     engine.decode_step = cuda_graphs.DecodeStep(engine.model, engine.cache, engine.pool.stacks, use_graphs=graphs)
+
+
+def guided_answers(tokens: list[list[int]], vocab: int, decoys: int = 3) -> list[tuple[tuple[int, ...], ...]]:
+    """Each request's answers for the `guided` variant: its own main-run tokens (so the
+    constrained greedy path must give them again) and `decoys` random sequences as long."""
+    import torch
+
+    g = torch.Generator().manual_seed(0)
+    fakes = [tuple(torch.randint(3, vocab, (len(tokens[0]),), generator=g).tolist()) for _ in range(decoys)]
+    return [(tuple(t), *fakes) for t in tokens]
