@@ -24,7 +24,7 @@ import torch
 from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
-from tasktune.serve.grammar import bitmask_buffer, mask_rows
+from tasktune.serve.grammar import apply_masks, bitmask_buffer, fill_masks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 
@@ -132,6 +132,7 @@ class DecodeStep:
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
         self._bitmask: torch.Tensor | None = None  # host buffer of grammar rows' masks (`_finish`)
+        self._mask_index: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # their slots, on the device
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -303,11 +304,15 @@ class DecodeStep:
         over the graph's argmax and over the next step's input tokens, so that a step
         launched after this call feeds them; their log-probabilities stay the raw logits'."""
         if matchers:
-            index = torch.tensor([s for s, _ in matchers], dtype=torch.long).to(argmax.device, non_blocking=True)
             if self._bitmask is None:  # pinned: refilled only after the step's tokens were read, its copy done
                 self._bitmask = bitmask_buffer(self.cache.num_slots, logits.shape[1], self.use_graphs)
-            rows = mask_rows(logits.index_select(0, index).float(), [m for _, m in matchers], self._bitmask)
-            chosen = rows.argmax(dim=-1)
+            # the masks first, while the step runs: nothing before them may wait for the device
+            bitmask = fill_masks([m for _, m in matchers], logits.shape[1], self._bitmask)
+            slots = tuple(s for s, _ in matchers)
+            if self._mask_index[0] != slots:  # (a copy from pageable memory can wait for the running step)
+                self._mask_index = slots, torch.tensor(slots, dtype=torch.long, device=argmax.device)
+            index = self._mask_index[1]
+            chosen = apply_masks(logits.index_select(0, index).float(), bitmask).argmax(dim=-1)
             argmax.index_copy_(0, index, chosen)
             self.inputs[0].index_copy_(0, index, chosen)
         table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None

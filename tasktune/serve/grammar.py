@@ -93,15 +93,25 @@ def matcher(compiled):
 
 def mask_rows(rows: torch.Tensor, matchers: Sequence, bitmask: torch.Tensor | None = None) -> torch.Tensor:
     """rows [n, V] float32 (row j a sequence bound to matchers[j]) -> the same rows with
-    every token its grammar does not allow next at -inf, in place. The bitmasks are filled
-    on the host one row after another, while the step that made the rows runs (xgrammar's
-    thread pool, BatchGrammarMatcher, was 2.4x slower on an H200 host: bench/README.md).
-    bitmask: a host buffer of at least n rows to fill (`bitmask_buffer`; pinned, its copy to
-    the device does not wait for the running step, and the caller must not refill it before
-    that copy is done)."""
-    bitmask = bitmask[:len(matchers)] if bitmask is not None else xgr.allocate_token_bitmask(len(matchers), rows.shape[1])
+    every token its grammar does not allow next at -inf, in place (`fill_masks`, then
+    `apply_masks`)."""
+    return apply_masks(rows, fill_masks(matchers, rows.shape[1], bitmask))
+
+
+def fill_masks(matchers: Sequence, vocab: int, bitmask: torch.Tensor | None = None) -> torch.Tensor:
+    """Each matcher's allowed next tokens as bitmask row j, filled on the host one row after
+    another (xgrammar's thread pool, BatchGrammarMatcher, was 2.4x slower on an H200 host:
+    bench/README.md). bitmask: a host buffer of at least len(matchers) rows to fill
+    (`bitmask_buffer`; pinned, its copy to the device does not wait for the running step, and
+    the caller must not refill it before that copy is done)."""
+    bitmask = bitmask[:len(matchers)] if bitmask is not None else xgr.allocate_token_bitmask(len(matchers), vocab)
     for j, m in enumerate(matchers):
         m.fill_next_token_bitmask(bitmask, j)
+    return bitmask
+
+
+def apply_masks(rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
+    """rows [n, V] float32 -> every token bitmask row j does not allow at -inf in row j, in place."""
     xgr.apply_token_bitmask_inplace(rows, bitmask.to(rows.device, non_blocking=True))
     return rows
 
