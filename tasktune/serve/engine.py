@@ -349,19 +349,21 @@ class Engine:
         if seq.first_token_at is None:
             seq.first_token_at = time.monotonic()
         is_eos = (token in self.eos_ids and not p.ignore_eos) or token in p.stop_token_ids
-        searched = len(seq.text)
         done = is_eos or len(seq.output_ids) >= p.max_tokens or seq.length >= self.max_len
-        if done:
-            ids = seq.output_ids[:-1] if is_eos else list(seq.output_ids)
-            if seq.stream or p.stop:  # one full decode: flushes text held back by the incremental window
+        hits = None
+        if seq.stream or p.stop:  # text is needed now: for the client, or to look for stop strings
+            searched = len(seq.text)
+            if done:  # one full decode: flushes text held back by the incremental window
+                ids = seq.output_ids[:-1] if is_eos else seq.output_ids
                 seq.text, searched = self.tokenizer.decode(ids, skip_special_tokens=True), 0
-            else:  # no reader before the result: decoded at the first read (Sequence.text)
-                seq.text_later(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
-        elif seq.stream or p.stop:  # text is needed now: for the client, or to look for stop strings
-            seq.text += detokenize_step(self.tokenizer, seq)
-        start = max(0, searched - max((len(s) for s in p.stop), default=0) + 1)
-        stops = p.stop if len(seq.output_ids) >= p.min_tokens else ()  # (vLLM: none before min_tokens)
-        hits = [i for i in (seq.text.find(s, start) for s in stops) if i >= 0]
+            else:
+                seq.text += detokenize_step(self.tokenizer, seq)
+            if p.stop and len(seq.output_ids) >= p.min_tokens:  # (vLLM: no stop string before min_tokens)
+                start = max(0, searched - max(len(s) for s in p.stop) + 1)
+                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+        elif done:  # no reader before the result: decoded at the first read (Sequence.text)
+            ids = seq.output_ids[:-1] if is_eos else list(seq.output_ids)
+            seq.text_later(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
         if hits:
             seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
         elif is_eos:
