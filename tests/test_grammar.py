@@ -75,7 +75,8 @@ def test_sampled_rows_always_match_their_grammar(engine):
 def test_greedy_grammar_rows_on_the_device_path_equal_the_logits_path(engine, monkeypatch):
     """Greedy rows bound to grammars decode with steps launched ahead (their masks filled when
     the step is taken) beside plain greedy rows, one asking for log-probabilities, rows ending
-    on different steps: tokens and log-probabilities equal those of the logits path."""
+    on different steps and arrivals taking their slots: no step launched ahead is discarded,
+    and tokens and log-probabilities equal those of the logits path."""
     from tasktune.serve import engine as engine_module
 
     g = engine.grammars
@@ -86,9 +87,10 @@ def test_greedy_grammar_rows_on_the_device_path_equal_the_logits_path(engine, mo
             for i, prompt in enumerate(["book a table for two", "is it raining", "play jazz", "weather in paris",
                                         "wake me at six", "is it sunny", "add milk", "set a timer"])]
     step = engine.decode_step
-    used = step.ahead_used
+    used, wasted = step.ahead_used, step.ahead_wasted
     on = engine.generate(reqs)
-    assert step.ahead_used - used >= 20  # the grammar rows' steps were the ones launched ahead
+    # every decode step was one launched ahead: arrivals (their first token masked on the device) joined it
+    assert step.ahead_used - used >= 20 and step.ahead_wasted == wasted
     monkeypatch.setattr(engine_module, "GRAMMAR_AHEAD", False)
     off = engine.generate(reqs)
     assert [c.token_ids for c in on] == [c.token_ids for c in off]

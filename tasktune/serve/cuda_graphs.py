@@ -24,7 +24,7 @@ import torch
 from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
-from tasktune.serve.grammar import apply_masks, bitmask_buffer, fill_masks
+from tasktune.serve.grammar import DeviceMasks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 
@@ -131,8 +131,7 @@ class DecodeStep:
         self._flip, self._last_use_lora = 0, False
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
-        self._bitmask: torch.Tensor | None = None  # host buffer of grammar rows' masks (`_finish`)
-        self._mask_index: tuple[tuple[int, ...], torch.Tensor | None] = ((), None)  # their slots, on the device
+        self.masks = DeviceMasks(n, self.use_graphs)  # grammar rows' masked argmax (`_finish`, the engine's prefill)
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -175,11 +174,12 @@ class DecodeStep:
         gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
         masked = bool(matchers)
+        deferred = ahead_step is not None and ahead_step.outputs is not None  # (its tokens wait for masks)
         if (ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens)
-                and (ahead_step.outputs is not None) == masked
-                and (masked or logprobs is None or (ahead_step.lp_k or 0) >= logprobs and ahead_step.lp_host is not None)):
+                and (deferred or not masked and (logprobs is None or (ahead_step.lp_k or 0) >= logprobs
+                                                 and ahead_step.lp_host is not None))):
             self.ahead_used += 1
-            if masked:
+            if deferred:
                 host, done, lp_host = self._finish(*ahead_step.outputs, matchers, logprobs)
             else:
                 host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
@@ -214,14 +214,16 @@ class DecodeStep:
         return read
 
     def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
-             read: Callable[[], list[int]], logprobs: int | None = None) -> None:
+             read: Callable[[], list[int]], logprobs: int | None = None, bound: bool = False) -> None:
         """Rows prefilled in this engine step that decode greedily from the next one: the step
         `greedy` launches ahead next includes them (tokens: their first tokens as the prefill's
         device argmax, not read yet, `read` giving them as a list; positions: where those
         tokens go), so the first decode step after a prefill is launched before the host reads
         the prefill. With no `greedy` call in this engine step, `launch_joined` launches it
-        for them alone. logprobs: the most alternatives one of them asks for (that step makes them)."""
-        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read, logprobs)
+        for them alone. logprobs: the most alternatives one of them asks for (that step makes them);
+        bound: some of them are bound to a grammar (that step stops at its logits, as `greedy`'s
+        steps for such rows do)."""
+        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read, logprobs, bound)
 
     def launch_joined(self) -> None:
         """The step ahead for the rows `join` named alone (an engine step with no decode rows)."""
@@ -241,8 +243,9 @@ class DecodeStep:
         that a new sequence may have been prefilled into since."""
         gone = sorted(self._rows_on.difference(slots))
         if joining is not None:
-            j_slots, j_tokens, j_positions, j_lora, _, j_logprobs = joining
+            j_slots, j_tokens, j_positions, j_lora, _, j_logprobs, j_bound = joining
             logprobs = max((k for k in (logprobs, j_logprobs) if k is not None), default=None)
+            masked = masked or j_bound
             gone = [r for r in gone if r not in j_slots]
         if gone:
             index = torch.tensor(gone, dtype=torch.long).to(self.inputs.device, non_blocking=True)
@@ -304,15 +307,9 @@ class DecodeStep:
         over the graph's argmax and over the next step's input tokens, so that a step
         launched after this call feeds them; their log-probabilities stay the raw logits'."""
         if matchers:
-            if self._bitmask is None:  # pinned: refilled only after the step's tokens were read, its copy done
-                self._bitmask = bitmask_buffer(self.cache.num_slots, logits.shape[1], self.use_graphs)
-            # the masks first, while the step runs: nothing before them may wait for the device
-            bitmask = fill_masks([m for _, m in matchers], logits.shape[1], self._bitmask)
             slots = tuple(s for s, _ in matchers)
-            if self._mask_index[0] != slots:  # (a copy from pageable memory can wait for the running step)
-                self._mask_index = slots, torch.tensor(slots, dtype=torch.long, device=argmax.device)
-            index = self._mask_index[1]
-            chosen = apply_masks(logits.index_select(0, index).float(), bitmask).argmax(dim=-1)
+            chosen = self.masks.argmax(logits, slots, [m for _, m in matchers], "step")
+            index = self.masks.index(slots, argmax.device)
             argmax.index_copy_(0, index, chosen)
             self.inputs[0].index_copy_(0, index, chosen)
         table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None

@@ -257,11 +257,16 @@ class Engine:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)
             logits = self.model(batch, self.cache, self.pool.stacks)
-        if not all(s.params.device_greedy for s in seqs):
+        if not all(s.params.device_greedy or GRAMMAR_AHEAD and s.params.grammar_greedy for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
                                  [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs])
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
+        bound = tuple(i for i, s in enumerate(seqs) if s.matcher is not None)
+        if bound:  # rows bound to a grammar: the argmax over the tokens it allows first
+            masks = self.decode_step.masks
+            first.index_copy_(0, masks.index(bound, first.device),
+                              masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first"))
         ks = [s.params.logprobs for s in seqs]
         k = most(ks)
         read = self.decode_step.first_tokens(first, logprob_table(logits, first, k) if k is not None else None)
@@ -272,7 +277,8 @@ class Engine:
             self.decode_step.join([s.kv_slot for s in picked], first.index_select(0, index),
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
                                   lambda: [t for i, t in enumerate(read()[0]) if i in go_on],
-                                  logprobs=most([s.params.logprobs for s in picked]))
+                                  logprobs=most([s.params.logprobs for s in picked]),
+                                  bound=any(s.matcher is not None for s in picked))
 
         def result() -> list[tuple[int, TokenLogprob | None]]:
             tokens, rows = read()

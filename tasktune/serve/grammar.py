@@ -119,3 +119,33 @@ def apply_masks(rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
 def bitmask_buffer(rows: int, vocab: int, pinned: bool) -> torch.Tensor:
     """A host buffer for `mask_rows` of up to `rows` rows over `vocab` tokens."""
     return torch.zeros(rows, -(-vocab // 32), dtype=torch.int32, pin_memory=pinned)
+
+
+class DeviceMasks:
+    """The masked argmax of rows bound to grammars on the device-side greedy path
+    (DecodeStep.greedy, the engine's prefill): each use its own pinned host bitmask buffer
+    (a use refills it only after its last copy to the device is done: after the tokens of
+    the step that copied it were read), and the rows' index kept on the device (a copy from
+    pageable memory can wait for the running step)."""
+
+    def __init__(self, rows: int, pinned: bool):
+        self.rows, self.pinned = rows, pinned
+        self._buffers: dict[str, torch.Tensor] = {}
+        self._index: dict[tuple[int, ...], torch.Tensor] = {}
+
+    def argmax(self, logits: torch.Tensor, rows: tuple[int, ...], matchers: Sequence, use: str) -> torch.Tensor:
+        """logits [B, V] -> the argmax of each of `rows` over the tokens its matcher allows
+        next [len(rows)], on the device. The masks are filled before any device call, so
+        that they are filled while the step that makes the logits runs."""
+        if use not in self._buffers:
+            self._buffers[use] = bitmask_buffer(self.rows, logits.shape[1], self.pinned)
+        bitmask = fill_masks(matchers, logits.shape[1], self._buffers[use])
+        return apply_masks(logits.index_select(0, self.index(rows, logits.device)).float(), bitmask).argmax(dim=-1)
+
+    def index(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
+        """`rows` as a tensor on `device`, made once per set of rows."""
+        if rows not in self._index:
+            if len(self._index) > 64:
+                self._index.clear()
+            self._index[rows] = torch.tensor(rows, dtype=torch.long, device=device)
+        return self._index[rows]
