@@ -1,7 +1,7 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
-Greedy rows take the argmax. Sampled rows use temperature, then top-k, nucleus (top-p)
-and min-p filtering, and draw with their own `torch.Generator`, so a request with a seed
+Greedy rows take the argmax. Sampled rows use temperature, then top-k, min-p and nucleus
+(top-p) filtering (vLLM's order), and draw with their own `torch.Generator`, so a request with a seed
 produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
 (Hugging Face's and vLLM's, over prompt and output) and OpenAI's presence and frequency
@@ -192,7 +192,7 @@ def shape_logits(row: torch.Tensor, params: SamplingParams, generated: list[int]
 
 def sampling_probs(row: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """row [V] (processed logits) -> the distribution a sampled row draws from, in vocabulary
-    order: temperature, then top-k, top-p and min-p (unnormalised; `sampling_probs_rows`)."""
+    order: temperature, then top-k, min-p and top-p (unnormalised; `sampling_probs_rows`)."""
     probs, order = sampling_probs_rows(row[None], [params], params.top_p < 1)
     return probs[0] if order is None else torch.zeros_like(probs[0]).scatter_(0, order[0], probs[0])
 
@@ -223,13 +223,13 @@ def sampling_probs_rows(rows: torch.Tensor, params: list[SamplingParams], nucleu
         kth = kth.masked_fill(column(ks) == 0, float("-inf"))  # rows without top-k keep everything
         scaled = scaled.masked_fill(scaled < kth, float("-inf"))
     probs, order = torch.softmax(scaled, dim=-1), None
-    if nucleus:
-        probs, order = probs.sort(dim=-1, descending=True)
-        keep = cumsum_rows(probs) - probs < column([p.top_p for p in params])  # always keeps the top token
-        probs = probs * keep
-    if any(p.min_p > 0 for p in params):
+    if any(p.min_p > 0 for p in params):  # min-p before top-p, as vLLM applies them
         probs = probs.masked_fill(probs < column([p.min_p for p in params]) * probs.max(dim=-1, keepdim=True).values,
                                   0.0)
+    if nucleus:  # the smallest top set holding top_p of what min-p kept (always the top token)
+        probs, order = probs.sort(dim=-1, descending=True)
+        keep = cumsum_rows(probs) - probs < column([p.top_p for p in params]) * probs.sum(dim=-1, keepdim=True)
+        probs = probs * keep
     return probs, order
 
 

@@ -1,0 +1,81 @@
+"""The device-side draw (serve/triton_sample.py) against the distribution `sampling_probs`
+gives (temperature, top-p, min-p), its seeding, and its writes for a decode step. Under
+the Triton interpreter on the CPU (conftest), on the GPU as it is."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tasktune.serve import triton_sample
+from tasktune.serve.sampling import SamplingParams, sampling_probs
+from tasktune.serve.triton_sample import SamplingTable, sample_rows
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+pytestmark = pytest.mark.skipif(not triton_sample.available(DEVICE), reason="needs Triton (or its interpreter)")
+
+
+def draws(logits: torch.Tensor, params: SamplingParams, n: int, key: int = 7, dtype=torch.float32) -> torch.Tensor:
+    """n tokens drawn from the same row by n slots seeded 0..n-1."""
+    table = SamplingTable(n, DEVICE)
+    for s in range(n):
+        table.set(s, params.temperature, params.top_p, params.min_p, s)
+    x = logits.to(DEVICE, dtype).expand(n, -1).contiguous()
+    idx = torch.arange(n, device=DEVICE)
+    out = torch.full((n,), -1, dtype=torch.long, device=DEVICE)
+    sample_rows(x, idx, idx, torch.full((n,), key, device=DEVICE), table, out)
+    return out.cpu()
+
+
+@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8),
+                                    SamplingParams(temperature=1.3, top_p=0.9, min_p=0.1),
+                                    SamplingParams(temperature=1.0, min_p=0.3)], ids=["t", "t+top_p", "all", "min_p"])
+def test_draws_follow_the_filtered_distribution(params):
+    torch.manual_seed(0)
+    logits = torch.randn(40) * 1.5
+    logits[5] = float("-inf")  # a banned token is never drawn
+    want = sampling_probs(logits.clone(), params)
+    want = want / want.sum()
+    n = 8000 if DEVICE == "cuda" else 500  # (the interpreter takes ~20 ms a draw)
+    got = torch.bincount(draws(logits, params, n), minlength=40).double() / n
+    assert got[want == 0].sum() == 0  # nothing outside the filtered support
+    tv = 0.5 * (got - want.double()).abs().sum()
+    unfiltered = torch.softmax(logits.double(), -1)
+    assert tv < (0.03 if DEVICE == "cuda" else 0.1), tv
+    if params.top_p < 1 or params.min_p > 0:  # the filters are what makes it match
+        assert 0.5 * (got - unfiltered).abs().sum() > 2 * tv
+
+
+def test_seed_and_key_decide_the_token_and_degenerate_rows_keep_the_argmax():
+    torch.manual_seed(1)
+    logits = torch.randn(300)
+    p = SamplingParams(temperature=1.0, top_p=0.95)
+    a, b = draws(logits, p, 64), draws(logits, p, 64)
+    assert torch.equal(a, b)  # the same seeds and positions: the same tokens
+    assert not torch.equal(a, draws(logits, p, 64, key=8))  # the next position draws afresh
+    assert torch.equal(draws(logits, p, 64, dtype=torch.bfloat16), draws(logits.bfloat16().float(), p, 64))
+    tiny = draws(logits, SamplingParams(temperature=1e-300), 8)
+    assert (tiny == logits.argmax()).all()
+    assert (draws(logits, SamplingParams(temperature=1.0, top_p=1e-6), 8) == logits.argmax()).all()
+    nan = torch.full((300,), float("nan"))
+    assert (draws(nan, SamplingParams(temperature=1.0), 2) == 0).all()
+
+
+def test_a_decode_step_writes_the_next_input_tokens_by_slot():
+    torch.manual_seed(2)
+    logits = torch.randn(6, 50, device=DEVICE)
+    table = SamplingTable(6, DEVICE)
+    for s in range(6):
+        table.set(s, 1.0, 1.0, 0.0, 100 + s)
+    out = logits.argmax(-1)
+    tokens = torch.zeros(6, dtype=torch.long, device=DEVICE)
+    positions = torch.arange(10, 16, device=DEVICE)
+    slots = torch.tensor([1, 4], device=DEVICE)
+    sample_rows(logits, slots, slots, positions, table, out, tokens)
+    greedy = logits.argmax(-1)
+    assert torch.equal(out[[0, 2, 3, 5]], greedy[[0, 2, 3, 5]]) and torch.equal(tokens[[0, 2, 3, 5]].cpu(), torch.zeros(4, dtype=torch.long))
+    assert torch.equal(tokens[[1, 4]], out[[1, 4]])
+    # row 4 alone, keyed by its position: the same token as beside row 1
+    alone = torch.zeros(6, dtype=torch.long, device=DEVICE)
+    sample_rows(logits, slots[1:], slots[1:], positions, table, alone, torch.zeros(6, dtype=torch.long, device=DEVICE))
+    assert alone[4] == out[4]
