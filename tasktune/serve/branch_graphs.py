@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 
 from tasktune.serve.branch_scoring import branch_logprobs, reads_and_targets, score_rows, split
-from tasktune.serve.cuda_graphs import capture
+from tasktune.serve.graph_capture import capture
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.forward_batch import Batch, _rows, tree_mask, tree_rows

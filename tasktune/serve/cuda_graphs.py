@@ -17,20 +17,20 @@ tests exercise exactly the code the graphs capture.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable
 
 import torch
 
 from tasktune.serve import triton_argmax, triton_lm_head
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
+from tasktune.serve.graph_capture import capture
 from tasktune.serve.grammar import DeviceMasks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 128
-T = TypeVar("T")
 FUSED_HEAD = True  # greedy_tail in one launch where the decode linears are fused (off: a serve bench variant)
 
 
@@ -59,24 +59,6 @@ def greedy_tail(model: Decoder, x: torch.Tensor, next_inputs: tuple[torch.Tensor
     argmax = logits.argmax(dim=-1)
     triton_argmax.feed_next(argmax, next_inputs)
     return logits, argmax
-
-
-def capture(run: Callable[[], T], pool, reset: Callable[[], None] | None = None) -> tuple[torch.cuda.CUDAGraph, T]:
-    """run() captured as a CUDA graph in memory pool `pool` (None: a new one) -> (graph, the
-    outputs it writes on each replay). Two warm-up runs on a side stream first (lazy inits,
-    kernel selection, compilation), each followed by reset() (inputs the run moves on)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(2):
-            run()
-            if reset is not None:
-                reset()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph, pool=pool):
-        outputs = run()
-    return graph, outputs
 
 
 @dataclass

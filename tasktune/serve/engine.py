@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
 from tasktune.serve.branch_graphs import BranchStep
-from tasktune.serve.branch_scoring import SCORING_ROWS, InvalidBranches, check_branches
+from tasktune.serve.branch_scoring import InvalidBranches, check_branches
 from tasktune.serve.cuda_graphs import DecodeStep
 from tasktune.serve.decoder import FUSED, Decoder
 from tasktune.serve.detokenize import detokenize_step
@@ -35,6 +35,7 @@ from tasktune.serve.grammar import Grammars, matcher
 from tasktune.serve.weights import load_decoder
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
+from tasktune.serve.prompt_scoring import score_prompts
 from tasktune.serve.sampling import SamplingParams, TokenLogprob, logprob_table, make_generator, sample
 from tasktune.serve.scheduler import Scheduler, Sequence
 
@@ -249,7 +250,7 @@ class Engine:
         asked for) stay on the device until read, and the rows that go on join the decode step
         launched ahead next (DecodeStep.join)."""
         if any(s.params.prompt_logprobs is not None for s in seqs):
-            logits = self._prefill_scoring(seqs)
+            logits = score_prompts(self.model, self.cache, self.pool.stacks, seqs, self.device)
         elif PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
             logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
                                        [s.lora_id for s in seqs])
@@ -285,29 +286,6 @@ class Engine:
             return [(t, None if k is None else TokenLogprob.from_row(t, rows[i], k))
                     for i, (t, k) in enumerate(zip(tokens, ks))]
         return result
-
-    @torch.no_grad()
-    def _prefill_scoring(self, seqs: list[Sequence]) -> torch.Tensor:
-        """An eager prefill that keeps every position's output, for requests that ask for their
-        prompt's log-probabilities: fills their `prompt_logprobs` and returns each sequence's
-        last logits [B, vocab] float32, as the other prefill paths do. The LM head runs over
-        SCORING_ROWS positions at a time, so a long prompt never holds all its logits at once."""
-        prompts = [s.prompt_ids for s in seqs]
-        batch = make_batch(prompts, [0] * len(seqs), [s.kv_slot for s in seqs], [s.lora_id for s in seqs], self.device)
-        model = self.model
-        rows = model(replace(batch, last=None), self.cache, self.pool.stacks, head=False)  # [N, hidden]
-        head = lambda r: model.lm_head(model.model.norm(r))  # noqa: E731
-        start = 0
-        for s, ids in zip(seqs, prompts):
-            k = s.params.prompt_logprobs
-            if k is not None:  # position t's logits score token t + 1
-                targets = torch.tensor(ids[1:], device=rows.device)
-                table = [row for lo in range(0, len(ids) - 1, SCORING_ROWS)
-                         for row in logprob_table(head(rows[start + lo:start + min(lo + SCORING_ROWS, len(ids) - 1)]),
-                                                  targets[lo:lo + SCORING_ROWS], k).tolist()]
-                s.prompt_logprobs = [None] + [TokenLogprob.from_row(t, row, k) for t, row in zip(ids[1:], table)]
-            start += len(ids)
-        return head(rows.index_select(0, batch.last)).float()
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],

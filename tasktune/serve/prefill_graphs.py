@@ -26,7 +26,7 @@ from typing import Callable
 import torch
 
 from tasktune.lora.ops import segment_plan
-from tasktune.serve.cuda_graphs import capture
+from tasktune.serve.graph_capture import capture
 from tasktune.serve.decoder import Decoder
 from tasktune.serve.decoder_lora import LoraStacks
 from tasktune.serve.forward_batch import prefill_batch

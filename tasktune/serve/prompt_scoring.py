@@ -1,0 +1,38 @@
+"""A prompt's own log-probabilities (vLLM's prompt_logprobs, OpenAI's echo with logprobs):
+an eager prefill that keeps every position's output, as lm-evaluation-harness's
+log-likelihoods need."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import torch
+
+from tasktune.serve.branch_scoring import SCORING_ROWS
+from tasktune.serve.decoder import Decoder
+from tasktune.serve.forward_batch import make_batch
+from tasktune.serve.kv_cache import KVCache
+from tasktune.serve.sampling import TokenLogprob, logprob_table
+
+
+@torch.no_grad()
+def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: torch.device) -> torch.Tensor:
+    """Prefill `seqs` (scheduler Sequences, in their KV slots) -> each one's last logits
+    [B, vocab] float32, as the other prefill paths give them, after filling the
+    `prompt_logprobs` of those that ask. The LM head runs over SCORING_ROWS positions at a
+    time, so a long prompt never holds all its logits at once."""
+    prompts = [s.prompt_ids for s in seqs]
+    batch = make_batch(prompts, [0] * len(seqs), [s.kv_slot for s in seqs], [s.lora_id for s in seqs], device)
+    rows = model(replace(batch, last=None), cache, stacks, head=False)  # [N, hidden]
+    head = lambda r: model.lm_head(model.model.norm(r))  # noqa: E731
+    start = 0
+    for s, ids in zip(seqs, prompts):
+        k = s.params.prompt_logprobs
+        if k is not None:  # position t's logits score token t + 1
+            targets = torch.tensor(ids[1:], device=rows.device)
+            table = [row for lo in range(0, len(ids) - 1, SCORING_ROWS)
+                     for row in logprob_table(head(rows[start + lo:start + min(lo + SCORING_ROWS, len(ids) - 1)]),
+                                              targets[lo:lo + SCORING_ROWS], k).tolist()]
+            s.prompt_logprobs = [None] + [TokenLogprob.from_row(t, row, k) for t, row in zip(ids[1:], table)]
+        start += len(ids)
+    return head(rows.index_select(0, batch.last)).float()
