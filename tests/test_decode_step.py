@@ -228,12 +228,12 @@ def test_fused_linears_only_where_they_apply():
 
 
 def test_a_step_ahead_matches_the_rows_it_computed_as_fed():
-    """`_Ahead.matches`: every row asked for must be one of its rows with the same token,
+    """`AheadStep.matches`: every row asked for must be one of its rows with the same token,
     position, adapter and slot generation; rows it has beyond those (sequences that ended
     since) do not stop the match; before its tokens are known it matches nothing."""
-    from tasktune.serve.cuda_graphs import _Ahead
+    from tasktune.serve.step_ahead import AheadStep
 
-    ahead = _Ahead(slots=[0, 3, 5], lora_ids=[1, -1, 2], positions=[9, 4, 7], gens=[0, 2, 1],
+    ahead = AheadStep(slots=[0, 3, 5], lora_ids=[1, -1, 2], positions=[9, 4, 7], gens=[0, 2, 1],
                    host=torch.zeros(8, dtype=torch.long), done=None)
     rows = ([0, 3, 5], [11, 12, 13], [9, 4, 7], [1, -1, 2], [0, 2, 1])
     assert not ahead.matches(*rows)  # tokens not read yet

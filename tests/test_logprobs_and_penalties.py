@@ -250,10 +250,10 @@ def test_prompt_logprobs_equal_hf_log_softmax_at_every_prompt_position(engine, h
     prefix before it, with the same top-k; the first token has none. The LM head runs over
     a few positions at a time (SCORING_ROWS), which must not change a value. max_tokens=0
     scores the prompt and generates nothing."""
-    from tasktune.serve import engine as engine_module
+    from tasktune.serve import prompt_scoring
 
     chunk = 3
-    monkeypatch.setattr(engine_module, "SCORING_ROWS", chunk)
+    monkeypatch.setattr(prompt_scoring, "SCORING_ROWS", chunk)
     tok, logits = hf
     prompt = "remind me to call my sister tomorrow at noon"
     ids = tok.encode(prompt)

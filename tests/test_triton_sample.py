@@ -79,3 +79,31 @@ def test_a_decode_step_writes_the_next_input_tokens_by_slot():
     alone = torch.zeros(6, dtype=torch.long, device=DEVICE)
     sample_rows(logits, slots[1:], slots[1:], positions, table, alone, torch.zeros(6, dtype=torch.long, device=DEVICE))
     assert alone[4] == out[4]
+
+
+def test_sampled_requests_draw_on_the_device_path_whatever_their_batch(engine):
+    """Sampled rows (temperature, top-p, min-p) draw right after each step and the step after
+    it is launched ahead, none discarded. A seeded request's tokens (and log-probabilities)
+    are the same alone, beside greedy rows and arrivals, and beside a row with a penalty,
+    whose batch takes the logits path (where the same draw serves it); seeds differ, tokens do."""
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    p = SamplingParams(max_tokens=10, temperature=1.2, top_p=0.9, min_p=0.02, seed=42, logprobs=1, ignore_eos=True)
+    step = engine.decode_step
+    used, wasted = step.ahead_used, step.ahead_wasted
+    alone = engine.generate([Request("play some jazz", "task-1", p)])[0]
+    assert step.ahead_used - used >= 8 and step.ahead_wasted == wasted
+    greedy = [Request("book a table", None, SamplingParams(max_tokens=n)) for n in (3, 12, 6)]
+    unseeded = Request("is it raining", "task-2", SamplingParams(max_tokens=7, temperature=1.0))
+    mixed = engine.generate([greedy[0], Request("play some jazz", "task-1", p), unseeded, *greedy[1:]])
+    assert step.ahead_wasted == wasted
+    penalized = engine.generate([Request("play some jazz", "task-1", p),
+                                 Request("call mom", "task-3", SamplingParams(max_tokens=10, repetition_penalty=1.3))])
+    for other in (mixed[1], penalized[0]):
+        assert other.token_ids == alone.token_ids
+        assert [lp.token for lp in other.logprobs] == alone.token_ids
+        assert [lp.logprob for lp in other.logprobs] == pytest.approx([lp.logprob for lp in alone.logprobs], abs=1e-4)
+    seeds = {tuple(engine.generate([Request("play some jazz", "task-1", SamplingParams(
+        max_tokens=10, temperature=1.2, seed=s, ignore_eos=True))])[0].token_ids) for s in range(4)}
+    assert len(seeds) > 1

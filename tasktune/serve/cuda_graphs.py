@@ -16,8 +16,7 @@ tests exercise exactly the code the graphs capture.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Collection
 
 import torch
 
@@ -28,6 +27,8 @@ from tasktune.serve.graph_capture import capture
 from tasktune.serve.grammar import DeviceMasks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
+from tasktune.serve.step_ahead import AheadStep, JoiningRows
+from tasktune.serve.triton_sample import SamplingTable, sample_rows
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
 CONTEXT_STEP = 128
@@ -61,34 +62,6 @@ def greedy_tail(model: Decoder, x: torch.Tensor, next_inputs: tuple[torch.Tensor
     return logits, argmax
 
 
-@dataclass
-class _Ahead:
-    """A step launched before its inputs were confirmed (`DecodeStep.greedy`)."""
-
-    slots: list[int]
-    lora_ids: list[int]
-    positions: list[int]
-    gens: list[int]  # each slot's generation at launch (DecodeStep.release)
-    host: torch.Tensor | None  # where its tokens land (by slot)
-    done: torch.cuda.Event | None
-    lp_host: torch.Tensor | None = None  # where its logprob_table lands (by slot), if it made one
-    lp_k: int | None = None  # ... with this many alternatives a row
-    tokens: list[int] | None = None  # the tokens it was fed, known once the previous step is read
-    # (logits, argmax) of a step with rows bound to grammars: their tokens wait for the masks
-    # filled after the previous step's tokens are read (host copies made then, `greedy`)
-    outputs: tuple[torch.Tensor, torch.Tensor] | None = None
-
-    def matches(self, slots, tokens, positions, lora_ids, gens) -> bool:
-        """Every row asked for was one of its rows, fed the same (rows that joined from a
-        prefill come after the others; a row it has beyond those asked for is a sequence
-        that finished since: its result is not read, its KV write went to a slot that a new
-        sequence rewrites before reading, `DecodeStep.greedy`)."""
-        if self.tokens is None or len(self.tokens) != len(self.slots):
-            return False
-        mine = {s: row for s, *row in zip(self.slots, self.tokens, self.positions, self.lora_ids, self.gens)}
-        return all(mine.get(s) == [t, p, a, g] for s, t, p, a, g in zip(slots, tokens, positions, lora_ids, gens))
-
-
 class DecodeStep:
     def __init__(self, model: Decoder, cache: KVCache, lora: LoraStacks | None, *, use_graphs: bool,
                  compile: bool = False):
@@ -104,7 +77,7 @@ class DecodeStep:
         self._active = torch.zeros(n, dtype=torch.long, device=device)  # 1 on rows of running sequences
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
-        self._ahead: _Ahead | None = None  # the step launched ahead by `greedy`
+        self._ahead: AheadStep | None = None  # the step launched ahead by `greedy`
         self._joining: tuple | None = None  # rows prefilled this step that join it (`join`)
         self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
@@ -114,6 +87,7 @@ class DecodeStep:
         self._gens = [0] * n  # each slot's generation: a freed slot's next sequence is another row
         self._rows_on: set[int] = set()  # rows the device inputs hold as running (_active 1)
         self.masks = DeviceMasks(n, self.use_graphs)  # grammar rows' masked argmax (`_finish`, the engine's prefill)
+        self.sampling = SamplingTable(n, device)  # each slot's draw (`_draw`; the engine sets a slot's row)
         self.ahead_used = self.ahead_wasted = 0  # steps launched ahead: taken, or discarded
 
     def __call__(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int]) -> torch.Tensor:
@@ -126,9 +100,12 @@ class DecodeStep:
         return logits.index_select(0, index).float()
 
     def greedy(self, slots: list[int], tokens: list[int], positions: list[int], lora_ids: list[int], *,
-               ahead: bool | list[bool], logprobs: int | None = None, matchers: list[tuple[int, object]] | None = None
-               ) -> list[int]:
-        """The same step for rows that all decode greedily -> each row's argmax token.
+               ahead: bool | list[bool], logprobs: int | None = None, matchers: list[tuple[int, object]] | None = None,
+               sampled: Collection[int] = ()) -> list[int]:
+        """The same step for rows that all take their token on the device -> each row's token:
+        its argmax, or for the `sampled` slots a draw (triton_sample, each slot with the
+        parameters and seed its row of `sampling` holds), made right after each step, so
+        the step after it is launched ahead as for greedy rows.
 
         matchers: (slot, grammar matcher) of the rows bound to a grammar (grammar.py): their
         token is the argmax of their logits masked by the tokens the matcher allows, which
@@ -167,19 +144,21 @@ class DecodeStep:
                 host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
         else:
             self.ahead_wasted += ahead_step is not None
-            host, done, lp_host = self._finish(*self._launch(slots, tokens, positions, lora_ids), matchers, logprobs)
+            outputs = self._launch(slots, tokens, positions, lora_ids)
+            self._draw(*outputs, [s for s in slots if s in sampled])
+            host, done, lp_host = self._finish(*outputs, matchers, logprobs)
         joining, self._joining = self._joining, None
         go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
         on = [i for i, g in enumerate(go) if g]
         if ahead is not False and (on or joining):  # the step just run left its tokens and positions + 1 in the inputs (_step)
             self._launch_ahead([slots[i] for i in on], [positions[i] + 1 for i in on], [lora_ids[i] for i in on],
-                               joining, logprobs, masked)
+                               joining, logprobs, masked, [slots[i] for i in on if slots[i] in sampled])
         if done is not None:
             done.synchronize()
         out = host.tolist()
         self.last_logprobs = lp_host
         if self._ahead is not None:
-            self._ahead.tokens = [out[slots[i]] for i in on] + (joining[4]() if joining else [])
+            self._ahead.tokens = [out[slots[i]] for i in on] + (joining.read() if joining else [])
         return [out[s] for s in slots]
 
     def first_tokens(self, argmax: torch.Tensor, table: torch.Tensor | None = None
@@ -196,7 +175,8 @@ class DecodeStep:
         return read
 
     def join(self, slots: list[int], tokens: torch.Tensor, positions: list[int], lora_ids: list[int],
-             read: Callable[[], list[int]], logprobs: int | None = None, bound: bool = False) -> None:
+             read: Callable[[], list[int]], logprobs: int | None = None, bound: bool = False,
+             sampled: Collection[int] = ()) -> None:
         """Rows prefilled in this engine step that decode greedily from the next one: the step
         `greedy` launches ahead next includes them (tokens: their first tokens as the prefill's
         device argmax, not read yet, `read` giving them as a list; positions: where those
@@ -204,8 +184,9 @@ class DecodeStep:
         the prefill. With no `greedy` call in this engine step, `launch_joined` launches it
         for them alone. logprobs: the most alternatives one of them asks for (that step makes them);
         bound: some of them are bound to a grammar (that step stops at its logits, as `greedy`'s
-        steps for such rows do)."""
-        self._joining = (list(slots), tokens, list(positions), list(lora_ids), read, logprobs, bound)
+        steps for such rows do); sampled: the slots of those that sample there."""
+        self._joining = JoiningRows(list(slots), tokens, list(positions), list(lora_ids), read, logprobs, bound,
+                                 tuple(sampled))
 
     def launch_joined(self) -> None:
         """The step ahead for the rows `join` named alone (an engine step with no decode rows)."""
@@ -214,10 +195,10 @@ class DecodeStep:
             return
         self.ahead_wasted += self._ahead is not None
         self._launch_ahead([], [], [], joining)
-        self._ahead.tokens = joining[4]()
+        self._ahead.tokens = joining.read()
 
-    def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: tuple | None,
-                      logprobs: int | None = None, masked: bool = False) -> None:
+    def _launch_ahead(self, slots: list[int], positions: list[int], lora_ids: list[int], joining: JoiningRows | None,
+                      logprobs: int | None = None, masked: bool = False, sampled: list[int] = ()) -> None:
         """Launch the next step for `slots`, whose inputs the step before left in place (its
         argmax, positions + 1), and the joining rows, whose inputs are put in first. Every
         other row the inputs hold as running (sequences at their last token, or finished)
@@ -225,9 +206,9 @@ class DecodeStep:
         that a new sequence may have been prefilled into since."""
         gone = sorted(self._rows_on.difference(slots))
         if joining is not None:
-            j_slots, j_tokens, j_positions, j_lora, _, j_logprobs, j_bound = joining
-            logprobs = max((k for k in (logprobs, j_logprobs) if k is not None), default=None)
-            masked = masked or j_bound
+            j_slots, j_positions, j_lora = joining.slots, joining.positions, joining.lora_ids
+            logprobs = max((k for k in (logprobs, joining.logprobs) if k is not None), default=None)
+            masked, sampled = masked or joining.bound, list(sampled) + list(joining.sampled)
             gone = [r for r in gone if r not in j_slots]
         if gone:
             index = torch.tensor(gone, dtype=torch.long).to(self.inputs.device, non_blocking=True)
@@ -244,19 +225,20 @@ class DecodeStep:
                 self._active[B:top].zero_()
             index = torch.tensor(j_slots, dtype=torch.long).to(self.inputs.device, non_blocking=True)
             rows = torch.tensor([j_positions, j_lora], dtype=torch.long).to(self.inputs.device, non_blocking=True)
-            self.inputs[0].index_copy_(0, index, j_tokens.to(torch.long))
+            self.inputs[0].index_copy_(0, index, joining.tokens.to(torch.long))
             self.inputs[1:].index_copy_(1, index, rows)
             self._active.index_fill_(0, index, 1)
         self._rows_on = set(slots)
         self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
         logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
+        self._draw(logits, argmax, sampled)
         gens = [self._gens[s] for s in slots]
         if masked:  # its grammar rows' tokens wait for their masks (`greedy`)
-            self._ahead = _Ahead(slots, lora_ids, positions, gens, None, None, outputs=(logits, argmax))
+            self._ahead = AheadStep(slots, lora_ids, positions, gens, None, None, outputs=(logits, argmax))
             return
         table = logprob_table(logits, argmax, logprobs) if logprobs is not None else None
-        self._ahead = _Ahead(slots, lora_ids, positions, gens, *self._to_host(argmax, table=table), logprobs)
+        self._ahead = AheadStep(slots, lora_ids, positions, gens, *self._to_host(argmax, table=table), logprobs)
 
     def release(self, slot: int) -> None:
         """A sequence left KV `slot`: the next one there is a new row to a step launched ahead."""
@@ -281,6 +263,13 @@ class DecodeStep:
         self._rows_on = set(slots)
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
+
+    def _draw(self, logits: torch.Tensor, argmax: torch.Tensor, slots: Collection[int]) -> None:
+        """The sampled rows' tokens of a step just run, written over its argmax and over the
+        next step's input tokens (keyed by the positions its tail moved on: where they go)."""
+        if slots:
+            index = self.masks.index(tuple(sorted(slots)), argmax.device)
+            sample_rows(logits, index, index, self.inputs[1], self.sampling, argmax, self.inputs[0])
 
     def _finish(self, logits: torch.Tensor, argmax: torch.Tensor, matchers: list[tuple[int, object]] | None,
                 logprobs: int | None) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:

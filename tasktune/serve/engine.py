@@ -16,14 +16,12 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
 
-from tasktune.errors import TasktuneError
 from tasktune.serve.adapter_pool import AdapterError, AdapterPool
 from tasktune.serve.branch_graphs import BranchStep
 from tasktune.serve.branch_scoring import InvalidBranches, check_branches
@@ -37,7 +35,9 @@ from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.prefill_graphs import PrefillStep
 from tasktune.serve.prompt_scoring import score_prompts
 from tasktune.serve.sampling import SamplingParams, TokenLogprob, logprob_table, make_generator, sample
+from tasktune.serve.requests import Completion, PromptTooLong, Request, completion_of  # noqa: F401 (the engine's API)
 from tasktune.serve.scheduler import Scheduler, Sequence
+from tasktune.serve.triton_sample import available as can_draw, sample_rows
 
 log = logging.getLogger(__name__)
 # Greedy decode steps launch the next step ahead for the rows that go on, with rows at their last
@@ -50,46 +50,14 @@ PREFILL_STEP = True
 # Greedy rows bound to a grammar decode on the device path, steps launched ahead, each mask
 # filled while the step runs (False: every such batch through the logits and `sample`, as in session 18)
 GRAMMAR_AHEAD = True
-
-
-class PromptTooLong(TasktuneError):
-    """The prompt leaves no room to generate within the engine's max_len (HTTP 400)."""
-
-
-@dataclass
-class Request:
-    prompt: str | list[int]  # text, or token ids
-    adapter: str | None = None  # None = the base model
-    params: SamplingParams = field(default_factory=SamplingParams)
-    stream: bool = False  # text and an update every token; otherwise text once, when finished
-    # continuations to score after the prompt, all in one prefill (branch_scoring.py; needs
-    # max_tokens 0): Completion.branch_logprobs
-    branches: list[list[int]] | None = None
-
-
-@dataclass
-class Completion:
-    request_id: str
-    text: str
-    token_ids: list[int]
-    finish_reason: str
-    prompt_tokens: int
-    error: str | None = None
-    logprobs: list[TokenLogprob] | None = None  # one per token of token_ids, if the request asked
-    prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token, if asked (the first None)
-    branch_logprobs: list[list[float]] | None = None  # one per token of each branch, if the request had branches
+# Rows sampled with temperature, top-p and min-p draw on the device right after each step (triton_sample),
+# steps launched ahead as for greedy rows (False: through the logits and `sample`, as up to session 18)
+DEVICE_SAMPLING = True
 
 
 def most(ks: list[int | None]) -> int | None:
     """The most alternatives any row asks for (None: no row asks for logprobs)."""
     return max((k for k in ks if k is not None), default=None)
-
-
-def completion_of(seq: Sequence) -> Completion:
-    return Completion(seq.request_id, seq.text, list(seq.output_ids), seq.finish_reason or "",
-                      len(seq.prompt_ids), seq.error,
-                      list(seq.logprobs) if seq.params.logprobs is not None else None, seq.prompt_logprobs,
-                      seq.branch_logprobs)
 
 
 class Engine:
@@ -110,6 +78,7 @@ class Engine:
         self.decode_step = DecodeStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs, compile=compile)
         self.prefill_step = PrefillStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
         self.branch_step = BranchStep(model, self.cache, pool.stacks, use_graphs=cuda_graphs)
+        self._can_draw = can_draw(self.device)
         self._lock = threading.Lock()  # guards the scheduler's queues
         self._step_lock = threading.Lock()
 
@@ -249,6 +218,9 @@ class Engine:
         (not appended yet). All greedy on raw logits: the argmax (and the log-probabilities
         asked for) stay on the device until read, and the rows that go on join the decode step
         launched ahead next (DecodeStep.join)."""
+        for s in seqs:  # (before any step that reads them)
+            if self._draws(s.params):
+                self.decode_step.sampling.set(s.kv_slot, s.params.temperature, s.params.top_p, s.params.min_p, s.params.seed)
         if any(s.params.prompt_logprobs is not None for s in seqs):
             logits = score_prompts(self.model, self.cache, self.pool.stacks, seqs, self.device)
         elif PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
@@ -258,9 +230,11 @@ class Engine:
             batch = make_batch([s.prompt_ids for s in seqs], [0] * len(seqs), [s.kv_slot for s in seqs],
                                [s.lora_id for s in seqs], self.device)
             logits = self.model(batch, self.cache, self.pool.stacks)
-        if not all(s.params.device_greedy or GRAMMAR_AHEAD and s.params.grammar_greedy for s in seqs):
+        if not all(self._on_device(s.params) for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
-                                 [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs])
+                                 [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs],
+                                 [(s.kv_slot, s.length) if self._draws(s.params) else None for s in seqs],
+                                 self.decode_step.sampling)
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         bound = tuple(i for i, s in enumerate(seqs) if s.matcher is not None)
@@ -268,6 +242,12 @@ class Engine:
             masks = self.decode_step.masks
             first.index_copy_(0, masks.index(bound, first.device),
                               masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first"))
+        drawn = tuple(i for i, s in enumerate(seqs) if s.params.device_sample)
+        if drawn:  # sampled rows draw their first token at the position it goes to
+            table, masks = self.decode_step.sampling, self.decode_step.masks
+            sample_rows(logits, masks.index(drawn, first.device), masks.index(tuple(seqs[i].kv_slot for i in drawn),
+                        first.device), masks.index(tuple(len(seqs[i].prompt_ids) for i in drawn), first.device), table,
+                        first)
         ks = [s.params.logprobs for s in seqs]
         k = most(ks)
         read = self.decode_step.first_tokens(first, logprob_table(logits, first, k) if k is not None else None)
@@ -279,7 +259,8 @@ class Engine:
                                   [len(s.prompt_ids) for s in picked], [s.lora_id for s in picked],
                                   lambda: [t for i, t in enumerate(read()[0]) if i in go_on],
                                   logprobs=most([s.params.logprobs for s in picked]),
-                                  bound=any(s.matcher is not None for s in picked))
+                                  bound=any(s.matcher is not None for s in picked),
+                                  sampled=[s.kv_slot for s in picked if s.params.device_sample])
 
         def result() -> list[tuple[int, TokenLogprob | None]]:
             tokens, rows = read()
@@ -290,7 +271,7 @@ class Engine:
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
                   [s.lora_id for s in seqs])
-        if all(s.params.device_greedy or GRAMMAR_AHEAD and s.params.grammar_greedy for s in seqs):
+        if all(self._on_device(s.params) for s in seqs):
             # the token is the argmax (of masked logits, for grammar rows): the GPU can run a step ahead
             ahead = [len(s.output_ids) + 1 < s.params.max_tokens and s.length + 1 < self.max_len for s in seqs]
             if not AHEAD_PER_ROW and not all(ahead):
@@ -298,17 +279,28 @@ class Engine:
             ks = [s.params.logprobs for s in seqs]
             k = most(ks)
             tokens = self.decode_step.greedy(*inputs, ahead=ahead, logprobs=k,
-                                             matchers=[(s.kv_slot, s.matcher) for s in seqs if s.matcher is not None])
+                                             matchers=[(s.kv_slot, s.matcher) for s in seqs if s.matcher is not None],
+                                             sampled={s.kv_slot for s in seqs if s.params.device_sample})
             rows = self.decode_step.last_logprobs.tolist() if k is not None else None
             for s, t, k in zip(seqs, tokens, ks):
                 self._append(s, t, None if k is None else TokenLogprob.from_row(t, rows[s.kv_slot], k))
         else:
             self._sample(seqs, self.decode_step(*inputs))
 
+    def _on_device(self, p: SamplingParams) -> bool:
+        """The row's token is made on the device after each step (an argmax, one under a
+        grammar's mask, or a draw), so the step after it can be launched before it is read."""
+        return p.device_greedy or GRAMMAR_AHEAD and p.grammar_greedy or self._draws(p)
+
+    def _draws(self, p: SamplingParams) -> bool:
+        """The row draws with triton_sample: on the device path, and on the logits path too."""
+        return DEVICE_SAMPLING and self._can_draw and p.device_sample
+
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                              [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids,
-                             [s.matcher for s in seqs])
+                             [s.matcher for s in seqs], [(s.kv_slot, s.length) if self._draws(s.params) else None
+                                                         for s in seqs], self.decode_step.sampling)
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from tasktune.serve.grammar import mask_rows
+from tasktune.serve.triton_sample import sample_rows
 from tasktune.serve.guided import constrain_rows
 
 # Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
@@ -112,6 +113,12 @@ class SamplingParams:
         head's argmax, steps launched ahead, log-probabilities copied back with the tokens)
         serves the row."""
         return self.greedy and not self.shapes_logits
+
+    @property
+    def device_sample(self) -> bool:
+        """Sampled with temperature, top-p and min-p only: the device-side draw
+        (triton_sample) serves the row; top-k, penalties, answers and grammars take the logits."""
+        return not self.greedy and not self.shapes_logits and self.top_k <= 0
 
     @property
     def grammar_greedy(self) -> bool:
@@ -279,12 +286,15 @@ def _finite(x: float) -> float:
 
 def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None],
            generated: list[list[int]] | None = None, prompts: list[list[int]] | None = None,
-           end_ids: Collection[int] = (), matchers: Sequence | None = None) -> tuple[list[int], list[TokenLogprob | None]]:
+           end_ids: Collection[int] = (), matchers: Sequence | None = None, draws: Sequence | None = None,
+           table=None) -> tuple[list[int], list[TokenLogprob | None]]:
     """logits: [B, V] float32 -> one token per row, and its log-probabilities where the
     row's request asked for them (else None). generated, prompts: each row's tokens so far
     and its prompt (the penalties read them); end_ids: the model's end tokens (min_tokens);
     matchers: each row's grammar matcher, if its request has a grammar (grammar.py; the
-    caller lets it accept the token)."""
+    caller lets it accept the token); draws: (KV slot, position) of each row that draws as the
+    device-side path does (triton_sample, with its slot's row of `table`), else None: a seeded
+    request then draws the same tokens in a batch on this path as on that one."""
     generated = generated if generated is not None else [[] for _ in params]
     prompts = prompts if prompts is not None else [[] for _ in params]
     shaped = {i: shape_logits(logits[i], p, generated[i], prompts[i], end_ids)
@@ -305,11 +315,17 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
                          [matchers[i] for i in bound])
         top = top.index_put((torch.tensor(bound, device=top.device),), rows.argmax(-1))
         shaped.update(zip(bound, rows))
-    drawn = [i for i, p in enumerate(params) if not p.greedy]
+    kernel = [i for i, d in enumerate(draws or ()) if d is not None]
+    drawn = [i for i, p in enumerate(params) if not p.greedy and i not in kernel]
     if drawn and BATCHED_SAMPLING:
         rows = torch.stack([shaped[i] if i in shaped else logits[i] for i in drawn])
         top = top.index_put((torch.tensor(drawn, device=top.device),),
                             draw(rows, [params[i] for i in drawn], [generators[i] for i in drawn]))
+    if kernel:
+        column = lambda values: torch.tensor(values, dtype=torch.long).to(logits.device)  # noqa: E731
+        top = top.clone()
+        sample_rows(logits, column(kernel), column([draws[i][0] for i in kernel]), column([draws[i][1] for i in kernel]),
+                    table, top)
     out = top.tolist()  # the one wait for the device here, greedy rows and all
     for i in drawn if not BATCHED_SAMPLING else ():  # (the per-row path: three waits a row)
         probs = sampling_probs(shaped.get(i, logits[i]), params[i])
