@@ -56,7 +56,8 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "guided_regex_logits_path": (True, kernels, every),  # ... each step through the logits (session 18)
              # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
-             "sampled_seeded": (True, kernels, every),  # ... request i with seed i: a generator a row
+             "sampled_seeded": (True, kernels, every),  # ... request i with seed i
+             "sampled_logits_path": (True, kernels, every),  # ... no seed, through the logits (as up to session 18)
              "sampled_per_row": (True, kernels, every)}  # ... no seed, one row at a time (as up to session 16)
     labels = requested.split(",") if requested else []
     table.update({label: (True, kernels, lora) for label in labels if label.startswith("bgmv_")})
@@ -79,6 +80,7 @@ def switch(engine, main: MainPath, label: str | None = None, graphs: bool = True
     triton_attention.default_splits = 4 if name == "attention_split4" else 0
     sampling.BATCHED_SAMPLING = name != "sampled_per_row"
     engine_module.GRAMMAR_AHEAD = name != "guided_regex_logits_path"
+    engine_module.DEVICE_SAMPLING = name not in ("sampled_logits_path", "sampled_per_row")
     engine.model.linear_kernel = main.linear_kernel and name != "unfused_linears"
     engine.pool.stacks.fused_linears = name.startswith("fused_lora")
     pdl, early, late, before_rms = main.switches

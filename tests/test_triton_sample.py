@@ -81,11 +81,16 @@ def test_a_decode_step_writes_the_next_input_tokens_by_slot():
     assert alone[4] == out[4]
 
 
+@pytest.mark.skipif(not triton_sample.available("cpu"), reason="CPU engines draw through Triton's interpreter (no GPU)")
 def test_sampled_requests_draw_on_the_device_path_whatever_their_batch(engine):
     """Sampled rows (temperature, top-p, min-p) draw right after each step and the step after
     it is launched ahead, none discarded. A seeded request's tokens (and log-probabilities)
     are the same alone, beside greedy rows and arrivals, and beside a row with a penalty,
     whose batch takes the logits path (where the same draw serves it); seeds differ, tokens do."""
+    check_sampled_requests(engine)
+
+
+def check_sampled_requests(engine):
     from tasktune.serve.engine import Request
     from tasktune.serve.sampling import SamplingParams
 
@@ -107,3 +112,14 @@ def test_sampled_requests_draw_on_the_device_path_whatever_their_batch(engine):
     seeds = {tuple(engine.generate([Request("play some jazz", "task-1", SamplingParams(
         max_tokens=10, temperature=1.2, seed=s, ignore_eos=True))])[0].token_ids) for s in range(4)}
     assert len(seeds) > 1
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_sampled_requests_on_the_gpu_beside_graph_decoding(tiny_llama, adapter_root):
+    """The same on a GPU (bf16, CUDA graphs, steps launched ahead)."""
+    from tasktune.serve.engine import Engine
+
+    eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
+                                 max_running=8, max_len=128, device="cuda", dtype=torch.bfloat16)
+    eng.pool.register_root()
+    check_sampled_requests(eng)

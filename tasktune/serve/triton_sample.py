@@ -34,7 +34,7 @@ from tasktune.lora.triton_ops import _pow2_at_least, available, triton
 
 __all__ = ["available", "SamplingTable", "sample_rows"]
 
-BLOCK = 2048  # logits a loop iteration reads
+BLOCK = 8192  # logits a loop iteration reads (8 warps: enough bytes in flight for one program a row)
 ROUNDS = 32  # top-p draws at most (then the argmax, always in the nucleus): each round keeps
 #              the nucleus and drops at least the drawn token
 
@@ -78,15 +78,16 @@ if triton is not None:
             acc = 0.0
             hit = 2147483647
             last = 0
-            for b in range(0, V, BLOCK_):  # inverse CDF over the candidates, in vocabulary order
+            b = 0
+            while (b < V) & (hit == 2147483647):  # inverse CDF over the candidates, in vocabulary order
                 s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
                 w = tl.exp(s)
                 ok = (s >= floor) & (w > low)
                 w = tl.where(ok, w, 0.0)
-                first = tl.min(tl.where(ok & (acc + tl.cumsum(w, axis=0) > target), b + offs, 2147483647), axis=0)
-                hit = tl.minimum(hit, first)
+                hit = tl.min(tl.where(ok & (acc + tl.cumsum(w, axis=0) > target), b + offs, 2147483647), axis=0)
                 last = tl.maximum(last, tl.max(tl.where(ok, b + offs, 0), axis=0))
                 acc += tl.sum(w, axis=0)
+                b += BLOCK_
             token = tl.where(hit < 2147483647, hit, last)  # (u * mass past the rounded sum: the last one)
             wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
             heavier = 0.0
@@ -137,4 +138,4 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
                                   next_tokens if next_tokens is not None else out, logits.shape[1],
                                   KEY_BY_SLOT=next_tokens is not None, NEXT=next_tokens is not None,
                                   BLOCK_=min(BLOCK, _pow2_at_least(logits.shape[1], 16)),
-                                  ROUNDS_=ROUNDS)
+                                  ROUNDS_=ROUNDS, num_warps=8)
