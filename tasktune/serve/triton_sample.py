@@ -116,11 +116,20 @@ class SamplingTable:
     def set(self, slot: int, temperature: float, top_p: float, min_p: float, seed: int | None) -> None:
         """The slot's new sequence draws with these (seed None: a random one). A write the
         device makes after the work already launched: a step launched ahead keeps the old row."""
-        seed = random.getrandbits(62) if seed is None else seed % (1 << 62)
+        seed = random.getrandbits(62) if seed is None else _mix(seed)
         # (a temperature below float32's range would divide by 0: the smallest one it holds acts the same)
         row = torch.tensor([max(temperature, 1e-30), top_p, min_p], dtype=torch.float32)
         self.params[slot].copy_(row, non_blocking=True)
         self.seeds[slot].fill_(seed)
+
+
+def _mix(seed: int) -> int:
+    """A user's seed (often 0, 1, 2, ...: `n` choices take seed + j) spread over 62 bits
+    (splitmix64), so related seeds key unrelated Philox streams."""
+    x = (seed + 0x9E3779B97F4A7C15) & (1 << 64) - 1
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & (1 << 64) - 1
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & (1 << 64) - 1
+    return (x ^ (x >> 31)) >> 2
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
