@@ -51,7 +51,9 @@ def test_guided_json_equals_a_masked_greedy_loop_over_hf_logits(engine, tiny_lla
 
 def test_sampled_rows_always_match_their_grammar(engine):
     """Sampled at temperature 1, beside unbound rows: every request that ends by itself ends on a
-    whole match of its own grammar (JSON schema, any JSON object, regex)."""
+    whole match of its own grammar (JSON schema, any JSON object, regex). Where the engine
+    draws on the device (the interpreter here, a GPU), no step launched ahead is discarded and
+    a seeded request's tokens are those it draws alone."""
     g = engine.grammars
     cases = [(g.json_schema(SCHEMA), lambda t: set(json.loads(t)) == {"intent", "people"}),
              (g.json_object(), lambda t: isinstance(json.loads(t), dict)),
@@ -62,7 +64,15 @@ def test_sampled_rows_always_match_their_grammar(engine):
             reqs.append(Request("is it raining", f"task-{seed}", SamplingParams(max_tokens=60, temperature=1.0,
                                                                                seed=seed, grammar=grammar)))
         reqs.append(Request("play some jazz", None, SamplingParams(max_tokens=8, temperature=1.0, seed=seed)))
+    step = engine.decode_step
+    wasted = step.ahead_wasted
     out = engine.generate(reqs)
+    if engine._can_draw:  # drawn on the device from the masked rows, steps launched ahead: none discarded,
+        assert step.ahead_wasted == wasted  # and a seeded request draws the same tokens alone
+        assert engine.generate([reqs[1]])[0].token_ids == out[1].token_ids
+    seeds = [Request("is it raining", "task-1", SamplingParams(max_tokens=20, temperature=1.0, seed=s,
+                                                               grammar=cases[1][0])) for s in range(4)]
+    assert len({tuple(c.token_ids) for c in engine.generate(seeds)}) > 1  # (drawn, not the argmax)
     ended = 0
     for i, c in enumerate(out):
         if i % 4 == 3 or c.finish_reason != "stop":

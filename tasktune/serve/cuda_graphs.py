@@ -133,26 +133,28 @@ class DecodeStep:
         gens = [self._gens[s] for s in slots]
         ahead_step, self._ahead = self._ahead, None
         masked = bool(matchers)
+        bound = {s for s, _ in matchers or ()}  # (their draws wait for their masks: `_finish`)
+        plain = [s for s in slots if s in sampled and s not in bound]
         deferred = ahead_step is not None and ahead_step.outputs is not None  # (its tokens wait for masks)
         if (ahead_step is not None and ahead_step.matches(slots, tokens, positions, lora_ids, gens)
                 and (deferred or not masked and (logprobs is None or (ahead_step.lp_k or 0) >= logprobs
                                                  and ahead_step.lp_host is not None))):
             self.ahead_used += 1
             if deferred:
-                host, done, lp_host = self._finish(*ahead_step.outputs, matchers, logprobs)
+                host, done, lp_host = self._finish(*ahead_step.outputs, matchers, logprobs, sampled)
             else:
                 host, done, lp_host = ahead_step.host, ahead_step.done, ahead_step.lp_host
         else:
             self.ahead_wasted += ahead_step is not None
             outputs = self._launch(slots, tokens, positions, lora_ids)
-            self._draw(*outputs, [s for s in slots if s in sampled])
-            host, done, lp_host = self._finish(*outputs, matchers, logprobs)
+            self._draw(*outputs, plain)
+            host, done, lp_host = self._finish(*outputs, matchers, logprobs, sampled)
         joining, self._joining = self._joining, None
         go = [ahead] * len(slots) if isinstance(ahead, bool) else list(ahead)
         on = [i for i, g in enumerate(go) if g]
         if ahead is not False and (on or joining):  # the step just run left its tokens and positions + 1 in the inputs (_step)
             self._launch_ahead([slots[i] for i in on], [positions[i] + 1 for i in on], [lora_ids[i] for i in on],
-                               joining, logprobs, masked, [slots[i] for i in on if slots[i] in sampled])
+                               joining, logprobs, masked, [slots[i] for i in on if slots[i] in plain])
         if done is not None:
             done.synchronize()
         out = host.tolist()
@@ -272,14 +274,18 @@ class DecodeStep:
             sample_rows(logits, index, index, self.inputs[1], self.sampling, argmax, self.inputs[0])
 
     def _finish(self, logits: torch.Tensor, argmax: torch.Tensor, matchers: list[tuple[int, object]] | None,
-                logprobs: int | None) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:
+                logprobs: int | None, sampled: Collection[int] = ()
+                ) -> tuple[torch.Tensor, torch.cuda.Event | None, torch.Tensor | None]:
         """A step's outputs -> its tokens (and logprob_table) on their way to the host
         (`_to_host`). Rows bound to a grammar take the argmax of their masked logits, written
         over the graph's argmax and over the next step's input tokens, so that a step
-        launched after this call feeds them; their log-probabilities stay the raw logits'."""
+        launched after this call feeds them (those in `sampled` draw from their masked row);
+        their log-probabilities stay the raw logits'."""
         if matchers:
             slots = tuple(s for s, _ in matchers)
-            chosen = self.masks.argmax(logits, slots, [m for _, m in matchers], "step")
+            which = tuple(i for i, s in enumerate(slots) if s in sampled)
+            draws = (which, tuple(slots[i] for i in which), self.inputs[1], True, self.sampling)
+            chosen = self.masks.argmax(logits, slots, [m for _, m in matchers], "step", draws)
             index = self.masks.index(slots, argmax.device)
             argmax.index_copy_(0, index, chosen)
             self.inputs[0].index_copy_(0, index, chosen)

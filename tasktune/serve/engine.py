@@ -233,16 +233,21 @@ class Engine:
         if not all(self._on_device(s.params) for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
                                  [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs],
-                                 [(s.kv_slot, s.length) if self._draws(s.params) else None for s in seqs],
+                                 [(s.kv_slot, s.length) if self._draws(s.params) and s.matcher is None else None
+                                  for s in seqs],
                                  self.decode_step.sampling)
             return lambda: list(zip(tokens, lps))
         first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
         bound = tuple(i for i, s in enumerate(seqs) if s.matcher is not None)
         if bound:  # rows bound to a grammar: the argmax over the tokens it allows first
             masks = self.decode_step.masks
+            which = tuple(j for j, i in enumerate(bound) if seqs[i].params.device_sample)  # ... or a draw from it
+            draws = (which, tuple(seqs[bound[j]].kv_slot for j in which),
+                     masks.index(tuple(len(seqs[bound[j]].prompt_ids) for j in which), first.device), False,
+                     self.decode_step.sampling)
             first.index_copy_(0, masks.index(bound, first.device),
-                              masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first"))
-        drawn = tuple(i for i, s in enumerate(seqs) if s.params.device_sample)
+                              masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first", draws))
+        drawn = tuple(i for i, s in enumerate(seqs) if s.params.device_sample and s.matcher is None)
         if drawn:  # sampled rows draw their first token at the position it goes to
             table, masks = self.decode_step.sampling, self.decode_step.masks
             sample_rows(logits, masks.index(drawn, first.device), masks.index(tuple(seqs[i].kv_slot for i in drawn),
@@ -260,7 +265,7 @@ class Engine:
                                   lambda: [t for i, t in enumerate(read()[0]) if i in go_on],
                                   logprobs=most([s.params.logprobs for s in picked]),
                                   bound=any(s.matcher is not None for s in picked),
-                                  sampled=[s.kv_slot for s in picked if s.params.device_sample])
+                                  sampled=[s.kv_slot for s in picked if s.params.device_sample and s.matcher is None])
 
         def result() -> list[tuple[int, TokenLogprob | None]]:
             tokens, rows = read()
@@ -293,14 +298,16 @@ class Engine:
         return p.device_greedy or GRAMMAR_AHEAD and p.grammar_greedy or self._draws(p)
 
     def _draws(self, p: SamplingParams) -> bool:
-        """The row draws with triton_sample: on the device path, and on the logits path too."""
-        return DEVICE_SAMPLING and self._can_draw and p.device_sample
+        """The row draws with triton_sample: on the device path, and on the logits path too
+        unless it has a grammar (`sample` masks those rows and draws them itself)."""
+        return DEVICE_SAMPLING and self._can_draw and p.device_sample and (p.grammar is None or GRAMMAR_AHEAD)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                              [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids,
-                             [s.matcher for s in seqs], [(s.kv_slot, s.length) if self._draws(s.params) else None
-                                                         for s in seqs], self.decode_step.sampling)
+                             [s.matcher for s in seqs], [(s.kv_slot, s.length) if self._draws(s.params)
+                                                         and s.matcher is None else None for s in seqs],
+                             self.decode_step.sampling)
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 

@@ -22,6 +22,8 @@ from typing import Any
 
 import torch
 
+from tasktune.serve.triton_sample import sample_rows
+
 try:
     import xgrammar as xgr
 except ImportError:  # an install without it: guided JSON / regex requests get a clear 400
@@ -133,14 +135,24 @@ class DeviceMasks:
         self._buffers: dict[str, torch.Tensor] = {}
         self._index: dict[tuple[int, ...], torch.Tensor] = {}
 
-    def argmax(self, logits: torch.Tensor, rows: tuple[int, ...], matchers: Sequence, use: str) -> torch.Tensor:
+    def argmax(self, logits: torch.Tensor, rows: tuple[int, ...], matchers: Sequence, use: str,
+               draws: tuple | None = None) -> torch.Tensor:
         """logits [B, V] -> the argmax of each of `rows` over the tokens its matcher allows
         next [len(rows)], on the device. The masks are filled before any device call, so
-        that they are filled while the step that makes the logits runs."""
+        that they are filled while the step that makes the logits runs. draws: (which of
+        `rows` sample, their KV slots, the positions their tokens go to (by slot, or in
+        order), whether by slot, the SamplingTable): those draw from their masked row
+        (triton_sample) instead."""
         if use not in self._buffers:
             self._buffers[use] = bitmask_buffer(self.rows, logits.shape[1], self.pinned)
         bitmask = fill_masks(matchers, logits.shape[1], self._buffers[use])
-        return apply_masks(logits.index_select(0, self.index(rows, logits.device)).float(), bitmask).argmax(dim=-1)
+        masked = apply_masks(logits.index_select(0, self.index(rows, logits.device)).float(), bitmask)
+        chosen = masked.argmax(dim=-1)
+        if draws is not None and draws[0]:
+            which, slots, keys, by_slot, table = draws
+            sample_rows(masked, self.index(which, logits.device), self.index(slots, logits.device), keys, table,
+                        chosen, keys_by_slot=by_slot)
+        return chosen
 
     def index(self, rows: tuple[int, ...], device: torch.device) -> torch.Tensor:
         """`rows` as a tensor on `device`, made once per set of rows."""

@@ -116,9 +116,9 @@ class SamplingParams:
 
     @property
     def device_sample(self) -> bool:
-        """Sampled with temperature, top-p and min-p only: the device-side draw
-        (triton_sample) serves the row; top-k, penalties, answers and grammars take the logits."""
-        return not self.greedy and not self.shapes_logits and self.top_k <= 0
+        """Sampled with temperature, top-p and min-p (and maybe a grammar): the device-side
+        draw (triton_sample) serves the row; top-k, penalties and answers take the logits."""
+        return not self.greedy and not self.penalizes and not self.choices and self.top_k <= 0
 
     @property
     def grammar_greedy(self) -> bool:

@@ -133,11 +133,13 @@ def _mix(seed: int) -> int:
 
 
 def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, keys: torch.Tensor,
-                table: SamplingTable, out: torch.Tensor, next_tokens: torch.Tensor | None = None) -> None:
+                table: SamplingTable, out: torch.Tensor, next_tokens: torch.Tensor | None = None,
+                keys_by_slot: bool | None = None) -> None:
     """Draw a token for each of `rows` of logits [R, V] (unit stride along V) into out[row]
     (int64, by logits row): row rows[i] of KV slot slots[i] draws with that slot's entry of
     `table`, keyed by keys[i] (the position the token goes to). next_tokens: a decode step's
-    input tokens by slot (also written); then keys is indexed by slot (its positions)."""
+    input tokens by slot (also written); then keys is indexed by slot (its positions), as
+    with keys_by_slot."""
     if logits.stride(1) != 1 or rows.shape != slots.shape:
         raise ValueError(f"sample_rows: logits {tuple(logits.shape)} strides {logits.stride()}, rows {tuple(rows.shape)}, "
                          f"slots {tuple(slots.shape)}")
@@ -145,6 +147,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
         return
     _sample_rows[(rows.numel(),)](logits, logits.stride(0), rows, slots, keys, table.params, table.seeds, out,
                                   next_tokens if next_tokens is not None else out, logits.shape[1],
-                                  KEY_BY_SLOT=next_tokens is not None, NEXT=next_tokens is not None,
+                                  KEY_BY_SLOT=next_tokens is not None if keys_by_slot is None else keys_by_slot,
+                                  NEXT=next_tokens is not None,
                                   BLOCK_=min(BLOCK, _pow2_at_least(logits.shape[1], 16)),
                                   ROUNDS_=ROUNDS, num_warps=8)
