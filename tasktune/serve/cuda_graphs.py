@@ -78,7 +78,7 @@ class DecodeStep:
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
         self._ahead: AheadStep | None = None  # the step launched ahead by `greedy`
-        self._joining: tuple | None = None  # rows prefilled this step that join it (`join`)
+        self._joining: JoiningRows | None = None  # rows prefilled this step that join it (`join`)
         self._first_host = torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs)  # `first_tokens`
         self._host = [torch.zeros(n, dtype=torch.long, pin_memory=self.use_graphs) for _ in range(2)]
         self._lp_hosts: dict[tuple[str, int], torch.Tensor] = {}  # pinned buffers for logprob_table, by (turn, k)
@@ -108,8 +108,9 @@ class DecodeStep:
         the step after it is launched ahead as for greedy rows.
 
         matchers: (slot, grammar matcher) of the rows bound to a grammar (grammar.py): their
-        token is the argmax of their logits masked by the tokens the matcher allows, which
-        `_finish` makes on the device between this step and the one launched ahead. A step
+        token is the argmax of their logits masked by the tokens the matcher allows (or, for
+        sampled ones, a draw from them), which `_finish` makes on the device between this
+        step and the one launched ahead. A step
         launched ahead for such rows stops at its logits: their masks are filled when the
         call that takes it comes (the matchers have accepted this step's tokens by then),
         while it runs, as vLLM overlaps structured outputs with the forward pass.
@@ -188,7 +189,7 @@ class DecodeStep:
         bound: some of them are bound to a grammar (that step stops at its logits, as `greedy`'s
         steps for such rows do); sampled: the slots of those that sample there."""
         self._joining = JoiningRows(list(slots), tokens, list(positions), list(lora_ids), read, logprobs, bound,
-                                 tuple(sampled))
+                                    tuple(sampled))
 
     def launch_joined(self) -> None:
         """The step ahead for the rows `join` named alone (an engine step with no decode rows)."""

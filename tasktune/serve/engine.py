@@ -47,8 +47,8 @@ AHEAD_PER_ROW = True
 # Prefills of prompts within the buckets run as CUDA graph replays of up to 8 prompts each
 # (prefill_graphs.PrefillStep; False: every prefill one eager ragged batch, as up to session 13)
 PREFILL_STEP = True
-# Greedy rows bound to a grammar decode on the device path, steps launched ahead, each mask
-# filled while the step runs (False: every such batch through the logits and `sample`, as in session 18)
+# Rows bound to a grammar decode on the device path, steps launched ahead, each mask filled
+# while the step runs (False: every such batch through the logits and `sample`, as in session 18)
 GRAMMAR_AHEAD = True
 # Rows sampled with temperature, top-p and min-p draw on the device right after each step (triton_sample),
 # steps launched ahead as for greedy rows (False: through the logits and `sample`, as up to session 18)
@@ -215,9 +215,9 @@ class Engine:
 
     def _prefill(self, seqs: list[Sequence]) -> Callable[[], list[tuple[int, TokenLogprob | None]]]:
         """Prefill the new sequences -> a function giving their first tokens and log-probabilities
-        (not appended yet). All greedy on raw logits: the argmax (and the log-probabilities
-        asked for) stay on the device until read, and the rows that go on join the decode step
-        launched ahead next (DecodeStep.join)."""
+        (not appended yet). Where every row takes its token on the device (`_on_device`), the
+        tokens (and the log-probabilities asked for) stay there until read, and the rows that
+        go on join the decode step launched ahead next (DecodeStep.join)."""
         for s in seqs:  # (before any step that reads them)
             if self._draws(s.params):
                 self.decode_step.sampling.set(s.kv_slot, s.params.temperature, s.params.top_p, s.params.min_p, s.params.seed)
@@ -233,26 +233,9 @@ class Engine:
         if not all(self._on_device(s.params) for s in seqs):
             tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs], None,
                                  [s.prompt_ids for s in seqs], self.eos_ids, [s.matcher for s in seqs],
-                                 [(s.kv_slot, s.length) if self._draws(s.params) and s.matcher is None else None
-                                  for s in seqs],
-                                 self.decode_step.sampling)
+                                 self._draw_keys(seqs), self.decode_step.sampling)
             return lambda: list(zip(tokens, lps))
-        first = logits.argmax(dim=-1)  # as `sample` takes a greedy row's token
-        bound = tuple(i for i, s in enumerate(seqs) if s.matcher is not None)
-        if bound:  # rows bound to a grammar: the argmax over the tokens it allows first
-            masks = self.decode_step.masks
-            which = tuple(j for j, i in enumerate(bound) if seqs[i].params.device_sample)  # ... or a draw from it
-            draws = (which, tuple(seqs[bound[j]].kv_slot for j in which),
-                     masks.index(tuple(len(seqs[bound[j]].prompt_ids) for j in which), first.device), False,
-                     self.decode_step.sampling)
-            first.index_copy_(0, masks.index(bound, first.device),
-                              masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first", draws))
-        drawn = tuple(i for i, s in enumerate(seqs) if s.params.device_sample and s.matcher is None)
-        if drawn:  # sampled rows draw their first token at the position it goes to
-            table, masks = self.decode_step.sampling, self.decode_step.masks
-            sample_rows(logits, masks.index(drawn, first.device), masks.index(tuple(seqs[i].kv_slot for i in drawn),
-                        first.device), masks.index(tuple(len(seqs[i].prompt_ids) for i in drawn), first.device), table,
-                        first)
+        first = self._first_tokens(logits, seqs)
         ks = [s.params.logprobs for s in seqs]
         k = most(ks)
         read = self.decode_step.first_tokens(first, logprob_table(logits, first, k) if k is not None else None)
@@ -272,6 +255,30 @@ class Engine:
             return [(t, None if k is None else TokenLogprob.from_row(t, rows[i], k))
                     for i, (t, k) in enumerate(zip(tokens, ks))]
         return result
+
+    def _first_tokens(self, logits: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
+        """A prefill's tokens on the device: the argmax, as `sample` takes a greedy row's; for
+        rows bound to a grammar over the tokens it allows first (sampled ones draw from those);
+        sampled rows draw theirs. Each draw is keyed by the position its token goes to."""
+        first = logits.argmax(dim=-1)
+        masks, table, dev = self.decode_step.masks, self.decode_step.sampling, first.device
+        bound = tuple(i for i, s in enumerate(seqs) if s.matcher is not None)
+        if bound:
+            which = tuple(j for j, i in enumerate(bound) if seqs[i].params.device_sample)
+            draws = (which, tuple(seqs[bound[j]].kv_slot for j in which),
+                     masks.index(tuple(len(seqs[bound[j]].prompt_ids) for j in which), dev), False, table)
+            first.index_copy_(0, masks.index(bound, dev),
+                              masks.argmax(logits, bound, [seqs[i].matcher for i in bound], "first", draws))
+        drawn = tuple(i for i, s in enumerate(seqs) if s.params.device_sample and s.matcher is None)
+        if drawn:
+            sample_rows(logits, masks.index(drawn, dev), masks.index(tuple(seqs[i].kv_slot for i in drawn), dev),
+                        masks.index(tuple(len(seqs[i].prompt_ids) for i in drawn), dev), table, first)
+        return first
+
+    def _draw_keys(self, seqs: list[Sequence]) -> list[tuple[int, int] | None]:
+        """`sample`'s draws: (KV slot, position of the token) of each row it draws as the device
+        path does (no grammar: `sample` masks and draws those itself), else None."""
+        return [(s.kv_slot, s.length) if self._draws(s.params) and s.matcher is None else None for s in seqs]
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
@@ -305,9 +312,7 @@ class Engine:
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:
         tokens, lps = sample(logits, [s.params for s in seqs], [s.generator for s in seqs],
                              [s.output_ids for s in seqs], [s.prompt_ids for s in seqs], self.eos_ids,
-                             [s.matcher for s in seqs], [(s.kv_slot, s.length) if self._draws(s.params)
-                                                         and s.matcher is None else None for s in seqs],
-                             self.decode_step.sampling)
+                             [s.matcher for s in seqs], self._draw_keys(seqs), self.decode_step.sampling)
         for s, t, lp in zip(seqs, tokens, lps):
             self._append(s, t, lp)
 
