@@ -119,13 +119,14 @@ def apply_masks(rows: torch.Tensor, bitmask: torch.Tensor) -> torch.Tensor:
 
 
 def bitmask_buffer(rows: int, vocab: int, pinned: bool) -> torch.Tensor:
-    """A host buffer for `mask_rows` of up to `rows` rows over `vocab` tokens."""
+    """A host buffer for `fill_masks` of up to `rows` rows over `vocab` tokens."""
     return torch.zeros(rows, -(-vocab // 32), dtype=torch.int32, pin_memory=pinned)
 
 
 class DeviceMasks:
-    """The masked argmax of rows bound to grammars on the device-side greedy path
-    (DecodeStep.greedy, the engine's prefill): each use its own pinned host bitmask buffer
+    """The tokens of rows bound to grammars on the device-side path (DecodeStep.greedy, the
+    engine's prefill): a masked argmax, or a draw from the masked rows. Each use has its own
+    pinned host bitmask buffer
     (a use refills it only after its last copy to the device is done: after the tokens of
     the step that copied it were read), and the rows' index kept on the device (a copy from
     pageable memory can wait for the running step)."""

@@ -1,8 +1,9 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
 Greedy rows take the argmax. Sampled rows use temperature, then top-k, min-p and nucleus
-(top-p) filtering (vLLM's order), and draw with their own `torch.Generator`, so a request with a seed
-produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
+(top-p) filtering (vLLM's order); rows without top-k draw on the device (triton_sample,
+keyed by seed and position), the others with their own `torch.Generator`, so a request
+with a seed produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
 (Hugging Face's and vLLM's, over prompt and output) and OpenAI's presence and frequency
 penalties (over the output); last, a row bound to answers (guided.py) or a grammar
