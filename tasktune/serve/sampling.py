@@ -1,7 +1,7 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
 Greedy rows take the argmax. Sampled rows use temperature, then top-k, min-p and nucleus
-(top-p) filtering (vLLM's order); rows without top-k draw on the device (triton_sample,
+(top-p) filtering (vLLM's order); where Triton runs, rows without top-k draw on the device (triton_sample,
 keyed by seed and position), the others with their own `torch.Generator`, so a request
 with a seed produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
