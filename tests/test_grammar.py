@@ -70,6 +70,8 @@ def test_sampled_rows_always_match_their_grammar(engine):
     if engine._can_draw:  # drawn on the device from the masked rows, steps launched ahead: none discarded,
         assert step.ahead_wasted == wasted  # and a seeded request draws the same tokens alone
         assert engine.generate([reqs[1]])[0].token_ids == out[1].token_ids
+        penalized = Request("play some jazz", None, SamplingParams(max_tokens=8, repetition_penalty=1.2))
+        assert engine.generate([penalized, reqs[1]])[1].token_ids == out[1].token_ids  # (the logits path)
     seeds = [Request("is it raining", "task-1", SamplingParams(max_tokens=20, temperature=1.0, seed=s,
                                                                grammar=cases[1][0])) for s in range(4)]
     assert len({tuple(c.token_ids) for c in engine.generate(seeds)}) > 1  # (drawn, not the argmax)

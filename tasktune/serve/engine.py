@@ -277,8 +277,8 @@ class Engine:
 
     def _draw_keys(self, seqs: list[Sequence]) -> list[tuple[int, int] | None]:
         """`sample`'s draws: (KV slot, position of the token) of each row it draws as the device
-        path does (no grammar: `sample` masks and draws those itself), else None."""
-        return [(s.kv_slot, s.length) if self._draws(s.params) and s.matcher is None else None for s in seqs]
+        path does (a grammar's row from its masked logits), else None."""
+        return [(s.kv_slot, s.length) if self._draws(s.params) else None for s in seqs]
 
     def _decode(self, seqs: list[Sequence]) -> None:
         inputs = ([s.kv_slot for s in seqs], [s.output_ids[-1] for s in seqs], [s.length - 1 for s in seqs],
@@ -305,8 +305,7 @@ class Engine:
         return p.device_greedy or GRAMMAR_AHEAD and p.grammar_greedy or self._draws(p)
 
     def _draws(self, p: SamplingParams) -> bool:
-        """The row draws with triton_sample: on the device path, and on the logits path too
-        unless it has a grammar (`sample` masks those rows and draws them itself)."""
+        """The row draws with triton_sample, on the device path and on the logits path alike."""
         return DEVICE_SAMPLING and self._can_draw and p.device_sample and (p.grammar is None or GRAMMAR_AHEAD)
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor) -> None:

@@ -322,11 +322,13 @@ def sample(logits: torch.Tensor, params: list[SamplingParams], generators: list[
         rows = torch.stack([shaped[i] if i in shaped else logits[i] for i in drawn])
         top = top.index_put((torch.tensor(drawn, device=top.device),),
                             draw(rows, [params[i] for i in drawn], [generators[i] for i in drawn]))
-    if kernel:
+    if kernel:  # from the rows as masked above (a grammar's), else the logits
         column = lambda values: torch.tensor(values, dtype=torch.long).to(logits.device)  # noqa: E731
-        top = top.clone()
-        sample_rows(logits, column(kernel), column([draws[i][0] for i in kernel]), column([draws[i][1] for i in kernel]),
-                    table, top)
+        rows = torch.stack([shaped[i] if i in shaped else logits[i] for i in kernel])
+        picked = torch.empty(len(kernel), dtype=torch.long, device=logits.device)
+        sample_rows(rows, column(range(len(kernel))), column([draws[i][0] for i in kernel]),
+                    column([draws[i][1] for i in kernel]), table, picked)
+        top = top.index_put((column(kernel),), picked)
     out = top.tolist()  # the one wait for the device here, greedy rows and all
     for i in drawn if not BATCHED_SAMPLING else ():  # (the per-row path: three waits a row)
         probs = sampling_probs(shaped.get(i, logits[i]), params[i])
