@@ -118,8 +118,9 @@ class SamplingTable:
         device makes after the work already launched: a step launched ahead keeps the old row."""
         seed = random.getrandbits(62) if seed is None else _mix(seed)
         # (a temperature below float32's range would divide by 0: the smallest one it holds acts the same)
-        row = torch.tensor([max(temperature, 1e-30), top_p, min_p], dtype=torch.float32)
-        self.params[slot].copy_(row, non_blocking=True)
+        # (fills, not a copy from host memory: that can wait for the step running ahead)
+        for j, value in enumerate((max(temperature, 1e-30), top_p, min_p)):
+            self.params[slot, j].fill_(value)
         self.seeds[slot].fill_(seed)
 
 
