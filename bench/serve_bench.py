@@ -304,7 +304,8 @@ def main() -> None:
             lp = int(label[8:] or 0) if label.startswith("logprobs") else None  # logprobs<k>: k alternatives
             answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
                        for name in names_} if label == "guided" else {}
-            temperature, seeded = (0.8 if label.startswith("sampled") else 0.0), label == "sampled_seeded"
+            temperature = 0.8 if label.startswith("sampled") or label.endswith("_sampled") else 0.0
+            seeded = label == "sampled_seeded"
             # guided_regex: every token of the bench's vocabulary is 't<id>', so this allows any
             # token but the end token ('t0') until new_tokens of them
             grammar = engine.grammars.regex(f"(t[0-9]+){{{new_tokens}}}") if label.startswith("guided_regex") else None

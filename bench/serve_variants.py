@@ -54,6 +54,7 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              # every request bound to a regex (xgrammar, serve/grammar.py) that any token but the end one continues
              "guided_regex": (True, kernels, every),
              "guided_regex_logits_path": (True, kernels, every),  # ... each step through the logits (session 18)
+             "guided_regex_sampled": (True, kernels, every),  # ... sampled as `sampled` is, masked rows drawn on the device
              # every request sampled (temperature 0.8, top-p 0.95, no seed): rows drawn together
              "sampled": (True, kernels, every),
              "sampled_seeded": (True, kernels, every),  # ... request i with seed i

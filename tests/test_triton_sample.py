@@ -28,10 +28,14 @@ def draws(logits: torch.Tensor, params: SamplingParams, n: int, key: int = 7, dt
     return out.cpu()
 
 
-@pytest.mark.parametrize("params", [SamplingParams(temperature=1.0), SamplingParams(temperature=0.7, top_p=0.8),
-                                    SamplingParams(temperature=1.3, top_p=0.9, min_p=0.1),
-                                    SamplingParams(temperature=1.0, min_p=0.3)], ids=["t", "t+top_p", "all", "min_p"])
-def test_draws_follow_the_filtered_distribution(params):
+@pytest.mark.parametrize("params, chunk, split_rounds", [
+    (SamplingParams(temperature=1.0), 4096, 2),
+    (SamplingParams(temperature=0.7, top_p=0.8), 16, 2),  # 3 chunks a row (the last one short)
+    (SamplingParams(temperature=1.3, top_p=0.9, min_p=0.1), 16, 1),  # the per-row loop checks min-p rows' first token
+    (SamplingParams(temperature=1.0, min_p=0.3), 8, 2)], ids=["t", "t+top_p", "all", "min_p"])
+def test_draws_follow_the_filtered_distribution(params, chunk, split_rounds, monkeypatch):
+    monkeypatch.setattr(triton_sample, "CHUNK", chunk)
+    monkeypatch.setattr(triton_sample, "SPLIT_ROUNDS", split_rounds)
     torch.manual_seed(0)
     logits = torch.randn(40) * 1.5
     logits[5] = float("-inf")  # a banned token is never drawn
@@ -57,7 +61,9 @@ def fit(counts: torch.Tensor, p: torch.Tensor) -> float:
     return float(chisquare(obs[keep].numpy(), exp[keep].numpy() * obs[keep].sum().item() / exp[keep].sum().item()).pvalue)
 
 
-def test_seed_and_key_decide_the_token_and_degenerate_rows_keep_the_argmax():
+@pytest.mark.parametrize("chunk", [4096, 64], ids=["one chunk", "5 chunks"])
+def test_seed_and_key_decide_the_token_and_degenerate_rows_keep_the_argmax(chunk, monkeypatch):
+    monkeypatch.setattr(triton_sample, "CHUNK", chunk)
     torch.manual_seed(1)
     logits = torch.randn(300)
     p = SamplingParams(temperature=1.0, top_p=0.95)

@@ -1,9 +1,9 @@
-"""Sampled decoding's draw (temperature, top-p, min-p) on the device, one Triton launch.
+"""Sampled decoding's draw (temperature, top-p, min-p) on the device, a few Triton launches.
 
 The logits path (`sampling.draw`) copies the step's logits out, filters them with ~20
 eager launches and sorts 4.9 M floats for top-p (32 rows of Qwen's 151,936), and the step
-after it waits for the host: a sampled step cost ~2.5x a greedy one on an H200. Here one
-program draws one row's token in a few passes over its logits, with no sort:
+after it waits for the host: a sampled step cost ~2.5x a greedy one on an H200. Here the
+draw reads each row's logits a few times, with no sort:
 
 - the row's maximum, then the total weight w_i = exp((x_i - max) / T) of the tokens min-p
   keeps (w_i >= min_p, the top token's weight being 1);
@@ -14,6 +14,15 @@ program draws one row's token in a few passes over its logits, with no sort:
   those heavier tokens (their total is that weight) and it draws again. Every round's set
   holds the nucleus, so an accepted token is distributed as the nucleus's renormalised
   weights, the distribution `sampling_probs` gives (up to ties at the nucleus's edge).
+
+Each pass is split over (row, chunk of CHUNK logits) programs, as triton_argmax is: one
+program a row used 32 of an H200's 132 SMs and took 136 us a step. A pass's programs write
+their chunk's sums and the row's last one to finish (a counter per row) combines them: the
+first pass gives the maximum and, without min-p, the total and round 0's token (the chunk
+its target falls in, then the token inside that chunk); each next pass weighs the tokens
+heavier than the drawn one, which both checks it and gives the next round's candidates by
+chunk. After SPLIT_ROUNDS checks, the rows still drawing (top-p rejects a token less than
+1 - top_p of the time) go on in one program a row.
 
 The uniform of (row, round) is Philox keyed by the request's seed at counter position *
 ROUNDS + round, where position is where the drawn token goes: a seeded request's tokens
@@ -30,77 +39,215 @@ import random
 
 import torch
 
-from tasktune.lora.triton_ops import _pow2_at_least, available, triton
+from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton
 
 __all__ = ["available", "SamplingTable", "sample_rows"]
 
-BLOCK = 8192  # logits a loop iteration reads (8 warps: enough bytes in flight for one program a row)
+CHUNK = 4096  # logits a program of the split passes reads (37 programs a row of Qwen's vocabulary)
+SPLIT_ROUNDS = 2  # top-p checks made by split passes; the per-row loop takes the rare rows left
+BLOCK = 8192  # logits a loop iteration of the per-row loop reads
 ROUNDS = 32  # top-p draws at most (then the argmax, always in the nucleus): each round keeps
 #              the nucleus and drops at least the drawn token
+MAX_ROWS = 1 << 16  # "last chunk" counters: one per row
+# a row's state between passes: float32 (max, total, low), int32 (argmax, token, done, round, has_token)
 
 if triton is not None:
     import triton.language as tl
 
+    BIG = tl.constexpr(2147483647)  # "no index"
+
     @triton.jit
-    def _sample_rows(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, out_ptr, tok_ptr, V,
-                     KEY_BY_SLOT: tl.constexpr, NEXT: tl.constexpr, BLOCK_: tl.constexpr, ROUNDS_: tl.constexpr):
+    def _params(par_ptr, slot):
+        """A slot's 1 / temperature, top-p and log min-p (-inf without min-p)."""
+        return 1.0 / tl.load(par_ptr + slot * 3), tl.load(par_ptr + slot * 3 + 1), tl.log(tl.load(par_ptr + slot * 3 + 2))
+
+    @triton.jit
+    def _uniform(seed, key, r, ROUNDS_: tl.constexpr):
+        return tl.sum(tl.rand(seed, tl.full((1,), 0, tl.int32) + (key * ROUNDS_ + r).to(tl.int32)), axis=0)
+
+    @triton.jit
+    def _degenerate(total):
+        return (total != total) | (total <= 0.0) | (total == float("inf"))
+
+    @triton.jit
+    def _draw_from_chunks(x, w, u, m, inv_t, floor, low, V, CHUNK_: tl.constexpr, C_PAD: tl.constexpr):
+        """Inverse CDF over the candidates (s >= floor, weight > low) in vocabulary order,
+        given each chunk's candidate weight w [C_PAD]: the chunk the target falls in, then
+        the token inside it (past the rounded sums: the chunk's last candidate)."""
+        parts = tl.arange(0, C_PAD)
+        target = u * tl.sum(w, axis=0)
+        c = tl.min(tl.where((tl.cumsum(w, axis=0) > target) & (w > 0.0), parts, C_PAD), axis=0)
+        c = tl.where(c < C_PAD, c, tl.maximum(tl.max(tl.where(w > 0.0, parts, 0), axis=0), 0))
+        before = tl.sum(tl.where(parts < c, w, 0.0), axis=0)
+        offs = c * CHUNK_ + tl.arange(0, CHUNK_)
+        s = (tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
+        wv = tl.exp(s)
+        ok = (s >= floor) & (wv > low)
+        wv = tl.where(ok, wv, 0.0)
+        hit = tl.min(tl.where(ok & (before + tl.cumsum(wv, axis=0) > target), offs, BIG), axis=0)
+        return tl.where(hit < BIG, hit, tl.maximum(tl.max(tl.where(ok, offs, 0), axis=0), 0))
+
+    @triton.jit
+    def _sample_first(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, pm_ptr, pi_ptr, pw_ptr,
+                      cnt_ptr, sf_ptr, si_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr,
+                      C: tl.constexpr, C_PAD: tl.constexpr, ROUNDS_: tl.constexpr):
+        """(row, chunk): the chunk's maximum, its first index and its weight relative to
+        it; the row's last chunk to finish takes the row's maximum and argmax and, without
+        min-p, its total and round 0's token."""
+        i = tl.program_id(0)
+        c = tl.program_id(1)
+        row = tl.load(row_ptr + i)
+        slot = tl.load(slot_ptr + i)
+        inv_t, top_p, floor = _params(par_ptr, slot)
+        x = x_ptr + row.to(tl.int64) * stride_x
+        offs = c * CHUNK_ + tl.arange(0, CHUNK_)
+        v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
+        v = tl.where(v != v, float("-inf"), v)  # NaNs never count
+        mc = tl.max(v, axis=0)
+        tl.store(pm_ptr + i * C + c, mc)
+        tl.store(pi_ptr + i * C + c, tl.min(tl.where(v == mc, offs, BIG), axis=0))
+        tl.store(pw_ptr + i * C + c, tl.sum(tl.where(v > float("-inf"), tl.exp((v - mc) * inv_t), 0.0), axis=0))
+        if tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel") == C - 1:
+            parts = tl.arange(0, C_PAD)
+            pm = tl.load(pm_ptr + i * C + parts, mask=parts < C, other=float("-inf"), cache_modifier=".cg")
+            pi = tl.load(pi_ptr + i * C + parts, mask=parts < C, other=BIG, cache_modifier=".cg")
+            pw = tl.load(pw_ptr + i * C + parts, mask=parts < C, other=0.0, cache_modifier=".cg")
+            m = tl.max(pm, axis=0)
+            best = tl.min(tl.where(pm == m, pi, BIG), axis=0)
+            w = tl.where(pm > float("-inf"), pw * tl.exp((pm - m) * inv_t), 0.0)
+            total = tl.sum(w, axis=0)
+            token = best
+            done = 0
+            has = 0
+            if floor == float("-inf"):  # no min-p: the weights are the candidates', draw now
+                has = 1
+                if _degenerate(total):
+                    done = 1
+                else:
+                    key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
+                    u = _uniform(tl.load(seed_ptr + slot), key, 0, ROUNDS_)
+                    token = _draw_from_chunks(x, w, u, m, inv_t, floor, 0.0, V, CHUNK_, C_PAD)
+                    done = (top_p >= 1.0).to(tl.int32)
+            tl.store(sf_ptr + i * 3, m)
+            tl.store(sf_ptr + i * 3 + 1, total)
+            tl.store(sf_ptr + i * 3 + 2, 0.0)
+            tl.store(si_ptr + i * 5, best)
+            tl.store(si_ptr + i * 5 + 1, token)
+            tl.store(si_ptr + i * 5 + 2, done)
+            tl.store(si_ptr + i * 5 + 3, 0)
+            tl.store(si_ptr + i * 5 + 4, has)
+            tl.store(cnt_ptr + i, 0)
+
+    @triton.jit
+    def _sample_round(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, pw_ptr, cnt_ptr, sf_ptr,
+                      si_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr, C: tl.constexpr,
+                      C_PAD: tl.constexpr, ROUNDS_: tl.constexpr):
+        """(row, chunk) of a row not done: the weight of its candidates heavier than the drawn
+        token (or, min-p rows without one yet, of all its candidates). The last chunk to
+        finish accepts the token (top-p: heavier ones weigh < top_p of the total) or draws
+        the next round's from the heavier ones, whose chunk weights it has."""
+        i = tl.program_id(0)
+        c = tl.program_id(1)
+        if tl.load(si_ptr + i * 5 + 2) == 0:
+            row = tl.load(row_ptr + i)
+            slot = tl.load(slot_ptr + i)
+            inv_t, top_p, floor = _params(par_ptr, slot)
+            x = x_ptr + row.to(tl.int64) * stride_x
+            m = tl.load(sf_ptr + i * 3)
+            token = tl.load(si_ptr + i * 5 + 1)
+            has = tl.load(si_ptr + i * 5 + 4)
+            wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
+            thr = tl.where(has != 0, wt, 0.0)
+            offs = c * CHUNK_ + tl.arange(0, CHUNK_)
+            s = (tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
+            w = tl.exp(s)
+            tl.store(pw_ptr + i * C + c, tl.sum(tl.where((s >= floor) & (w > thr), w, 0.0), axis=0))
+            if tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel") == C - 1:
+                parts = tl.arange(0, C_PAD)
+                pw = tl.load(pw_ptr + i * C + parts, mask=parts < C, other=0.0, cache_modifier=".cg")
+                heavier = tl.sum(pw, axis=0)
+                total = tl.load(sf_ptr + i * 3 + 1)
+                r = tl.load(si_ptr + i * 5 + 3)
+                done = 0
+                draw = 1
+                if has != 0:  # check the token, else draw again from the heavier ones
+                    if heavier < top_p * total:
+                        done = 1
+                        draw = 0
+                    else:
+                        r += 1
+                        if r >= ROUNDS_:
+                            done = 1
+                            draw = 0
+                            token = tl.load(si_ptr + i * 5)
+                else:  # min-p: the candidates' total, then round 0's draw
+                    total = heavier
+                    tl.store(sf_ptr + i * 3 + 1, total)
+                    if _degenerate(total):
+                        done = 1
+                        draw = 0
+                        token = tl.load(si_ptr + i * 5)
+                if draw != 0:
+                    key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
+                    u = _uniform(tl.load(seed_ptr + slot), key, r, ROUNDS_)
+                    token = _draw_from_chunks(x, pw, u, m, inv_t, floor, thr, V, CHUNK_, C_PAD)
+                    done = (top_p >= 1.0).to(tl.int32)
+                    tl.store(sf_ptr + i * 3 + 2, thr)
+                tl.store(si_ptr + i * 5 + 1, token)
+                tl.store(si_ptr + i * 5 + 2, done)
+                tl.store(si_ptr + i * 5 + 3, r)
+                tl.store(si_ptr + i * 5 + 4, 1)
+                tl.store(cnt_ptr + i, 0)
+
+    @triton.jit
+    def _sample_rest(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, sf_ptr, si_ptr, out_ptr,
+                     tok_ptr, V, KEY_BY_SLOT: tl.constexpr, NEXT: tl.constexpr, BLOCK_: tl.constexpr,
+                     ROUNDS_: tl.constexpr):
+        """One program a row: rows the split passes left undone go on checking and drawing
+        (each pass over the whole row); every row writes its token."""
         i = tl.program_id(0)
         row = tl.load(row_ptr + i)
         slot = tl.load(slot_ptr + i)
-        key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
-        inv_t = 1.0 / tl.load(par_ptr + slot * 3)
-        top_p = tl.load(par_ptr + slot * 3 + 1)
-        floor = tl.log(tl.load(par_ptr + slot * 3 + 2))  # log min_p: -inf without min-p
-        seed = tl.load(seed_ptr + slot)
-        x = x_ptr + row.to(tl.int64) * stride_x
-        offs = tl.arange(0, BLOCK_)
-        m = float("-inf")
-        best = 0
-        for b in range(0, V, BLOCK_):  # the maximum and its first index (NaNs never count)
-            v = tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32)
-            v = tl.where(v != v, float("-inf"), v)
-            bm = tl.max(v, axis=0)
-            bi = tl.min(tl.where(v == bm, b + offs, 2147483647), axis=0)
-            best = tl.where(bm > m, bi, best)
-            m = tl.maximum(m, bm)
-        total = 0.0
-        for b in range(0, V, BLOCK_):
-            s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
-            total += tl.sum(tl.where(s >= floor, tl.exp(s), 0.0), axis=0)
-        token = best
-        done = ((total != total) | (total <= 0.0) | (total == float("inf"))).to(tl.int32)  # degenerate: the argmax
-        low = 0.0  # candidates weigh more than this
-        mass = total  # ... and this much together
-        r = 0
-        while (done == 0) & (r < ROUNDS_):
-            u = tl.sum(tl.rand(seed, tl.full((1,), 0, tl.int32) + (key * ROUNDS_ + r).to(tl.int32)), axis=0)
-            target = u * mass
-            acc = 0.0
-            hit = 2147483647
-            last = 0
-            b = 0
-            while (b < V) & (hit == 2147483647):  # inverse CDF over the candidates, in vocabulary order
-                s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
-                w = tl.exp(s)
-                ok = (s >= floor) & (w > low)
-                w = tl.where(ok, w, 0.0)
-                hit = tl.min(tl.where(ok & (acc + tl.cumsum(w, axis=0) > target), b + offs, 2147483647), axis=0)
-                last = tl.maximum(last, tl.max(tl.where(ok, b + offs, 0), axis=0))
-                acc += tl.sum(w, axis=0)
-                b += BLOCK_
-            token = tl.where(hit < 2147483647, hit, last)  # (u * mass past the rounded sum: the last one)
-            wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
-            heavier = 0.0
-            if top_p < 1.0:
+        token = tl.load(si_ptr + i * 5 + 1)
+        done = tl.load(si_ptr + i * 5 + 2)
+        if done == 0:
+            inv_t, top_p, floor = _params(par_ptr, slot)
+            x = x_ptr + row.to(tl.int64) * stride_x
+            m = tl.load(sf_ptr + i * 3)
+            total = tl.load(sf_ptr + i * 3 + 1)
+            r = tl.load(si_ptr + i * 5 + 3)
+            key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
+            seed = tl.load(seed_ptr + slot)
+            offs = tl.arange(0, BLOCK_)
+            while (done == 0) & (r < ROUNDS_):
+                wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
+                heavier = 0.0
                 for b in range(0, V, BLOCK_):
                     s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
                     w = tl.exp(s)
                     heavier += tl.sum(tl.where((s >= floor) & (w > wt), w, 0.0), axis=0)
-            done = (heavier < top_p * total).to(tl.int32)
-            low = wt
-            mass = heavier
-            r += 1
-        token = tl.where(done != 0, token, best).to(tl.int64)
+                if heavier < top_p * total:
+                    done = 1
+                else:
+                    r += 1
+                    if r < ROUNDS_:  # inverse CDF over the heavier ones, in vocabulary order
+                        target = _uniform(seed, key, r, ROUNDS_) * heavier
+                        acc = 0.0
+                        hit = BIG
+                        last = 0
+                        b = 0
+                        while (b < V) & (hit == BIG):
+                            s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
+                            w = tl.exp(s)
+                            ok = (s >= floor) & (w > wt)
+                            w = tl.where(ok, w, 0.0)
+                            hit = tl.min(tl.where(ok & (acc + tl.cumsum(w, axis=0) > target), b + offs, BIG), axis=0)
+                            last = tl.maximum(last, tl.max(tl.where(ok, b + offs, 0), axis=0))
+                            acc += tl.sum(w, axis=0)
+                            b += BLOCK_
+                        token = tl.where(hit < BIG, hit, last)
+            token = tl.where(done != 0, token, tl.load(si_ptr + i * 5))
+        token = token.to(tl.int64)
         tl.store(out_ptr + row, token)
         if NEXT:
             tl.store(tok_ptr + slot, token)
@@ -144,11 +291,24 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
     if logits.stride(1) != 1 or rows.shape != slots.shape:
         raise ValueError(f"sample_rows: logits {tuple(logits.shape)} strides {logits.stride()}, rows {tuple(rows.shape)}, "
                          f"slots {tuple(slots.shape)}")
-    if rows.numel() == 0:
+    n, V = rows.numel(), logits.shape[1]
+    if n == 0:
         return
-    _sample_rows[(rows.numel(),)](logits, logits.stride(0), rows, slots, keys, table.params, table.seeds, out,
-                                  next_tokens if next_tokens is not None else out, logits.shape[1],
-                                  KEY_BY_SLOT=next_tokens is not None if keys_by_slot is None else keys_by_slot,
-                                  NEXT=next_tokens is not None,
-                                  BLOCK_=min(BLOCK, _pow2_at_least(logits.shape[1], 16)),
-                                  ROUNDS_=ROUNDS, num_warps=8)
+    if n > MAX_ROWS or SPLIT_ROUNDS < 1:
+        raise ValueError(f"sample_rows: {n} rows (at most {MAX_ROWS}), {SPLIT_ROUNDS} split rounds (at least 1)")
+    chunk = min(CHUNK, _pow2_at_least(V, 16))
+    C = triton.cdiv(V, chunk)
+    f32 = torch.empty(n * (2 * C + 3), dtype=torch.float32, device=logits.device)
+    i32 = torch.empty(n * (C + 5), dtype=torch.int32, device=logits.device)
+    pm, pw, sf = f32[:n * C], f32[n * C:2 * n * C], f32[2 * n * C:]
+    pi, si = i32[:n * C], i32[n * C:]
+    counters = counter_buffer("sample", logits.device, MAX_ROWS)
+    by_slot = next_tokens is not None if keys_by_slot is None else keys_by_slot
+    common = (logits, logits.stride(0), rows, slots, keys, table.params, table.seeds)
+    split = dict(KEY_BY_SLOT=by_slot, CHUNK_=chunk, C=C, C_PAD=_pow2_at_least(C, 2), ROUNDS_=ROUNDS, num_warps=4)
+    _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, **split)
+    for _ in range(SPLIT_ROUNDS):
+        _sample_round[(n, C)](*common, pw, counters, sf, si, V, **split)
+    _sample_rest[(n,)](*common, sf, si, out, next_tokens if next_tokens is not None else out, V,
+                       KEY_BY_SLOT=by_slot, NEXT=next_tokens is not None,
+                       BLOCK_=min(BLOCK, _pow2_at_least(V, 16)), ROUNDS_=ROUNDS, num_warps=8)
