@@ -266,6 +266,7 @@ def test_prompt_logprobs_equal_hf_log_softmax_at_every_prompt_position(engine, h
         ref = torch.log_softmax(logits(ids[:t], adapter), -1)
         lp = scored.prompt_logprobs[t]
         assert lp.token == ids[t] and lp.logprob == pytest.approx(ref[ids[t]].item(), abs=1e-4)
+        assert lp.rank == int((ref > ref[ids[t]]).sum()) + 1  # (no ties in these fp32 logits)
         assert [i for i, _ in lp.top] == ref.topk(2).indices.tolist()
         assert [v for _, v in lp.top] == pytest.approx(ref.topk(2).values.tolist(), abs=1e-4)
     # the request beside it in that prefill, and generation after scoring, are unchanged

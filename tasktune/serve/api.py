@@ -31,7 +31,7 @@ from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.grammar import GrammarError
 from tasktune.serve.guided import encode_answers
 from tasktune.serve.metrics import Metrics
-from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs
+from tasktune.serve.openai_logprobs import TokenTexts, chat_logprobs, completion_logprobs, prompt_logprobs, trimmed
 from tasktune.serve.openai_stream import choice_params, event_stream
 from tasktune.serve.sampling import SamplingParams
 from tasktune.serve.task_predictor import TaskPredictor, label_probabilities, registry_predictor
@@ -100,6 +100,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         max_tokens = 16 if max_tokens is None else max_tokens
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})")
+        if body.prompt_logprobs is not None and body.stream:
+            raise APIError(400, "prompt_logprobs cannot be streamed (as in vLLM); ask for it without stream")
         grammar = grammar_of(body)
         if (body.guided_choice or grammar is not None) and (body.min_tokens or body.ignore_eos):
             raise APIError(400, f"{'guided_choice' if body.guided_choice else 'a grammar'} cannot be combined with "
@@ -111,6 +113,10 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                               min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
                               ignore_eos=body.ignore_eos, prompt_logprobs=prompt_logprobs,
                               choices=encode_choices(body.guided_choice, "guided_choice"), grammar=grammar)
+
+    def prompt_entries(seq, k: int | None) -> s.PromptLogprobs | None:
+        """A finished sequence's prompt_logprobs in vLLM's shape, if the request asked (k)."""
+        return None if k is None else prompt_logprobs(seq.prompt_logprobs, text_of, k)
 
     def grammar_of(body: s._Sampling):
         """The compiled grammar of guided_json, guided_regex, guided_grammar or a JSON response_format (None:
@@ -199,7 +205,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         prompts = [body.prompt] if one else body.prompt
         n = body.n  # choice i * n + j is prompt i's j-th
         scored = body.logprobs if body.echo else None  # echo + logprobs: the prompt's tokens' entries too
-        params = choice_params(params_of(body, body.max_tokens, body.logprobs, scored), n)
+        asked = [k for k in (scored, body.prompt_logprobs) if k is not None]
+        params = choice_params(params_of(body, body.max_tokens, body.logprobs, max(asked, default=None)), n)
         handles = submit_all([Request(p, adapter, params[j], stream=body.stream) for p in prompts for j in range(n)])
         rid, created = f"cmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "text_completion", "created": created, "model": body.model}
@@ -212,7 +219,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             if body.logprobs is None:
                 return None
             if scored is not None and echoed_seq is not None:
-                return completion_logprobs(echoed_seq.prompt_logprobs + lps, text_of, body.logprobs > 0, offset,
+                return completion_logprobs(trimmed(echoed_seq.prompt_logprobs, body.logprobs) + lps, text_of,
+                                           body.logprobs > 0, offset,
                                            echoed_seq.prompt_ids + [lp.token for lp in lps])
             return completion_logprobs(lps, text_of, body.logprobs > 0, offset)
 
@@ -231,7 +239,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                        n)
         cs = await finish_all(handles, "/v1/completions", body.model, started)
         choices = [s.CompletionChoice(index=i, text=echoed(prompts[i // n]) + c.text if body.echo else c.text,
-                                      finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs, 0, seq))
+                                      finish_reason=c.finish_reason, logprobs=logprobs(c.logprobs, 0, seq),
+                                      prompt_logprobs=prompt_entries(seq, body.prompt_logprobs))
                    for i, (c, (seq, _)) in enumerate(zip(cs, handles))]
         return s.CompletionResponse(id=rid, created=created, model=body.model, choices=choices, usage=usage(cs, n))
 
@@ -242,7 +251,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             raise APIError(400, "top_logprobs needs logprobs: true")
         prompt = render_chat(engine.tokenizer, body.messages)
         params = choice_params(params_of(body, body.max_completion_tokens or body.max_tokens,
-                                         (body.top_logprobs or 0) if body.logprobs else None), body.n)
+                                         (body.top_logprobs or 0) if body.logprobs else None, body.prompt_logprobs),
+                               body.n)
         handles = submit_all([Request(prompt, adapter, p, stream=body.stream) for p in params])
         rid, created = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
         head = {"id": rid, "object": "chat.completion.chunk", "created": created, "model": body.model}
@@ -260,7 +270,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                                 logprobs=chat_logprobs(c.logprobs, text_of) if body.logprobs else None)
                    for i, c in enumerate(cs)]
         return s.ChatCompletionResponse(id=rid, created=created, model=body.model, choices=choices,
-                                        usage=usage(cs, body.n))
+                                        usage=usage(cs, body.n),
+                                        prompt_logprobs=prompt_entries(handles[0][0], body.prompt_logprobs))
 
     @app.get("/v1/models", response_model=s.ModelList, dependencies=auth)
     async def models():

@@ -1,4 +1,5 @@
-"""Generated tokens' log-probabilities in OpenAI's two response formats.
+"""Generated tokens' log-probabilities in OpenAI's two response formats, and a prompt's in
+vLLM's (`prompt_logprobs`).
 
 Completions use the legacy lists (tokens, token_logprobs, top_logprobs, text_offset; with
 `echo`, the prompt's tokens first, the first of them null: nothing precedes it);
@@ -8,6 +9,8 @@ replacement character, as in vLLM; its `bytes` are that text's.
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
 
 from tasktune.serve import schemas as s
 from tasktune.serve.sampling import TokenLogprob
@@ -61,3 +64,24 @@ def chat_logprobs(lps: list[TokenLogprob], text_of: TokenTexts) -> s.ChatLogprob
     return s.ChatLogprobs(content=[
         s.ChatTokenLogprob(**entry(lp.token, lp.logprob), top_logprobs=[s.TopLogprob(**entry(i, v)) for i, v in lp.top])
         for lp in lps])
+
+
+def prompt_logprobs(lps: list[TokenLogprob | None], text_of: TokenTexts, k: int) -> s.PromptLogprobs:
+    """vLLM's prompt_logprobs: per prompt token (the first None) a dict by token id of the
+    token's own entry (its rank counted over the vocabulary) and its k most likely
+    alternatives' (ranks 1..k; a token among them appears once)."""
+    out: s.PromptLogprobs = []
+    for lp in lps:
+        if lp is None:
+            out.append(None)
+            continue
+        entry = {lp.token: s.PromptLogprob(logprob=lp.logprob, rank=lp.rank, decoded_token=text_of(lp.token))}
+        for j, (i, v) in enumerate(lp.top[:k]):
+            entry.setdefault(i, s.PromptLogprob(logprob=v, rank=j + 1, decoded_token=text_of(i)))
+        out.append(entry)
+    return out
+
+
+def trimmed(lps: list[TokenLogprob | None], k: int) -> list[TokenLogprob | None]:
+    """Entries computed with more alternatives than a field asks for, cut to its k."""
+    return [lp if lp is None or len(lp.top) <= k else replace(lp, top=lp.top[:k]) for lp in lps]

@@ -30,9 +30,14 @@ def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: to
         k = s.params.prompt_logprobs
         if k is not None:  # position t's logits score token t + 1
             targets = torch.tensor(ids[1:], device=rows.device)
-            table = [row for lo in range(0, len(ids) - 1, SCORING_ROWS)
-                     for row in logprob_table(head(rows[start + lo:start + min(lo + SCORING_ROWS, len(ids) - 1)]),
-                                              targets[lo:lo + SCORING_ROWS], k).tolist()]
-            s.prompt_logprobs = [None] + [TokenLogprob.from_row(t, row, k) for t, row in zip(ids[1:], table)]
+            table, ranks = [], []
+            for lo in range(0, len(ids) - 1, SCORING_ROWS):
+                logits = head(rows[start + lo:start + min(lo + SCORING_ROWS, len(ids) - 1)]).float()
+                chunk = targets[lo:lo + SCORING_ROWS]
+                table += logprob_table(logits, chunk, k).tolist()
+                # rank as vLLM counts it: the tokens at least as likely as this one
+                ranks += (logits >= logits.gather(1, chunk.view(-1, 1))).sum(-1).tolist()
+            s.prompt_logprobs = [None] + [replace(TokenLogprob.from_row(t, row, k), rank=max(r, 1))
+                                          for t, row, r in zip(ids[1:], table, ranks)]
         start += len(ids)
     return head(rows.index_select(0, batch.last)).float()

@@ -137,6 +137,7 @@ class TokenLogprob:
     token: int
     logprob: float
     top: tuple[tuple[int, float], ...] = ()
+    rank: int | None = None  # the token's place in the vocabulary, most likely 1 (vLLM's; prompt tokens only)
 
     @classmethod
     def from_row(cls, token: int, row: list[float], k: int) -> "TokenLogprob":

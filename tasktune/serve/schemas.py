@@ -85,6 +85,8 @@ class _Sampling(_Body):
     guided_regex: Annotated[str, Field(min_length=1, max_length=4096)] | None = None
     guided_grammar: Annotated[str, Field(min_length=1, max_length=65536)] | None = None  # EBNF: root ::= ...
     response_format: ResponseFormat | None = None  # OpenAI's: text, json_object, json_schema
+    # vLLM's: each prompt token's log-probability and rank, and this many alternatives (not with stream)
+    prompt_logprobs: TopLogprobs | None = None
 
 
 class CompletionRequest(_Sampling):
@@ -144,11 +146,24 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]
 
 
+class PromptLogprob(BaseModel):
+    """vLLM's entry for a prompt token or an alternative to it."""
+
+    logprob: float
+    rank: int | None = None  # 1: the most likely token
+    decoded_token: str
+
+
+# one entry a prompt token (the first null: nothing precedes it), keyed by token id
+PromptLogprobs = list[dict[int, PromptLogprob] | None]
+
+
 class CompletionChoice(BaseModel):
     index: int
     text: str
     finish_reason: str | None
     logprobs: CompletionLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked
 
 
 class CompletionResponse(BaseModel):
@@ -193,6 +208,7 @@ class ChatCompletionResponse(BaseModel):
     model: str
     choices: list[ChatChoice]
     usage: Usage
+    prompt_logprobs: PromptLogprobs | None = None  # vLLM's, when asked: the templated prompt's tokens
 
 
 class ModelCard(BaseModel):
