@@ -5,9 +5,11 @@ session 18), on the serve bench's model.
 Work: one 64-token prompt through one r=16 adapter, 2 / 16 / 150 labels (yes/no; the old
 exact limit; CLINC150's intent count) of 2-6 random tokens and the end token, each
 label's total log-likelihood after the prompt. Both ways run in the same process on the same engine (bf16 on a GPU: the tree a
-CUDA graph replay, branch_graphs.py; prompt-only requests an eager prefill that keeps
-every position); medians of `--repeats` predictions after one untimed (which captures).
-The two ways' totals are compared (max abs difference) and must pick the same label.
+CUDA graph replay, branch_graphs.py; prompt-only requests a prefill that keeps every
+position, replayed from graphs since session 20); medians of `--repeats` predictions after
+one untimed (which captures). The two ways' totals are compared (max abs difference) and
+must pick the same label. Then prompt scoring itself: 1 / 8 / 32 requests of 256 random
+tokens with prompt_logprobs, through the prefill graphs against the eager prefill.
 
     PYTHONPATH=. python3 bench/predict_bench.py             # GPU: writes $OUT/ and bench/results/
     .venv/bin/python bench/predict_bench.py --smoke         # CPU: the tiny shapes
@@ -98,8 +100,15 @@ def main() -> None:
             result["cases"][str(count)] = {
                 "label_tokens": sum(map(len, labels)), "branches_ms": t_tree * 1e3, "per_label_requests_ms": t_each * 1e3,
                 "speedup": t_each / t_tree, "max_abs_diff_total_logprob": diff, "same_label": pick(s_tree) == pick(s_each)}
+        result["prompt_scoring"] = prompt_scoring(eng, names[0], config.vocab_size, rng, args.repeats,
+                                                  (1, 8, 32), 256 if not tiny else 40)
     results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
     write_json(result, "predict_bench.json", [args.out, results])
+    print(f"\nprompt scoring (prompt_logprobs, max_tokens 0) of {result['prompt_scoring']['prompt_tokens']}-token "
+          "prompts, ms a batch:")
+    print(f"{'requests':>9}{'graphs':>9}{'eager':>9}{'speedup':>9}{'max diff':>10}")
+    for n, c in result["prompt_scoring"]["cases"].items():
+        print(f"{n:>9}{c['graphs_ms']:>9.1f}{c['eager_ms']:>9.1f}{c['speedup']:>8.1f}x{c['max_abs_diff_logprob']:>10.3g}")
     print(f"\nlabels after a {args.prompt_len}-token prompt, {result['device']} (ms a prediction):")
     print(f"{'labels':>7}{'branches':>10}{'a request a label':>19}{'speedup':>9}{'max diff':>10}")
     for count, c in result["cases"].items():
@@ -107,6 +116,37 @@ def main() -> None:
               f"{c['max_abs_diff_total_logprob']:>10.3g}")
     if not all(c["same_label"] for c in result["cases"].values()):
         sys.exit("the two ways picked different labels")
+
+def prompt_scoring(eng, adapter: str, vocab: int, rng, repeats: int, counts, length: int) -> dict:
+    """Prompts scored whole (vLLM's prompt_logprobs, lm-evaluation-harness's echo): through
+    the prefill step's graphs (`PrefillStep.hidden`, the default) against the eager prefill
+    (engine.PREFILL_STEP off), the same requests in the same process."""
+    from tasktune.serve import engine as engine_module
+    from tasktune.serve.engine import Request
+    from tasktune.serve.sampling import SamplingParams
+
+    out = {"prompt_tokens": length, "cases": {}}
+    for n in counts:
+        reqs = [Request([rng.randrange(2, vocab) for _ in range(length)], adapter,
+                        SamplingParams(max_tokens=0, prompt_logprobs=1)) for _ in range(n)]
+        timed = {}
+        for label, on in (("graphs", True), ("eager", False)):
+            engine_module.PREFILL_STEP = on
+            try:
+                eng.generate(reqs)  # untimed: captures
+                times = []
+                for _ in range(repeats):
+                    t = time.perf_counter()
+                    cs = eng.generate(reqs)
+                    times.append(time.perf_counter() - t)
+            finally:
+                engine_module.PREFILL_STEP = True
+            timed[label] = (sorted(times)[len(times) // 2], [lp.logprob for c in cs for lp in c.prompt_logprobs[1:]])
+        (tg, lg), (te, le) = timed["graphs"], timed["eager"]
+        out["cases"][str(n)] = {"graphs_ms": tg * 1e3, "eager_ms": te * 1e3, "speedup": te / tg,
+                                "max_abs_diff_logprob": max(abs(a - b) for a, b in zip(lg, le))}
+    return out
+
 
 if __name__ == "__main__":
     main()

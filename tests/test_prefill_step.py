@@ -47,6 +47,24 @@ def test_padded_prefill_equals_ragged_prefill(engine, length, adapter):
             engine.pool.release(adapter)
 
 
+def test_padded_prefill_gives_every_rows_hidden_state_for_scoring(engine):
+    """PrefillStep.hidden (prompt scoring's path): each prompt's rows out of the last layer,
+    in the order given, equal to the ragged prefill's with head=False and no last rows."""
+    model, cache, stacks = engine.model, engine.cache, engine.pool.stacks
+    ids = [engine.pool.acquire("task-3"), -1]
+    prompts = [torch.randint(3, model.cfg.vocab_size, (n,), generator=torch.Generator().manual_seed(n)).tolist()
+               for n in (7, BUCKETS[0] + 5)]
+    try:
+        got = engine.prefill_step.hidden(prompts, [1, 2], ids)
+        for prompt, lora_id, rows in zip(prompts, ids, got):
+            batch = make_batch([prompt], [0], [3], [lora_id], engine.device)
+            want = model(replace(batch, last=None), cache, stacks, head=False)
+            assert rows.shape == (len(prompt), model.cfg.hidden_size)
+            torch.testing.assert_close(rows, want, rtol=1e-5, atol=1e-5)
+    finally:
+        engine.pool.release("task-3")
+
+
 def test_compiled_padded_prefill_equals_ragged_prefill(tiny_llama, adapter_root):
     """With a compiled decoder (compile_decode; aot_eager here) the padded prefill's blocks
     run through the compiled block too (decoder.COMPILE_PREFILL), to the same logits."""

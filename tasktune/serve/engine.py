@@ -222,7 +222,8 @@ class Engine:
             if self._draws(s.params):
                 self.decode_step.sampling.set(s.kv_slot, s.params.temperature, s.params.top_p, s.params.min_p, s.params.seed)
         if any(s.params.prompt_logprobs is not None for s in seqs):
-            logits = score_prompts(self.model, self.cache, self.pool.stacks, seqs, self.device)
+            logits = score_prompts(self.model, self.cache, self.pool.stacks, seqs, self.device,
+                                   self.prefill_step if PREFILL_STEP else None)
         elif PREFILL_STEP and self.prefill_step.takes([len(s.prompt_ids) for s in seqs]):  # graph replays
             logits = self.prefill_step([s.prompt_ids for s in seqs], [s.kv_slot for s in seqs],
                                        [s.lora_id for s in seqs])

@@ -21,6 +21,7 @@ layout the graphs capture.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 from typing import Callable
 
 import torch
@@ -55,6 +56,8 @@ class PrefillStep:
         self.rows = torch.zeros(3, rows, dtype=torch.long, device=device)  # tokens, adapter ids, slots
         self.seqs = torch.zeros(3, MAX_SEQS, dtype=torch.long, device=device)  # last rows, adapter ids, slots
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # ... the same steps giving every row's hidden state (prompt scoring), captured on first use
+        self.hidden_graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self._pool = None
         self.capture_s: dict[tuple[int, int, bool], float] = {}  # seconds each graph's capture took
 
@@ -62,6 +65,7 @@ class PrefillStep:
         """Drop every graph and their memory pool (the next use captures anew: after a
         change to what the step runs)."""
         self.graphs.clear()
+        self.hidden_graphs.clear()
         self._pool = None
 
     def bucket(self, n: int) -> int:
@@ -102,25 +106,40 @@ class PrefillStep:
         none) -> each one's last token's logits [len(prompts), vocab] float32 (copies: the
         next replay reuses the graph's output)."""
         parts, where = [], []
+        for group, out, _ in self._groups_run(prompts, slots, lora_ids, hidden=False):
+            parts.append(out)
+            where += group
+        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
+        return logits if where == sorted(where) else logits[torch.tensor(where).argsort().to(logits.device)]
+
+    def hidden(self, prompts: list[list[int]], slots: list[int], lora_ids: list[int]) -> list[torch.Tensor]:
+        """The same prefill -> every prompt's rows out of the last layer (before the final
+        norm), [len(prompts[i]), hidden] each: what prompt scoring runs the LM head over.
+        Its graphs are captured on first use (a scoring workload's shapes only)."""
+        rows: list[torch.Tensor | None] = [None] * len(prompts)
+        for group, out, T in self._groups_run(prompts, slots, lora_ids, hidden=True):
+            for j, i in enumerate(group):
+                rows[i] = out[j * T:j * T + len(prompts[i])]
+        return rows
+
+    def _groups_run(self, prompts, slots, lora_ids, hidden: bool):
+        """Each replay's (prompt indices, output, bucket)."""
         for group in self.groups([len(p) for p in prompts]):
             T = self.bucket(len(prompts[group[0]]))
             ids = [lora_ids[i] for i in group]
             self._stage([prompts[i] for i in group], [slots[i] for i in group], ids, T)
             use_lora = self.lora is not None and max(ids) >= 0
-            parts.append(self._run(len(group), T, use_lora, ids))
-            where += group
-        logits = torch.cat(parts) if len(parts) > 1 else parts[0]
-        return logits if where == sorted(where) else logits[torch.tensor(where).argsort().to(logits.device)]
+            yield group, self._run(len(group), T, use_lora, ids, hidden), T
 
-    def _run(self, n: int, T: int, use_lora: bool, ids: list[int]) -> torch.Tensor:
+    def _run(self, n: int, T: int, use_lora: bool, ids: list[int], hidden: bool = False) -> torch.Tensor:
         if not self.use_graphs:
-            return self._step(n, T, use_lora, self._plan(ids, T) if use_lora else None)
-        key = (n, T, use_lora)
-        if key not in self.graphs:
-            self.graphs[key] = self._capture(*key)
-        graph, logits = self.graphs[key]
+            return self._step(n, T, use_lora, self._plan(ids, T) if use_lora else None, hidden)
+        key, graphs = (n, T, use_lora), self.hidden_graphs if hidden else self.graphs
+        if key not in graphs:
+            graphs[key] = self._capture(*key, hidden=hidden)
+        graph, out = graphs[key]
         graph.replay()
-        return logits.clone()
+        return out.clone()
 
     def _plan(self, ids: list[int], T: int):
         """The torch LoRA path's segments (eager steps): each adapter's rows, from host ids."""
@@ -136,17 +155,20 @@ class PrefillStep:
         seqs = [[i * T + len(p) - 1 for i, p in enumerate(prompts)], lora_ids, slots]
         self.seqs[:, :n].copy_(torch.tensor(seqs, dtype=torch.long), non_blocking=True)
 
-    def _step(self, n: int, T: int, use_lora: bool, plan=None) -> torch.Tensor:
+    def _step(self, n: int, T: int, use_lora: bool, plan=None, hidden: bool = False) -> torch.Tensor:
         r, s = self.rows[:, :n * T], self.seqs[:, :n]
         batch = prefill_batch(r[0], r[1], r[2], s[0], s[1], s[2], use_lora, plan, bgmv=self.bgmv)
+        if hidden:  # every row, no head
+            return self.model(replace(batch, last=None), self.cache, self.lora, head=False)
         return self.model(batch, self.cache, self.lora)
 
-    def _capture(self, n: int, T: int, use_lora: bool):
-        t0 = time.perf_counter()
-        graph, logits = capture(lambda: self._step(n, T, use_lora), self._pool)  # (warm-ups write only staged slots)
+    def _capture(self, n: int, T: int, use_lora: bool, hidden: bool = False):
+        t0 = time.perf_counter()  # (warm-ups write only staged slots)
+        graph, out = capture(lambda: self._step(n, T, use_lora, hidden=hidden), self._pool)
         self._pool = graph.pool()
-        self.capture_s[(n, T, use_lora)] = time.perf_counter() - t0
-        return graph, logits
+        if not hidden:
+            self.capture_s[(n, T, use_lora)] = time.perf_counter() - t0
+        return graph, out
 
     def shapes(self) -> list[tuple[int, int, bool]]:
         """Every (sequences, bucket, with adapters) shape a replay takes (none on the CPU)."""
