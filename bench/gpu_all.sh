@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Every GPU benchmark in one device call (device time is scarce): the serving bench (and
-# with STEPS naming them: the Triton kernel tests on the GPU, compiled kernel stats, Nsight Compute on two fused linears, the LoRA kernel bench, the fused LM head + argmax bench, the sampled draw bench, the fused decode linear bench, the
+# with STEPS naming them: the Triton kernel tests on the GPU, compiled kernel stats, Nsight Compute on two fused linears, the LoRA kernel bench, the fused LM head + argmax bench, the sampled draw bench, the label and prompt scoring bench, the fused decode linear bench, the
 # chained decode layers bench, the decode step without torch.compile), the training bench with compiled, CUDA-graphed
 # blocks, and on 2+ GPUs the DDP check. Each step has its own
 # time limit (seconds, from the environment) and writes its JSON and log under $OUT/<step>;
@@ -41,6 +41,7 @@ want attention && step attention "${ATTENTION_S:-200}" python3 bench/decode_atte
 want layers && step layers "${LAYERS_S:-150}" python3 bench/decode_layers_bench.py --out "$OUT/layers"
 want lm_head && step lm_head "${LM_HEAD_S:-240}" python3 bench/lm_head_bench.py --out "$OUT/lm_head"
 want sample && step sample "${SAMPLE_S:-120}" python3 bench/sample_bench.py --out "$OUT/sample"
+want predict && step predict "${PREDICT_S:-240}" python3 bench/predict_bench.py --out "$OUT/predict"
 want lora && step lora "${LORA_S:-120}" python3 bench/lora_kernel_bench.py --out "$OUT/lora/lora_kernel_bench.json"
 want serve && step serve "${SERVE_S:-300}" python3 bench/serve_bench.py ${SERVE_ARGS:-} --out "$OUT/serve"
 want serve_eager && step serve_eager "${SERVE_EAGER_S:-300}" \
