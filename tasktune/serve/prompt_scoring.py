@@ -24,7 +24,8 @@ def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: to
     `prompt_logprobs` of those that ask. Through `prefill_step`'s graphs where it takes the
     prompts (on a GPU: one replay for up to 8 of them, where the eager prefill is ~40
     launches a layer), else eagerly. The LM head runs over SCORING_ROWS positions at a
-    time, so a long prompt never holds all its logits at once."""
+    time (of all the prompts together), so a long prompt never holds all its logits at once;
+    the tables come back in one copy."""
     prompts = [s.prompt_ids for s in seqs]
     if prefill_step is not None and prefill_step.takes([len(p) for p in prompts]):
         hidden = prefill_step.hidden(prompts, [s.kv_slot for s in seqs], [s.lora_id for s in seqs])
@@ -34,17 +35,22 @@ def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: to
         ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
         hidden = [rows[end - len(p):end] for p, end in zip(prompts, ends)]
     head = lambda r: model.lm_head(model.model.norm(r))  # noqa: E731
-    for s, ids, h in zip(seqs, prompts, hidden):
-        k = s.params.prompt_logprobs
-        if k is not None:  # position t's logits score token t + 1
-            targets = torch.tensor(ids[1:], device=h.device)
-            table, ranks = [], []
-            for lo in range(0, len(ids) - 1, SCORING_ROWS):
-                logits = head(h[lo:min(lo + SCORING_ROWS, len(ids) - 1)]).float()
-                chunk = targets[lo:lo + SCORING_ROWS]
-                table += logprob_table(logits, chunk, k).tolist()
-                # rank as vLLM counts it: the tokens at least as likely as this one
-                ranks += (logits >= logits.gather(1, chunk.view(-1, 1))).sum(-1).tolist()
-            s.prompt_logprobs = [None] + [replace(TokenLogprob.from_row(t, row, k), rank=max(r, 1))
-                                          for t, row, r in zip(ids[1:], table, ranks)]
+    scored = [(s, ids, h) for s, ids, h in zip(seqs, prompts, hidden) if s.params.prompt_logprobs is not None]
+    if scored:  # position t's logits score token t + 1; every prompt's positions together, one read back
+        k = max(s.params.prompt_logprobs for s, _, _ in scored)
+        scoring = torch.cat([h[:len(ids) - 1] for _, ids, h in scored])
+        targets = torch.tensor([t for _, ids, _ in scored for t in ids[1:]], dtype=torch.long, device=scoring.device)
+        parts = []
+        for lo in range(0, len(scoring), SCORING_ROWS):
+            logits = head(scoring[lo:lo + SCORING_ROWS]).float()
+            chunk = targets[lo:lo + SCORING_ROWS]
+            # rank as vLLM counts it: the tokens at least as likely as this one
+            rank = (logits >= logits.gather(1, chunk.view(-1, 1))).sum(-1, keepdim=True).float()
+            parts.append(torch.cat([logprob_table(logits, chunk, k), rank], 1))
+        table = torch.cat(parts).tolist() if parts else []
+        at = 0
+        for s, ids, _ in scored:
+            mine, at = table[at:at + len(ids) - 1], at + len(ids) - 1
+            s.prompt_logprobs = [None] + [replace(TokenLogprob.from_row(t, row[:-1], s.params.prompt_logprobs),
+                                                  rank=max(int(row[-1]), 1)) for t, row in zip(ids[1:], mine)]
     return head(torch.stack([h[-1] for h in hidden])).float()
