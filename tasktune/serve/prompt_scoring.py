@@ -51,6 +51,7 @@ def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: to
         at = 0
         for s, ids, _ in scored:
             mine, at = table[at:at + len(ids) - 1], at + len(ids) - 1
-            s.prompt_logprobs = [None] + [replace(TokenLogprob.from_row(t, row[:-1], s.params.prompt_logprobs),
-                                                  rank=max(int(row[-1]), 1)) for t, row in zip(ids[1:], mine)]
+            # (from_row reads the table's k from the row's length, which the rank column does not change)
+            s.prompt_logprobs = [None] + [TokenLogprob.from_row(t, row, s.params.prompt_logprobs, max(int(row[-1]), 1))
+                                          for t, row in zip(ids[1:], mine)]
     return head(torch.stack([h[-1] for h in hidden])).float()
