@@ -5,6 +5,7 @@ need."""
 from __future__ import annotations
 
 from dataclasses import replace
+from itertools import accumulate
 
 import torch
 
@@ -32,8 +33,7 @@ def score_prompts(model: Decoder, cache: KVCache, stacks, seqs: list, device: to
     else:
         batch = make_batch(prompts, [0] * len(seqs), [s.kv_slot for s in seqs], [s.lora_id for s in seqs], device)
         rows = model(replace(batch, last=None), cache, stacks, head=False)  # [N, hidden]
-        ends = torch.tensor([len(p) for p in prompts]).cumsum(0).tolist()
-        hidden = [rows[end - len(p):end] for p, end in zip(prompts, ends)]
+        hidden = [rows[end - len(p):end] for p, end in zip(prompts, accumulate(len(p) for p in prompts))]
     head = lambda r: model.lm_head(model.model.norm(r))  # noqa: E731
     scored = [(s, ids, h) for s, ids, h in zip(seqs, prompts, hidden) if s.params.prompt_logprobs is not None]
     if scored:  # position t's logits score token t + 1; every prompt's positions together, one read back
