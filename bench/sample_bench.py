@@ -6,7 +6,7 @@ argmax (triton_argmax, the floor: one read of the logits).
 Work: 32 rows of Qwen2.5-0.5B's vocabulary (151,936 bf16 logits, randn * SCALE, so that a
 few hundred tokens hold most of the mass as in a trained LM), temperature 0.8 with top-p
 0.95 (the serve bench's sampled variant), top-p 0.5 (more rejection rounds), min-p 0.05,
-and plain temperature. Each timing is the median replay of a CUDA graph holding 8 calls,
+top-k 50 (Hugging Face's default) and plain temperature. Each timing is the median replay of a CUDA graph holding 8 calls,
 divided by 8 (torch's draw, which copies host inputs, runs eagerly, 8 calls a sync). Each
 case also reports how often its draws take more than the first round (the top-p
 rejections), from the tokens drawn over 512 positions.
@@ -31,8 +31,8 @@ from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, 
 
 CALLS = 8  # calls a graph
 SCALE = 3.0  # logit spread
-CASES = {"t0.8_top_p0.95": (0.8, 0.95, 0.0), "t1_top_p0.5": (1.0, 0.5, 0.0), "t1_min_p0.05": (1.0, 1.0, 0.05),
-         "t1": (1.0, 1.0, 0.0)}
+CASES = {"t0.8_top_p0.95": (0.8, 0.95, 0.0, 0), "t1_top_p0.5": (1.0, 0.5, 0.0, 0), "t1_min_p0.05": (1.0, 1.0, 0.05, 0),
+         "t1_top_k50": (1.0, 1.0, 0.0, 50), "t1": (1.0, 1.0, 0.0, 0)}
 
 
 def main() -> None:
@@ -53,11 +53,11 @@ def main() -> None:
                          "replays": replays, "chunk": triton_sample.CHUNK, "split_rounds": triton_sample.SPLIT_ROUNDS},
               "copy_bandwidth": copy_bandwidth(device, (1 << 30) if device.type == "cuda" else (1 << 20)),
               "argmax_us": argmax_s * 1e6, "cases": {}}
-    for name, (t, top_p, min_p) in CASES.items():
+    for name, (t, top_p, min_p, top_k) in CASES.items():
         table = triton_sample.SamplingTable(M, device)
         for s in range(M):
-            table.set(s, t, top_p, min_p, s)
-        params = [SamplingParams(temperature=t, top_p=top_p, min_p=min_p)] * M
+            table.set(s, t, top_p, min_p, s, top_k)
+        params = [SamplingParams(temperature=t, top_p=top_p, min_p=min_p, top_k=top_k)] * M
         device_s = timed_graph(lambda: [triton_sample.sample_rows(logits, rows, rows, keys, table, out)
                                         for _ in range(CALLS)], device, replays) / CALLS
         torch_s = _timed(lambda: draw(logits.float(), params, [None] * M), device, replays)  # (host inputs: no graph)
@@ -67,7 +67,7 @@ def main() -> None:
             triton_sample.sample_rows(logits, rows, rows, keys + k, table, out)
             first = _first_round(logits, rows, keys + k, table, out.clone())
             late += int((first != out).sum())
-        result["cases"][name] = {"temperature": t, "top_p": top_p, "min_p": min_p, "device_us": device_s * 1e6,
+        result["cases"][name] = {"temperature": t, "top_p": top_p, "min_p": min_p, "top_k": top_k, "device_us": device_s * 1e6,
                                  "torch_us": torch_s * 1e6, "speedup_vs_torch": torch_s / device_s,
                                  "x_argmax": device_s / argmax_s, "draws_past_round_0": late / (positions * M)}
     results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
@@ -95,12 +95,13 @@ def _timed(fn, device, replays: int) -> float:
 
 
 def _first_round(logits, rows, keys, table, out):
-    """The tokens of round 0 alone (top-p 1: the first draw is kept; min-p's rows keep it)."""
+    """The tokens of round 0 alone (top-p 1, no top-k: the first draw is kept; min-p's rows keep it)."""
     from tasktune.serve import triton_sample
 
     plain = triton_sample.SamplingTable(len(rows), logits.device)
     plain.params.copy_(table.params)
     plain.params[:, 1] = 1.0
+    plain.params[:, 3] = 0.0
     plain.seeds.copy_(table.seeds)
     triton_sample.sample_rows(logits, rows, rows, keys, plain, out)
     return out

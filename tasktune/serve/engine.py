@@ -220,7 +220,8 @@ class Engine:
         go on join the decode step launched ahead next (DecodeStep.join)."""
         for s in seqs:  # (before any step that reads them)
             if self._draws(s.params):
-                self.decode_step.sampling.set(s.kv_slot, s.params.temperature, s.params.top_p, s.params.min_p, s.params.seed)
+                p = s.params
+                self.decode_step.sampling.set(s.kv_slot, p.temperature, p.top_p, p.min_p, p.seed, p.top_k)
         if any(s.params.prompt_logprobs is not None for s in seqs):
             logits = score_prompts(self.model, self.cache, self.pool.stacks, seqs, self.device,
                                    self.prefill_step if PREFILL_STEP else None)

@@ -1,7 +1,7 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
 Greedy rows take the argmax. Sampled rows use temperature, then top-k, min-p and nucleus
-(top-p) filtering (vLLM's order); where Triton runs, rows without top-k draw on the device (triton_sample,
+(top-p) filtering (vLLM's order); where Triton runs, rows that do not ask for both top-k and top-p draw on the device (triton_sample,
 keyed by seed and position), the others with their own `torch.Generator`, so a request
 with a seed produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
@@ -117,9 +117,10 @@ class SamplingParams:
 
     @property
     def device_sample(self) -> bool:
-        """Sampled with temperature, top-p and min-p (and maybe a grammar): the device-side
-        draw (triton_sample) serves the row; top-k, penalties and answers take the logits."""
-        return not self.greedy and not self.penalizes and not self.choices and self.top_k <= 0
+        """Sampled with temperature, min-p and top-p or top-k (and maybe a grammar): the
+        device-side draw (triton_sample) serves the row; top-k with top-p (top-p over what
+        top-k kept), penalties and answers take the logits."""
+        return not self.greedy and not self.penalizes and not self.choices and (self.top_k <= 0 or self.top_p >= 1)
 
     @property
     def grammar_greedy(self) -> bool:

@@ -1,4 +1,4 @@
-"""Sampled decoding's draw (temperature, top-p, min-p) on the device, a few Triton launches.
+"""Sampled decoding's draw (temperature, top-p or top-k, min-p) on the device, a few Triton launches.
 
 The logits path (`sampling.draw`) copies the step's logits out, filters them with ~20
 eager launches and sorts 4.9 M floats for top-p (32 rows of Qwen's 151,936), and the step
@@ -13,7 +13,10 @@ draw reads each row's logits a few times, with no sort:
   strictly heavier than it weigh less than top_p of the total; else the candidates become
   those heavier tokens (their total is that weight) and it draws again. Every round's set
   holds the nucleus, so an accepted token is distributed as the nucleus's renormalised
-  weights, the distribution `sampling_probs` gives (up to ties at the nucleus's edge).
+  weights, the distribution `sampling_probs` gives (up to ties at the nucleus's edge);
+- top-k the same way: the token stands when fewer than k tokens are heavier. (Both at once
+  would test top-p against the total before top-k, where vLLM takes top-p of what top-k
+  kept: such rows keep the logits path.)
 
 Each pass is split over (row, chunk of CHUNK logits) programs, as triton_argmax is: one
 program a row used 32 of an H200's 132 SMs and took 136 us a step. A pass's programs write
@@ -58,8 +61,9 @@ if triton is not None:
 
     @triton.jit
     def _params(par_ptr, slot):
-        """A slot's 1 / temperature, top-p and log min-p (-inf without min-p)."""
-        return 1.0 / tl.load(par_ptr + slot * 3), tl.load(par_ptr + slot * 3 + 1), tl.log(tl.load(par_ptr + slot * 3 + 2))
+        """A slot's 1 / temperature, top-p, log min-p (-inf without min-p) and top-k (0: none)."""
+        p = par_ptr + slot * 4
+        return 1.0 / tl.load(p), tl.load(p + 1), tl.log(tl.load(p + 2)), tl.load(p + 3)
 
     @triton.jit
     def _uniform(seed, key, r, ROUNDS_: tl.constexpr):
@@ -98,7 +102,7 @@ if triton is not None:
         c = tl.program_id(1)
         row = tl.load(row_ptr + i)
         slot = tl.load(slot_ptr + i)
-        inv_t, top_p, floor = _params(par_ptr, slot)
+        inv_t, top_p, floor, top_k = _params(par_ptr, slot)
         x = x_ptr + row.to(tl.int64) * stride_x
         offs = c * CHUNK_ + tl.arange(0, CHUNK_)
         v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -127,7 +131,7 @@ if triton is not None:
                     key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
                     u = _uniform(tl.load(seed_ptr + slot), key, 0, ROUNDS_)
                     token = _draw_from_chunks(x, w, u, m, inv_t, floor, 0.0, V, CHUNK_, C_PAD)
-                    done = (top_p >= 1.0).to(tl.int32)
+                    done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
             tl.store(sf_ptr + i * 3, m)
             tl.store(sf_ptr + i * 3 + 1, total)
             tl.store(sf_ptr + i * 3 + 2, 0.0)
@@ -139,19 +143,20 @@ if triton is not None:
             tl.store(cnt_ptr + i, 0)
 
     @triton.jit
-    def _sample_round(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, pw_ptr, cnt_ptr, sf_ptr,
-                      si_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr, C: tl.constexpr,
+    def _sample_round(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, pw_ptr, pn_ptr, cnt_ptr,
+                      sf_ptr, si_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr, C: tl.constexpr,
                       C_PAD: tl.constexpr, ROUNDS_: tl.constexpr):
-        """(row, chunk) of a row not done: the weight of its candidates heavier than the drawn
-        token (or, min-p rows without one yet, of all its candidates). The last chunk to
-        finish accepts the token (top-p: heavier ones weigh < top_p of the total) or draws
-        the next round's from the heavier ones, whose chunk weights it has."""
+        """(row, chunk) of a row not done: the weight and number of its candidates heavier
+        than the drawn token (or, min-p rows without one yet, of all its candidates). The
+        last chunk to finish accepts the token (top-p: heavier ones weigh < top_p of the
+        total; top-k: fewer than k are heavier) or draws the next round's from the heavier
+        ones, whose chunk weights it has."""
         i = tl.program_id(0)
         c = tl.program_id(1)
         if tl.load(si_ptr + i * 5 + 2) == 0:
             row = tl.load(row_ptr + i)
             slot = tl.load(slot_ptr + i)
-            inv_t, top_p, floor = _params(par_ptr, slot)
+            inv_t, top_p, floor, top_k = _params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
             m = tl.load(sf_ptr + i * 3)
             token = tl.load(si_ptr + i * 5 + 1)
@@ -161,17 +166,20 @@ if triton is not None:
             offs = c * CHUNK_ + tl.arange(0, CHUNK_)
             s = (tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
             w = tl.exp(s)
-            tl.store(pw_ptr + i * C + c, tl.sum(tl.where((s >= floor) & (w > thr), w, 0.0), axis=0))
+            over = (s >= floor) & (w > thr)
+            tl.store(pw_ptr + i * C + c, tl.sum(tl.where(over, w, 0.0), axis=0))
+            tl.store(pn_ptr + i * C + c, tl.sum(over.to(tl.int32), axis=0))
             if tl.atomic_add(cnt_ptr + i, 1, sem="acq_rel") == C - 1:
                 parts = tl.arange(0, C_PAD)
                 pw = tl.load(pw_ptr + i * C + parts, mask=parts < C, other=0.0, cache_modifier=".cg")
                 heavier = tl.sum(pw, axis=0)
+                rank = tl.sum(tl.load(pn_ptr + i * C + parts, mask=parts < C, other=0, cache_modifier=".cg"), axis=0)
                 total = tl.load(sf_ptr + i * 3 + 1)
                 r = tl.load(si_ptr + i * 5 + 3)
                 done = 0
                 draw = 1
                 if has != 0:  # check the token, else draw again from the heavier ones
-                    if heavier < top_p * total:
+                    if (heavier < top_p * total) & ((top_k <= 0.0) | (rank < top_k)):
                         done = 1
                         draw = 0
                     else:
@@ -191,7 +199,7 @@ if triton is not None:
                     key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
                     u = _uniform(tl.load(seed_ptr + slot), key, r, ROUNDS_)
                     token = _draw_from_chunks(x, pw, u, m, inv_t, floor, thr, V, CHUNK_, C_PAD)
-                    done = (top_p >= 1.0).to(tl.int32)
+                    done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
                     tl.store(sf_ptr + i * 3 + 2, thr)
                 tl.store(si_ptr + i * 5 + 1, token)
                 tl.store(si_ptr + i * 5 + 2, done)
@@ -211,7 +219,7 @@ if triton is not None:
         token = tl.load(si_ptr + i * 5 + 1)
         done = tl.load(si_ptr + i * 5 + 2)
         if done == 0:
-            inv_t, top_p, floor = _params(par_ptr, slot)
+            inv_t, top_p, floor, top_k = _params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
             m = tl.load(sf_ptr + i * 3)
             total = tl.load(sf_ptr + i * 3 + 1)
@@ -222,11 +230,14 @@ if triton is not None:
             while (done == 0) & (r < ROUNDS_):
                 wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
                 heavier = 0.0
+                rank = 0
                 for b in range(0, V, BLOCK_):
                     s = (tl.load(x + b + offs, mask=b + offs < V, other=float("-inf")).to(tl.float32) - m) * inv_t
                     w = tl.exp(s)
-                    heavier += tl.sum(tl.where((s >= floor) & (w > wt), w, 0.0), axis=0)
-                if heavier < top_p * total:
+                    over = (s >= floor) & (w > wt)
+                    heavier += tl.sum(tl.where(over, w, 0.0), axis=0)
+                    rank += tl.sum(over.to(tl.int32), axis=0)
+                if (heavier < top_p * total) & ((top_k <= 0.0) | (rank < top_k)):
                     done = 1
                 else:
                     r += 1
@@ -254,19 +265,19 @@ if triton is not None:
 
 
 class SamplingTable:
-    """Each KV slot's temperature, top-p, min-p and seed, on the device, for `sample_rows`."""
+    """Each KV slot's temperature, top-p, min-p, top-k and seed, on the device, for `sample_rows`."""
 
     def __init__(self, slots: int, device: torch.device):
-        self.params = torch.zeros(slots, 3, dtype=torch.float32, device=device)
+        self.params = torch.zeros(slots, 4, dtype=torch.float32, device=device)
         self.seeds = torch.zeros(slots, dtype=torch.int64, device=device)
 
-    def set(self, slot: int, temperature: float, top_p: float, min_p: float, seed: int | None) -> None:
+    def set(self, slot: int, temperature: float, top_p: float, min_p: float, seed: int | None, top_k: int = 0) -> None:
         """The slot's new sequence draws with these (seed None: a random one). A write the
         device makes after the work already launched: a step launched ahead keeps the old row."""
         seed = random.getrandbits(62) if seed is None else _mix(seed)
         # (a temperature below float32's range would divide by 0: the smallest one it holds acts the same)
         # (fills, not a copy from host memory: that can wait for the step running ahead)
-        for j, value in enumerate((max(temperature, 1e-30), top_p, min_p)):
+        for j, value in enumerate((max(temperature, 1e-30), top_p, min_p, max(top_k, 0))):
             self.params[slot, j].fill_(value)
         self.seeds[slot].fill_(seed)
 
@@ -308,7 +319,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
     split = dict(KEY_BY_SLOT=by_slot, CHUNK_=chunk, C=C, C_PAD=_pow2_at_least(C, 2), ROUNDS_=ROUNDS, num_warps=4)
     _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, **split)
     for _ in range(SPLIT_ROUNDS):
-        _sample_round[(n, C)](*common, pw, counters, sf, si, V, **split)
+        _sample_round[(n, C)](*common, pw, pi, counters, sf, si, V, **split)  # (pi: now the chunks' counts)
     _sample_rest[(n,)](*common, sf, si, out, next_tokens if next_tokens is not None else out, V,
                        KEY_BY_SLOT=by_slot, NEXT=next_tokens is not None,
                        BLOCK_=min(BLOCK, _pow2_at_least(V, 16)), ROUNDS_=ROUNDS, num_warps=8)
