@@ -1,7 +1,10 @@
 """vLLM's own routes beside the OpenAI ones: dynamic LoRA loading (/v1/load_lora_adapter,
-/v1/unload_lora_adapter, with vLLM's bodies and plain-text answers) and /version."""
+/v1/unload_lora_adapter, with vLLM's bodies and plain-text answers), /version, and vLLM's
+include_stop_str_in_output."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 from fastapi.testclient import TestClient
@@ -41,3 +44,18 @@ def test_load_and_unload_lora_adapter_as_vllm_does(client):
 
 def test_version(client):
     assert client.get("/version").json() == {"version": tasktune.__version__}
+
+
+def test_include_stop_str_in_output(client):
+    """vLLM's sampling option: the stop string that ended the text stays in it, streamed too."""
+    body = {"model": "task-2", "prompt": "play some jazz", "max_tokens": 12, "temperature": 0, "ignore_eos": True}
+    text = client.post("/v1/completions", json=body, headers=KEY).json()["choices"][0]["text"]
+    stop = text[len(text) // 2:len(text) // 2 + 2]
+    assert stop.strip(), text
+    for include, want in ((False, text[:text.index(stop)]), (True, text[:text.index(stop) + len(stop)])):
+        asked = {**body, "stop": [stop], "include_stop_str_in_output": include}
+        choice = client.post("/v1/completions", json=asked, headers=KEY).json()["choices"][0]
+        assert choice["text"] == want and choice["finish_reason"] == "stop"
+        lines = client.post("/v1/completions", json={**asked, "stream": True}, headers=KEY).text.split("\n")
+        chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
+        assert "".join(c["choices"][0]["text"] for c in chunks) == want

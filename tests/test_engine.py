@@ -213,6 +213,9 @@ def test_stop_strings_and_max_tokens(engine):
     cut = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=16, stop=(stop,)))])[0]
     assert cut.finish_reason == "stop"
     assert cut.text == text[: text.index(stop)]
+    kept = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=16, stop=(stop, "\x00"),
+                                                                         include_stop_str_in_output=True))])[0]
+    assert kept.text == text[: text.index(stop) + len(stop)] and kept.finish_reason == "stop"  # (vLLM's option)
     short = engine.generate([Request(PROMPTS[5], "task-4", SamplingParams(max_tokens=3))])[0]
     assert short.token_ids == full.token_ids[:3] and short.finish_reason == "length"
 

@@ -111,7 +111,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                               frequency_penalty=body.frequency_penalty, logit_bias=bias, top_k=body.top_k,
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
-                              ignore_eos=body.ignore_eos, prompt_logprobs=prompt_logprobs,
+                              ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
+                              prompt_logprobs=prompt_logprobs,
                               choices=encode_choices(body.guided_choice, "guided_choice"), grammar=grammar)
 
     def prompt_entries(seq, k: int | None) -> s.PromptLogprobs | None:

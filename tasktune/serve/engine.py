@@ -349,12 +349,13 @@ class Engine:
                 seq.text += detokenize_step(self.tokenizer, seq)
             if p.stop and len(seq.output_ids) >= p.min_tokens:  # (vLLM: no stop string before min_tokens)
                 start = max(0, searched - max(len(s) for s in p.stop) + 1)
-                hits = [i for i in (seq.text.find(s, start) for s in p.stop) if i >= 0]
+                hits = [(i, i + len(s) if p.include_stop_str_in_output else i)
+                        for i, s in ((seq.text.find(s, start), s) for s in p.stop) if i >= 0]
         elif done:  # no reader before the result: decoded at the first read (Sequence.text)
             ids = seq.output_ids[:-1] if is_eos else list(seq.output_ids)
             seq.text_later(lambda: self.tokenizer.decode(ids, skip_special_tokens=True))
         if hits:
-            seq.text, seq.finish_reason = seq.text[: min(hits)], "stop"
+            seq.text, seq.finish_reason = seq.text[: min(hits)[1]], "stop"  # (the first stop string found)
         elif is_eos:
             seq.finish_reason = "stop"
         elif done:

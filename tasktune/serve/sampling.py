@@ -40,6 +40,7 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = field(default_factory=tuple)
+    include_stop_str_in_output: bool = False  # vLLM's: the stop string that ended the text stays in it
     ignore_eos: bool = False
     logprobs: int | None = None  # None: none; k: each token's log-probability and the k most likely
     presence_penalty: float = 0.0  # subtracted once from every token already generated

@@ -77,6 +77,7 @@ class _Sampling(_Body):
     min_tokens: Annotated[int, Field(ge=0, le=4096)] = 0
     stop_token_ids: Annotated[list[TokenId], Field(max_length=16)] | None = None
     ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
     # the answer is one of these texts (each encoded on its own; serve/guided.py) ...
     guided_choice: Annotated[list[Annotated[str, Field(min_length=1, max_length=256)]],
                              Field(min_length=1, max_length=256)] | None = None
