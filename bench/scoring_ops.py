@@ -1,10 +1,12 @@
 """Where prompt scoring's time goes: each op of `prompt_scoring.score_prompts`' LM-head
-stage on one chunk of SCORING_ROWS positions (Qwen2.5-0.5B's head, bf16), timed alone.
+stage on one chunk of SCORING_ROWS positions (Qwen2.5-0.5B's head, bf16), timed alone
+(mean of 20 calls after one, synced around them).
 
-    PYTHONPATH=. python3 bench/scoring_ops.py      # GPU
+    PYTHONPATH=. python3 bench/scoring_ops.py      # GPU: writes $OUT/ and bench/results/
 """
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -13,6 +15,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
+
+from common import device_name, versions, write_json  # noqa: E402
 
 
 def timed(fn, reps: int = 20) -> float:
@@ -47,9 +51,13 @@ def main() -> None:
         "logprob_table_k1": lambda: logprob_table(x, t, 1),
         "logprob_table_k0": lambda: logprob_table(x, t, 0),
     }
+    ms = {name: timed(fn) for name, fn in ops.items()}
+    write_json({"bench": "scoring_ops", "device": device_name(torch.device("cuda")), "versions": versions(),
+                "config": {"rows": rows, "hidden": hidden, "vocab": vocab, "reps": 20}, "ms": ms},
+               "scoring_ops.json", [os.environ.get("OUT"), REPO / "bench" / "results"])
     print(f"{'op':>18} {'ms':>8}   ({rows} rows x {vocab})")
-    for name, fn in ops.items():
-        print(f"{name:>18} {timed(fn):>8.3f}")
+    for name, v in ms.items():
+        print(f"{name:>18} {v:>8.3f}")
 
 
 if __name__ == "__main__":
