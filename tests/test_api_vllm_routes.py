@@ -1,6 +1,6 @@
 """vLLM's own routes beside the OpenAI ones: dynamic LoRA loading (/v1/load_lora_adapter,
 /v1/unload_lora_adapter, with vLLM's bodies and plain-text answers), /version, and vLLM's
-include_stop_str_in_output."""
+sampling options include_stop_str_in_output and truncate_prompt_tokens."""
 
 from __future__ import annotations
 
@@ -59,3 +59,23 @@ def test_include_stop_str_in_output(client):
         lines = client.post("/v1/completions", json={**asked, "stream": True}, headers=KEY).text.split("\n")
         chunks = [json.loads(ln[6:]) for ln in lines if ln.startswith("data: {")]
         assert "".join(c["choices"][0]["text"] for c in chunks) == want
+
+
+def test_truncate_prompt_tokens(client, engine):
+    """vLLM's option: only the prompt's last k tokens (-1: as many as the server takes)."""
+    prompt = "book a table for two at eight tonight please"
+    ids = engine.tokenizer.encode(prompt)
+    body = {"model": "task-1", "prompt": prompt, "max_tokens": 4, "temperature": 0, "truncate_prompt_tokens": 3}
+    out = client.post("/v1/completions", json=body, headers=KEY).json()
+    plain = client.post("/v1/completions", json={**body, "prompt": ids[-3:], "truncate_prompt_tokens": None},
+                        headers=KEY).json()
+    assert out["usage"]["prompt_tokens"] == 3 and out["choices"][0]["text"] == plain["choices"][0]["text"]
+    long = {**body, "prompt": ids * 40, "truncate_prompt_tokens": -1}
+    assert client.post("/v1/completions", json={**long, "truncate_prompt_tokens": None}, headers=KEY).status_code == 400
+    assert client.post("/v1/completions", json=long, headers=KEY).json()["usage"]["prompt_tokens"] == engine.max_len - 1
+    r = client.post("/v1/completions", json={**body, "truncate_prompt_tokens": 0}, headers=KEY)
+    assert r.status_code == 422 and "truncate_prompt_tokens" in r.text
+    r = client.post("/v1/completions", json={**body, "echo": True}, headers=KEY)
+    assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
+    chat = {"model": "task-1", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "truncate_prompt_tokens": 2}
+    assert client.post("/v1/chat/completions", json=chat, headers=KEY).json()["usage"]["prompt_tokens"] == 2

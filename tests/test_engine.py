@@ -225,6 +225,14 @@ def test_limits(engine):
         engine.submit(Request("book " * 200))
     with pytest.raises(PromptTooLong):
         engine.submit(Request(""))
+    long = list(range(5, 5 + 200))  # over the limit, unless truncated (vLLM's truncate_prompt_tokens)
+    last = engine.generate([Request(long, "task-1", SamplingParams(max_tokens=4, truncate_prompt_tokens=7))])[0]
+    assert last.prompt_tokens == 7
+    assert last.token_ids == engine.generate([Request(long[-7:], "task-1", SamplingParams(max_tokens=4))])[0].token_ids
+    most = engine.generate([Request(long, None, SamplingParams(max_tokens=1, truncate_prompt_tokens=-1))])[0]
+    assert most.prompt_tokens == engine.max_len - 1
+    with pytest.raises(ValueError, match="truncate_prompt_tokens"):
+        SamplingParams(truncate_prompt_tokens=0)
     near = engine.generate([Request(list(range(5, 5 + 120)), None, SamplingParams(max_tokens=50))])[0]
     assert near.finish_reason == "length" and 120 + len(near.token_ids) <= engine.max_len
     small = Engine(engine.model, engine.tokenizer, engine.pool, max_running=1, max_waiting=2, max_len=64)

@@ -100,6 +100,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         max_tokens = 16 if max_tokens is None else max_tokens
         if body.min_tokens > max_tokens:
             raise APIError(400, f"min_tokens ({body.min_tokens}) is more than max_tokens ({max_tokens})")
+        if body.truncate_prompt_tokens is not None and getattr(body, "echo", False):
+            raise APIError(400, "truncate_prompt_tokens cannot be combined with echo (which prompt would it echo?)")
         if body.prompt_logprobs is not None and body.stream:
             raise APIError(400, "prompt_logprobs cannot be streamed (as in vLLM); ask for it without stream")
         grammar = grammar_of(body)
@@ -112,7 +114,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
                               min_p=body.min_p, repetition_penalty=body.repetition_penalty,
                               min_tokens=body.min_tokens, stop_token_ids=tuple(body.stop_token_ids or ()),
                               ignore_eos=body.ignore_eos, include_stop_str_in_output=body.include_stop_str_in_output,
-                              prompt_logprobs=prompt_logprobs,
+                              prompt_logprobs=prompt_logprobs, truncate_prompt_tokens=body.truncate_prompt_tokens,
                               choices=encode_choices(body.guided_choice, "guided_choice"), grammar=grammar)
 
     def prompt_entries(seq, k: int | None) -> s.PromptLogprobs | None:

@@ -100,8 +100,12 @@ class Engine:
     def has_work(self) -> bool:
         return self.scheduler.has_work
 
-    def encode(self, prompt: str | list[int]) -> list[int]:
+    def encode(self, prompt: str | list[int], truncate: int | None = None) -> list[int]:
+        """The prompt's token ids (truncate: only its last `truncate` tokens, -1: the most this
+        engine takes), checked against the vocabulary and the length limit."""
         ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else list(prompt)
+        if truncate is not None:
+            ids = ids[-(self.max_len - 1 if truncate == -1 else truncate):]
         if not ids:
             raise PromptTooLong("the prompt is empty after tokenisation")
         if len(ids) >= self.max_len:
@@ -114,8 +118,8 @@ class Engine:
         """Queue a request; raises QueueFull, AdapterNotFound or PromptTooLong at once."""
         if request.adapter is not None:
             self.pool.info(request.adapter)
-        seq = Sequence(self.encode(request.prompt), request.params, request.adapter, on_update=on_update,
-                       stream=request.stream)
+        seq = Sequence(self.encode(request.prompt, request.params.truncate_prompt_tokens), request.params,
+                       request.adapter, on_update=on_update, stream=request.stream)
         if request.branches is not None:
             if request.params.max_tokens or request.params.prompt_logprobs is not None:
                 raise InvalidBranches("branches are scored after the prompt alone: max_tokens must be 0, "

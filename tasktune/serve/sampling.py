@@ -54,6 +54,8 @@ class SamplingParams:
     # None: none; k: each prompt token's log-probability given the tokens before it (the
     # first token's is None) and the k most likely there (vLLM's prompt_logprobs, OpenAI's echo)
     prompt_logprobs: int | None = None
+    # vLLM's: only the prompt's last k tokens (left truncation; -1: as many as the server takes)
+    truncate_prompt_tokens: int | None = None
     # the answer must be one of these token sequences (guided.py; vLLM's guided_choice); () = any text
     choices: tuple[tuple[int, ...], ...] = ()
     # ... or a match of this compiled grammar (grammar.py: a JSON schema, any JSON, a regex)
@@ -77,6 +79,8 @@ class SamplingParams:
                 raise ValueError(f"{name} must be in [-2, 2]")
         if any(t < 0 or not -100 <= b <= 100 for t, b in self.logit_bias):
             raise ValueError("logit_bias needs token ids >= 0 and biases in [-100, 100]")
+        if self.truncate_prompt_tokens is not None and self.truncate_prompt_tokens < 1 and self.truncate_prompt_tokens != -1:
+            raise ValueError("truncate_prompt_tokens must be >= 1, or -1 for as many as the server takes")
         if self.top_k < -1:
             raise ValueError("top_k must be >= 1, or 0 or -1 for all tokens")
         if not 0 <= self.min_p <= 1:

@@ -88,6 +88,15 @@ class _Sampling(_Body):
     response_format: ResponseFormat | None = None  # OpenAI's: text, json_object, json_schema
     # vLLM's: each prompt token's log-probability and rank, and this many alternatives (not with stream)
     prompt_logprobs: TopLogprobs | None = None
+    # vLLM's: only the prompt's last k tokens (left truncation); -1: as many as the server takes
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1, le=1_000_000)] | None = None
+
+    @field_validator("truncate_prompt_tokens")
+    @classmethod
+    def _truncate_at_least_one(cls, v):
+        if v == 0:
+            raise ValueError("truncate_prompt_tokens must be >= 1, or -1 for as many as the server takes")
+        return v
 
 
 class CompletionRequest(_Sampling):
