@@ -52,7 +52,7 @@ BLOCK = 8192  # logits a loop iteration of the per-row loop reads
 ROUNDS = 32  # top-p draws at most (then the argmax, always in the nucleus): each round keeps
 #              the nucleus and drops at least the drawn token
 MAX_ROWS = 1 << 16  # "last chunk" counters: one per row
-# a row's state between passes: float32 (max, total, low), int32 (argmax, token, done, round, has_token)
+# a row's state between passes: float32 (max, total), int32 (argmax, token, done, round, has_token)
 
 if triton is not None:
     import triton.language as tl
@@ -132,9 +132,8 @@ if triton is not None:
                     u = _uniform(tl.load(seed_ptr + slot), key, 0, ROUNDS_)
                     token = _draw_from_chunks(x, w, u, m, inv_t, floor, 0.0, V, CHUNK_, C_PAD)
                     done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
-            tl.store(sf_ptr + i * 3, m)
-            tl.store(sf_ptr + i * 3 + 1, total)
-            tl.store(sf_ptr + i * 3 + 2, 0.0)
+            tl.store(sf_ptr + i * 2, m)
+            tl.store(sf_ptr + i * 2 + 1, total)
             tl.store(si_ptr + i * 5, best)
             tl.store(si_ptr + i * 5 + 1, token)
             tl.store(si_ptr + i * 5 + 2, done)
@@ -158,7 +157,7 @@ if triton is not None:
             slot = tl.load(slot_ptr + i)
             inv_t, top_p, floor, top_k = _params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
-            m = tl.load(sf_ptr + i * 3)
+            m = tl.load(sf_ptr + i * 2)
             token = tl.load(si_ptr + i * 5 + 1)
             has = tl.load(si_ptr + i * 5 + 4)
             wt = tl.exp((tl.load(x + token).to(tl.float32) - m) * inv_t)
@@ -174,7 +173,7 @@ if triton is not None:
                 pw = tl.load(pw_ptr + i * C + parts, mask=parts < C, other=0.0, cache_modifier=".cg")
                 heavier = tl.sum(pw, axis=0)
                 rank = tl.sum(tl.load(pn_ptr + i * C + parts, mask=parts < C, other=0, cache_modifier=".cg"), axis=0)
-                total = tl.load(sf_ptr + i * 3 + 1)
+                total = tl.load(sf_ptr + i * 2 + 1)
                 r = tl.load(si_ptr + i * 5 + 3)
                 done = 0
                 draw = 1
@@ -190,7 +189,7 @@ if triton is not None:
                             token = tl.load(si_ptr + i * 5)
                 else:  # min-p: the candidates' total, then round 0's draw
                     total = heavier
-                    tl.store(sf_ptr + i * 3 + 1, total)
+                    tl.store(sf_ptr + i * 2 + 1, total)
                     if _degenerate(total):
                         done = 1
                         draw = 0
@@ -200,7 +199,6 @@ if triton is not None:
                     u = _uniform(tl.load(seed_ptr + slot), key, r, ROUNDS_)
                     token = _draw_from_chunks(x, pw, u, m, inv_t, floor, thr, V, CHUNK_, C_PAD)
                     done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
-                    tl.store(sf_ptr + i * 3 + 2, thr)
                 tl.store(si_ptr + i * 5 + 1, token)
                 tl.store(si_ptr + i * 5 + 2, done)
                 tl.store(si_ptr + i * 5 + 3, r)
@@ -221,8 +219,8 @@ if triton is not None:
         if done == 0:
             inv_t, top_p, floor, top_k = _params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
-            m = tl.load(sf_ptr + i * 3)
-            total = tl.load(sf_ptr + i * 3 + 1)
+            m = tl.load(sf_ptr + i * 2)
+            total = tl.load(sf_ptr + i * 2 + 1)
             r = tl.load(si_ptr + i * 5 + 3)
             key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
             seed = tl.load(seed_ptr + slot)
@@ -309,7 +307,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
         raise ValueError(f"sample_rows: {n} rows (at most {MAX_ROWS}), {SPLIT_ROUNDS} split rounds (at least 1)")
     chunk = min(CHUNK, _pow2_at_least(V, 16))
     C = triton.cdiv(V, chunk)
-    f32 = torch.empty(n * (2 * C + 3), dtype=torch.float32, device=logits.device)
+    f32 = torch.empty(n * (2 * C + 2), dtype=torch.float32, device=logits.device)
     i32 = torch.empty(n * (C + 5), dtype=torch.int32, device=logits.device)
     pm, pw, sf = f32[:n * C], f32[n * C:2 * n * C], f32[2 * n * C:]
     pi, si = i32[:n * C], i32[n * C:]
