@@ -132,3 +132,47 @@ if triton is not None:
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
                                     MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
         return delta
+
+    @triton.jit
+    def rank_rows(ids_v, first, order, r, ROWS: tl.constexpr, R_MODULE: tl.constexpr):
+        """Rank row j of the batch's distinct adapter u at u * R_MODULE + j of ROWS -> (its slot, u,
+        j, whether it exists)."""
+        kk = tl.arange(0, ROWS)
+        u = kk // R_MODULE
+        jj = kk % R_MODULE
+        slot = tl.max(tl.where(first[None, :] & (order[None, :] == u[:, None]), ids_v[None, :], -1), axis=1)
+        return slot, u, jj, (slot >= 0) & (jj < r)
+
+    @triton.jit
+    def k_partial_shrink(w_ptr, x_ptr, nw_ptr, a_ptr, a_rows, a_ok, row0, offs_n, n_ok, offs_m, m_ok, split,
+                         stride_xm, K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_M: tl.constexpr,
+                         BLOCK_K: tl.constexpr, K_SPLIT: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
+        """k_partial, and over the same K range and the same loads of act(x) the shrink of the
+        batch's distinct adapters (a_rows: element offsets of their rank rows in A) -> (acc, ss,
+        s [BLOCK_N, BLOCK_M] fp32)."""
+        offs_k = tl.arange(0, BLOCK_K)
+        acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        s = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+        ss = tl.zeros((BLOCK_M,), dtype=tl.float32)
+        for k0 in range(0, K_SPLIT, BLOCK_K):
+            k = split * K_SPLIT + k0 + offs_k
+            k_ok = k < K
+            w = tl.load(w_ptr + (row0 + offs_n)[:, None] * K + k[None, :], mask=n_ok[:, None] & k_ok[None, :],
+                        other=0.0)
+            a = tl.load(a_ptr + (a_rows[:, None] + k[None, :]), mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+            xa, sq = load_act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
+            ss += sq
+            acc = dot_acc(w, xa, acc, UPCAST)
+            s = dot_acc(a, xa, s, UPCAST)
+        return acc, ss, s
+
+    @triton.jit
+    def inloop_expand(s, b_ptr, slot, a_ok, u, jj, row_u, offs_n, n_ok, b_row0, stride_bs, stride_bn, stride_br,
+                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, UPCAST: tl.constexpr):
+        """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ s_m for this split's partial s: each row
+        keeps only its own adapter's rank rows (row_u: its index among the distinct adapters),
+        and one tensor-core product takes every adapter's B tile at once."""
+        b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
+                    + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & a_ok[None, :], other=0.0)
+        h = tl.where(u[:, None] == row_u[None, :], s, 0.0)  # [BLOCK_N rank rows, BLOCK_M]
+        return dot_acc(b, tl.trans(h).to(b.dtype), tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32), UPCAST)
