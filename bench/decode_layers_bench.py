@@ -29,10 +29,6 @@ import torch.nn.functional as F  # noqa: E402
 from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, versions, write_json  # noqa: E402
 
 
-INLOOP_CONFIGS = {"s2": dict(num_stages=2), "k128_s2": dict(block_k=128, num_stages=2),
-                  "k128_s3": dict(block_k=128), "k64_s3": dict(block_k=64), "k64_s4": dict(block_k=64, num_stages=4)}
-
-
 def main() -> None:
     args, device = kernel_bench_args(__doc__, lambda ap: ap.add_argument(
         "--streams", action="store_true", help="also time the BGMV pair on a second stream (joined / deferred)"))
@@ -40,7 +36,7 @@ def main() -> None:
     from tasktune.serve import triton_linear
     from tasktune.serve.triton_linear import decode_linear
 
-    D, Q, KV, I, layers, replays = (64, 64, 64, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
+    D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
     M, r, slots, dt = 32, 16, 32, torch.bfloat16
     g = torch.Generator().manual_seed(0)
 
@@ -73,16 +69,10 @@ def main() -> None:
             return x
         return fn
 
-    def fused(ids, delta: bool = False, inloop: int = 0, **cfg):
+    def fused(ids, delta: bool = False):
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the delta holds the norm's 1 / rms
 
         def lin(i, n, x, **kw):
-            if inloop and ids is not None:  # LoRA's shrink in the fused launch's own K loop
-                rows, k, _ = shapes[n]
-                out = rows // 2 if kw.get("swiglu") else rows
-                c = triton_linear.linear_config(M, out, k, True, **cfg) if cfg else None
-                return decode_linear(x, W[i][n], lora=(*AB[i][n], scaling, ids), bounds=bounds[n], inloop=inloop,
-                                     config=c, **kw)
             if delta and ids is not None:  # the decoder's default: the BGMV pair's delta, then the launch
                 d = lora_delta(x, *AB[i][n], scaling, ids, bounds[n], kw.get("norm"), rms=rms)
                 return decode_linear(x, W[i][n], delta=d, delta_rms=rms, bounds=bounds[n], **kw)
@@ -142,20 +132,12 @@ def main() -> None:
         c = {"delta_us_per_layer": timed_graph(fused(ids, delta=True), device, replays) / layers * 1e6,
              "fused_us_per_layer": timed_graph(fused(ids), device, replays) / layers * 1e6,
              "eager_us_per_layer": timed_graph(eager(ids), device, replays) / layers * 1e6,
-             **({f"inloop_{name}_us_per_layer": timed_graph(fused(ids, inloop=4, **kw), device, replays) / layers * 1e6
-                 for name, kw in INLOOP_CONFIGS.items()} if case == "a4" else {}),
-             **({"max_rel_err_inloop_vs_eager": err(fused(ids, inloop=4, **INLOOP_CONFIGS["s2"])())}
-                if case == "a4" else {}),
              **({"side_joined_us_per_layer": timed_graph(streamed(ids, False), device, replays) / layers * 1e6,
                  "side_deferred_us_per_layer": timed_graph(streamed(ids, True), device, replays) / layers * 1e6,
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
         result["cases"][case] = c
-        if "max_rel_err_inloop_vs_eager" in c:
-            print(f"{case}: LoRA shrink in the K loop (us a layer) "
-                  + ", ".join(f"{k}: {v:.1f}" for k, v in c.items() if k.startswith("inloop_"))
-                  + f"; max rel err {c['max_rel_err_inloop_vs_eager']:.1e}", flush=True)
         if "side_joined_us_per_layer" in c:
             print(f"{case}: pair on a second stream, joined {c['side_joined_us_per_layer']:.1f} us a layer, "
                   f"deferred {c['side_deferred_us_per_layer']:.1f}", flush=True)

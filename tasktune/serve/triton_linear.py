@@ -76,9 +76,7 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import (distinct_adapters, expand_delta, inloop_expand,
-                                                     rank_rows,
-                                                     k_partial, k_partial_shrink)
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
 
     @triton.jit
     def _decode_linear(
@@ -93,8 +91,6 @@ if triton is not None:
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
         EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
         DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
-        INLOOP: tl.constexpr = False, AR: tl.constexpr = 16,  # LoRA's shrink in the GEMM's own K loop (AR rank rows)
-        ALIGN: tl.constexpr = 1,
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -124,35 +120,18 @@ if triton is not None:
         split = pid % SPLIT_K
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        if LORA or INLOOP:  # the rows' adapters are the step's inputs, not the previous kernel's output: before the wait
+        if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
-        if INLOOP:  # this block's module (module bounds are multiples of BLOCK_N) and each row's distinct index
-            mod = (block * BLOCK_N >= bound1).to(tl.int32) + (block * BLOCK_N >= bound2).to(tl.int32)
-            row_u = tl.max(tl.where(first[None, :] & (ids_v[None, :] == ids_v[:, None]), order[None, :], -1), axis=1)
-            a_slot, a_u, a_j, a_ok = rank_rows(ids_v, first, order, r, BLOCK_N, R_MODULE)
-            a_rows = tl.maximum(a_slot, 0) * (MODULES * r * K) + ((0 if SWIGLU else mod) * r + a_j) * K  # int32
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
-        if INLOOP:  # LoRA's shrink from the same loads of x, its expand of this split's partial after
-            acc, ss, s = k_partial_shrink(w_ptr, x_ptr, nw_ptr, a_ptr, a_rows, a_ok, 0, offs_n, n_ok, offs_m, m_ok,
-                                          split, stride_xm, K, BLOCK_N, BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
-            acc += row_scale[None, :] * inloop_expand(s, b_ptr, a_slot, a_ok, a_u, a_j, row_u, offs_n, n_ok, 0,
-                                                      stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N, UPCAST)
-            if SWIGLU:  # up: weight rows N further, module 1's A rows (r further), B rows N further
-                acc_u, _, s = k_partial_shrink(w_ptr, x_ptr, nw_ptr, a_ptr, a_rows + r * K, a_ok, N, offs_n, n_ok,
-                                               offs_m, m_ok, split, stride_xm, K, BLOCK_N, BLOCK_M, BLOCK_K, K_SPLIT,
-                                               NORM, UPCAST)
-                acc_u += row_scale[None, :] * inloop_expand(s, b_ptr, a_slot, a_ok, a_u, a_j, row_u, offs_n, n_ok, N,
-                                                            stride_bs, stride_bn, stride_br, BLOCK_M, BLOCK_N, UPCAST)
-        else:
-            acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
-                               BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
-            if SWIGLU:  # the up rows start N rows further
-                acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K,
-                                    BLOCK_N, BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                           BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
+        if SWIGLU:  # the up rows start N rows further
+            acc_u, _ = k_partial(w_ptr, x_ptr, nw_ptr, N, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
+                                BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL and not EARLY and not LATE:  # the next kernel may launch (it waits for this one to finish)
             tl.extra.cuda.gdc_launch_dependents()
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
@@ -277,7 +256,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
-                  config: LinearConfig | None = None, inloop: int = 0) -> torch.Tensor:
+                  config: LinearConfig | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
@@ -308,12 +287,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                               or lora is not None):
         raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} for output {(M, rows)} (float32, not with lora)")
     device = x.device
-    block_n = 0
-    if inloop and config is None:  # in-loop LoRA: a block's columns in one module
-        block_n = 64
-        while block_n > 16 and any(b % block_n for b in bounds):
-            block_n //= 2
-    cfg = config or linear_config(M, N, K, lora is not None, block_n=block_n, elem=max(2, x.element_size()))
+    cfg = config or linear_config(M, N, K, lora is not None, elem=max(2, x.element_size()))
     y = torch.empty(M, N, dtype=x.dtype, device=device)
     n_blocks = triton.cdiv(N, cfg.BLOCK_N)
     parts = 2 if swiglu else 1
@@ -337,28 +311,16 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                              f"bounds {tuple(bounds)} for a [{rows}, {K}] weight")
         b1, b2 = (list(bounds) + [rows, rows])[:2]
         ra_pad = _pow2_at_least(modules * r, 16)
+        shrink_block_k = max(16, min(256, SHRINK_TILE // ra_pad, _pow2_at_least(K, 16)))
+        splits = max(1, min(SHRINK_SPLITS, (sm_count(device) - n_blocks * cfg.SPLIT_K) // cfg.BLOCK_M))
+        shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
+        S = triton.cdiv(K, shrink_k)
+        shrink_programs = cfg.BLOCK_M * S
+        h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
+        lora_args, strides = (A, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
         r_module = _pow2_at_least(r, 16)
-        strides = (B.stride(0), B.stride(1), B.stride(2))
-        if inloop:  # the shrink in the GEMM's K loop, for at most `inloop` distinct adapters a batch
-            if any(b % cfg.BLOCK_N for b in bounds):
-                raise ValueError(f"in-loop LoRA: module bounds {tuple(bounds)} not multiples of {cfg.BLOCK_N}")
-            lora_args = (A, B, scaling, ids, x)
-            if inloop * r_module > cfg.BLOCK_N:
-                raise ValueError(f"in-loop LoRA: {inloop} adapters of rank {r} need N blocks of {inloop * r_module}")
-            meta = dict(LORA=False, INLOOP=True, AR=cfg.BLOCK_N, R_MODULE=r_module,
-                        RA_PAD=ra_pad, MODULES=modules, S=1, SHRINK_K=16, SHRINK_BLOCK_K=16, UC=1,
-                        ALIGN=max(a for a in (1, 2, 4, 8, 16) if K % a == 0))
-        else:
-            shrink_block_k = max(16, min(256, SHRINK_TILE // ra_pad, _pow2_at_least(K, 16)))
-            splits = max(1, min(SHRINK_SPLITS, (sm_count(device) - n_blocks * cfg.SPLIT_K) // cfg.BLOCK_M))
-            shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
-            S = triton.cdiv(K, shrink_k)
-            shrink_programs = cfg.BLOCK_M * S
-            h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
-            lora_args = (A, B, scaling, ids, h)
-            meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
-                        SHRINK_BLOCK_K=shrink_block_k,
-                        UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
+        meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
+                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     launch = triton_ops.pdl_launch(device)
     late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT
