@@ -32,7 +32,7 @@ from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, 
 CALLS = 8  # calls a graph
 SCALE = 3.0  # logit spread
 CASES = {"t0.8_top_p0.95": (0.8, 0.95, 0.0, 0), "t1_top_p0.5": (1.0, 0.5, 0.0, 0), "t1_min_p0.05": (1.0, 1.0, 0.05, 0),
-         "t1_top_k50": (1.0, 1.0, 0.0, 50), "t1": (1.0, 1.0, 0.0, 0)}
+         "t1_top_k50": (1.0, 1.0, 0.0, 50), "t0.7_top_k20_top_p0.8": (0.7, 0.8, 0.0, 20), "t1": (1.0, 1.0, 0.0, 0)}
 
 
 def main() -> None:

@@ -75,11 +75,11 @@ FORMULAS = {
 # --- engine cases ----------------------------------------------------------------------------
 def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int | None = None,
                choices: list | None = None, temperature: float = 0.0, seeded: bool = False, grammar=None,
-               top_k: int = 0) -> dict:
+               top_k: int = 0, top_p: float | None = None) -> dict:
     """logprobs: every request asks for its tokens' log-probabilities (the logits path);
     choices: each request's answers (guided_choice; token sequences of new_tokens or more);
     grammar: every request bound to it (grammar.py: a regex of new_tokens tokens or more);
-    temperature > 0: every request samples (top-p 0.95, or top_k alone; seeded: request i with seed i)."""
+    temperature > 0: every request samples (top-p 0.95, or top_k, top_p as given; seeded: request i, seed i)."""
     from dataclasses import replace
 
     from tasktune.serve.engine import Request, completion_of
@@ -92,7 +92,8 @@ def run_engine(engine, prompts, adapters, new_tokens: int, device, logprobs: int
     for i, (p, a) in enumerate(zip(prompts, adapters)):
         mine = params if choices is None else replace(params, ignore_eos=False, choices=choices[i])
         mine = mine if grammar is None else replace(mine, ignore_eos=False, grammar=grammar)
-        mine = mine if not temperature else replace(mine, temperature=temperature, top_p=1.0 if top_k else 0.95,
+        mine = mine if not temperature else replace(mine, temperature=temperature,
+                                                    top_p=top_p if top_p is not None else 1.0 if top_k else 0.95,
                                                     top_k=top_k, seed=i if seeded else None)
         seqs.append(engine.submit(Request(prompt=p, adapter=a, params=mine)))
     engine.step()  # admits and prefills every prompt, samples the first token
@@ -306,12 +307,14 @@ def main() -> None:
             answers = {name: guided_answers(result["_tokens"][name], engine.model.cfg.vocab_size)
                        for name in names_} if label == "guided" else {}
             temperature = 0.8 if label.startswith("sampled") or label.endswith("_sampled") else 0.0
-            seeded, top_k = label == "sampled_seeded", 50 if label == "sampled_top_k" else 0
+            seeded, top_k, top_p = label == "sampled_seeded", 50 if label == "sampled_top_k" else 0, None
+            if label == "sampled_top_k_top_p":  # Qwen2.5's generation defaults
+                temperature, top_k, top_p = 0.7, 20, 0.8
             # guided_regex: every token of the bench's vocabulary is 't<id>', so this allows any
             # token but the end token ('t0') until new_tokens of them
             grammar = engine.grammars.regex(f"(t[0-9]+){{{new_tokens}}}") if label.startswith("guided_regex") else None
             works = {name: (engine, prompts, cases[name], new_tokens, device, lp, answers.get(name), temperature, seeded,
-                            grammar, top_k) for name in names_}
+                            grammar, top_k, top_p) for name in names_}
             for work in works.values():  # an untimed run captures the graphs this work uses (2, not all 56: ~1 s, not ~28)
                 run_engine(*work)
             for name, work in works.items():

@@ -59,6 +59,7 @@ def variant_table(kernels: bool, few: str, many: str, requested: str | None,
              "sampled": (True, kernels, every),
              "sampled_seeded": (True, kernels, every),  # ... request i with seed i
              "sampled_top_k": (True, kernels, every),  # ... top-k 50 instead of top-p (Hugging Face's default)
+             "sampled_top_k_top_p": (True, kernels, every),  # ... temperature 0.7, top-k 20, top-p 0.8 (Qwen2.5's)
              "sampled_logits_path": (True, kernels, every),  # ... no seed, through the logits (as up to session 18)
              "sampled_per_row": (True, kernels, every)}  # ... no seed, one row at a time (as up to session 16)
     labels = requested.split(",") if requested else []

@@ -28,28 +28,51 @@ def draws(logits: torch.Tensor, params: SamplingParams, n: int, key: int = 7, dt
     return out.cpu()
 
 
-@pytest.mark.parametrize("params, chunk, split_rounds", [
-    (SamplingParams(temperature=1.0), 4096, 2),
-    (SamplingParams(temperature=0.7, top_p=0.8), 16, 2),  # 3 chunks a row (the last one short)
-    (SamplingParams(temperature=1.3, top_p=0.9, min_p=0.1), 16, 1),  # the per-row loop checks min-p rows' first token
-    (SamplingParams(temperature=1.0, min_p=0.3), 8, 2),
-    (SamplingParams(temperature=1.2, top_k=5), 16, 2),
-    (SamplingParams(temperature=0.9, top_k=12, min_p=0.05), 8, 1)], ids=["t", "t+top_p", "all", "min_p", "top_k", "top_k+min_p"])
-def test_draws_follow_the_filtered_distribution(params, chunk, split_rounds, monkeypatch):
+BF16 = torch.bfloat16  # (the top-k cases: the logits' dtype the engine draws from, and its 16-step threshold search)
+
+
+@pytest.mark.parametrize("params, chunk, split_rounds, dtype", [
+    (SamplingParams(temperature=1.0), 4096, 2, torch.float32),
+    (SamplingParams(temperature=0.7, top_p=0.8), 16, 2, torch.float32),  # 3 chunks a row (the last one short)
+    (SamplingParams(temperature=1.3, top_p=0.9, min_p=0.1), 16, 1, torch.float32),  # the per-row loop checks min-p rows
+    (SamplingParams(temperature=1.0, min_p=0.3), 8, 2, torch.float32),
+    (SamplingParams(temperature=1.2, top_k=5), 16, 2, BF16),
+    (SamplingParams(temperature=0.9, top_k=12, min_p=0.05), 8, 1, BF16),
+    (SamplingParams(temperature=1.1, top_k=9, top_p=0.7), 16, 1, BF16)],
+    ids=["t", "t+top_p", "all", "min_p", "top_k", "top_k+min_p", "top_k+top_p"])
+def test_draws_follow_the_filtered_distribution(params, chunk, split_rounds, dtype, monkeypatch):
     monkeypatch.setattr(triton_sample, "CHUNK", chunk)
     monkeypatch.setattr(triton_sample, "SPLIT_ROUNDS", split_rounds)
     torch.manual_seed(0)
-    logits = torch.randn(40) * 1.5
+    logits = (torch.randn(40) * 1.5).to(dtype).float()
     logits[5] = float("-inf")  # a banned token is never drawn
+    check_draws(logits, params, dtype)
+
+
+def check_draws(logits: torch.Tensor, params: SamplingParams, dtype=torch.float32) -> None:
+    """Draws from one row fit `sampling_probs`'s distribution, and only with its filters."""
     want = sampling_probs(logits.clone(), params)
     want = want / want.sum()
     n = 8000 if DEVICE == "cuda" else 300  # (the interpreter takes ~20-70 ms a draw)
-    counts = torch.bincount(draws(logits, params, n), minlength=40).double()
+    counts = torch.bincount(draws(logits, params, n, dtype=dtype), minlength=len(logits)).double()
     assert counts[want == 0].sum() == 0  # nothing outside the filtered support
     assert fit(counts, want) > 1e-4  # chi-square: the counts are a sample of `want`
     unfiltered = torch.softmax(logits.double(), -1)
     if params.top_p < 1 or params.min_p > 0 or params.top_k > 0:  # the filters are what makes it fit
         assert fit(counts, unfiltered) < 1e-6
+
+
+@pytest.mark.parametrize("top_k", [5, 3], ids=["k above the room: rejection rounds", "ties past a chunk's room"])
+def test_top_k_past_the_candidates_room(top_k, monkeypatch):
+    """A chunk keeps at most TOP_K candidates: a larger k leaves the row to the rejection
+    rounds; ties at the row's k-th logit past a chunk's room are counted at its weight and
+    found in the chunk when drawn. Either way, the same distribution."""
+    monkeypatch.setattr(triton_sample, "CHUNK", 16)
+    monkeypatch.setattr(triton_sample, "TOP_K", 4)
+    torch.manual_seed(2)
+    logits = torch.randn(40).to(BF16).float()
+    logits[16:22] = 2.5  # six ties in the second chunk, all among its top 3
+    check_draws(logits, SamplingParams(temperature=1.0, top_k=top_k), BF16)
 
 
 def fit(counts: torch.Tensor, p: torch.Tensor) -> float:
@@ -103,7 +126,7 @@ def test_a_decode_step_writes_the_next_input_tokens_by_slot():
 
 @pytest.mark.skipif(not triton_sample.available("cpu"), reason="CPU engines draw through Triton's interpreter (no GPU)")
 def test_sampled_requests_draw_on_the_device_path_whatever_their_batch(engine):
-    """Sampled rows (temperature, top-p, min-p, or top-k) draw right after each step and the
+    """Sampled rows (temperature, top-p, min-p, top-k, top-k with top-p) draw right after each step and the
     step after it is launched ahead, none discarded. A seeded request's tokens (and log-probabilities)
     are the same alone, beside greedy rows and arrivals, and beside a row with a penalty,
     whose batch takes the logits path (where the same draw serves it); seeds differ, tokens do."""
@@ -115,7 +138,8 @@ def check_sampled_requests(engine):
     from tasktune.serve.sampling import SamplingParams
 
     p = SamplingParams(max_tokens=10, temperature=1.2, top_p=0.9, min_p=0.02, seed=42, logprobs=1, ignore_eos=True)
-    top_k = Request("call mom", "task-0", SamplingParams(max_tokens=8, temperature=1.0, top_k=20, seed=7, ignore_eos=True))
+    top_k = Request("call mom", "task-0", SamplingParams(max_tokens=8, temperature=1.0, top_k=20, top_p=0.9, seed=7,
+                                                          ignore_eos=True))
     step = engine.decode_step
     used, wasted = step.ahead_used, step.ahead_wasted
     alone = engine.generate([Request("play some jazz", "task-1", p)])[0]
@@ -125,7 +149,7 @@ def check_sampled_requests(engine):
     unseeded = Request("is it raining", "task-2", SamplingParams(max_tokens=7, temperature=1.0))
     mixed = engine.generate([greedy[0], Request("play some jazz", "task-1", p), unseeded, *greedy[1:], top_k])
     assert step.ahead_wasted == wasted
-    assert mixed[-1].token_ids == alone_k.token_ids  # (top-k alone on the device path too)
+    assert mixed[-1].token_ids == alone_k.token_ids  # (top-k + top-p on the device path too)
     penalized = engine.generate([Request("play some jazz", "task-1", p),
                                  Request("call mom", "task-3", SamplingParams(max_tokens=10, repetition_penalty=1.3))])
     for other in (mixed[1], penalized[0]):

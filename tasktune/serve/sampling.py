@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from tasktune.serve.grammar import mask_rows
-from tasktune.serve.triton_sample import sample_rows
+from tasktune.serve.triton_sample import TOP_K, sample_rows
 from tasktune.serve.guided import constrain_rows
 
 # Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
@@ -122,10 +122,12 @@ class SamplingParams:
 
     @property
     def device_sample(self) -> bool:
-        """Sampled with temperature, min-p and top-p or top-k (and maybe a grammar): the
-        device-side draw (triton_sample) serves the row; top-k with top-p (top-p over what
-        top-k kept), penalties and answers take the logits."""
-        return not self.greedy and not self.penalizes and not self.choices and (self.top_k <= 0 or self.top_p >= 1)
+        """Sampled with temperature, min-p, top-p and top-k (and maybe a grammar): the
+        device-side draw (triton_sample) serves the row; top-k above triton_sample.TOP_K
+        with top-p (top-p over what top-k kept: the draw takes it only from its top-k
+        candidates), penalties and answers take the logits."""
+        return (not self.greedy and not self.penalizes and not self.choices
+                and (self.top_k <= 0 or self.top_p >= 1 or self.top_k <= TOP_K))
 
     @property
     def grammar_greedy(self) -> bool:
