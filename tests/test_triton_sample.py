@@ -8,7 +8,7 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from tasktune.serve import triton_sample
+from tasktune.serve import triton_sample, triton_top_k
 from tasktune.serve.sampling import SamplingParams, sampling_probs
 from tasktune.serve.triton_sample import SamplingTable, sample_rows
 
@@ -68,7 +68,7 @@ def test_top_k_past_the_candidates_room(top_k, monkeypatch):
     rounds; ties at the row's k-th logit past a chunk's room are counted at its weight and
     found in the chunk when drawn. Either way, the same distribution."""
     monkeypatch.setattr(triton_sample, "CHUNK", 16)
-    monkeypatch.setattr(triton_sample, "TOP_K", 4)
+    monkeypatch.setattr(triton_top_k, "TOP_K", 4)
     torch.manual_seed(2)
     logits = torch.randn(40).to(BF16).float()
     logits[16:22] = 2.5  # six ties in the second chunk, all among its top 3

@@ -1,8 +1,9 @@
 """Per-request decoding parameters, the logits processors and the sampler.
 
 Greedy rows take the argmax. Sampled rows use temperature, then top-k, min-p and nucleus
-(top-p) filtering (vLLM's order); where Triton runs, rows that do not ask for both top-k and top-p draw on the device (triton_sample,
-keyed by seed and position), the others with their own `torch.Generator`, so a request
+(top-p) filtering (vLLM's order); where Triton runs, rows without penalties or answers (and top-k with
+top-p only up to triton_top_k.TOP_K) draw on the device (triton_sample, keyed by seed and position),
+the others with their own `torch.Generator`, so a request
 with a seed produces the same tokens whatever else shares its batch. Before either, in vLLM's order:
 a logit bias and min_tokens (end tokens barred until then), then the repetition penalty
 (Hugging Face's and vLLM's, over prompt and output) and OpenAI's presence and frequency
@@ -22,7 +23,8 @@ import torch
 import torch.nn.functional as F
 
 from tasktune.serve.grammar import mask_rows
-from tasktune.serve.triton_sample import TOP_K, sample_rows
+from tasktune.serve import triton_top_k
+from tasktune.serve.triton_sample import sample_rows
 from tasktune.serve.guided import constrain_rows
 
 # Sampled rows draw together (`draw`: one batch of filters, the exponential race, no wait of
@@ -123,11 +125,11 @@ class SamplingParams:
     @property
     def device_sample(self) -> bool:
         """Sampled with temperature, min-p, top-p and top-k (and maybe a grammar): the
-        device-side draw (triton_sample) serves the row; top-k above triton_sample.TOP_K
+        device-side draw (triton_sample) serves the row; top-k above triton_top_k.TOP_K
         with top-p (top-p over what top-k kept: the draw takes it only from its top-k
         candidates), penalties and answers take the logits."""
         return (not self.greedy and not self.penalizes and not self.choices
-                and (self.top_k <= 0 or self.top_p >= 1 or self.top_k <= TOP_K))
+                and (self.top_k <= 0 or self.top_p >= 1 or self.top_k <= triton_top_k.TOP_K))
 
     @property
     def grammar_greedy(self) -> bool:

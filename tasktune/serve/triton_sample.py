@@ -14,9 +14,11 @@ draw reads each row's logits a few times, with no sort:
   those heavier tokens (their total is that weight) and it draws again. Every round's set
   holds the nucleus, so an accepted token is distributed as the nucleus's renormalised
   weights, the distribution `sampling_probs` gives (up to ties at the nucleus's edge);
-- top-k the same way: the token stands when fewer than k tokens are heavier. (Both at once
-  would test top-p against the total before top-k, where vLLM takes top-p of what top-k
-  kept: such rows keep the logits path.)
+- top-k up to triton_top_k.TOP_K (64) from each chunk's k largest logits (triton_top_k.py:
+  the row's k-th largest T among them, a draw among the tokens >= T, top-p of what top-k
+  kept by rejection there, as vLLM orders them). A larger k is checked the way top-p is:
+  the token stands when fewer than k tokens are heavier (with top-p too, such rows keep
+  the logits path: the test would take top-p of the whole).
 
 Each pass is split over (row, chunk of CHUNK logits) programs, as triton_argmax is: one
 program a row used 32 of an H200's 132 SMs and took 136 us a step. A pass's programs write
@@ -43,6 +45,7 @@ import random
 import torch
 
 from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, triton
+from tasktune.serve import triton_top_k
 
 __all__ = ["available", "SamplingTable", "sample_rows"]
 
@@ -52,28 +55,12 @@ BLOCK = 8192  # logits a loop iteration of the per-row loop reads
 ROUNDS = 32  # top-p draws at most (then the argmax, always in the nucleus): each round keeps
 #              the nucleus and drops at least the drawn token
 MAX_ROWS = 1 << 16  # "last chunk" counters: one per row
-TOP_K = 64  # top-k up to this many: each chunk keeps its k largest logits and the row draws from those alone
 # a row's state between passes: float32 (max, total), int32 (argmax, token, done, round, has_token)
 
 if triton is not None:
     import triton.language as tl
 
-    BIG = tl.constexpr(2147483647)  # "no index"
-    NO_KEY = tl.constexpr(1 << 40)  # above every _sort_key
-
-    @triton.jit
-    def _params(par_ptr, slot):
-        """A slot's 1 / temperature, top-p, log min-p (-inf without min-p) and top-k (0: none)."""
-        p = par_ptr + slot * 4
-        return 1.0 / tl.load(p), tl.load(p + 1), tl.log(tl.load(p + 2)), tl.load(p + 3)
-
-    @triton.jit
-    def _uniform(seed, key, r, ROUNDS_: tl.constexpr):
-        return tl.sum(tl.rand(seed, tl.full((1,), 0, tl.int32) + (key * ROUNDS_ + r).to(tl.int32)), axis=0)
-
-    @triton.jit
-    def _degenerate(total):
-        return (total != total) | (total <= 0.0) | (total == float("inf"))
+    from tasktune.serve.triton_draw_parts import BIG, degenerate, slot_params, uniform
 
     @triton.jit
     def _draw_from_chunks(x, w, u, m, inv_t, floor, low, V, CHUNK_: tl.constexpr, C_PAD: tl.constexpr):
@@ -94,138 +81,6 @@ if triton is not None:
         return tl.where(hit < BIG, hit, tl.maximum(tl.max(tl.where(ok, offs, 0), axis=0), 0))
 
     @triton.jit
-    def _sort_key(v):
-        """An int64 key in v's float32 order (-0 below +0)."""
-        bits = v.to(tl.int32, bitcast=True)
-        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
-
-    @triton.jit
-    def _kth_key(key, ok, k, LOW: tl.constexpr):
-        """The k-th largest of the keys where ok (all of them, fewer there; NO_KEY, none),
-        searched a bit at a time from the top: the largest t on a grid of 2^LOW with k keys
-        >= t, then the smallest key above it (bf16 logits: LOW 16, 16 steps)."""
-        t = tl.full((), -2147483648, tl.int64)
-        for b in tl.static_range(31, LOW - 1, -1):
-            if tl.sum((ok & (key >= t + (1 << b))).to(tl.int32), axis=0) >= k:
-                t = t + (1 << b)
-        return tl.min(tl.where(ok & (key >= t), key, NO_KEY), axis=0)
-
-    @triton.jit
-    def _tie(x, c, key_t, nth, V, CHUNK_: tl.constexpr):
-        """The index of chunk c's nth logit (from 0, vocabulary order) whose key is key_t."""
-        offs = c * CHUNK_ + tl.arange(0, CHUNK_)
-        v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        eq = (_sort_key(tl.where(v != v, float("-inf"), v)) == key_t) & (offs < V)
-        return tl.min(tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) - 1 == nth), offs, BIG), axis=0)
-
-    @triton.jit
-    def _sample_top_k(x, cv_ptr, ci_ptr, cn_ptr, m, inv_t, top_p, floor, top_k, seed, key, best, C, V,
-                      CHUNK_: tl.constexpr, ROUNDS_: tl.constexpr, C_PAD: tl.constexpr, KP: tl.constexpr,
-                      LOW: tl.constexpr):
-        """A top-k row's whole draw from its chunks' candidates (_sample_first): the row's k-th
-        largest logit T, then inverse-CDF draws over the tokens >= T that min-p keeps, top-p
-        by rejection among them (the tokens strictly heavier than the drawn one weigh less
-        than top_p of the top-k total: vLLM's top-p of what top-k kept). A chunk with more
-        ties at its k-th logit than its room holds (KP) counts the rest at weight w(T) when
-        its k-th logit is T, and a draw that lands on them finds its tie in the chunk."""
-        N_CAND: tl.constexpr = C_PAD * KP
-        j = tl.arange(0, N_CAND)
-        parts = tl.arange(0, C_PAD)
-        kept = tl.load(cn_ptr + parts, mask=parts < C, other=0, cache_modifier=".cg")  # [C_PAD], ties all counted
-        live = (j % KP) < tl.load(cn_ptr + j // KP, mask=j // KP < C, other=0, cache_modifier=".cg")
-        cv = tl.load(cv_ptr + j, mask=live, other=float("-inf"), cache_modifier=".cg")
-        ci = tl.load(ci_ptr + j, mask=live, other=0, cache_modifier=".cg")
-        ck = _sort_key(cv)
-        kt = _kth_key(ck, live, top_k, LOW)
-        above = tl.reshape((live & (ck > kt)).to(tl.int32), (C_PAD, KP))
-        at_t = tl.min(tl.reshape(tl.where(live, ck, NO_KEY), (C_PAD, KP)), axis=1) == kt  # chunk's k-th is T
-        missing = tl.where((kept > KP) & at_t, kept - KP, 0)  # [C_PAD] ties at T a chunk had no room for
-        s = (cv - m) * inv_t
-        ok = live & (ck >= kt) & (s >= floor)
-        w = tl.where(ok, tl.exp(s), 0.0)
-        s_t = (tl.max(tl.where(live & (ck == kt), cv, float("-inf")), axis=0) - m) * inv_t
-        w_t = tl.where(s_t >= floor, tl.exp(s_t), 0.0)
-        n_virtual = tl.sum(missing, axis=0)
-        total = tl.sum(w, axis=0) + n_virtual.to(tl.float32) * w_t
-        token = best
-        if not _degenerate(total):
-            thr = -1.0
-            r = 0
-            while r < ROUNDS_:
-                cand = ok & (w > thr)
-                wc = tl.where(cand, w, 0.0)
-                listed = tl.sum(wc, axis=0)
-                virtual = tl.where(w_t > thr, n_virtual.to(tl.float32) * w_t, 0.0)
-                target = _uniform(seed, key, r, ROUNDS_) * (listed + virtual)
-                if (target < listed) | (virtual <= 0.0):
-                    pos = tl.min(tl.where(cand & (tl.cumsum(wc, axis=0) > target), j, N_CAND), axis=0)
-                    pos = tl.where(pos < N_CAND, pos, tl.max(tl.where(cand, j, 0), axis=0))
-                    wt = tl.sum(tl.where(j == pos, w, 0.0), axis=0)
-                    token = tl.sum(tl.where(j == pos, ci, 0), axis=0)
-                else:  # one of the ties at T past a chunk's room: which chunk, then which tie in it
-                    nth = tl.minimum(((target - listed) / w_t).to(tl.int32), n_virtual - 1)
-                    upto = tl.cumsum(missing, axis=0)
-                    c = tl.min(tl.where(upto > nth, parts, C_PAD), axis=0)
-                    stored_ties = KP - tl.sum(tl.sum(tl.where(parts[:, None] == c, above, 0), axis=1), axis=0)
-                    before = tl.sum(tl.where(parts < c, missing, 0), axis=0)
-                    token = _tie(x, c, kt, stored_ties + nth - before, V, CHUNK_)
-                    wt = w_t
-                if tl.sum(tl.where(ok & (w > wt), w, 0.0), axis=0) < top_p * total:
-                    r = ROUNDS_ + 1  # accepted
-                else:
-                    thr = wt
-                    r += 1
-            if r == ROUNDS_:  # never accepted: the argmax, always in the nucleus
-                token = best
-        return token
-
-    @triton.jit
-    def _sample_candidates(x_ptr, stride_x, row_ptr, slot_ptr, par_ptr, cv_ptr, ci_ptr, cn_ptr, V,
-                           CHUNK_: tl.constexpr, C_PAD: tl.constexpr, KP: tl.constexpr, LOW: tl.constexpr):
-        """(row, chunk) of a top-k row (k <= KP): the chunk's k largest logits (those above its
-        k-th, then its ties at the k-th while the KP places last: cv, ci) and how many it has
-        (cn: ties all counted)."""
-        i = tl.program_id(0)
-        c = tl.program_id(1)
-        slot = tl.load(slot_ptr + i)
-        top_k = tl.load(par_ptr + slot * 4 + 3)
-        if (top_k > 0.0) & (top_k <= KP):
-            x = x_ptr + tl.load(row_ptr + i).to(tl.int64) * stride_x
-            offs = c * CHUNK_ + tl.arange(0, CHUNK_)
-            v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            live = v == v
-            v = tl.where(live, v, float("-inf"))  # NaNs never count
-            live = v > float("-inf")
-            key = _sort_key(v)
-            kt = _kth_key(key, live, top_k.to(tl.int32), LOW)
-            gt = live & (key > kt)
-            eq = live & (key == kt)
-            n_gt = tl.sum(gt.to(tl.int32), axis=0)
-            at = tl.where(gt, tl.cumsum(gt.to(tl.int32), axis=0), n_gt + tl.cumsum(eq.to(tl.int32), axis=0)) - 1
-            base = (i * C_PAD + c) * KP
-            tl.store(cv_ptr + base + at, v, mask=(gt | eq) & (at < KP))
-            tl.store(ci_ptr + base + at, offs, mask=(gt | eq) & (at < KP))
-            tl.store(cn_ptr + i * C_PAD + c, n_gt + tl.sum(eq.to(tl.int32), axis=0))
-
-    @triton.jit
-    def _sample_top_k_rows(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, sf_ptr, si_ptr, cv_ptr,
-                           ci_ptr, cn_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr, C: tl.constexpr,
-                           C_PAD: tl.constexpr, ROUNDS_: tl.constexpr, KP: tl.constexpr, LOW: tl.constexpr):
-        """One program a row: a top-k row's (k <= KP) token, drawn from its chunks' candidates
-        after the first pass (which gave its maximum and argmax and marked it done)."""
-        i = tl.program_id(0)
-        slot = tl.load(slot_ptr + i)
-        inv_t, top_p, floor, top_k = _params(par_ptr, slot)
-        if (top_k > 0.0) & (top_k <= KP):
-            x = x_ptr + tl.load(row_ptr + i).to(tl.int64) * stride_x
-            key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
-            token = _sample_top_k(x, cv_ptr + i * C_PAD * KP, ci_ptr + i * C_PAD * KP, cn_ptr + i * C_PAD,
-                                  tl.load(sf_ptr + i * 2), inv_t, top_p, floor, top_k.to(tl.int32),
-                                  tl.load(seed_ptr + slot), key, tl.load(si_ptr + i * 5), C, V, CHUNK_, ROUNDS_,
-                                  C_PAD, KP, LOW)
-            tl.store(si_ptr + i * 5 + 1, token)
-
-    @triton.jit
     def _sample_first(x_ptr, stride_x, row_ptr, slot_ptr, key_ptr, par_ptr, seed_ptr, pm_ptr, pi_ptr, pw_ptr,
                       cnt_ptr, sf_ptr, si_ptr, V, KEY_BY_SLOT: tl.constexpr, CHUNK_: tl.constexpr,
                       C: tl.constexpr, C_PAD: tl.constexpr, ROUNDS_: tl.constexpr, KP: tl.constexpr):
@@ -237,7 +92,7 @@ if triton is not None:
         c = tl.program_id(1)
         row = tl.load(row_ptr + i)
         slot = tl.load(slot_ptr + i)
-        inv_t, top_p, floor, top_k = _params(par_ptr, slot)
+        inv_t, top_p, floor, top_k = slot_params(par_ptr, slot)
         x = x_ptr + row.to(tl.int64) * stride_x
         offs = c * CHUNK_ + tl.arange(0, CHUNK_)
         v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
@@ -263,11 +118,11 @@ if triton is not None:
                 has = 1
             elif floor == float("-inf"):  # no min-p: the weights are the candidates', draw now
                 has = 1
-                if _degenerate(total):
+                if degenerate(total):
                     done = 1
                 else:
                     key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
-                    u = _uniform(tl.load(seed_ptr + slot), key, 0, ROUNDS_)
+                    u = uniform(tl.load(seed_ptr + slot), key, 0, ROUNDS_)
                     token = _draw_from_chunks(x, w, u, m, inv_t, floor, 0.0, V, CHUNK_, C_PAD)
                     done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
             tl.store(sf_ptr + i * 2, m)
@@ -293,7 +148,7 @@ if triton is not None:
         if tl.load(si_ptr + i * 5 + 2) == 0:
             row = tl.load(row_ptr + i)
             slot = tl.load(slot_ptr + i)
-            inv_t, top_p, floor, top_k = _params(par_ptr, slot)
+            inv_t, top_p, floor, top_k = slot_params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
             m = tl.load(sf_ptr + i * 2)
             token = tl.load(si_ptr + i * 5 + 1)
@@ -328,13 +183,13 @@ if triton is not None:
                 else:  # min-p: the candidates' total, then round 0's draw
                     total = heavier
                     tl.store(sf_ptr + i * 2 + 1, total)
-                    if _degenerate(total):
+                    if degenerate(total):
                         done = 1
                         draw = 0
                         token = tl.load(si_ptr + i * 5)
                 if draw != 0:
                     key = tl.load(key_ptr + slot) if KEY_BY_SLOT else tl.load(key_ptr + i)
-                    u = _uniform(tl.load(seed_ptr + slot), key, r, ROUNDS_)
+                    u = uniform(tl.load(seed_ptr + slot), key, r, ROUNDS_)
                     token = _draw_from_chunks(x, pw, u, m, inv_t, floor, thr, V, CHUNK_, C_PAD)
                     done = ((top_p >= 1.0) & (top_k <= 0.0)).to(tl.int32)
                 tl.store(si_ptr + i * 5 + 1, token)
@@ -355,7 +210,7 @@ if triton is not None:
         token = tl.load(si_ptr + i * 5 + 1)
         done = tl.load(si_ptr + i * 5 + 2)
         if done == 0:
-            inv_t, top_p, floor, top_k = _params(par_ptr, slot)
+            inv_t, top_p, floor, top_k = slot_params(par_ptr, slot)
             x = x_ptr + row.to(tl.int64) * stride_x
             m = tl.load(sf_ptr + i * 2)
             total = tl.load(sf_ptr + i * 2 + 1)
@@ -378,7 +233,7 @@ if triton is not None:
                 else:
                     r += 1
                     if r < ROUNDS_:  # inverse CDF over the heavier ones, in vocabulary order
-                        target = _uniform(seed, key, r, ROUNDS_) * heavier
+                        target = uniform(seed, key, r, ROUNDS_) * heavier
                         acc = 0.0
                         hit = BIG
                         last = 0
@@ -417,7 +272,7 @@ class SamplingTable:
         for j, value in enumerate((max(temperature, 1e-30), top_p, min_p, max(top_k, 0))):
             self.params[slot, j].fill_(value)
         self.seeds[slot].fill_(seed)
-        if 0 < top_k <= TOP_K:
+        if 0 < top_k <= triton_top_k.TOP_K:
             self.top_k_slots.add(slot)
         else:
             self.top_k_slots.discard(slot)
@@ -459,16 +314,12 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
     by_slot = next_tokens is not None if keys_by_slot is None else keys_by_slot
     common = (logits, logits.stride(0), rows, slots, keys, table.params, table.seeds)
     split = dict(KEY_BY_SLOT=by_slot, CHUNK_=chunk, C=C, C_PAD=c_pad, ROUNDS_=ROUNDS, num_warps=4)
-    if table.top_k_slots:  # some slot asks for top-k <= TOP_K: its rows' candidates, then their draw
-        cand_v = torch.empty(n * c_pad * TOP_K, dtype=torch.float32, device=logits.device)
-        cand_i = torch.empty(n * c_pad * (TOP_K + 1), dtype=torch.int32, device=logits.device)
-        cand = (cand_v, cand_i, cand_i[n * c_pad * TOP_K:])
-        low = {torch.bfloat16: 16, torch.float16: 13}.get(logits.dtype, 0)  # float32 bits always 0 in the logits
-        _sample_candidates[(n, C)](logits, logits.stride(0), rows, slots, table.params, *cand, V, CHUNK_=chunk,
-                                   C_PAD=c_pad, KP=TOP_K, LOW=low, num_warps=8)  # (4 warps: 254 registers)
-    _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, KP=TOP_K, **split)
-    if table.top_k_slots:
-        _sample_top_k_rows[(n,)](*common, sf, si, *cand, V, KP=TOP_K, LOW=low, **{**split, "num_warps": 16})
+    top_k = bool(table.top_k_slots)  # some slot asks for top-k <= TOP_K: its rows' candidates, then their draw
+    if top_k:
+        candidates = triton_top_k.candidates(logits, common, n, C, c_pad, chunk)
+    _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, KP=triton_top_k.TOP_K, **split)
+    if top_k:
+        triton_top_k.draw(common, sf, si, candidates, V, split)
     for _ in range(SPLIT_ROUNDS):
         _sample_round[(n, C)](*common, pw, pi, counters, sf, si, V, **split)  # (pi: now the chunks' counts)
     _sample_rest[(n,)](*common, sf, si, out, next_tokens if next_tokens is not None else out, V,
