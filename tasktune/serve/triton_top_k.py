@@ -25,23 +25,24 @@ if triton is not None:
 
     from tasktune.serve.triton_draw_parts import BIG, degenerate, slot_params, uniform
 
-    NO_KEY = tl.constexpr(1 << 40)  # above every _sort_key
+    NO_KEY = tl.constexpr(2147483647)  # above every _sort_key (NaN's bits, never a key: NaNs are -inf here)
 
     @triton.jit
     def _sort_key(v):
-        """An int64 key in v's float32 order (-0 below +0)."""
+        """An int32 key in v's float32 order (-0 below +0)."""
         bits = v.to(tl.int32, bitcast=True)
-        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits).to(tl.int64)
+        return tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
 
     @triton.jit
     def _kth_key(key, ok, k, LOW: tl.constexpr):
         """The k-th largest of the keys where ok (all of them, fewer there; NO_KEY, none),
         searched a bit at a time from the top: the largest t on a grid of 2^LOW with k keys
         >= t, then the smallest key above it (bf16 logits: LOW 16, 16 steps)."""
-        t = tl.full((), -2147483648, tl.int64)
+        t = tl.full((), -2147483648, tl.int64)  # (t + 2^b stays below 2^31 - 2^LOW: int32 compares)
         for b in tl.static_range(31, LOW - 1, -1):
-            if tl.sum((ok & (key >= t + (1 << b))).to(tl.int32), axis=0) >= k:
+            if tl.sum((ok & (key >= (t + (1 << b)).to(tl.int32))).to(tl.int32), axis=0) >= k:
                 t = t + (1 << b)
+        t = t.to(tl.int32)
         return tl.min(tl.where(ok & (key >= t), key, NO_KEY), axis=0)
 
     @triton.jit
