@@ -22,8 +22,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tasktune.serve.grammar import mask_rows
 from tasktune.serve import triton_top_k
+from tasktune.serve.grammar import mask_rows
 from tasktune.serve.triton_sample import sample_rows
 from tasktune.serve.guided import constrain_rows
 

@@ -87,7 +87,7 @@ if triton is not None:
         """(row, chunk): the chunk's maximum, its first index and its weight relative to
         it; the row's last chunk to finish takes the row's maximum and argmax and, without
         min-p, its total and round 0's token (a top-k row with k <= KP: done, its token comes
-        from _sample_top_k_rows)."""
+        from triton_top_k's draw; KP 0 when that is not launched)."""
         i = tl.program_id(0)
         c = tl.program_id(1)
         row = tl.load(row_ptr + i)
@@ -317,7 +317,7 @@ def sample_rows(logits: torch.Tensor, rows: torch.Tensor, slots: torch.Tensor, k
     top_k = bool(table.top_k_slots)  # some slot asks for top-k <= TOP_K: its rows' candidates, then their draw
     if top_k:
         candidates = triton_top_k.candidates(logits, common, n, C, c_pad, chunk)
-    _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, KP=triton_top_k.TOP_K, **split)
+    _sample_first[(n, C)](*common, pm, pi, pw, counters, sf, si, V, KP=triton_top_k.TOP_K if top_k else 0, **split)
     if top_k:
         triton_top_k.draw(common, sf, si, candidates, V, split)
     for _ in range(SPLIT_ROUNDS):

@@ -57,7 +57,7 @@ if triton is not None:
     def _sample_top_k(x, cv_ptr, ci_ptr, cn_ptr, m, inv_t, top_p, floor, top_k, seed, key, best, C, V,
                       CHUNK_: tl.constexpr, ROUNDS_: tl.constexpr, C_PAD: tl.constexpr, KP: tl.constexpr,
                       LOW: tl.constexpr):
-        """A top-k row's whole draw from its chunks' candidates (_sample_first): the row's k-th
+        """A top-k row's whole draw from its chunks' candidates (_sample_candidates): the row's k-th
         largest logit T, then inverse-CDF draws over the tokens >= T that min-p keeps, top-p
         by rejection among them (the tokens strictly heavier than the drawn one weigh less
         than top_p of the top-k total: vLLM's top-p of what top-k kept). A chunk with more
@@ -128,8 +128,7 @@ if triton is not None:
             x = x_ptr + tl.load(row_ptr + i).to(tl.int64) * stride_x
             offs = c * CHUNK_ + tl.arange(0, CHUNK_)
             v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            live = v == v
-            v = tl.where(live, v, float("-inf"))  # NaNs never count
+            v = tl.where(v != v, float("-inf"), v)  # NaNs never count
             live = v > float("-inf")
             key = _sort_key(v)
             kt = _kth_key(key, live, top_k.to(tl.int32), LOW)
