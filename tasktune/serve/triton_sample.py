@@ -60,7 +60,7 @@ MAX_ROWS = 1 << 16  # "last chunk" counters: one per row
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_draw_parts import BIG, degenerate, slot_params, uniform
+    from tasktune.serve.triton_draw_parts import BIG, chunk_logits, degenerate, slot_params, uniform
 
     @triton.jit
     def _draw_from_chunks(x, w, u, m, inv_t, floor, low, V, CHUNK_: tl.constexpr, C_PAD: tl.constexpr):
@@ -94,9 +94,7 @@ if triton is not None:
         slot = tl.load(slot_ptr + i)
         inv_t, top_p, floor, top_k = slot_params(par_ptr, slot)
         x = x_ptr + row.to(tl.int64) * stride_x
-        offs = c * CHUNK_ + tl.arange(0, CHUNK_)
-        v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        v = tl.where(v != v, float("-inf"), v)  # NaNs never count
+        offs, v = chunk_logits(x, c, V, CHUNK_)
         mc = tl.max(v, axis=0)
         tl.store(pm_ptr + i * C + c, mc)
         tl.store(pi_ptr + i * C + c, tl.min(tl.where(v == mc, offs, BIG), axis=0))

@@ -23,7 +23,7 @@ TOP_K = 64  # candidates a chunk keeps at most; rows with a larger k draw by rej
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_draw_parts import BIG, degenerate, slot_params, uniform
+    from tasktune.serve.triton_draw_parts import BIG, chunk_logits, degenerate, slot_params, uniform
 
     NO_KEY = tl.constexpr(2147483647)  # above every _sort_key (NaN's bits, never a key: NaNs are -inf here)
 
@@ -48,9 +48,8 @@ if triton is not None:
     @triton.jit
     def _tie(x, c, key_t, nth, V, CHUNK_: tl.constexpr):
         """The index of chunk c's nth logit (from 0, vocabulary order) whose key is key_t."""
-        offs = c * CHUNK_ + tl.arange(0, CHUNK_)
-        v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-        eq = (_sort_key(tl.where(v != v, float("-inf"), v)) == key_t) & (offs < V)
+        offs, v = chunk_logits(x, c, V, CHUNK_)
+        eq = (_sort_key(v) == key_t) & (offs < V)
         return tl.min(tl.where(eq & (tl.cumsum(eq.to(tl.int32), axis=0) - 1 == nth), offs, BIG), axis=0)
 
     @triton.jit
@@ -126,9 +125,7 @@ if triton is not None:
         top_k = tl.load(par_ptr + slot * 4 + 3)
         if (top_k > 0.0) & (top_k <= KP):
             x = x_ptr + tl.load(row_ptr + i).to(tl.int64) * stride_x
-            offs = c * CHUNK_ + tl.arange(0, CHUNK_)
-            v = tl.load(x + offs, mask=offs < V, other=float("-inf")).to(tl.float32)
-            v = tl.where(v != v, float("-inf"), v)  # NaNs never count
+            offs, v = chunk_logits(x, c, V, CHUNK_)
             live = v > float("-inf")
             key = _sort_key(v)
             kt = _kth_key(key, live, top_k.to(tl.int32), LOW)
