@@ -18,6 +18,9 @@ import torch  # noqa: E402
 # the CPU tests exercise them too (set before anything imports triton).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+    import interpreter_speed  # noqa: E402
+
+    interpreter_speed.install()
 
 from tiny_models import make_adapters, tiny_bert_dir, tiny_engine, tiny_llama_dir  # noqa: E402
 
