@@ -138,6 +138,11 @@ def test_b_http_predict_gives_structured_answers(single_run):
         assert out["prediction"] == want_slots.value and out["text"] == want_slots.text
         assert out["slots"] == [dataclasses.asdict(x) for x in want_slots.slots]
         assert out["top"] is None and out["score"] is None
+        for alone in (sentence, slots.inputs["tokens"]):  # a one-field task's value alone (HF's inference API)
+            assert client.post("/v1/tasks/snips_slots/predict", json={"inputs": alone}).json() == out
+        r = client.post("/v1/tasks/home_intent/predict", json={"inputs": intent.inputs["text"], "top_k": 2})
+        assert r.json()["prediction"] == want_intent.value and [t["label"] for t in r.json()["top"]] == [
+            label for label, _ in want_intent.top]
 
         cards = client.get("/v1/models").json()["data"][1:]  # after the base: each task and its adapter
         assert [(c["id"], c["root"]) for c in cards] == [("home_intent", "home_intent"), ("snips_slots", "snips_slots")]

@@ -77,6 +77,8 @@ def test_task_predict_serves_the_runs_own_tasks(tmp_path, tiny_llama, strategy, 
         assert body["score"] == pytest.approx(ref.score, abs=1e-4)
         assert body["top"][0] == {"label": ref.value, "score": body["score"]}
         assert sum(t["score"] for t in body["top"]) <= 1 + 1e-6 and len(body["top"]) == min(5, len(query.answers))
+        alone = client.post("/v1/tasks/home_intent/predict", json={"inputs": text, "max_tokens": 32})  # its one field
+        assert alone.status_code == 200 and alone.json() == body
         plain = {"model": adapter, "prompt": query.prompt, "max_tokens": 32, "temperature": 0}
         free = client.post("/v1/tasks/home_intent/predict", json={"inputs": {"text": text}, "max_tokens": 6,
                                                                    "guided": False}).json()

@@ -268,7 +268,10 @@ class AdapterOut(BaseModel):
 
 
 class TaskPredictRequest(_Body):
-    inputs: Annotated[dict[Annotated[str, Field(max_length=64)], Union[Text, list[Text]]], Field(max_length=32)]
+    # the task's input fields by name, or (a task that reads one field) its value alone, as
+    # in Hugging Face's inference API: a text, or a word list for tagging
+    inputs: Union[Text, list[Text], Annotated[dict[Annotated[str, Field(max_length=64)], Union[Text, list[Text]]],
+                                              Field(max_length=32)]]
     model: Name | None = None
     max_tokens: MaxTokens = 64  # causal runs
     top_k: Annotated[int, Field(ge=1, le=100)] = 5  # how many labels `top` lists

@@ -30,14 +30,14 @@ class TaskPredictor(Protocol):
     """(task name, inputs) -> TaskQuery. Raises LookupError for an unknown task and
     ValueError for unusable inputs."""
 
-    def __call__(self, task: str, inputs: dict[str, Any]) -> TaskQuery: ...
+    def __call__(self, task: str, inputs: Mapping[str, Any] | str | list[str]) -> TaskQuery: ...
 
 
 def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
     """A TaskPredictor over `tasks` (a served run's own tasks, user-declared ones too),
     else over the built-in registry: the task's first template and its parser."""
 
-    def predict(task_name: str, inputs: dict[str, Any]) -> TaskQuery:
+    def predict(task_name: str, inputs: Mapping[str, Any] | str | list[str]) -> TaskQuery:
         from tasktune.tasks.registry import get_task
 
         if tasks is not None:
@@ -52,12 +52,16 @@ def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
     return predict
 
 
-def task_query(task: Task, inputs: dict[str, Any]) -> TaskQuery:
+def task_query(task: Task, inputs: Mapping[str, Any] | str | list[str]) -> TaskQuery:
     from tasktune.tasks.parsers import parse_output
     from tasktune.tasks.render import label_text, render
     from tasktune.tasks.spec import Example, Origin
 
     task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
+    if not isinstance(inputs, Mapping):  # a task's one field given alone (a text, or words for tagging)
+        if len(task.input_fields) != 1:
+            raise ValueError(f"task {task.name!r} reads the fields {list(task.input_fields)}: pass them by name")
+        inputs = {task.input_fields[0]: inputs}
     inputs = dict(inputs)
     if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
         inputs["tokens"] = str(inputs.get("tokens", inputs.get("text"))).split()
