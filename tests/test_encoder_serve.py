@@ -99,7 +99,7 @@ def test_concurrent_requests_share_forwards(single_run):
     requests = [engine.example(ex.task, ex.inputs) for ex in interleaved(data)[:5]]
     expected = engine.predict(requests)
     forwards = []
-    hook = engine.runner.model.register_forward_pre_hook(lambda *_: forwards.append(1))
+    hook = engine.runner.model.register_forward_pre_hook(lambda *_: forwards.append(threading.current_thread().name))
     answers: dict[int, object] = {}
     threads = [threading.Thread(target=lambda i=i: answers.update({i: engine.submit(requests[i])})) for i in range(5)]
     with engine._model:  # a forward "runs": the five requests queue up behind it
@@ -110,7 +110,7 @@ def test_concurrent_requests_share_forwards(single_run):
     for t in threads:
         t.join()
     hook.remove()
-    assert len(forwards) == 3  # 2 + 2 + 1 requests
+    assert forwards == ["tasktune-encoder"] * 3  # 2 + 2 + 1 requests, all on the engine's one torch thread
     assert_same([answers[i] for i in range(5)], expected)
 
 

@@ -9,14 +9,15 @@ folded `cgc`) is the run's plan; the engine never looks.
 
 Micro-batching: a batch is up to `max_batch` requests, padded to the longest. `submit`
 is the entry point for concurrent callers (the API's worker threads): requests that
-arrive while a forward runs wait, and the next caller to get the model runs them all in
-one forward.
+arrive while a forward runs wait, and the next forward takes them all. Loading and every
+forward run on the engine's one `TorchThread` (torch_thread.py: on a CPU, torch ops from
+several threads ran 2-3x slower).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,6 +28,7 @@ from tasktune.errors import TasktuneError
 from tasktune.model.predict import decode_encoder, encoder_logits
 from tasktune.model.restore import read_run, restore_runner
 from tasktune.model.runner import Runner
+from tasktune.serve.torch_thread import TorchThread
 from tasktune.tasks.render import bio_spans, label_text, slots_text
 from tasktune.tasks.spec import Example, FieldValue, Origin, Task
 
@@ -65,27 +67,38 @@ class _Pending:
 
 
 class EncoderEngine:
-    def __init__(self, runner: Runner, *, name: str = "encoder", max_batch: int = 32):
-        if runner.family != "encoder":
-            raise TasktuneError(f"EncoderEngine serves encoder runs, not a {runner.family} model")
+    def __init__(self, runner: Runner | Callable[[], Runner], *, name: str = "encoder", max_batch: int = 32):
+        """runner: the run's model, or a function that loads it (called on the engine's thread)."""
         if max_batch < 1:
             raise TasktuneError("max_batch must be at least 1")
-        self.runner = runner.eval()
         self.name = name
         self.max_batch = max_batch
-        # tasks with a head: a generation task never gets one on an encoder
-        self.tasks: dict[str, Task] = {t: runner.tasks[t] for t in runner.heads}
         self.running = 0  # rows in the forward now
         self._model = threading.Lock()  # one forward at a time
         self._queue_lock = threading.Lock()
         self._queue: list[_Pending] = []
+        self._thread = TorchThread("tasktune-encoder", lambda: self._forward_queued if self._queue else None)
+        try:
+            runner = runner if isinstance(runner, Runner) else self._thread.call(runner)
+            if runner.family != "encoder":
+                raise TasktuneError(f"EncoderEngine serves encoder runs, not a {runner.family} model")
+        except BaseException:
+            self._thread.close()
+            raise
+        self.runner = runner.eval()
+        # tasks with a head: a generation task never gets one on an encoder
+        self.tasks: dict[str, Task] = {t: runner.tasks[t] for t in runner.heads}
 
     @classmethod
     def from_run(cls, run_dir: Path, *, device: str = "cpu", max_batch: int = 32) -> "EncoderEngine":
         cfg, record = read_run(run_dir)
         if record.get("family") != "encoder":
             raise TasktuneError(f"{run_dir}: a {record.get('family')} run, not an encoder run")
-        return cls(restore_runner(run_dir).to(device), name=Path(cfg.model).name, max_batch=max_batch)
+        return cls(lambda: restore_runner(run_dir).to(device), name=Path(cfg.model).name, max_batch=max_batch)
+
+    def close(self) -> None:
+        """Stop the engine's thread (after the calls already made)."""
+        self._thread.close()
 
     @property
     def adapters(self) -> list[str]:
@@ -126,34 +139,39 @@ class EncoderEngine:
     # --- prediction ---------------------------------------------------------------------
     def predict(self, examples: Sequence[Example], *, top_k: int = 5) -> list[Answer]:
         """Answers in request order, `max_batch` requests per forward. Thread-safe."""
-        answers: list[Answer] = []
-        with self._model:
-            for i in range(0, len(examples), self.max_batch):
-                chunk = list(examples[i : i + self.max_batch])
-                answers += self._forward(chunk, [top_k] * len(chunk))
-        return answers
+
+        def run() -> list[Answer]:
+            answers: list[Answer] = []
+            with self._model:
+                for i in range(0, len(examples), self.max_batch):
+                    chunk = list(examples[i : i + self.max_batch])
+                    answers += self._forward(chunk, [top_k] * len(chunk))
+            return answers
+
+        return self._thread.call(run)
 
     def submit(self, example: Example, *, top_k: int = 5) -> Answer:
-        """One request from one of many concurrent threads. Whoever holds the model runs
-        the waiting requests (up to `max_batch`, oldest first) in one forward and hands
-        each its answer; a caller whose answer is not in yet takes the next batch itself."""
+        """One request from one of many concurrent threads: it waits for the engine's next
+        forward, which takes the waiting requests (up to `max_batch`, oldest first)."""
         mine = _Pending(example, top_k, Future())
         with self._queue_lock:
             self._queue.append(mine)
-        while True:
-            with self._model:
-                if mine.done.done():
-                    return mine.done.result()
-                with self._queue_lock:
-                    batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
-                try:
-                    answers = self._forward([p.example for p in batch], [p.top_k for p in batch])
-                except Exception as e:  # every caller in the batch hears of it, not only this one
-                    for p in batch:
-                        p.done.set_exception(e)
-                else:
-                    for p, a in zip(batch, answers):
-                        p.done.set_result(a)
+        self._thread.wake()
+        return mine.done.result()
+
+    def _forward_queued(self) -> None:
+        """On the engine's thread: one forward over the oldest waiting requests."""
+        with self._model:
+            with self._queue_lock:
+                batch, self._queue = self._queue[: self.max_batch], self._queue[self.max_batch :]
+            try:
+                answers = self._forward([p.example for p in batch], [p.top_k for p in batch])
+            except Exception as e:  # every caller in the batch hears of it
+                for p in batch:
+                    p.done.set_exception(e)
+            else:
+                for p, a in zip(batch, answers):
+                    p.done.set_result(a)
 
     def _forward(self, examples: list[Example], top_ks: list[int]) -> list[Answer]:
         self.running = len(examples)
