@@ -3,6 +3,7 @@ answering exactly like the trained model (greedy tokens equal HF + the runner)."
 
 from __future__ import annotations
 
+import threading
 from dataclasses import replace
 
 import pytest
@@ -14,13 +15,20 @@ from tasktune.errors import TasktuneError
 from tasktune.data.tokenize import encode_prompt
 from tasktune.lora.inject import use_adapters
 from tasktune.serve.branch_scoring import pack_branches
+from tasktune.serve.engine import Engine
 from tasktune.serve.launch import build_server
 from tasktune.train.run import train_strategy
 
 
-def test_serve_a_run_folder(tmp_path, tiny_llama):
+def test_serve_a_run_folder(tmp_path, tiny_llama, monkeypatch):
     cfg = tiny_config(tmp_path, tiny_llama, max_steps=3)
     runner, _, _ = train_strategy(cfg, "single", tmp_path / "run", progress=False)
+    threads = []  # the model loads, and every step runs, on one thread (serve/torch_thread.py)
+    load = Engine.from_pretrained.__func__
+    monkeypatch.setattr(Engine, "from_pretrained", classmethod(
+        lambda cls, *a, **k: (threads.append(threading.current_thread().name), load(cls, *a, **k))[1]))
+    monkeypatch.setattr(Engine, "step", lambda self, step=Engine.step: (
+        threads.append(threading.current_thread().name), step(self))[1])
     app, names = build_server([tmp_path / "run"], None)
     assert names == ["home_intent", "snips_slots"]
     prompt = "turn on the kitchen lights"
@@ -31,6 +39,7 @@ def test_serve_a_run_folder(tmp_path, tiny_llama):
         assert reply.status_code == 200, reply.text
         served = reply.json()["choices"][0]["text"]
         assert client.post("/v1/completions", json={"model": "nope", "prompt": prompt}).status_code == 404
+    assert len(threads) > 1 and set(threads) == {"tasktune-engine"}
     # the same greedy continuation from the trained runner through Hugging Face generate
     tok = runner.tokenizer
     ids = tok(prompt, return_tensors="pt").input_ids

@@ -27,6 +27,7 @@ from tasktune.serve.api_app import APIError, api_app
 from tasktune.serve.async_engine import AsyncEngine
 from tasktune.serve.branch_scoring import pack_branches
 from tasktune.serve.encoder_engine import EncoderEngine
+from tasktune.serve.torch_thread import TorchThread
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.grammar import GrammarError
 from tasktune.serve.guided import encode_answers
@@ -49,17 +50,19 @@ def render_chat(tokenizer, messages: list[s.ChatMessage]) -> str:
 
 
 def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, *, api_key: str | None = None,
-               tasks: TaskPredictor | None = None, task_adapters: Mapping[str, str] | None = None) -> FastAPI:
+               tasks: TaskPredictor | None = None, task_adapters: Mapping[str, str] | None = None,
+               torch_thread: TorchThread | None = None) -> FastAPI:
     """The API over a causal `Engine`, or over an `EncoderEngine` (encoder_api.py).
     `tasks` renders and parses /v1/tasks/{task}/predict (default: the built-in tasks);
     `task_adapters` names the adapter that answers a task when the request names none
-    (default: the adapter named like the task, else the base model)."""
+    (default: the adapter named like the task, else the base model); `torch_thread`, the
+    thread that loaded the engine, steps it (AsyncEngine)."""
     if isinstance(engine, EncoderEngine):
         from tasktune.serve.encoder_api import create_encoder_app  # it builds on this module
 
         return create_encoder_app(engine, api_key=api_key)
     pool = pool or engine.pool
-    runner = AsyncEngine(engine)
+    runner = AsyncEngine(engine, torch_thread)
     predictor = tasks or registry_predictor
     metrics = Metrics(lambda: len(engine.scheduler.waiting), lambda: len(engine.scheduler.running),
                       lambda: len(pool.resident()))

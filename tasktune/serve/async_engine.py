@@ -11,12 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+from concurrent.futures import Future, wait
 from dataclasses import dataclass, field
 from typing import AsyncIterator
 
 from tasktune.serve.engine import Completion, Engine, Request, completion_of
 from tasktune.serve.sampling import TokenLogprob
 from tasktune.serve.scheduler import Sequence
+from tasktune.serve.torch_thread import TorchThread
 
 log = logging.getLogger(__name__)
 
@@ -58,21 +60,30 @@ class Event:
 class AsyncEngine:
     """Runs `Engine.step` in a background thread while there is work; coroutines await results."""
 
-    def __init__(self, engine: Engine):
+    def __init__(self, engine: Engine, torch_thread: TorchThread | None = None):
+        """torch_thread: the thread that loaded the engine's model, to step it on (a CPU's
+        torch ops run 2x slower from a second thread: torch_thread.py); else one of its own."""
         self.engine = engine
         self._wake, self._stop, self._paused = threading.Event(), False, False
-        self._thread: threading.Thread | None = None
+        self._torch_thread = torch_thread
+        self._thread: threading.Thread | Future | None = None
 
     def start(self) -> None:
-        if self._thread is None or not self._thread.is_alive():
+        if self._thread is None or (self._thread.done() if isinstance(self._thread, Future)
+                                    else not self._thread.is_alive()):
             self._stop = False
+            if self._torch_thread is not None:
+                self._thread = self._torch_thread.submit(self._run)
+                return
             self._thread = threading.Thread(target=self._run, name="tasktune-engine", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        if self._thread is not None:
+        if isinstance(self._thread, Future):
+            wait([self._thread], timeout=10)
+        elif self._thread is not None:
             self._thread.join(timeout=10)
         self._thread = None
 

@@ -76,6 +76,7 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     from tasktune.serve.api import create_app
     from tasktune.serve.task_predictor import task_predictor
     from tasktune.serve.engine import Engine
+    from tasktune.serve.torch_thread import TorchThread
 
     device = resolve_device(device)
     if len(paths) == 1 and is_encoder_run(paths[0]):
@@ -89,20 +90,29 @@ def build_server(paths: list[Path], base: str | None, *, device: str = "cpu", ad
     where, local = resolve(base)
     if not local:
         raise TasktuneError(f"--base '{base}': the server loads local model folders only")
-    engine = Engine.from_pretrained(
-        where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device,
-        dtype=_dtype(dtype), max_running=max_running, max_waiting=max_waiting, max_len=max_len,
-        compile=device.startswith("cuda") if compile is None else compile,
-    )
-    root, engine.pool.root = engine.pool.root, None  # command-line adapters are trusted
+    def load() -> Engine:
+        engine = Engine.from_pretrained(
+            where, adapter_root=adapter_root, max_resident=max_resident, max_rank=max_rank, device=device,
+            dtype=_dtype(dtype), max_running=max_running, max_waiting=max_waiting, max_len=max_len,
+            compile=device.startswith("cuda") if compile is None else compile,
+        )
+        root, engine.pool.root = engine.pool.root, None  # command-line adapters are trusted
+        try:
+            for name, folder in adapters.items():
+                engine.pool.register(name, folder)
+        finally:
+            engine.pool.root = root
+        engine.warmup(progress=True)
+        return engine
+
+    thread = TorchThread("tasktune-engine")  # loads the model and then steps it (torch_thread.py)
     try:
-        for name, folder in adapters.items():
-            engine.pool.register(name, folder)
-    finally:
-        engine.pool.root = root
-    engine.warmup(progress=True)
+        engine = thread.call(load)
+    except BaseException:
+        thread.close()
+        raise
     predictor = task_predictor(served.tasks) if served.tasks else None  # adapter folders only: the built-in tasks
-    app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters)
+    app = create_app(engine, api_key=api_key, tasks=predictor, task_adapters=served.task_adapters, torch_thread=thread)
     return app, sorted(adapters)
 
 

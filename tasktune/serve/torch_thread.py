@@ -36,13 +36,17 @@ class TorchThread:
         thread itself, run it in place."""
         if threading.current_thread() is self._thread:
             return fn()
+        return self.submit(fn).result()
+
+    def submit(self, fn: Callable[[], T]) -> Future:
+        """Queue fn for the thread without waiting: its Future holds the result."""
         done: Future = Future()
         with self._cv:
             if self._closed:
                 raise RuntimeError(f"{self._thread.name} is closed")
             self._calls.append((fn, done))
             self._cv.notify()
-        return done.result()
+        return done
 
     def wake(self) -> None:
         with self._cv:
