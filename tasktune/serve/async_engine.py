@@ -65,27 +65,25 @@ class AsyncEngine:
         torch ops run 2x slower from a second thread: torch_thread.py); else one of its own."""
         self.engine = engine
         self._wake, self._stop, self._paused = threading.Event(), False, False
-        self._torch_thread = torch_thread
-        self._thread: threading.Thread | Future | None = None
+        self._given, self._own = torch_thread, None
+        self._loop: Future | None = None  # the step loop, running on the thread
 
     def start(self) -> None:
-        if self._thread is None or (self._thread.done() if isinstance(self._thread, Future)
-                                    else not self._thread.is_alive()):
+        if self._loop is None or self._loop.done():
             self._stop = False
-            if self._torch_thread is not None:
-                self._thread = self._torch_thread.submit(self._run)
-                return
-            self._thread = threading.Thread(target=self._run, name="tasktune-engine", daemon=True)
-            self._thread.start()
+            if self._given is None and self._own is None:
+                self._own = TorchThread("tasktune-engine")
+            self._loop = (self._given or self._own).submit(self._run)
 
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
-        if isinstance(self._thread, Future):
-            wait([self._thread], timeout=10)
-        elif self._thread is not None:
-            self._thread.join(timeout=10)
-        self._thread = None
+        if self._loop is not None:
+            wait([self._loop], timeout=10)
+        self._loop = None
+        if self._own is not None:
+            self._own.close()
+            self._own = None
 
     def pause(self) -> None:
         """Hold the loop between steps (tests, maintenance); queued requests wait."""
