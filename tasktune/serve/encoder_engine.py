@@ -28,6 +28,7 @@ from tasktune.errors import TasktuneError
 from tasktune.model.predict import decode_encoder, encoder_logits
 from tasktune.model.restore import read_run, restore_runner
 from tasktune.model.runner import Runner
+from tasktune.serve.task_predictor import named_inputs
 from tasktune.serve.torch_thread import TorchThread
 from tasktune.tasks.render import bio_spans, label_text, slots_text
 from tasktune.tasks.spec import Example, FieldValue, Origin, Task
@@ -96,10 +97,6 @@ class EncoderEngine:
             raise TasktuneError(f"{run_dir}: a {record.get('family')} run, not an encoder run")
         return cls(lambda: restore_runner(run_dir).to(device), name=Path(cfg.model).name, max_batch=max_batch)
 
-    def close(self) -> None:
-        """Stop the engine's thread (after the calls already made)."""
-        self._thread.close()
-
     @property
     def adapters(self) -> list[str]:
         return list(self.runner.plan.adapters)
@@ -119,10 +116,7 @@ class EncoderEngine:
         spec = self.tasks.get(task)
         if spec is None:
             raise LookupError(f"task {task!r} is not served here; tasks: {', '.join(self.tasks)}")
-        if not isinstance(inputs, Mapping):
-            if len(spec.input_fields) != 1:
-                raise ValueError(f"task {task!r} reads the fields {list(spec.input_fields)}: pass a mapping")
-            inputs = {spec.input_fields[0]: inputs}
+        inputs = named_inputs(spec, inputs)
         if spec.kind == "tagging":
             words = inputs.get("tokens", inputs.get("text"))
             words = words.split() if isinstance(words, str) else words

@@ -52,17 +52,23 @@ def task_predictor(tasks: Mapping[str, Task] | None = None) -> TaskPredictor:
     return predict
 
 
+def named_inputs(task: Task, inputs: Mapping[str, Any] | str | list[str]) -> Mapping[str, Any]:
+    """A request's inputs by field: a one-field task's value may come alone (a text, or
+    words for tagging), as in Hugging Face's inference API."""
+    if isinstance(inputs, Mapping):
+        return inputs
+    if len(task.input_fields) != 1:
+        raise ValueError(f"task {task.name!r} reads the fields {list(task.input_fields)}: pass them by name")
+    return {task.input_fields[0]: inputs}
+
+
 def task_query(task: Task, inputs: Mapping[str, Any] | str | list[str]) -> TaskQuery:
     from tasktune.tasks.parsers import parse_output
     from tasktune.tasks.render import label_text, render
     from tasktune.tasks.spec import Example, Origin
 
     task = dataclasses.replace(task, templates=task.templates[:1])  # serving uses the canonical template
-    if not isinstance(inputs, Mapping):  # a task's one field given alone (a text, or words for tagging)
-        if len(task.input_fields) != 1:
-            raise ValueError(f"task {task.name!r} reads the fields {list(task.input_fields)}: pass them by name")
-        inputs = {task.input_fields[0]: inputs}
-    inputs = dict(inputs)
+    inputs = dict(named_inputs(task, inputs))
     if task.kind == "tagging" and isinstance(inputs.get("tokens", inputs.get("text")), str):
         inputs["tokens"] = str(inputs.get("tokens", inputs.get("text"))).split()
     missing = [f for f in task.input_fields if f not in inputs]
