@@ -17,12 +17,13 @@ from contextlib import asynccontextmanager
 from typing import Any, Callable, Mapping
 
 from fastapi import FastAPI
-from fastapi.responses import PlainTextResponse, Response
+from fastapi.responses import Response
 
 from tasktune import __version__
 from tasktune.data.tokenize import encode_prompt
 from tasktune.serve import schemas as s
 from tasktune.serve.adapter_pool import AdapterPool
+from tasktune.serve.adapter_routes import add_adapter_routes
 from tasktune.serve.api_app import APIError, api_app
 from tasktune.serve.async_engine import AsyncEngine
 from tasktune.serve.branch_scoring import pack_branches
@@ -306,38 +307,7 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
             raise APIError(400, f"tokens: token id {outside[0]} is outside the vocabulary ({vocab} tokens)")
         return s.DetokenizeResponse(prompt=engine.tokenizer.decode(body.tokens))
 
-    def adapter_out(name: str) -> s.AdapterOut:
-        i = pool.info(name)
-        return s.AdapterOut(name=i.name, rank=i.rank, scaling=i.scaling, target_modules=list(i.modules),
-                            base_model=i.base_model)
-
-    @app.get("/v1/adapters", response_model=list[s.AdapterOut], dependencies=auth)
-    async def list_adapters():
-        return [adapter_out(n) for n in pool.names()]
-
-    @app.post("/v1/adapters", response_model=s.AdapterOut, status_code=201, dependencies=auth)
-    async def load_adapter(body: s.AdapterLoadRequest):
-        if pool.root is None:
-            raise APIError(403, "loading adapters over HTTP is disabled: the server has no adapter root",
-                           "permission_error")
-        pool.register(body.name, body.path)
-        return adapter_out(body.name)
-
-    @app.delete("/v1/adapters/{name}", dependencies=auth)
-    async def unload_adapter(name: str):
-        pool.unregister(name)
-        return {"deleted": name}
-
-    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, dependencies=auth)
-    async def vllm_load_adapter(body: s.LoraLoadRequest):
-        """vLLM's route and answer for loading an adapter (the same checks as POST /v1/adapters)."""
-        await load_adapter(s.AdapterLoadRequest(name=body.lora_name, path=body.lora_path))
-        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
-
-    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, dependencies=auth)
-    async def vllm_unload_adapter(body: s.LoraUnloadRequest):
-        pool.unregister(body.lora_name)
-        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+    add_adapter_routes(app, pool, auth)
 
     async def predict_by_likelihood(task: str, model: str, query, top_k: int, started: float) -> s.TaskPredictResponse:
         """A closed-set task, as `tasktune eval` answers it (model/predict.py, score_labels):
