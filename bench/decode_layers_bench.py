@@ -30,8 +30,13 @@ from common import copy_bandwidth, device_name, kernel_bench_args, timed_graph, 
 
 
 def main() -> None:
-    args, device = kernel_bench_args(__doc__, lambda ap: ap.add_argument(
-        "--streams", action="store_true", help="also time the BGMV pair on a second stream (joined / deferred)"))
+    def options(ap):
+        ap.add_argument("--streams", action="store_true", help="also time the BGMV pair on a second stream")
+        ap.add_argument("--worker", type=int, nargs="*", default=None,
+                        help="also time the persistent LoRA worker (bench/lora_worker.py), GPU, 4 adapters: "
+                             "its program counts (default 16)")
+
+    args, device = kernel_bench_args(__doc__, options)
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
     from tasktune.serve import triton_linear
     from tasktune.serve.triton_linear import decode_linear
@@ -123,6 +128,34 @@ def main() -> None:
             return x
         return fn
 
+    def worker_cases(ids) -> dict:
+        """The worker path at each program count: us a layer, the worker alone, its error."""
+        from lora_worker import WorkerChain
+
+        n_blocks = {n: -(-(rows // 2 if n == "gate_up" else rows) // triton_linear.linear_config(
+            M, rows // 2 if n == "gate_up" else rows, k).BLOCK_N) for n, (rows, k, _) in shapes.items()}
+        out = {}
+        for programs in args.worker or [16]:
+            for prefetch in (False, True):
+                wc = WorkerChain(x0, layers, D, Q, KV, I, r, AB, scaling, norms, programs=programs, prefetch=prefetch)
+                run = lambda wc=wc: wc.run(W, bias, norms, ids, decode_linear, n_blocks)  # noqa: E731
+                key = f"worker{programs}{'_prefetch' if prefetch else ''}"
+                out[f"{key}_us_per_layer"] = timed_graph(run, device, replays) / layers * 1e6
+                out[f"{key}_alone_us_per_layer"] = timed_graph(
+                    lambda wc=wc: wc.alone(ids, n_blocks), device, replays) / layers * 1e6
+                out[f"max_rel_err_{key}_vs_eager"] = err(run())
+                print(f"{key}: {out[f'{key}_us_per_layer']:.1f} us a layer (the worker alone "
+                      f"{out[f'{key}_alone_us_per_layer']:.1f}); max rel err against eager "
+                      f"{out[f'max_rel_err_{key}_vs_eager']:.1e}", flush=True)
+                if programs == 16 and not prefetch:
+                    out[f"{key}_nowait_us_per_layer"] = timed_graph(
+                        lambda wc=wc: wc.run(W, bias, norms, ids, decode_linear, n_blocks, wait=False), device,
+                        replays) / layers * 1e6
+                    print(f"{key}, the linears not waiting: {out[f'{key}_nowait_us_per_layer']:.1f} us a layer",
+                          flush=True)
+                del wc
+        return out
+
     result = {"bench": "decode_layers_bench", "device": device_name(device), "versions": versions("triton"),
               "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
               "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "cases": {}}
@@ -137,6 +170,8 @@ def main() -> None:
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
+        if args.worker is not None and device.type == "cuda" and case == "a4":
+            c.update(worker_cases(ids))
         result["cases"][case] = c
         if "side_joined_us_per_layer" in c:
             print(f"{case}: pair on a second stream, joined {c['side_joined_us_per_layer']:.1f} us a layer, "

@@ -76,12 +76,12 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial, load_acquire
 
     @triton.jit
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
-        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr,
+        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, sig_ptr, wait_ptr, wait_for,
         M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -91,6 +91,8 @@ if triton is not None:
         UC: tl.constexpr, UPCAST: tl.constexpr, PDL: tl.constexpr,
         EARLY: tl.constexpr = False, LATE: tl.constexpr = False,  # triton_ops.PDL_EARLY, LATE_WAIT
         DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
+        SIGNAL: tl.constexpr = False,  # count each stored N block at sig_ptr (release): a LoRA worker polls it
+        WAIT_DELTA: tl.constexpr = False,  # before reading the delta, poll wait_ptr until it reaches wait_for
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -186,6 +188,10 @@ if triton is not None:
         if PDL and LATE:  # only the delta is the previous kernel's output (x was made before its shrink)
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
+        if WAIT_DELTA:  # the delta comes from a kernel beside this one (bench/lora_worker.py)
+            seen = load_acquire(wait_ptr, UPCAST)
+            while seen < wait_for:
+                seen = load_acquire(wait_ptr, UPCAST)
         if HAS_DELTA:  # LoRA's delta computed before this launch (lora.triton_ops.lora_delta), fp32
             d_ok = n_ok[:, None] & m_ok[None, :]
             acc += tl.load(d_ptr + offs_m[None, :] * stride_dm + offs_n[:, None], mask=d_ok, other=0.0)
@@ -209,6 +215,12 @@ if triton is not None:
             res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=ok, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
+        if SIGNAL:
+            if not UPCAST:  # every thread's stores before the count (UPCAST: the interpreter, no PTX)
+                tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
+                                          is_pure=False, pack=1)
+            tl.debug_barrier()
+            tl.atomic_add(sig_ptr, 1, sem="release")
         if LORA:
             if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
                 tl.store(cnt_ptr + n_blocks, 0)
@@ -256,7 +268,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   residual: torch.Tensor | None = None, *, norm: tuple[torch.Tensor, float] | None = None,
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
-                  config: LinearConfig | None = None) -> torch.Tensor:
+                  config: LinearConfig | None = None, out: torch.Tensor | None = None,
+                  signal: torch.Tensor | None = None, wait_delta: tuple[torch.Tensor, int] | None = None
+                  ) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
@@ -269,7 +283,10 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     delta: fp32 [M, weight rows] added to the projection before rounding, SwiGLU and the
     residual (the LoRA deltas computed by lora.triton_ops.lora_delta; instead of `lora`). With
     norm and delta_rms False the delta is that of x * weight (lora_delta(..., rms=False)), and
-    the kernel scales projection and delta by 1 / rms together."""
+    the kernel scales projection and delta by 1 / rms together.
+    out: the [M, N] output to write (else a new tensor). signal / wait_delta (GPU only, a
+    LoRA worker beside the launch, bench/lora_worker.py): an int32 counter each stored N
+    block adds one to; (counter, count) polled before the delta is read."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -288,7 +305,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} for output {(M, rows)} (float32, not with lora)")
     device = x.device
     cfg = config or linear_config(M, N, K, lora is not None, elem=max(2, x.element_size()))
-    y = torch.empty(M, N, dtype=x.dtype, device=device)
+    y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=device)
+    if y.shape != (M, N) or y.dtype != x.dtype or y.stride(1) != 1:
+        raise ValueError(f"out {tuple(y.shape)} {y.dtype} for output {(M, N)} {x.dtype}")
     n_blocks = triton.cdiv(N, cfg.BLOCK_N)
     parts = 2 if swiglu else 1
     ws_size = (cfg.SPLIT_K * parts * cfg.BLOCK_M * n_blocks * cfg.BLOCK_N + n_blocks * cfg.SPLIT_K * cfg.BLOCK_M
@@ -323,16 +342,18 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     launch = triton_ops.pdl_launch(device)
-    late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT
+    late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT and wait_delta is None
     _decode_linear[grid](
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
+        signal if signal is not None else counters, wait_delta[0] if wait_delta else counters,
+        wait_delta[1] if wait_delta else 0,
         M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
         delta.stride(0) if delta is not None else 0, r, b1, b2,
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, SPLIT_K=cfg.SPLIT_K, K_SPLIT=cfg.K_SPLIT,
         NORM=norm is not None, SWIGLU=swiglu, HAS_BIAS=bias is not None, HAS_RES=residual is not None,
-        HAS_DELTA=delta is not None, DELTA_RMS=delta_rms,
+        HAS_DELTA=delta is not None, DELTA_RMS=delta_rms, SIGNAL=signal is not None, WAIT_DELTA=wait_delta is not None,
         UPCAST=device.type != "cuda", LATE=late, num_warps=cfg.num_warps, num_stages=cfg.num_stages, **meta,
         **launch,
     )
