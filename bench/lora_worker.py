@@ -24,19 +24,20 @@ from tasktune.lora.triton_ops import triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, load_acquire, load_act
+    from tasktune.serve.triton_linear_blocks import distinct_adapters, dot_acc, load_acquire, load_act
 
     @triton.jit
-    def _wait(cnt_ptr, target):
-        seen = load_acquire(cnt_ptr, False)
+    def _wait(cnt_ptr, target, INTERPRETED: tl.constexpr):
+        seen = load_acquire(cnt_ptr, INTERPRETED)
         while seen < target:
-            seen = load_acquire(cnt_ptr, False)
+            seen = load_acquire(cnt_ptr, INTERPRETED)
 
     @triton.jit
-    def _arrive(cnt_ptr, pid):
+    def _arrive(cnt_ptr, pid, INTERPRETED: tl.constexpr):
         """Count this program at cnt_ptr after all its threads' stores (release)."""
-        tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
-                                  is_pure=False, pack=1)
+        if not INTERPRETED:
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
+                                      is_pure=False, pack=1)
         tl.debug_barrier()
         tl.atomic_add(cnt_ptr, 1, sem="release")
 
@@ -51,28 +52,31 @@ if triton is not None:
              ids_v, first, order, row_scale, offs_m, m_ok, pid, bound1, bound2,
              K: tl.constexpr, ROWS: tl.constexpr, MODULES: tl.constexpr, R: tl.constexpr, NORM: tl.constexpr,
              W: tl.constexpr, BLOCK_M: tl.constexpr, BK: tl.constexpr, BN: tl.constexpr, U: tl.constexpr,
-             RA_PAD: tl.constexpr, PREFETCH: tl.constexpr):
+             RA_PAD: tl.constexpr, PREFETCH: tl.constexpr, INTERPRETED: tl.constexpr):
         """One linear's LoRA delta: d[M, ROWS] = scale * B[slot] @ (A[slot] @ act(x)), fp32
         (act: x times the norm weight, without the 1 / rms, which the linear applies)."""
         offs_ra = tl.arange(0, RA_PAD)
         ra_ok = offs_ra < MODULES * R
         offs_k = tl.arange(0, BK)
+        NKB: tl.constexpr = (K + BK - 1) // BK
+        NT: tl.constexpr = (ROWS + BN - 1) // BN
         jj = offs_ra % R
         mod_of = offs_ra // R
         if PREFETCH:  # this program's A rows and B tiles, before the poll
             for u in tl.static_range(U):
                 slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
-                for kb in range(pid, K // BK, W):
+                for i in range(0, (NKB + W - 1) // W):
+                    kb = pid + i * W
                     _prefetch(a_ptr + tl.maximum(slot, 0).to(tl.int64) * (MODULES * R * K) + offs_ra * K + kb * BK,
-                              ra_ok & (slot >= 0))
-                for nt in range(pid, ROWS // BN, W):
-                    rows_n = nt * BN + tl.arange(0, BN // 4) * 4  # 4 rows of 16 ranks: one 128-byte line
+                              ra_ok & (slot >= 0) & (kb < NKB))
+                for i in range(0, (NT + W - 1) // W):
+                    rows_n = (pid + i * W) * BN + tl.arange(0, BN // 4) * 4  # 4 rows of 16 ranks: a 128-byte line
                     _prefetch(b_ptr + tl.maximum(slot, 0).to(tl.int64) * (ROWS * R) + rows_n * R,
-                              (rows_n >= 0) & (slot >= 0))
-        _wait(cnt_ptr + ready, ready_for)
+                              (rows_n < ROWS) & (slot >= 0))
+        _wait(cnt_ptr + ready, ready_for, INTERPRETED)
         h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
-        for kb in range(pid, K // BK, W):  # shrink: this program's K blocks
-            k = kb * BK + offs_k
+        for i in range(0, (NKB + W - 1) // W):  # shrink: this program's K blocks (pid, pid + W, ...)
+            k = (pid + i * W) * BK + offs_k
             k_ok = k < K
             xa, _ = load_act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
             for u in tl.static_range(U):
@@ -80,28 +84,29 @@ if triton is not None:
                 if slot >= 0:
                     a = tl.load(a_ptr + slot.to(tl.int64) * (MODULES * R * K) + offs_ra[:, None] * K + k[None, :],
                                 mask=ra_ok[:, None] & k_ok[None, :], other=0.0)
-                    p = tl.dot(a, tl.trans(xa))  # [RA_PAD, BLOCK_M]
+                    p = dot_acc(a, xa, tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32), INTERPRETED)
                     h += tl.where((ids_v == slot)[None, :], p, 0.0)
-        if pid < K // BK:
+        if pid < NKB:
             tl.atomic_add(h_ptr + offs_m[None, :] * RA_PAD + offs_ra[:, None], h, mask=ra_ok[:, None] & m_ok[None, :],
                           sem="relaxed")
-        _arrive(cnt_ptr + bar, pid)
-        _wait(cnt_ptr + bar, W)
+        _arrive(cnt_ptr + bar, pid, INTERPRETED)
+        _wait(cnt_ptr + bar, W, INTERPRETED)
         hrow = tl.load(h_ptr + offs_m[None, :] * RA_PAD + offs_ra[:, None], mask=ra_ok[:, None] & m_ok[None, :],
                        other=0.0, cache_modifier=".cg") * row_scale[None, :]
-        for nt in range(pid, ROWS // BN, W):  # expand: this program's column tiles
-            offs_n = nt * BN + tl.arange(0, BN)
+        for i in range(0, (NT + W - 1) // W):  # expand: this program's column tiles (pid, pid + W, ...)
+            offs_n = (pid + i * W) * BN + tl.arange(0, BN)
+            n_ok = offs_n < ROWS
             module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
             acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
             for u in tl.static_range(U):
                 slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
                 if slot >= 0:
                     b = tl.load(b_ptr + slot.to(tl.int64) * (ROWS * R) + offs_n[:, None] * R + jj[None, :],
-                                mask=(module[:, None] == mod_of[None, :]) & ra_ok[None, :], other=0.0)
+                                mask=(module[:, None] == mod_of[None, :]) & ra_ok[None, :] & n_ok[:, None], other=0.0)
                     hu = tl.where((ids_v == slot)[None, :], hrow, 0.0).to(b.dtype)
-                    acc = tl.dot(b, hu, acc)
-            tl.store(d_ptr + offs_m[None, :] * ROWS + offs_n[:, None], acc, mask=m_ok[None, :])
-        _arrive(cnt_ptr + done, pid)
+                    acc = dot_acc(b, tl.trans(hu), acc, INTERPRETED)
+            tl.store(d_ptr + offs_m[None, :] * ROWS + offs_n[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
+        _arrive(cnt_ptr + done, pid, INTERPRETED)
 
     @triton.jit
     def _lora_worker(qkv_ptr, mid_ptr, act_ptr, nw1_ptr, nw2_ptr, aq, bq, ao, bo, ag, bg, ad, bd,
@@ -109,7 +114,7 @@ if triton is not None:
                      n_qkv, n_o, n_gu, n_down,
                      D: tl.constexpr, Q: tl.constexpr, QKV: tl.constexpr, I: tl.constexpr, R: tl.constexpr,
                      SLOTS: tl.constexpr, BLOCK_M: tl.constexpr, W: tl.constexpr, BK: tl.constexpr,
-                     BN: tl.constexpr, U: tl.constexpr, PREFETCH: tl.constexpr):
+                     BN: tl.constexpr, U: tl.constexpr, PREFETCH: tl.constexpr, INTERPRETED: tl.constexpr):
         pid = tl.program_id(0)
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
@@ -119,26 +124,26 @@ if triton is not None:
         HS: tl.constexpr = BLOCK_M * 64
         for layer in range(L):
             j = layer * 4
-            lw = layer.to(tl.int64)
+            lw = (pid * 0 + layer).to(tl.int64)  # (the interpreter gives the loop an int)
             xq = mid_ptr + 2 * lw * M * D  # x0, or the previous layer's down output
             ready = tl.maximum(j - 1, 0)
             ready_for = tl.where(layer == 0, 0, n_down)
             _job(xq, D, nw1_ptr + lw * D, aq + lw * (SLOTS * 3 * R * D), bq + lw * (SLOTS * QKV * R),
                  h_ptr + j * HS, dq_ptr + lw * M * QKV, cnt_ptr, ready, ready_for, J + j, 2 * J + j,
                  ids_v, first, order, row_scale, offs_m, m_ok, pid, Q, Q + (QKV - Q) // 2,
-                 D, QKV, 3, R, True, W, BLOCK_M, BK, BN, U, 64, PREFETCH)
+                 D, QKV, 3, R, True, W, BLOCK_M, BK, BN, U, 64, PREFETCH, INTERPRETED)
             _job(qkv_ptr + lw * M * QKV, QKV, nw1_ptr, ao + lw * (SLOTS * R * Q), bo + lw * (SLOTS * D * R),
                  h_ptr + (j + 1) * HS, do_ptr + lw * M * D, cnt_ptr, j, n_qkv, J + j + 1, 2 * J + j + 1,
                  ids_v, first, order, row_scale, offs_m, m_ok, pid, D, D,
-                 Q, D, 1, R, False, W, BLOCK_M, BK, BN, U, 16, PREFETCH)
+                 Q, D, 1, R, False, W, BLOCK_M, BK, BN, U, 16, PREFETCH, INTERPRETED)
             _job(mid_ptr + (2 * lw + 1) * M * D, D, nw2_ptr + lw * D, ag + lw * (SLOTS * 2 * R * D),
                  bg + lw * (SLOTS * 2 * I * R), h_ptr + (j + 2) * HS, dg_ptr + lw * M * 2 * I, cnt_ptr, j + 1, n_o,
                  J + j + 2, 2 * J + j + 2, ids_v, first, order, row_scale, offs_m, m_ok, pid, I, 2 * I,
-                 D, 2 * I, 2, R, True, W, BLOCK_M, BK, BN, U, 32, PREFETCH)
+                 D, 2 * I, 2, R, True, W, BLOCK_M, BK, BN, U, 32, PREFETCH, INTERPRETED)
             _job(act_ptr + lw * M * I, I, nw1_ptr, ad + lw * (SLOTS * R * I), bd + lw * (SLOTS * D * R),
                  h_ptr + (j + 3) * HS, dd_ptr + lw * M * D, cnt_ptr, j + 2, n_gu, J + j + 3, 2 * J + j + 3,
                  ids_v, first, order, row_scale, offs_m, m_ok, pid, D, D,
-                 I, D, 1, R, False, W, BLOCK_M, BK, BN, U, 16, PREFETCH)
+                 I, D, 1, R, False, W, BLOCK_M, BK, BN, U, 16, PREFETCH, INTERPRETED)
 
 
 class WorkerChain:
@@ -170,7 +175,7 @@ class WorkerChain:
         self.block_m = max(16, 1 << (M - 1).bit_length())
         self.h = torch.zeros(layers * 4 * self.block_m * 64, dtype=torch.float32, **e)
         self.cnt = torch.zeros(3 * layers * 4, dtype=torch.int32, **e)
-        self.side = torch.cuda.Stream(device)
+        self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def alone(self, ids, n_blocks: dict) -> None:
         """The worker by itself, every input counted ready: its own time for the chain's LoRA."""
@@ -186,7 +191,7 @@ class WorkerChain:
             self.scaling, ids, self.h, self.d["qkv"], self.d["o"], self.d["gate_up"], self.d["down"], self.cnt,
             self.M, self.L, n_blocks["qkv"], n_blocks["o"], n_blocks["gate_up"], n_blocks["down"],
             D=self.D, Q=self.Q, QKV=self.QKV, I=self.I, R=self.r, SLOTS=self.slots, BLOCK_M=self.block_m, W=self.W,
-            BK=64, BN=64, U=self.U, PREFETCH=self.prefetch, num_warps=4)
+            BK=64, BN=64, U=self.U, PREFETCH=self.prefetch, INTERPRETED=self.qkv.device.type != "cuda", num_warps=4)
 
     def run(self, W, bias, norms, ids, decode_linear, n_blocks: dict, wait: bool = True) -> torch.Tensor:
         """The chain: zero the scratch, fork the worker, the fused linears in order, join.
