@@ -24,22 +24,7 @@ from tasktune.lora.triton_ops import triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, dot_acc, load_acquire, load_act
-
-    @triton.jit
-    def _wait(cnt_ptr, target, INTERPRETED: tl.constexpr):
-        seen = load_acquire(cnt_ptr, INTERPRETED)
-        while seen < target:
-            seen = load_acquire(cnt_ptr, INTERPRETED)
-
-    @triton.jit
-    def _arrive(cnt_ptr, pid, INTERPRETED: tl.constexpr):
-        """Count this program at cnt_ptr after all its threads' stores (release)."""
-        if not INTERPRETED:
-            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        tl.debug_barrier()
-        tl.atomic_add(cnt_ptr, 1, sem="release")
+    from tasktune.serve.triton_linear_blocks import arrive, distinct_adapters, dot_acc, load_act, wait_count
 
     @triton.jit
     def _prefetch(ptrs, ok):
@@ -73,7 +58,7 @@ if triton is not None:
                     rows_n = (pid + i * W) * BN + tl.arange(0, BN // 4) * 4  # 4 rows of 16 ranks: a 128-byte line
                     _prefetch(b_ptr + tl.maximum(slot, 0).to(tl.int64) * (ROWS * R) + rows_n * R,
                               (rows_n < ROWS) & (slot >= 0))
-        _wait(cnt_ptr + ready, ready_for, INTERPRETED)
+        wait_count(cnt_ptr + ready, ready_for, INTERPRETED)
         h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
         for i in range(0, (NKB + W - 1) // W):  # shrink: this program's K blocks (pid, pid + W, ...)
             k = (pid + i * W) * BK + offs_k
@@ -89,8 +74,8 @@ if triton is not None:
         if pid < NKB:
             tl.atomic_add(h_ptr + offs_m[None, :] * RA_PAD + offs_ra[:, None], h, mask=ra_ok[:, None] & m_ok[None, :],
                           sem="relaxed")
-        _arrive(cnt_ptr + bar, pid, INTERPRETED)
-        _wait(cnt_ptr + bar, W, INTERPRETED)
+        arrive(cnt_ptr + bar, pid, INTERPRETED)
+        wait_count(cnt_ptr + bar, W, INTERPRETED)
         hrow = tl.load(h_ptr + offs_m[None, :] * RA_PAD + offs_ra[:, None], mask=ra_ok[:, None] & m_ok[None, :],
                        other=0.0, cache_modifier=".cg") * row_scale[None, :]
         for i in range(0, (NT + W - 1) // W):  # expand: this program's column tiles (pid, pid + W, ...)
@@ -106,7 +91,7 @@ if triton is not None:
                     hu = tl.where((ids_v == slot)[None, :], hrow, 0.0).to(b.dtype)
                     acc = dot_acc(b, tl.trans(hu), acc, INTERPRETED)
             tl.store(d_ptr + offs_m[None, :] * ROWS + offs_n[:, None], acc, mask=m_ok[None, :] & n_ok[:, None])
-        _arrive(cnt_ptr + done, pid, INTERPRETED)
+        arrive(cnt_ptr + done, pid, INTERPRETED)
 
     @triton.jit
     def _lora_worker(qkv_ptr, mid_ptr, act_ptr, nw1_ptr, nw2_ptr, aq, bq, ao, bo, ag, bg, ad, bd,

@@ -76,7 +76,7 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, expand_delta, k_partial, load_acquire
+    from tasktune.serve.triton_linear_blocks import arrive, distinct_adapters, expand_delta, k_partial, wait_count
 
     @triton.jit
     def _decode_linear(
@@ -189,9 +189,7 @@ if triton is not None:
             tl.extra.cuda.gdc_wait()
             tl.extra.cuda.gdc_launch_dependents()
         if WAIT_DELTA:  # the delta comes from a kernel beside this one (bench/lora_worker.py)
-            seen = load_acquire(wait_ptr, UPCAST)
-            while seen < wait_for:
-                seen = load_acquire(wait_ptr, UPCAST)
+            wait_count(wait_ptr, wait_for, UPCAST)
         if HAS_DELTA:  # LoRA's delta computed before this launch (lora.triton_ops.lora_delta), fp32
             d_ok = n_ok[:, None] & m_ok[None, :]
             acc += tl.load(d_ptr + offs_m[None, :] * stride_dm + offs_n[:, None], mask=d_ok, other=0.0)
@@ -216,11 +214,7 @@ if triton is not None:
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
         if SIGNAL:
-            if not UPCAST:  # every thread's stores before the count (UPCAST: the interpreter, no PTX)
-                tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
-                                          is_pure=False, pack=1)
-            tl.debug_barrier()
-            tl.atomic_add(sig_ptr, 1, sem="release")
+            arrive(sig_ptr, pid, UPCAST)
         if LORA:
             if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
                 tl.store(cnt_ptr + n_blocks, 0)

@@ -69,6 +69,23 @@ if triton is not None:
                                          is_pure=False, pack=1)
 
     @triton.jit
+    def wait_count(cnt_ptr, target, INTERPRETED: tl.constexpr):
+        """Poll the counter at cnt_ptr until it reaches target (acquire)."""
+        seen = load_acquire(cnt_ptr, INTERPRETED)
+        while seen < target:
+            seen = load_acquire(cnt_ptr, INTERPRETED)
+
+    @triton.jit
+    def arrive(cnt_ptr, pid, INTERPRETED: tl.constexpr):
+        """Add one to the counter at cnt_ptr after every thread's stores of this program
+        (a fence, a barrier, then one release add); pid: any scalar (the fence's operand)."""
+        if not INTERPRETED:  # (no PTX under the interpreter, whose programs run one at a time)
+            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
+                                      is_pure=False, pack=1)
+        tl.debug_barrier()
+        tl.atomic_add(cnt_ptr, 1, sem="release")
+
+    @triton.jit
     def expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
@@ -88,9 +105,7 @@ if triton is not None:
         b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
                     + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
         if WAIT:  # until the shrink programs (lower ids, so scheduled first) are done
-            seen = load_acquire(cnt_ptr, UPCAST)
-            while seen < wait_for:
-                seen = load_acquire(cnt_ptr, UPCAST)
+            wait_count(cnt_ptr, wait_for, UPCAST)
         module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
         for j in tl.static_range(MODULES if MODULE < 0 else 1):
             if MODULE < 0:  # a fused qkv: the columns of module j take its h
