@@ -132,24 +132,22 @@ def main() -> None:
         """The worker path at each program count: us a layer, the worker alone, its error."""
         from lora_worker import WorkerChain
 
-        n_blocks = {n: -(-(rows // 2 if n == "gate_up" else rows) // triton_linear.linear_config(
-            M, rows // 2 if n == "gate_up" else rows, k).BLOCK_N) for n, (rows, k, _) in shapes.items()}
         out = {}
         for programs in args.worker or [16]:
             for prefetch in (False, True):
                 wc = WorkerChain(x0, layers, D, Q, KV, I, r, AB, scaling, norms, programs=programs, prefetch=prefetch)
-                run = lambda wc=wc: wc.run(W, bias, norms, ids, decode_linear, n_blocks)  # noqa: E731
+                run = lambda wc=wc: wc.run(W, bias, ids)  # noqa: E731
                 key = f"worker{programs}{'_prefetch' if prefetch else ''}"
                 out[f"{key}_us_per_layer"] = timed_graph(run, device, replays) / layers * 1e6
                 out[f"{key}_alone_us_per_layer"] = timed_graph(
-                    lambda wc=wc: wc.alone(ids, n_blocks), device, replays) / layers * 1e6
+                    lambda wc=wc: wc.alone(ids), device, replays) / layers * 1e6
                 out[f"max_rel_err_{key}_vs_eager"] = err(run())
                 print(f"{key}: {out[f'{key}_us_per_layer']:.1f} us a layer (the worker alone "
                       f"{out[f'{key}_alone_us_per_layer']:.1f}); max rel err against eager "
                       f"{out[f'max_rel_err_{key}_vs_eager']:.1e}", flush=True)
                 if programs == 16 and not prefetch:
                     out[f"{key}_nowait_us_per_layer"] = timed_graph(
-                        lambda wc=wc: wc.run(W, bias, norms, ids, decode_linear, n_blocks, wait=False), device,
+                        lambda wc=wc: wc.run(W, bias, ids, wait=False), device,
                         replays) / layers * 1e6
                     print(f"{key}, the linears not waiting: {out[f'{key}_nowait_us_per_layer']:.1f} us a layer",
                           flush=True)

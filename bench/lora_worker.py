@@ -20,11 +20,13 @@ from __future__ import annotations
 import torch
 
 from tasktune.lora.triton_ops import triton
+from tasktune.serve.triton_linear import decode_linear, linear_config
 
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import arrive, distinct_adapters, dot_acc, load_act, wait_count
+    from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, dot_acc, load_act, nth_adapter,
+                                                      wait_count)
 
     @triton.jit
     def _prefetch(ptrs, ok):
@@ -49,7 +51,7 @@ if triton is not None:
         mod_of = offs_ra // R
         if PREFETCH:  # this program's A rows and B tiles, before the poll
             for u in tl.static_range(U):
-                slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
+                slot = nth_adapter(ids_v, first, order, u)
                 for i in range(0, (NKB + W - 1) // W):
                     kb = pid + i * W
                     _prefetch(a_ptr + tl.maximum(slot, 0).to(tl.int64) * (MODULES * R * K) + offs_ra * K + kb * BK,
@@ -65,7 +67,7 @@ if triton is not None:
             k_ok = k < K
             xa, _ = load_act(x_ptr, nw_ptr, offs_m, k, m_ok, k_ok, stride_xm, NORM)
             for u in tl.static_range(U):
-                slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
+                slot = nth_adapter(ids_v, first, order, u)
                 if slot >= 0:
                     a = tl.load(a_ptr + slot.to(tl.int64) * (MODULES * R * K) + offs_ra[:, None] * K + k[None, :],
                                 mask=ra_ok[:, None] & k_ok[None, :], other=0.0)
@@ -84,7 +86,7 @@ if triton is not None:
             module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
             acc = tl.zeros((BN, BLOCK_M), dtype=tl.float32)
             for u in tl.static_range(U):
-                slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
+                slot = nth_adapter(ids_v, first, order, u)
                 if slot >= 0:
                     b = tl.load(b_ptr + slot.to(tl.int64) * (ROWS * R) + offs_n[:, None] * R + jj[None, :],
                                 mask=(module[:, None] == mod_of[None, :]) & ra_ok[None, :] & n_ok[:, None], other=0.0)
@@ -161,16 +163,21 @@ class WorkerChain:
         self.h = torch.zeros(layers * 4 * self.block_m * 64, dtype=torch.float32, **e)
         self.cnt = torch.zeros(3 * layers * 4, dtype=torch.int32, **e)
         self.side = torch.cuda.Stream(device) if device.type == "cuda" else None
+        self.norms = norms
+        # the N blocks each linear stores (its signal count): decode_linear's own configuration
+        width = {"qkv": self.QKV, "o": D, "gate_up": I, "down": D}
+        k = {"qkv": D, "o": Q, "gate_up": D, "down": I}
+        self.n_blocks = {n: -(-width[n] // linear_config(M, width[n], k[n]).BLOCK_N) for n in width}
 
-    def alone(self, ids, n_blocks: dict) -> None:
+    def alone(self, ids) -> None:
         """The worker by itself, every input counted ready: its own time for the chain's LoRA."""
         self.h.zero_()
         self.cnt.zero_()
         self.cnt[:self.L * 4].fill_(1 << 20)
-        self._launch(ids, n_blocks)
+        self._launch(ids)
 
-    def _launch(self, ids, n_blocks: dict) -> None:
-        s = self.stacks
+    def _launch(self, ids) -> None:
+        s, n_blocks = self.stacks, self.n_blocks
         _lora_worker[(self.W,)](
             self.qkv, self.mid, self.act, self.nw1, self.nw2, *s["qkv"], *s["o"], *s["gate_up"], *s["down"],
             self.scaling, ids, self.h, self.d["qkv"], self.d["o"], self.d["gate_up"], self.d["down"], self.cnt,
@@ -178,17 +185,17 @@ class WorkerChain:
             D=self.D, Q=self.Q, QKV=self.QKV, I=self.I, R=self.r, SLOTS=self.slots, BLOCK_M=self.block_m, W=self.W,
             BK=64, BN=64, U=self.U, PREFETCH=self.prefetch, INTERPRETED=self.qkv.device.type != "cuda", num_warps=4)
 
-    def run(self, W, bias, norms, ids, decode_linear, n_blocks: dict, wait: bool = True) -> torch.Tensor:
+    def run(self, W, bias, ids, wait: bool = True) -> torch.Tensor:
         """The chain: zero the scratch, fork the worker, the fused linears in order, join.
         wait False: the linears do not wait for the deltas (wrong sums: what the worker's
         programs cost the chain beside it)."""
-        L, J, Q = self.L, self.L * 4, self.Q
+        L, J, Q, norms = self.L, self.L * 4, self.Q, self.norms
         self.h.zero_()
         self.cnt.zero_()
         main = torch.cuda.current_stream()
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):
-            self._launch(ids, n_blocks)
+            self._launch(ids)
         c = self.cnt
         x = self.mid[0]
         for i in range(L):

@@ -13,7 +13,6 @@ import torch
 sys.path.insert(0, "bench")
 sys.path.insert(0, ".")
 from lora_worker import WorkerChain  # noqa: E402
-from tasktune.serve.triton_linear import decode_linear, linear_config  # noqa: E402
 
 dev, dt = torch.device("cuda"), torch.bfloat16
 D, Q, KV, I, r, slots, L, M = 896, 896, 128, 4864, 16, 8, 2, 32
@@ -27,10 +26,8 @@ AB = [{n: (rnd(slots, m * r, k, scale=k ** -0.5), rnd(slots, rows, r, scale=0.1)
       for _ in range(L)]
 scaling = torch.full((slots,), 2.0, device=dev)
 ids = torch.arange(M, device=dev) % 4
-width = {n: rows // 2 if n == "gate_up" else rows for n, (rows, _, _) in shapes.items()}  # output columns
-nb = {n: -(-width[n] // linear_config(M, width[n], k).BLOCK_N) for n, (_, k, _) in shapes.items()}
-print(nb, flush=True)
 wc = WorkerChain(rnd(M, D), L, D, Q, KV, I, r, AB, scaling, norms, programs=8)
+print(wc.n_blocks, flush=True)
 peek = torch.cuda.Stream()
 def show(tag):
     time.sleep(2)
@@ -39,13 +36,13 @@ def show(tag):
     peek.synchronize()
     print(tag, host.view(3, -1).tolist(), flush=True)
 t = time.time()
-wc.alone(ids, nb)
+wc.alone(ids)
 show("alone")
 torch.cuda.synchronize()
 print("alone ok", time.time() - t, flush=True)
 for wait in (False, True):
     t = time.time()
-    wc.run(W, bias, norms, ids, decode_linear, nb, wait=wait)
+    wc.run(W, bias, ids, wait=wait)
     show(f"wait={wait}")
     torch.cuda.synchronize()
     print(f"wait={wait} ok", time.time() - t, flush=True)

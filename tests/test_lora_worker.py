@@ -60,7 +60,7 @@ def test_worker_deltas_equal_lora_of_each_linear_input():
     wc = WorkerChain(rnd(M, D), layers, D, Q, KV, I, r, AB, scaling, norms, programs=1)
     for buf in (wc.qkv, wc.mid, wc.act):
         buf.copy_(torch.randn(buf.shape, generator=g))
-    wc.alone(ids, {n: 1 for n in shapes})
+    wc.alone(ids)
 
     for i in range(layers):
         inputs = {"qkv": wc.mid[2 * i] * norms[i][0], "o": wc.qkv[i][:, :Q], "gate_up": wc.mid[2 * i + 1] * norms[i][1],

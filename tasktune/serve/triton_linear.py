@@ -76,7 +76,8 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import arrive, distinct_adapters, expand_delta, k_partial, wait_count
+    from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_delta, k_partial, nth_adapter,
+                                                      wait_count)
 
     @triton.jit
     def _decode_linear(
@@ -105,7 +106,7 @@ if triton is not None:
                 ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # the step's inputs: before the wait
                 if PDL:
                     tl.extra.cuda.gdc_wait()
-                slot = tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)  # the u-th distinct adapter
+                slot = nth_adapter(ids_v, first, order, u)
                 if slot >= 0:
                     rows_u = m_ok & (ids_v == slot)
                     offs_a = tl.arange(0, RA_PAD)

@@ -60,6 +60,11 @@ if triton is not None:
         return ids_v, first, tl.cumsum(first.to(tl.int32), 0) - 1
 
     @triton.jit
+    def nth_adapter(ids_v, first, order, u):
+        """The slot of the batch's u-th distinct adapter (distinct_adapters' outputs), -1 past the last."""
+        return tl.max(tl.where(first & (order == u), ids_v, -1), axis=0)
+
+    @triton.jit
     def load_acquire(ptr, INTERPRETED: tl.constexpr):
         """A load with acquire semantics: every program polls one counter, and read-modify-write
         polls (atomics) would queue at that one address behind each other."""
