@@ -136,6 +136,8 @@ def main() -> None:
         for programs in args.worker or [16]:
             for prefetch in (False, True):
                 wc = WorkerChain(x0, layers, D, Q, KV, I, r, AB, scaling, norms, programs=programs, prefetch=prefetch)
+                wc.run(W, bias, ids, load=True)  # every kernel loaded before anything waits on another
+                torch.cuda.synchronize(device)
                 run = lambda wc=wc: wc.run(W, bias, ids)  # noqa: E731
                 key = f"worker{programs}{'_prefetch' if prefetch else ''}"
                 out[f"{key}_us_per_layer"] = timed_graph(run, device, replays) / layers * 1e6

@@ -185,13 +185,18 @@ class WorkerChain:
             D=self.D, Q=self.Q, QKV=self.QKV, I=self.I, R=self.r, SLOTS=self.slots, BLOCK_M=self.block_m, W=self.W,
             BK=64, BN=64, U=self.U, PREFETCH=self.prefetch, INTERPRETED=self.qkv.device.type != "cuda", num_warps=4)
 
-    def run(self, W, bias, ids, wait: bool = True) -> torch.Tensor:
+    def run(self, W, bias, ids, wait: bool = True, load: bool = False) -> torch.Tensor:
         """The chain: zero the scratch, fork the worker, the fused linears in order, join.
         wait False: the linears do not wait for the deltas (wrong sums: what the worker's
-        programs cost the chain beside it)."""
+        programs cost the chain beside it). load True: every counter starts full, so nothing
+        waits (wrong sums): the run that must come first, since CUDA loads a kernel at its first
+        launch (lazy loading) and may wait for the device to go idle to do so, which it never
+        does while the worker polls for a linear whose launch is the one being loaded."""
         L, J, Q, norms = self.L, self.L * 4, self.Q, self.norms
         self.h.zero_()
         self.cnt.zero_()
+        if load:
+            self.cnt.fill_(1 << 20)
         main = torch.cuda.current_stream()
         self.side.wait_stream(main)
         with torch.cuda.stream(self.side):

@@ -1,6 +1,6 @@
 """Where the LoRA worker chain stops (bench/lora_worker.py; GPU only): 2 layers, 4 adapters, 8
-worker programs; the worker alone, then the chain with the linears not waiting and waiting,
-each followed by a look at its counters (ready / meet / done per linear, read on a stream of
+worker programs; a run with the counters full (loads every kernel), the worker alone, then the chain with the linears not waiting and waiting,
+then one CUDA graph of the waiting chain, each followed by a look at its counters (ready / meet / done per linear, read on a stream of
 their own 2 s after the launch, so a hung chain still shows how far it got) before the sync.
 
     PYTHONPATH=. timeout 150 python3 bench/lora_worker_probe.py
@@ -36,6 +36,10 @@ def show(tag):
     peek.synchronize()
     print(tag, host.view(3, -1).tolist(), flush=True)
 t = time.time()
+wc.run(W, bias, ids, load=True)
+torch.cuda.synchronize()
+print("load ok", time.time() - t, flush=True)
+t = time.time()
 wc.alone(ids)
 show("alone")
 torch.cuda.synchronize()
@@ -46,3 +50,13 @@ for wait in (False, True):
     show(f"wait={wait}")
     torch.cuda.synchronize()
     print(f"wait={wait} ok", time.time() - t, flush=True)
+graph = torch.cuda.CUDAGraph()
+with torch.cuda.graph(graph):
+    wc.run(W, bias, ids)
+for i in range(3):
+    t = time.time()
+    graph.replay()
+    if i == 0:
+        show("graph")
+    torch.cuda.synchronize()
+    print("graph ok", time.time() - t, flush=True)

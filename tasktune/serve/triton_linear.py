@@ -79,7 +79,7 @@ if triton is not None:
     from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_delta, k_partial, nth_adapter,
                                                       wait_count)
 
-    @triton.jit
+    @triton.jit(do_not_specialize=["wait_for"])  # one kernel for every target: a new one may load mid-chain
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
         a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, sig_ptr, wait_ptr, wait_for,
