@@ -9,7 +9,9 @@ median of 50 replays. Cases: no adapter, 4 and 32 distinct adapters over the row
 32 slots, B as the pool stores it). Paths: the decoder's default, each fused launch adding
 the delta of the BGMV pair before it (`lora_delta`, the norm's weight in its shrink and the
 1 / rms in the linear as `triton_linear.DELTA_BEFORE_RMS` says); the fused launches with
-LoRA inside them (`LoraStacks.fused_linears`); cuBLAS + eager ops (+ the BGMV pair in place).
+LoRA inside them (`LoraStacks.fused_linears`); each shrink in the epilogue of the launch
+before (`decode_linear(shrink_next=)`, o's and the first qkv's a launch of their own) and the
+linear only expanding (`h=`); cuBLAS + eager ops (+ the BGMV pair in place).
 
     PYTHONPATH=. python3 bench/decode_layers_bench.py          # GPU: writes $OUT/ and bench/results/
     .venv/bin/python bench/decode_layers_bench.py --smoke      # CPU: tiny shapes, the interpreter
@@ -40,6 +42,7 @@ def main() -> None:
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
     from tasktune.serve import triton_linear
     from tasktune.serve.triton_linear import decode_linear
+    from tasktune.serve.triton_shrink import lora_shrink_rows
 
     D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
     M, r, slots, dt = 32, 16, 32, torch.bfloat16
@@ -85,6 +88,41 @@ def main() -> None:
                                  bounds=bounds[n], **kw)
 
         return chain(lin)
+
+    def chained(ids):
+        """Each linear's shrink in the epilogue of the launch that makes its input (shrink_next=),
+        the linear itself only expanding (h=): no launch between the linears of a layer. o's
+        shrink is a launch of its own (lora_shrink_rows: in the decoder attention makes o's
+        input), as is the first qkv's. One memset of every h a chain."""
+        names = ("qkv", "o", "gate_up", "down")
+        ra = {n: AB[0][n][0].shape[1] for n in names}
+        flat = torch.zeros(layers * M * sum(ra.values()), device=device)
+        views, at = [], 0
+        for _ in range(layers):
+            views.append({})
+            for n in names:
+                views[-1][n] = flat[at:at + M * ra[n]].view(M, ra[n])
+                at += M * ra[n]
+
+        def lora(i, n):
+            return dict(lora=(*AB[i][n], scaling, ids), bounds=bounds[n], h=views[i][n])
+
+        def fn():
+            flat.zero_()
+            x = x0
+            lora_shrink_rows(x, AB[0]["qkv"][0], ids, views[0]["qkv"], norms[0][0])
+            for i in range(layers):
+                nxt = (AB[i + 1]["qkv"][0], norms[i + 1][0], ids, views[i + 1]["qkv"]) if i + 1 < layers else None
+                qkv = decode_linear(x, W[i]["qkv"], bias[i], norm=(norms[i][0], 1e-6), **lora(i, "qkv"))
+                o_in = qkv[:, :Q].contiguous()
+                lora_shrink_rows(o_in, AB[i]["o"][0], ids, views[i]["o"])
+                x = decode_linear(o_in, W[i]["o"], residual=x, **lora(i, "o"),
+                                  shrink_next=(AB[i]["gate_up"][0], norms[i][1], ids, views[i]["gate_up"]))
+                act = decode_linear(x, W[i]["gate_up"], norm=(norms[i][1], 1e-6), swiglu=True, **lora(i, "gate_up"),
+                                    shrink_next=(AB[i]["down"][0], None, ids, views[i]["down"]))
+                x = decode_linear(act, W[i]["down"], residual=x, **lora(i, "down"), shrink_next=nxt)
+            return x
+        return fn
 
     def streamed(ids, deferred: bool):
         """The BGMV pair on a second stream beside each fused launch (session 18's question:
@@ -170,6 +208,11 @@ def main() -> None:
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
+        if ids is not None:
+            c["chained_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6
+            c["max_rel_err_chained_vs_eager"] = err(chained(ids)())
+            print(f"{case}: shrink in the producer's epilogue {c['chained_us_per_layer']:.1f} us a layer; max rel err "
+                  f"against eager {c['max_rel_err_chained_vs_eager']:.1e}", flush=True)
         if args.worker is not None and device.type == "cuda" and case == "a4":
             c.update(worker_cases(ids))
         result["cases"][case] = c
@@ -182,9 +225,10 @@ def main() -> None:
     results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
     write_json(result, "decode_layers_bench.json", [args.out, results])
     print(f"\nfour linears a layer, chained, {result['device']} (us a layer):")
-    print(f"{'case':<6}{'delta+fused':>12}{'LoRA in fused':>14}{'cuBLAS+eager':>14}")
+    print(f"{'case':<6}{'delta+fused':>12}{'LoRA in fused':>14}{'shrink before':>14}{'cuBLAS+eager':>14}")
     for case, c in result["cases"].items():
-        print(f"{case:<6}{c['delta_us_per_layer']:>12.1f}{c['fused_us_per_layer']:>14.1f}{c['eager_us_per_layer']:>14.1f}")
+        print(f"{case:<6}{c['delta_us_per_layer']:>12.1f}{c['fused_us_per_layer']:>14.1f}"
+              f"{c.get('chained_us_per_layer', float('nan')):>14.1f}{c['eager_us_per_layer']:>14.1f}")
 
 
 if __name__ == "__main__":

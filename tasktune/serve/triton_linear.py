@@ -77,12 +77,12 @@ if triton is not None:
     import triton.language as tl
 
     from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_delta, k_partial, nth_adapter,
-                                                      wait_count)
+                                                      shrink_rows, wait_count)
 
     @triton.jit(do_not_specialize=["wait_for"])  # one kernel for every target: a new one may load mid-chain
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
-        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, sig_ptr, wait_ptr, wait_for,
+        a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, sig_ptr, wait_ptr, wait_for, an_ptr, nwn_ptr, hn_ptr, ra_next,
         M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -94,12 +94,15 @@ if triton is not None:
         DELTA_RMS: tl.constexpr = True,  # NORM: the delta holds the 1 / rms (else scaled with the projection)
         SIGNAL: tl.constexpr = False,  # count each stored N block at sig_ptr (release): a LoRA worker polls it
         WAIT_DELTA: tl.constexpr = False,  # before reading the delta, poll wait_ptr until it reaches wait_for
+        H_ROWS: tl.constexpr = False,  # LORA's shrink is done (h [M, modules * r] at s_ptr): expand only
+        SHRINK_NEXT: tl.constexpr = False,  # add the next linear's shrink over this output's columns into hn_ptr
+        NEXT_NORM: tl.constexpr = False, NEXT_RA_PAD: tl.constexpr = 16,  # ... of RMSNorm(output) (weight nwn_ptr)
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
-        if LORA:
+        if LORA and not H_ROWS:
             if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
                 u = pid // S
                 part = pid % S
@@ -123,8 +126,9 @@ if triton is not None:
         split = pid % SPLIT_K
         offs_n = block * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
-        if LORA:  # the rows' adapters are the step's inputs, not the previous kernel's output: read before the wait
-            ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)
+        if LORA or SHRINK_NEXT:  # the rows' adapters are the step's inputs, not the previous kernel's output:
+            ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # read before the wait
+        if LORA:
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
@@ -137,21 +141,22 @@ if triton is not None:
                                 BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL and not EARLY and not LATE:  # the next kernel may launch (it waits for this one to finish)
             tl.extra.cuda.gdc_launch_dependents()
+        WAIT_SHRINK: tl.constexpr = not H_ROWS
         if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
-                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST)
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT_SHRINK, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
                 acc_u += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, N, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST)
+                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
             else:
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
-                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
-                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT_SHRINK, -1 if MODULES > 1 else 0, MODULES,
+                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -214,6 +219,9 @@ if triton is not None:
             res = tl.load(res_ptr + offs_m[None, :] * stride_rm + offs_n[:, None], mask=ok, other=0.0)
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
+        if SHRINK_NEXT:  # the next linear's LoRA shrink over these columns of its input
+            shrink_rows(hn_ptr, an_ptr, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
+                        NEXT_RA_PAD, BLOCK_M, NEXT_NORM, UPCAST)
         if SIGNAL:
             arrive(sig_ptr, pid, UPCAST)
         if LORA:
@@ -264,7 +272,9 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   swiglu: bool = False, lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None,
                   bounds: tuple[int, ...] = (), delta: torch.Tensor | None = None, delta_rms: bool = True,
                   config: LinearConfig | None = None, out: torch.Tensor | None = None,
-                  signal: torch.Tensor | None = None, wait_delta: tuple[torch.Tensor, int] | None = None
+                  signal: torch.Tensor | None = None, wait_delta: tuple[torch.Tensor, int] | None = None,
+                  h: torch.Tensor | None = None,
+                  shrink_next: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
                   ) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
@@ -281,7 +291,13 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     the kernel scales projection and delta by 1 / rms together.
     out: the [M, N] output to write (else a new tensor). signal / wait_delta (GPU only, a
     LoRA worker beside the launch, bench/lora_worker.py): an int32 counter each stored N
-    block adds one to; (counter, count) polled before the delta is read."""
+    block adds one to; (counter, count) polled before the delta is read.
+    h (with lora): fp32 [M, modules * r], the shrink A[ids] @ norm(x)^T already summed (without
+    the 1 / rms: shrink_rows, from the previous launch's epilogue or lora_shrink_rows), so
+    the launch only expands. shrink_next = (A [slots, ra, N] of the linear that reads this
+    output, its RMSNorm weight [N] or None, ids [M], h [M, ra] fp32): this launch's epilogue
+    adds that linear's shrink of its stored columns into h (zeroed before; atomics, so the
+    sum's order, and its last bits, vary)."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -299,7 +315,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                               or lora is not None):
         raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} for output {(M, rows)} (float32, not with lora)")
     device = x.device
-    cfg = config or linear_config(M, N, K, lora is not None, elem=max(2, x.element_size()))
+    cfg = config or linear_config(M, N, K, lora is not None and h is None, elem=max(2, x.element_size()))
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=device)
     if y.shape != (M, N) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"out {tuple(y.shape)} {y.dtype} for output {(M, N)} {x.dtype}")
@@ -323,18 +339,38 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                 or (swiglu and tuple(bounds) != (N,))):
             raise ValueError(f"LoRA shapes: A {tuple(A.shape)}, B {tuple(B.shape)}, ids {tuple(ids.shape)}, "
                              f"bounds {tuple(bounds)} for a [{rows}, {K}] weight")
+        if h is not None and (h.shape != (M, modules * r) or h.dtype != torch.float32 or not h.is_contiguous()):
+            raise ValueError(f"h {tuple(h.shape)} {h.dtype}: float32 [{M}, {modules * r}] contiguous")
         b1, b2 = (list(bounds) + [rows, rows])[:2]
         ra_pad = _pow2_at_least(modules * r, 16)
         shrink_block_k = max(16, min(256, SHRINK_TILE // ra_pad, _pow2_at_least(K, 16)))
         splits = max(1, min(SHRINK_SPLITS, (sm_count(device) - n_blocks * cfg.SPLIT_K) // cfg.BLOCK_M))
         shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
-        S = triton.cdiv(K, shrink_k)
-        shrink_programs = cfg.BLOCK_M * S
-        h = torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32, device=device)
-        lora_args, strides = (A, B, scaling, ids, h), (B.stride(0), B.stride(1), B.stride(2))
+        S = triton.cdiv(K, shrink_k) if h is None else 1
+        shrink_programs = cfg.BLOCK_M * S if h is None else 0
+        s = h if h is not None else torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32,
+                                                device=device)
+        lora_args, strides = (A, B, scaling, ids, s), (B.stride(0), B.stride(1), B.stride(2))
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
-                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module))
+                    SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module),
+                    H_ROWS=h is not None)
+    elif h is not None:
+        raise ValueError("h (a LoRA shrink done) needs lora")
+    next_args, ra_next = (x, x, x), 0
+    if shrink_next is not None:
+        a_next, nw_next, ids_next, h_next = shrink_next
+        ra_next = a_next.shape[1]
+        if (a_next.dim() != 3 or a_next.shape[2] != N or not a_next.is_contiguous() or ids_next.shape != (M,)
+                or h_next.shape != (M, ra_next) or h_next.dtype != torch.float32 or not h_next.is_contiguous()
+                or (nw_next is not None and nw_next.shape != (N,)) or ra_next > 3 * MAX_RANK
+                or (lora is not None and ids_next.data_ptr() != lora[3].data_ptr())):
+            raise ValueError(f"shrink_next: A {tuple(a_next.shape)}, ids {tuple(ids_next.shape)}, h "
+                             f"{tuple(h_next.shape)} {h_next.dtype} for {M} rows of {N} outputs (lora's ids)")
+        if lora is None:
+            lora_args = (x, x, x, ids_next, x)
+        next_args = (a_next, nw_next if nw_next is not None else x, h_next)
+        meta.update(SHRINK_NEXT=True, NEXT_NORM=nw_next is not None, NEXT_RA_PAD=_pow2_at_least(ra_next, 16))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     launch = triton_ops.pdl_launch(device)
     late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT and wait_delta is None
@@ -342,7 +378,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
         signal if signal is not None else counters, wait_delta[0] if wait_delta else counters,
-        wait_delta[1] if wait_delta else 0,
+        wait_delta[1] if wait_delta else 0, *next_args, ra_next,
         M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
         delta.stride(0) if delta is not None else 0, r, b1, b2,
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,

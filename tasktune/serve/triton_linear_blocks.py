@@ -1,6 +1,7 @@
 """Device functions of the fused decode linear (triton_linear.py): the K loop of a tile
 (with RMSNorm folded into the loads) and LoRA's pieces: the batch's distinct adapters, the
-wait for the shrink programs, and the expand as tensor-core products over chunks of them.
+wait for the shrink programs, the expand as tensor-core products over chunks of them, and a
+shrink part from a tile already held (shrink_rows: the next linear's, in an epilogue).
 """
 from __future__ import annotations
 
@@ -51,6 +52,28 @@ if triton is not None:
         return acc, ss
 
     @triton.jit
+    def shrink_rows(h_ptr, a_ptr, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra,
+                    RA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
+        """h[m, :ra] += A[slot of row m][:, offs_k] @ act[:, m], fp32 atomics, over the batch's
+        distinct adapters (one tensor-core product each; rows without an adapter add nothing):
+        a K part of a LoRA shrink, from the act tile ([len(offs_k), BLOCK_M]) a program holds.
+        A: [slots, ra, K]; NORM: act times the RMSNorm weight at offs_k, rounded as load_act
+        rounds it (the 1 / rms comes later, in the linear that reads h)."""
+        if NORM:
+            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+            act = (act.to(tl.float32) * nw[:, None]).to(act.dtype)
+        offs_a = tl.arange(0, RA_PAD)
+        a_ok = offs_a < ra
+        h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
+        for u in range(tl.sum(first.to(tl.int32))):
+            slot = nth_adapter(ids_v, first, order, u)
+            a = tl.load(a_ptr + slot.to(tl.int64) * ra * K + offs_a[:, None] * K + offs_k[None, :],
+                        mask=a_ok[:, None] & k_ok[None, :], other=0.0)
+            h = tl.where((ids_v == slot)[None, :], dot_acc(a, tl.trans(act), tl.zeros_like(h), UPCAST), h)
+        tl.atomic_add(h_ptr + offs_m[None, :] * ra + offs_a[:, None], h,
+                      mask=a_ok[:, None] & (m_ok & (ids_v >= 0))[None, :], sem="relaxed")
+
+    @triton.jit
     def distinct_adapters(ids_ptr, offs_m, M):
         """The rows' adapter slots (-1: none, and past M), which rows are the first of their
         adapter, and each first row's index among the batch's distinct adapters."""
@@ -94,11 +117,13 @@ if triton is not None:
     def expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
-                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr):
+                    RA_PAD: tl.constexpr, S: tl.constexpr, UC: tl.constexpr, UPCAST: tl.constexpr,
+                    H_ROWS: tl.constexpr = False):
         """delta += B tiles of distinct adapters chunk * UC ... + UC - 1 ([BLOCK_N, UC * rank])
         @ their h ([UC * rank, BLOCK_M], row m keeping only its own adapter's ranks). WAIT:
         spin until the shrink programs are done (counter at wait_for) after issuing the B
-        loads, which do not depend on them, so their latency hides behind the wait."""
+        loads, which do not depend on them, so their latency hides behind the wait. H_ROWS: h
+        is given a row each ([M, modules * r] at s_ptr, shrink_rows), not by the shrink programs."""
         KC: tl.constexpr = UC * R_MODULE
         kk = tl.arange(0, KC)
         jj = kk % R_MODULE
@@ -121,9 +146,12 @@ if triton is not None:
                 col_ok = n_ok
             if tl.sum(col_ok.to(tl.int32)) > 0:
                 h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
-                for p in tl.static_range(S):
-                    h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
-                                 + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
+                if H_ROWS:  # row m's ranks of its own adapter (the mask keeps only those)
+                    h += tl.load(s_ptr + offs_m[None, :] * (MODULES * r) + mod * r + jj[:, None], mask=rows, other=0.0)
+                else:
+                    for p in tl.static_range(S):
+                        h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
+                                     + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
                 bj = b if MODULE >= 0 else tl.where(col_ok[:, None], b, 0.0).to(b.dtype)
                 delta = dot_acc(bj, tl.trans(h).to(b.dtype), delta, UPCAST)
         return delta
@@ -133,7 +161,7 @@ if triton is not None:
                     bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
                     RA_PAD: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr,
-                    UPCAST: tl.constexpr):
+                    UPCAST: tl.constexpr, H_ROWS: tl.constexpr = False):
         """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
         of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
         ...): one tensor-core product per chunk, so each distinct adapter's B is read once,
@@ -146,9 +174,9 @@ if triton is not None:
             if c == 0:  # always: it holds the wait
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
             elif chunk * UC < n_distinct:
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
         return delta
