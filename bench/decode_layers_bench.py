@@ -89,11 +89,12 @@ def main() -> None:
 
         return chain(lin)
 
-    def chained(ids):
+    def chained(ids, epilogues: bool = True, launches: bool = True):
         """Each linear's shrink in the epilogue of the launch that makes its input (shrink_next=),
         the linear itself only expanding (h=): no launch between the linears of a layer. o's
         shrink is a launch of its own (lora_shrink_rows: in the decoder attention makes o's
-        input), as is the first qkv's. One memset of every h a chain."""
+        input), as is the first qkv's. One memset of every h a chain. epilogues / launches
+        False: without the epilogue shrinks / the shrink launches (timing only, wrong sums)."""
         names = ("qkv", "o", "gate_up", "down")
         ra = {n: AB[0][n][0].shape[1] for n in names}
         flat = torch.zeros(layers * M * sum(ra.values()), device=device)
@@ -110,17 +111,21 @@ def main() -> None:
         def fn():
             flat.zero_()
             x = x0
-            lora_shrink_rows(x, AB[0]["qkv"][0], ids, views[0]["qkv"], norms[0][0])
+            if launches:
+                lora_shrink_rows(x, AB[0]["qkv"][0], ids, views[0]["qkv"], norms[0][0])
             for i in range(layers):
                 nxt = (AB[i + 1]["qkv"][0], norms[i + 1][0], ids, views[i + 1]["qkv"]) if i + 1 < layers else None
                 qkv = decode_linear(x, W[i]["qkv"], bias[i], norm=(norms[i][0], 1e-6), **lora(i, "qkv"))
                 o_in = qkv[:, :Q].contiguous()
-                lora_shrink_rows(o_in, AB[i]["o"][0], ids, views[i]["o"])
+                if launches:
+                    lora_shrink_rows(o_in, AB[i]["o"][0], ids, views[i]["o"])
                 x = decode_linear(o_in, W[i]["o"], residual=x, **lora(i, "o"),
-                                  shrink_next=(AB[i]["gate_up"][0], norms[i][1], ids, views[i]["gate_up"]))
+                                  shrink_next=(AB[i]["gate_up"][0], norms[i][1], ids, views[i]["gate_up"])
+                                  if epilogues else None)
                 act = decode_linear(x, W[i]["gate_up"], norm=(norms[i][1], 1e-6), swiglu=True, **lora(i, "gate_up"),
-                                    shrink_next=(AB[i]["down"][0], None, ids, views[i]["down"]))
-                x = decode_linear(act, W[i]["down"], residual=x, **lora(i, "down"), shrink_next=nxt)
+                                    shrink_next=(AB[i]["down"][0], None, ids, views[i]["down"]) if epilogues else None)
+                x = decode_linear(act, W[i]["down"], residual=x, **lora(i, "down"),
+                                  shrink_next=nxt if epilogues else None)
             return x
         return fn
 
@@ -211,8 +216,14 @@ def main() -> None:
         if ids is not None:
             c["chained_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6
             c["max_rel_err_chained_vs_eager"] = err(chained(ids)())
-            print(f"{case}: shrink in the producer's epilogue {c['chained_us_per_layer']:.1f} us a layer; max rel err "
-                  f"against eager {c['max_rel_err_chained_vs_eager']:.1e}", flush=True)
+            c["chained_no_launches_us_per_layer"] = timed_graph(chained(ids, launches=False), device,
+                                                                replays) / layers * 1e6
+            c["chained_expand_only_us_per_layer"] = timed_graph(chained(ids, False, False), device,
+                                                                replays) / layers * 1e6
+            print(f"{case}: shrink in the producer's epilogue {c['chained_us_per_layer']:.1f} us a layer (without "
+                  f"the shrink launches {c['chained_no_launches_us_per_layer']:.1f}, the linears' expand alone "
+                  f"{c['chained_expand_only_us_per_layer']:.1f}); max rel err against eager "
+                  f"{c['max_rel_err_chained_vs_eager']:.1e}", flush=True)
         if args.worker is not None and device.type == "cuda" and case == "a4":
             c.update(worker_cases(ids))
         result["cases"][case] = c

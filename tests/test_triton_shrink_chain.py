@@ -22,6 +22,7 @@ DEVICE = "cpu" if INTERPRET else "cuda"
 pytestmark = pytest.mark.skipif(not triton_linear.available(DEVICE),
                                 reason="Triton cannot run here (no CUDA, and TRITON_INTERPRET is not 1)")
 IDS = [3, 0, -1, 3, 5, 0, 1]  # 4 distinct adapters, repeats, a row without one
+MANY = [4, 0, -1, 2, 5, 1, 3]  # 6: more than one tensor-core product's worth (shrink_rows' U = 4)
 
 
 def shrink_reference(x, A, ids, nw=None):
@@ -38,15 +39,15 @@ def close(got, want, rel):
     assert (got.double() - want).abs().max().item() <= rel * want.abs().max().item()
 
 
-@pytest.mark.parametrize("norm", [False, True])
+@pytest.mark.parametrize("norm,rows", [(False, IDS), (True, IDS), (True, MANY)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_shrink_rows_launch_equals_float64(norm, dtype):
+def test_shrink_rows_launch_equals_float64(norm, rows, dtype):
     g = torch.Generator().manual_seed(0)
     M, K, ra, slots = len(IDS), 200, 48, 6
     x = torch.randn(M, K, generator=g).to(DEVICE, dtype)
     A = (torch.randn(slots, ra, K, generator=g) * K ** -0.5).to(DEVICE, dtype)
     nw = (torch.rand(K, generator=g) + 0.5).to(DEVICE, dtype) if norm else None
-    ids = torch.tensor(IDS, device=DEVICE)
+    ids = torch.tensor(rows, device=DEVICE)
     h = torch.zeros(M, ra, device=DEVICE)
     lora_shrink_rows(x, A, ids, h, nw)
     # bf16: x * nw is rounded to bf16 before the product, as the linear's own loads round it

@@ -97,6 +97,7 @@ if triton is not None:
         H_ROWS: tl.constexpr = False,  # LORA's shrink is done (h [M, modules * r] at s_ptr): expand only
         SHRINK_NEXT: tl.constexpr = False,  # add the next linear's shrink over this output's columns into hn_ptr
         NEXT_NORM: tl.constexpr = False, NEXT_RA_PAD: tl.constexpr = 16,  # ... of RMSNorm(output) (weight nwn_ptr)
+        SHRINK_U: tl.constexpr = 4,  # ... its distinct adapters a tensor-core product
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -221,7 +222,7 @@ if triton is not None:
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
         if SHRINK_NEXT:  # the next linear's LoRA shrink over these columns of its input
             shrink_rows(hn_ptr, an_ptr, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
-                        NEXT_RA_PAD, BLOCK_M, NEXT_NORM, UPCAST)
+                        NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
         if SIGNAL:
             arrive(sig_ptr, pid, UPCAST)
         if LORA:

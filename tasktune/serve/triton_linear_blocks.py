@@ -52,26 +52,37 @@ if triton is not None:
         return acc, ss
 
     @triton.jit
+    def chunk_slots(ids_v, first, order, u0, U: tl.constexpr, RA_PAD: tl.constexpr):
+        """For rank rows q of distinct adapters u0 .. u0 + U - 1 (RA_PAD rows each): each row's
+        slot (-1 past the last adapter) and its row within the adapter."""
+        q = tl.arange(0, U * RA_PAD)
+        sel = first[None, :] & (order[None, :] == (u0 + q // RA_PAD)[:, None])
+        return tl.max(tl.where(sel, ids_v[None, :], -1), axis=1), q % RA_PAD
+
+    @triton.jit
     def shrink_rows(h_ptr, a_ptr, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra,
-                    RA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, NORM: tl.constexpr, UPCAST: tl.constexpr):
-        """h[m, :ra] += A[slot of row m][:, offs_k] @ act[:, m], fp32 atomics, over the batch's
-        distinct adapters (one tensor-core product each; rows without an adapter add nothing):
-        a K part of a LoRA shrink, from the act tile ([len(offs_k), BLOCK_M]) a program holds.
+                    RA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, U: tl.constexpr, NORM: tl.constexpr,
+                    UPCAST: tl.constexpr):
+        """h[m, :ra] += A[slot of row m][:, offs_k] @ act[:, m], fp32 atomics (rows without an
+        adapter add nothing): a K part of a LoRA shrink, from the act tile ([len(offs_k),
+        BLOCK_M]) a program holds. U distinct adapters a tensor-core product (one load of
+        their stacked A rows, so one memory latency for all of them, not one each).
         A: [slots, ra, K]; NORM: act times the RMSNorm weight at offs_k, rounded as load_act
         rounds it (the 1 / rms comes later, in the linear that reads h)."""
         if NORM:
             nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             act = (act.to(tl.float32) * nw[:, None]).to(act.dtype)
         offs_a = tl.arange(0, RA_PAD)
-        a_ok = offs_a < ra
         h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
-        for u in range(tl.sum(first.to(tl.int32))):
-            slot = nth_adapter(ids_v, first, order, u)
-            a = tl.load(a_ptr + slot.to(tl.int64) * ra * K + offs_a[:, None] * K + offs_k[None, :],
-                        mask=a_ok[:, None] & k_ok[None, :], other=0.0)
-            h = tl.where((ids_v == slot)[None, :], dot_acc(a, tl.trans(act), tl.zeros_like(h), UPCAST), h)
+        for u0 in range(0, tl.sum(first.to(tl.int32)), U):
+            slot, jj = chunk_slots(ids_v, first, order, u0, U, RA_PAD)
+            a = tl.load(a_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None] * ra * K + jj[:, None] * K
+                        + offs_k[None, :], mask=((slot >= 0) & (jj < ra))[:, None] & k_ok[None, :], other=0.0)
+            p = dot_acc(a, tl.trans(act), tl.zeros((U * RA_PAD, BLOCK_M), dtype=tl.float32), UPCAST)
+            p = tl.where(slot[:, None] == ids_v[None, :], p, 0.0)  # row m keeps its own adapter's rows
+            h += tl.sum(tl.reshape(p, (U, RA_PAD, BLOCK_M)), axis=0)
         tl.atomic_add(h_ptr + offs_m[None, :] * ra + offs_a[:, None], h,
-                      mask=a_ok[:, None] & (m_ok & (ids_v >= 0))[None, :], sem="relaxed")
+                      mask=(offs_a < ra)[:, None] & (m_ok & (ids_v >= 0))[None, :], sem="relaxed")
 
     @triton.jit
     def distinct_adapters(ids_ptr, offs_m, M):
@@ -171,7 +182,7 @@ if triton is not None:
         n_distinct = tl.sum(first.to(tl.int32))
         for c in tl.static_range((BLOCK_M + UC * SPLIT_K - 1) // (UC * SPLIT_K)):
             chunk = split + c * SPLIT_K
-            if c == 0:  # always: it holds the wait
+            if WAIT and c == 0:  # always: it holds the wait
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
                                     MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
