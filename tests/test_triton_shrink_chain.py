@@ -58,15 +58,15 @@ def test_shrink_rows_launch_equals_float64(norm, rows, dtype):
 
 
 @pytest.mark.parametrize("name", ["qkv", "gate_up", "o"])
-@pytest.mark.parametrize("split_k", [1, 3])
-def test_expand_only_from_a_given_h_equals_eager(name, split_k):
+@pytest.mark.parametrize("split_k,batch", [(1, IDS), (3, IDS), (3, MANY)])
+def test_expand_only_from_a_given_h_equals_eager(name, split_k, batch):
     dtype = torch.float32
     kw = {"qkv": dict(bias=True, norm=True, modules=3), "gate_up": dict(norm=True, swiglu=True, modules=2),
           "o": dict(residual=True, modules=1)}[name]
     rows = {"qkv": 96, "gate_up": 2 * 80, "o": 64}[name]
     args = make(len(IDS), rows, 72, dtype=dtype, seed=3, slots=6, **kw)
     A, B, scaling, _ = args["lora"]
-    ids = torch.tensor(IDS, device=DEVICE)
+    ids = torch.tensor(batch, device=DEVICE)
     args["lora"] = (A, B, scaling, ids)
     h = shrink_reference(args["x"], A, ids, args["norm"][0] if args["norm"] else None).float()
     M, N = len(IDS), rows // 2 if args["swiglu"] else rows
@@ -81,14 +81,14 @@ def test_expand_only_from_a_given_h_equals_eager(name, split_k):
 
 
 @pytest.mark.parametrize("producer", ["residual", "swiglu"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_epilogue_shrink_of_the_output_feeds_the_next_linear(producer, dtype):
+@pytest.mark.parametrize("dtype,rows", [(torch.float32, IDS), (torch.bfloat16, IDS), (torch.float32, MANY)])
+def test_epilogue_shrink_of_the_output_feeds_the_next_linear(producer, dtype, rows):
     """A producer's shrink_next leaves in h the consumer's shrink of the stored output, and the
     consumer expanding that h equals the consumer computing its LoRA inside its own launch."""
     g = torch.Generator().manual_seed(5)
     M, K, N, slots, r = len(IDS), 64, 80, 6, 8
     rnd = lambda *s, scale=1.0: (torch.randn(*s, generator=g) * scale).to(DEVICE, dtype)  # noqa: E731
-    ids = torch.tensor(IDS, device=DEVICE)
+    ids = torch.tensor(rows, device=DEVICE)
     x = rnd(M, K)
     if producer == "residual":  # o or down: the next is a normed fused linear (gate_up or qkv)
         prod = dict(weight=rnd(N, K, scale=K ** -0.5), residual=rnd(M, N))

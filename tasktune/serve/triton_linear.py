@@ -76,8 +76,10 @@ SHRINK_SPLITS = 4  # ... and up to this many programs an adapter, each a contigu
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_delta, k_partial, nth_adapter,
-                                                      shrink_rows, wait_count)
+    from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_chunk, expand_delta, k_partial,
+                                                      nth_adapter, wait_count)
+    from tasktune.serve.triton_lora_rows import (a_chunk, b_chunk, chunk_slots, expand_rows, h_chunk, prefetch_l2,
+                                                  shrink_rows)
 
     @triton.jit(do_not_specialize=["wait_for"])  # one kernel for every target: a new one may load mid-chain
     def _decode_linear(
@@ -98,6 +100,7 @@ if triton is not None:
         SHRINK_NEXT: tl.constexpr = False,  # add the next linear's shrink over this output's columns into hn_ptr
         NEXT_NORM: tl.constexpr = False, NEXT_RA_PAD: tl.constexpr = 16,  # ... of RMSNorm(output) (weight nwn_ptr)
         SHRINK_U: tl.constexpr = 4,  # ... its distinct adapters a tensor-core product
+        ROW_U: tl.constexpr = 4,  # H_ROWS: the distinct adapters whose B and h load early (more: after the GEMM)
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -131,10 +134,29 @@ if triton is not None:
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # read before the wait
         if LORA:
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
+        if LORA and H_ROWS:  # split 0 expands: its B tiles are weights, loaded before the wait
+            eslot, ejj = chunk_slots(ids_v, first, order, 0, ROW_U, R_MODULE)
+            eb = b_chunk(b_ptr, eslot, ejj, r, 0, offs_n, n_ok, stride_bs, stride_bn, stride_br, split == 0)
+            if SWIGLU:
+                eb_u = b_chunk(b_ptr, eslot, ejj, r, N, offs_n, n_ok, stride_bs, stride_bn, stride_br, split == 0)
+        if SHRINK_NEXT:  # the next linear's A rows for these columns: into registers, or L2 when a split stores
+            nslot, njj = chunk_slots(ids_v, first, order, 0, SHRINK_U, NEXT_RA_PAD)
+            na_ptrs, na_ok = a_chunk(an_ptr, nslot, njj, ra_next, N, offs_n, n_ok)
+            if SPLIT_K == 1:
+                na = tl.load(na_ptrs, mask=na_ok, other=0.0)
+            else:  # (a row's BLOCK_N columns: one 128-byte line at 64 bf16)
+                prefetch_l2(an_ptr + tl.maximum(nslot, 0).to(tl.int64) * ra_next * N + njj * N + block * BLOCK_N,
+                            (nslot >= 0) & (njj < ra_next) & (split == 0), UPCAST)
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
+        if LORA and H_ROWS:  # h is the previous launch's output: loaded now, used after the GEMM
+            eh0 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 0, r, MODULES * r, split == 0)
+            if MODULES > 1:
+                eh1 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 1, r, MODULES * r, split == 0)
+            if MODULES > 2:
+                eh2 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 2, r, MODULES * r, split == 0)
         acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                            BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if SWIGLU:  # the up rows start N rows further
@@ -142,22 +164,50 @@ if triton is not None:
                                 BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if PDL and not EARLY and not LATE:  # the next kernel may launch (it waits for this one to finish)
             tl.extra.cuda.gdc_launch_dependents()
-        WAIT_SHRINK: tl.constexpr = not H_ROWS
-        if LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
+        if LORA and H_ROWS:  # split 0's expand of the first ROW_U adapters (registers), then any more
+            zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
+            if SWIGLU:
+                acc += row_scale[None, :] * expand_rows(zero, eb, eh0, n_ok, UPCAST)
+                acc_u += row_scale[None, :] * expand_rows(zero, eb_u, eh1, n_ok, UPCAST)
+            else:
+                module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
+                d = expand_rows(zero, eb, eh0, n_ok & (module == 0), UPCAST)
+                if MODULES > 1:
+                    d = expand_rows(d, eb, eh1, module == 1, UPCAST)
+                if MODULES > 2:
+                    d = expand_rows(d, eb, eh2, module == 2, UPCAST)
+                acc += row_scale[None, :] * d
+            if split == 0:
+                for c in range(1, (tl.sum(first.to(tl.int32)) + ROW_U - 1) // ROW_U):
+                    if SWIGLU:
+                        acc += row_scale[None, :] * expand_chunk(
+                            zero, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n, n_ok, 0, c, r, bound1,
+                            bound2, stride_bs, stride_bn, stride_br, False, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                            RA_PAD, 1, ROW_U, UPCAST, True)
+                        acc_u += row_scale[None, :] * expand_chunk(
+                            zero, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n, n_ok, N, c, r, bound1,
+                            bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                            RA_PAD, 1, ROW_U, UPCAST, True)
+                    else:
+                        acc += row_scale[None, :] * expand_chunk(
+                            zero, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n, n_ok, 0, c, r, bound1,
+                            bound2, stride_bs, stride_bn, stride_br, False, -1 if MODULES > 1 else 0, MODULES,
+                            BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, 1, ROW_U, UPCAST, True)
+        elif LORA:  # this split's share of the expand, scaled per row, joins its partial (rstd applies later)
             if SWIGLU:  # gate columns take module 0's h, up columns (N rows further in B) module 1's
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
-                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT_SHRINK, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, 0, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
                 acc_u += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, N, split,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1, MODULES, BLOCK_M, BLOCK_N, R_MODULE,
-                    RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    RA_PAD, S, SPLIT_K, UC, UPCAST)
             else:
                 acc += row_scale[None, :] * expand_delta(
                     s_ptr, b_ptr, cnt_ptr + n_blocks, BLOCK_M * S, ids_v, first, order, offs_m, offs_n, n_ok, 0, split,
-                    r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT_SHRINK, -1 if MODULES > 1 else 0, MODULES,
-                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST, H_ROWS)
+                    r, bound1, bound2, stride_bs, stride_bn, stride_br, True, -1 if MODULES > 1 else 0, MODULES,
+                    BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, SPLIT_K, UC, UPCAST)
         N_PAD: tl.constexpr = n_blocks * BLOCK_N
         PARTS: tl.constexpr = 2 if SWIGLU else 1
         SS_AT: tl.constexpr = SPLIT_K * PARTS * BLOCK_M * N_PAD  # then [n_blocks, SPLIT_K, BLOCK_M] sums of squares
@@ -171,6 +221,8 @@ if triton is not None:
             arrived = tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel")
             if arrived != SPLIT_K - 1:
                 return
+            if SHRINK_NEXT:  # the storing split: its A rows from L2 (prefetched), beside the partials' loads
+                na = tl.load(na_ptrs, mask=na_ok, other=0.0)
             if LORA:  # one count per N block (its last split): at the last, every GEMM program is past the wait
                 done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")  # (used at the end: latency hidden)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -221,7 +273,7 @@ if triton is not None:
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
         if SHRINK_NEXT:  # the next linear's LoRA shrink over these columns of its input
-            shrink_rows(hn_ptr, an_ptr, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
+            shrink_rows(hn_ptr, an_ptr, na, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
                         NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
         if SIGNAL:
             arrive(sig_ptr, pid, UPCAST)

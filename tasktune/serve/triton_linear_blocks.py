@@ -1,7 +1,7 @@
 """Device functions of the fused decode linear (triton_linear.py): the K loop of a tile
 (with RMSNorm folded into the loads) and LoRA's pieces: the batch's distinct adapters, the
-wait for the shrink programs, the expand as tensor-core products over chunks of them, and a
-shrink part from a tile already held (shrink_rows: the next linear's, in an epilogue).
+wait for the shrink programs, and the expand as tensor-core products over chunks of them
+(triton_lora_rows.py holds the pieces of the LoRA whose shrink a launch before has done).
 """
 from __future__ import annotations
 
@@ -50,39 +50,6 @@ if triton is not None:
             ss += sq
             acc = dot_acc(w, xa, acc, UPCAST)
         return acc, ss
-
-    @triton.jit
-    def chunk_slots(ids_v, first, order, u0, U: tl.constexpr, RA_PAD: tl.constexpr):
-        """For rank rows q of distinct adapters u0 .. u0 + U - 1 (RA_PAD rows each): each row's
-        slot (-1 past the last adapter) and its row within the adapter."""
-        q = tl.arange(0, U * RA_PAD)
-        sel = first[None, :] & (order[None, :] == (u0 + q // RA_PAD)[:, None])
-        return tl.max(tl.where(sel, ids_v[None, :], -1), axis=1), q % RA_PAD
-
-    @triton.jit
-    def shrink_rows(h_ptr, a_ptr, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra,
-                    RA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, U: tl.constexpr, NORM: tl.constexpr,
-                    UPCAST: tl.constexpr):
-        """h[m, :ra] += A[slot of row m][:, offs_k] @ act[:, m], fp32 atomics (rows without an
-        adapter add nothing): a K part of a LoRA shrink, from the act tile ([len(offs_k),
-        BLOCK_M]) a program holds. U distinct adapters a tensor-core product (one load of
-        their stacked A rows, so one memory latency for all of them, not one each).
-        A: [slots, ra, K]; NORM: act times the RMSNorm weight at offs_k, rounded as load_act
-        rounds it (the 1 / rms comes later, in the linear that reads h)."""
-        if NORM:
-            nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-            act = (act.to(tl.float32) * nw[:, None]).to(act.dtype)
-        offs_a = tl.arange(0, RA_PAD)
-        h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
-        for u0 in range(0, tl.sum(first.to(tl.int32)), U):
-            slot, jj = chunk_slots(ids_v, first, order, u0, U, RA_PAD)
-            a = tl.load(a_ptr + tl.maximum(slot, 0).to(tl.int64)[:, None] * ra * K + jj[:, None] * K
-                        + offs_k[None, :], mask=((slot >= 0) & (jj < ra))[:, None] & k_ok[None, :], other=0.0)
-            p = dot_acc(a, tl.trans(act), tl.zeros((U * RA_PAD, BLOCK_M), dtype=tl.float32), UPCAST)
-            p = tl.where(slot[:, None] == ids_v[None, :], p, 0.0)  # row m keeps its own adapter's rows
-            h += tl.sum(tl.reshape(p, (U, RA_PAD, BLOCK_M)), axis=0)
-        tl.atomic_add(h_ptr + offs_m[None, :] * ra + offs_a[:, None], h,
-                      mask=(offs_a < ra)[:, None] & (m_ok & (ids_v >= 0))[None, :], sem="relaxed")
 
     @triton.jit
     def distinct_adapters(ids_ptr, offs_m, M):
@@ -172,7 +139,7 @@ if triton is not None:
                     bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
                     RA_PAD: tl.constexpr, S: tl.constexpr, SPLIT_K: tl.constexpr, UC: tl.constexpr,
-                    UPCAST: tl.constexpr, H_ROWS: tl.constexpr = False):
+                    UPCAST: tl.constexpr):
         """[BLOCK_N, BLOCK_M] of B[slot_m, b_row0 + n] @ h_m, unscaled, for this split's chunks
         of the batch's distinct adapters (UC adapters a chunk; chunks split, split + SPLIT_K,
         ...): one tensor-core product per chunk, so each distinct adapter's B is read once,
@@ -185,9 +152,9 @@ if triton is not None:
             if WAIT and c == 0:  # always: it holds the wait
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
             elif chunk * UC < n_distinct:
                 delta = expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok,
                                     b_row0, chunk, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, MODULE,
-                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST, H_ROWS)
+                                    MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, S, UC, UPCAST)
         return delta

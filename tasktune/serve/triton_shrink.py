@@ -16,7 +16,8 @@ from tasktune.lora.triton_ops import _pow2_at_least, triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters, shrink_rows
+    from tasktune.serve.triton_linear_blocks import distinct_adapters
+    from tasktune.serve.triton_lora_rows import a_chunk, chunk_slots, shrink_rows
 
     @triton.jit
     def _shrink_rows_kernel(x_ptr, a_ptr, nw_ptr, ids_ptr, h_ptr, M, stride_xm, K, ra,
@@ -28,13 +29,16 @@ if triton is not None:
         offs_k = tl.program_id(0) * BLOCK_K + tl.arange(0, BLOCK_K)
         k_ok = offs_k < K
         ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # the step's inputs: before the wait
+        slot, jj = chunk_slots(ids_v, first, order, 0, U, RA_PAD)
+        ptrs, ok = a_chunk(a_ptr, slot, jj, ra, K, offs_k, k_ok)
+        a0 = tl.load(ptrs, mask=ok, other=0.0)  # weights too
         if PDL:
             tl.extra.cuda.gdc_wait()
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
         act = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                       other=0.0)  # [BLOCK_K, BLOCK_M]
-        shrink_rows(h_ptr, a_ptr, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra, RA_PAD,
+        shrink_rows(h_ptr, a_ptr, a0, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra, RA_PAD,
                     BLOCK_M, U, NORM, UPCAST)
         if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
