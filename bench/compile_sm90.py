@@ -1,0 +1,103 @@
+"""Compile the Triton kernels a CPU smoke run launches, for Hopper (sm_90), on this machine.
+
+Triton's compiler needs no GPU: this runs a bench's smoke path with every launch of the
+named kernels recorded instead of run (the interpreter off, CPU tensors as stand-ins), then
+compiles each distinct launch to a cubin for sm_90 with PDL on, as the GPU would. A kernel
+that does not compile (a type error, a constexpr branch the interpreter never noticed, too
+much shared memory) fails here in seconds instead of in a device run.
+
+    .venv/bin/python bench/compile_sm90.py            # decode_layers_bench's chained path
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.pop("TRITON_INTERPRET", None)
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.compiler.compiler import ASTSource  # noqa: E402
+
+TYPES = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32", torch.int32: "i32",
+         torch.int64: "i64", torch.bool: "i1"}
+
+
+class Recorder:
+    """Stands in for a @triton.jit kernel: kernel[grid](*args, **kw) records the launch."""
+
+    def __init__(self, fn):
+        self.fn, self.launches = fn, {}
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            names = self.fn.arg_names
+            bound = dict(zip(names, args), **kw)
+            sig, const = {}, {}
+            for name in names:
+                value = bound.get(name, self.fn.params[names.index(name)].default)
+                if self.fn.params[names.index(name)].is_constexpr:
+                    sig[name], const[name] = "constexpr", value
+                elif isinstance(value, torch.Tensor):
+                    sig[name] = "*" + TYPES[value.dtype]
+                elif isinstance(value, bool):
+                    sig[name] = "i1"
+                elif isinstance(value, int):
+                    sig[name] = "i64" if abs(value) >= 2 ** 31 else "i32"
+                else:
+                    sig[name] = "fp32"
+            opts = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
+            self.launches[(tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))] = (
+                sig, const, opts)
+        return launch
+
+
+def compile_all(recorders: dict[str, Recorder]) -> int:
+    failed = 0
+    for name, rec in recorders.items():
+        for sig, const, opts in rec.launches.values():
+            if "PDL" in const:  # the GPU's launch: PDL on (the CPU run had it off)
+                const["PDL"], const["EARLY"] = True, True
+            if "UPCAST" in const:  # (the interpreter's fp32 dots)
+                const["UPCAST"] = False
+            t = time.perf_counter()
+            try:
+                triton.compile(ASTSource(rec.fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                               options=dict(launch_pdl=True, **opts))
+                flags = ",".join(k for k, v in const.items() if v is True)
+                print(f"ok   {name} [{flags}] {time.perf_counter() - t:.1f} s", flush=True)
+            except Exception as e:  # noqa: BLE001 (report every failing launch, then fail)
+                failed += 1
+                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+    return failed
+
+
+def main() -> None:
+    from tasktune.lora import triton_ops
+    from tasktune.serve import triton_linear, triton_shrink
+
+    kernels = [(triton_linear, "_decode_linear"), (triton_shrink, "_shrink_rows_kernel"),
+               (triton_ops, "bgmv_shrink"), (triton_ops, "bgmv_expand")]
+    recs = {}
+    for module, name in kernels:
+        recs[name] = Recorder(getattr(module, name))
+        setattr(module, name, recs[name])
+    triton_linear.available = lambda device=None: True
+    sys.argv = [sys.argv[0], "--smoke"]
+    sys.path.insert(0, str(REPO / "bench"))
+    import decode_layers_bench
+
+    try:
+        decode_layers_bench.main()
+    except Exception as e:  # noqa: BLE001 (the run's numbers are meaningless: the kernels never ran)
+        print(f"(smoke run stopped: {type(e).__name__}: {e})")
+    sys.exit(1 if compile_all(recs) else 0)
+
+
+if __name__ == "__main__":
+    main()
