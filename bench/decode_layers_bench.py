@@ -213,7 +213,7 @@ def main() -> None:
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
-        for at in ((1, 2, 0) if case == "a4" else (1,)) if ids is not None else ():
+        for at in (1,) if ids is not None else ():  # (2 and 0 measured no better at 4 adapters: bench/README)
             triton_linear.ROW_AT = at  # where the split LoRA loads (triton_linear.ROW_AT; 1 the default)
             key = "chained" if at == 1 else f"chained_at{at}"
             c[f"{key}_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6

@@ -246,7 +246,7 @@ if triton is not None:
                 return
             if SHRINK_NEXT and ROW_AT == 1:  # the storing split: its A rows from L2 (prefetched), beside the
                 na = tl.load(na_ptrs, mask=na_ok, other=0.0)  # partials' loads
-            if LORA:  # one count per N block (its last split): at the last, every GEMM program is past the wait
+            if LORA and not H_ROWS:  # one count an N block (its last split): at the last, all are past the wait
                 done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")  # (used at the end: latency hidden)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
             if SWIGLU:
@@ -259,7 +259,7 @@ if triton is not None:
                 if NORM:
                     ss += tl.load(ws_ptr + SS_AT + (block * SPLIT_K + other) * BLOCK_M + offs_m, cache_modifier=".cg")
             tl.store(cnt_ptr + block, 0)
-        elif LORA:
+        elif LORA and not H_ROWS:  # (H_ROWS: no shrink programs, no counts)
             done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
         if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
@@ -302,7 +302,7 @@ if triton is not None:
                         NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
         if SIGNAL:
             arrive(sig_ptr, pid, UPCAST)
-        if LORA:
+        if LORA and not H_ROWS:
             if done == n_blocks - 1:  # the last N block: reset the shrink and done counts for the next launch
                 tl.store(cnt_ptr + n_blocks, 0)
                 tl.store(cnt_ptr + n_blocks + 1, 0)
