@@ -37,6 +37,8 @@ def main() -> None:
         ap.add_argument("--worker", type=int, nargs="*", default=None,
                         help="also time the persistent LoRA worker (bench/lora_worker.py), GPU, 4 adapters: "
                              "its program counts (default 16)")
+        ap.add_argument("--per-linear", action="store_true",
+                        help="only time each linear alone (24 launches a graph) with the split LoRA's pieces, 4 adapters")
 
     args, device = kernel_bench_args(__doc__, options)
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
@@ -129,6 +131,39 @@ def main() -> None:
             return x
         return fn
 
+    def per_linear(ids) -> dict:
+        """Each linear alone, 24 launches a graph (one weight copy a layer, the same input):
+        no adapter, the default (BGMV pair + delta), the expand of a given h, the next
+        linear's shrink in the epilogue, both. Which launch pays for the split LoRA?"""
+        x_in = {"qkv": x0, "o": rand(M, Q), "gate_up": x0, "down": rand(M, I)}
+        kws = {"qkv": dict(bias=None, norm=(norms[0][0], 1e-6)), "o": dict(residual=x0),
+               "gate_up": dict(norm=(norms[0][1], 1e-6), swiglu=True), "down": dict(residual=x0)}
+        nxt = {"qkv": None, "o": ("gate_up", norms[0][1]), "gate_up": ("down", None), "down": ("qkv", norms[0][0])}
+        h = {n: torch.zeros(M, AB[0][n][0].shape[1], device=device) for n in AB[0]}
+        out = {}
+        for n, x in x_in.items():
+            kw = dict(kws[n], **({"bias": bias[0]} if n == "qkv" else {}))
+            nn, nw = nxt[n] or (None, None)
+            lora = lambda i: dict(lora=(*AB[i][n], scaling, ids))  # noqa: E731
+            nx = lambda i: dict(shrink_next=(AB[i][nn][0], nw, ids, h[nn]))  # noqa: E731
+
+            def graph(extra, delta=False):
+                def fn():
+                    for i in range(layers):
+                        if delta:
+                            d = lora_delta(x, *AB[i][n], scaling, ids, bounds[n], kw.get("norm"), rms=False)
+                            decode_linear(x, W[i][n], delta=d, delta_rms=False, bounds=bounds[n], **kw)
+                        else:
+                            decode_linear(x, W[i][n], bounds=bounds[n], **kw, **extra(i))
+                return timed_graph(fn, device, replays) / layers * 1e6
+
+            out[n] = {"base": graph(lambda i: {}), "default": graph(None, delta=True),
+                      "expand": graph(lambda i: dict(lora(i), h=h[n]))}
+            if nn is not None:  # (qkv's output goes to attention)
+                out[n].update(shrink_next=graph(nx), both=graph(lambda i: dict(lora(i), h=h[n], **nx(i))))
+            print(f"{n:8}" + "".join(f"{k} {v:5.1f}  " for k, v in out[n].items()) + "(us a launch)", flush=True)
+        return out
+
     def streamed(ids, deferred: bool):
         """The BGMV pair on a second stream beside each fused launch (session 18's question:
         can LoRA leave the critical path?). deferred: the launch does not wait for the delta,
@@ -202,6 +237,10 @@ def main() -> None:
     result = {"bench": "decode_layers_bench", "device": device_name(device), "versions": versions("triton"),
               "config": {"rows": M, "layers": layers, "r": r, "slots": slots, "dtype": "bfloat16", "replays": replays},
               "copy_bandwidth": copy_bandwidth(device, (1 << 20) if args.smoke else (1 << 30)), "cases": {}}
+    if args.per_linear:
+        result["per_linear_a4_us"] = per_linear(cases["a4"])
+        write_json(result, "decode_layers_per_linear.json", [args.out])
+        return
     for case, ids in cases.items():
         e_out = eager(ids)()
         err = lambda out: ((out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()  # noqa: E731
