@@ -4,14 +4,19 @@ Triton's compiler needs no GPU: this runs a bench's smoke path with every launch
 named kernels recorded instead of run (the interpreter off, CPU tensors as stand-ins), then
 compiles each distinct launch to a cubin for sm_90 with PDL on, as the GPU would. A kernel
 that does not compile (a type error, a constexpr branch the interpreter never noticed, too
-much shared memory) fails here in seconds instead of in a device run.
+much shared memory) fails here in seconds instead of in a device run. Each line also gives
+the registers a thread, stack (spills) and static shared memory: what sets how many programs
+share an SM.
 
-    .venv/bin/python bench/compile_sm90.py            # decode_layers_bench's chained path
+    .venv/bin/python bench/compile_sm90.py [--full]   # decode_layers_bench's launches (--full: real shapes)
 """
 from __future__ import annotations
 
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -57,6 +62,17 @@ class Recorder:
         return launch
 
 
+def usage(cubin: bytes) -> str:
+    """cuobjdump's registers a thread, spill stores and shared memory for the compiled kernel."""
+    tool = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "k.cubin"
+        path.write_bytes(cubin)
+        out = subprocess.run([str(tool), "--dump-resource-usage", str(path)], capture_output=True, text=True).stdout
+    got = {k: re.search(rf"{k}:(\d+)", out) for k in ("REG", "STACK", "SHARED")}
+    return " ".join(f"{k.lower()} {m.group(1) if m else '?'}" for k, m in got.items())
+
+
 def compile_all(recorders: dict[str, Recorder]) -> int:
     failed = 0
     for name, rec in recorders.items():
@@ -67,10 +83,10 @@ def compile_all(recorders: dict[str, Recorder]) -> int:
                 const["UPCAST"] = False
             t = time.perf_counter()
             try:
-                triton.compile(ASTSource(rec.fn, sig, const), target=GPUTarget("cuda", 90, 32),
-                               options=dict(launch_pdl=True, **opts))
+                k = triton.compile(ASTSource(rec.fn, sig, const), target=GPUTarget("cuda", 90, 32),
+                                   options=dict(launch_pdl=True, **opts))
                 flags = ",".join(k for k, v in const.items() if v is True)
-                print(f"ok   {name} [{flags}] {time.perf_counter() - t:.1f} s", flush=True)
+                print(f"ok   {name} [{flags}] {usage(k.asm['cubin'])} {time.perf_counter() - t:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 (report every failing launch, then fail)
                 failed += 1
                 print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
@@ -88,7 +104,8 @@ def main() -> None:
         recs[name] = Recorder(getattr(module, name))
         setattr(module, name, recs[name])
     triton_linear.available = lambda device=None: True
-    sys.argv = [sys.argv[0], "--smoke"]
+    full = "--full" in sys.argv[1:]  # the GPU run's shapes (the eager parts run on this CPU)
+    sys.argv = [sys.argv[0]] + ([] if full else ["--smoke"])
     sys.path.insert(0, str(REPO / "bench"))
     import decode_layers_bench
 

@@ -252,20 +252,17 @@ def main() -> None:
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
-        for at in (1,) if ids is not None else ():  # (2 and 0 measured no better at 4 adapters: bench/README)
-            triton_linear.ROW_AT = at  # where the split LoRA loads (triton_linear.ROW_AT; 1 the default)
-            key = "chained" if at == 1 else f"chained_at{at}"
-            c[f"{key}_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6
-            c[f"max_rel_err_{key}_vs_eager"] = err(chained(ids)())
-            c[f"{key}_no_launches_us_per_layer"] = timed_graph(chained(ids, launches=False), device,
-                                                               replays) / layers * 1e6
-            c[f"{key}_expand_only_us_per_layer"] = timed_graph(chained(ids, False, False), device,
-                                                               replays) / layers * 1e6
-            print(f"{case}: shrink in the producer's epilogue (ROW_AT {at}) {c[f'{key}_us_per_layer']:.1f} us a "
-                  f"layer (without the shrink launches {c[f'{key}_no_launches_us_per_layer']:.1f}, the linears' "
-                  f"expand alone {c[f'{key}_expand_only_us_per_layer']:.1f}); max rel err against eager "
-                  f"{c[f'max_rel_err_{key}_vs_eager']:.1e}", flush=True)
-        triton_linear.ROW_AT = 1
+        if ids is not None:
+            c["chained_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6
+            c["max_rel_err_chained_vs_eager"] = err(chained(ids)())
+            c["chained_no_launches_us_per_layer"] = timed_graph(chained(ids, launches=False), device,
+                                                                replays) / layers * 1e6
+            c["chained_expand_only_us_per_layer"] = timed_graph(chained(ids, False, False), device,
+                                                                replays) / layers * 1e6
+            print(f"{case}: shrink in the producer's epilogue {c['chained_us_per_layer']:.1f} us a layer (without "
+                  f"the shrink launches {c['chained_no_launches_us_per_layer']:.1f}, the linears' expand alone "
+                  f"{c['chained_expand_only_us_per_layer']:.1f}); max rel err against eager "
+                  f"{c['max_rel_err_chained_vs_eager']:.1e}", flush=True)
         if args.worker is not None and device.type == "cuda" and case == "a4":
             c.update(worker_cases(ids))
         result["cases"][case] = c

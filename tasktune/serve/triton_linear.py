@@ -37,6 +37,14 @@ launch (PDL_EARLY). With a `delta` it waits only in the epilogue, where it reads
 (LATE_WAIT): its input is older than the BGMV pair before it, so its GEMM runs beside the
 pair (the rule that keeps this safe is in lora.triton_ops).
 
+A third way, not the decoder's (decode_layers_bench.py times it; bench/README.md "Split
+LoRA"): `h` and `shrink_next` split LoRA at the kernel boundary. The launch that produces a
+linear's input adds that linear's shrink of the columns it stores into a per-row h (fp32
+atomics; triton_lora_rows.py), and the linear, given h, only expands: no launch between
+linears and no in-kernel wait. At the served shapes these kernels run out of registers
+(255 a thread, and up to 1.5 KB of spills a thread; without LoRA 138-255 and none). The
+chain measured slower than the BGMV pair.
+
 Rounding follows the eager decoder where it can: the projection (with bias and LoRA) is
 rounded before silu * up and before the residual add; RMSNorm rounds x * weight instead of
 eager's normalised x (a different, not a larger, error).
@@ -61,10 +69,6 @@ MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 # the shrink scales each part, session 10)
 DELTA_BEFORE_RMS = True
 MAX_RANK = 64
-# Where the split LoRA (decode_linear's h= and shrink_next=) loads its pieces: 1 the weights (the
-# expand's B, the next shrink's A) before the PDL wait and h right after it, the products at the
-# end; 2 the whole expand right after the wait, before the GEMM; 0 all of it after the GEMM
-ROW_AT = 1
 SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
 EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
@@ -105,7 +109,6 @@ if triton is not None:
         NEXT_NORM: tl.constexpr = False, NEXT_RA_PAD: tl.constexpr = 16,  # ... of RMSNorm(output) (weight nwn_ptr)
         SHRINK_U: tl.constexpr = 4,  # ... its distinct adapters a tensor-core product
         ROW_U: tl.constexpr = 4,  # H_ROWS: the distinct adapters whose B and h load early (more: after the GEMM)
-        ROW_AT: tl.constexpr = 1,  # where H_ROWS / SHRINK_NEXT load (ROW_AT below: an experiment's switch)
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
@@ -139,7 +142,7 @@ if triton is not None:
             ids_v, first, order = distinct_adapters(ids_ptr, offs_m, M)  # read before the wait
         if LORA:
             row_scale = tl.load(scale_ptr + tl.maximum(ids_v, 0), mask=ids_v >= 0, other=0.0).to(tl.float32)
-        if LORA and H_ROWS and ROW_AT == 1:  # split 0 expands: its B tiles are weights, loaded before the wait
+        if LORA and H_ROWS:  # split 0 expands: its B tiles are weights, loaded before the wait
             eslot, ejj = chunk_slots(ids_v, first, order, 0, ROW_U, R_MODULE)
             eb = b_chunk(b_ptr, eslot, ejj, r, 0, offs_n, n_ok, stride_bs, stride_bn, stride_br, split == 0)
             if SWIGLU:
@@ -147,34 +150,21 @@ if triton is not None:
         if SHRINK_NEXT:  # the next linear's A rows for these columns: into registers, or L2 when a split stores
             nslot, njj = chunk_slots(ids_v, first, order, 0, SHRINK_U, NEXT_RA_PAD)
             na_ptrs, na_ok = a_chunk(an_ptr, nslot, njj, ra_next, N, offs_n, n_ok)
-            if ROW_AT == 1:
-                if SPLIT_K == 1:
-                    na = tl.load(na_ptrs, mask=na_ok, other=0.0)
-                else:  # (a row's BLOCK_N columns: one 128-byte line at 64 bf16)
-                    prefetch_l2(an_ptr + tl.maximum(nslot, 0).to(tl.int64) * ra_next * N + njj * N + block * BLOCK_N,
-                                (nslot >= 0) & (njj < ra_next) & (split == 0), UPCAST)
+            if SPLIT_K == 1:
+                na = tl.load(na_ptrs, mask=na_ok, other=0.0)
+            else:  # (a row's BLOCK_N columns: one 128-byte line at 64 bf16)
+                prefetch_l2(an_ptr + tl.maximum(nslot, 0).to(tl.int64) * ra_next * N + njj * N + block * BLOCK_N,
+                            (nslot >= 0) & (njj < ra_next) & (split == 0), UPCAST)
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
             if EARLY:
                 tl.extra.cuda.gdc_launch_dependents()
-        if LORA and H_ROWS and ROW_AT == 1:  # h is the previous launch's output: loaded now, used after the GEMM
+        if LORA and H_ROWS:  # h is the previous launch's output: loaded now, used after the GEMM
             eh0 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 0, r, MODULES * r, split == 0)
             if MODULES > 1:
                 eh1 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 1, r, MODULES * r, split == 0)
             if MODULES > 2:
                 eh2 = h_chunk(s_ptr, eslot, ejj, ids_v, offs_m, 2, r, MODULES * r, split == 0)
-        if LORA and H_ROWS and ROW_AT == 2:  # split 0's whole expand of the first ROW_U adapters, now
-            d_pre = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            d_pre_u = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if split == 0:
-                d_pre = expand_chunk(d_pre, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n, n_ok, 0, 0,
-                                     r, bound1, bound2, stride_bs, stride_bn, stride_br, False,
-                                     0 if SWIGLU or MODULES == 1 else -1, MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD,
-                                     1, ROW_U, UPCAST, True)
-                if SWIGLU:
-                    d_pre_u = expand_chunk(d_pre_u, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n,
-                                           n_ok, N, 0, r, bound1, bound2, stride_bs, stride_bn, stride_br, False, 1,
-                                           MODULES, BLOCK_M, BLOCK_N, R_MODULE, RA_PAD, 1, ROW_U, UPCAST, True)
         acc, ss = k_partial(w_ptr, x_ptr, nw_ptr, 0, offs_n, n_ok, offs_m, m_ok, split, stride_xm, K, BLOCK_N,
                            BLOCK_M, BLOCK_K, K_SPLIT, NORM, UPCAST)
         if SWIGLU:  # the up rows start N rows further
@@ -184,24 +174,19 @@ if triton is not None:
             tl.extra.cuda.gdc_launch_dependents()
         if LORA and H_ROWS:  # split 0's expand of the first ROW_U adapters (registers), then any more
             zero = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
-            if ROW_AT == 1:
-                if SWIGLU:
-                    acc += row_scale[None, :] * expand_rows(zero, eb, eh0, n_ok, UPCAST)
-                    acc_u += row_scale[None, :] * expand_rows(zero, eb_u, eh1, n_ok, UPCAST)
-                else:
-                    module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
-                    d = expand_rows(zero, eb, eh0, n_ok & (module == 0), UPCAST)
-                    if MODULES > 1:
-                        d = expand_rows(d, eb, eh1, module == 1, UPCAST)
-                    if MODULES > 2:
-                        d = expand_rows(d, eb, eh2, module == 2, UPCAST)
-                    acc += row_scale[None, :] * d
-            if ROW_AT == 2:
-                acc += row_scale[None, :] * d_pre
-                if SWIGLU:
-                    acc_u += row_scale[None, :] * d_pre_u
-            if split == 0:  # (ROW_AT 0: every chunk here)
-                for c in range(0 if ROW_AT == 0 else 1, (tl.sum(first.to(tl.int32)) + ROW_U - 1) // ROW_U):
+            if SWIGLU:
+                acc += row_scale[None, :] * expand_rows(zero, eb, eh0, n_ok, UPCAST)
+                acc_u += row_scale[None, :] * expand_rows(zero, eb_u, eh1, n_ok, UPCAST)
+            else:
+                module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
+                d = expand_rows(zero, eb, eh0, n_ok & (module == 0), UPCAST)
+                if MODULES > 1:
+                    d = expand_rows(d, eb, eh1, module == 1, UPCAST)
+                if MODULES > 2:
+                    d = expand_rows(d, eb, eh2, module == 2, UPCAST)
+                acc += row_scale[None, :] * d
+            if split == 0:
+                for c in range(1, (tl.sum(first.to(tl.int32)) + ROW_U - 1) // ROW_U):
                     if SWIGLU:
                         acc += row_scale[None, :] * expand_chunk(
                             zero, s_ptr, b_ptr, cnt_ptr, 0, ids_v, first, order, offs_m, offs_n, n_ok, 0, c, r, bound1,
@@ -244,8 +229,8 @@ if triton is not None:
             arrived = tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel")
             if arrived != SPLIT_K - 1:
                 return
-            if SHRINK_NEXT and ROW_AT == 1:  # the storing split: its A rows from L2 (prefetched), beside the
-                na = tl.load(na_ptrs, mask=na_ok, other=0.0)  # partials' loads
+            if SHRINK_NEXT:  # the storing split: its A rows from L2 (prefetched), beside the partials' loads
+                na = tl.load(na_ptrs, mask=na_ok, other=0.0)
             if LORA and not H_ROWS:  # one count an N block (its last split): at the last, all are past the wait
                 done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")  # (used at the end: latency hidden)
             acc = tl.zeros((BLOCK_N, BLOCK_M), dtype=tl.float32)
@@ -296,8 +281,6 @@ if triton is not None:
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
         if SHRINK_NEXT:  # the next linear's LoRA shrink over these columns of its input
-            if ROW_AT != 1:
-                na = tl.load(na_ptrs, mask=na_ok, other=0.0)
             shrink_rows(hn_ptr, an_ptr, na, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
                         NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
         if SIGNAL:
@@ -432,7 +415,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module),
-                    H_ROWS=h is not None, ROW_AT=ROW_AT)
+                    H_ROWS=h is not None)
     elif h is not None:
         raise ValueError("h (a LoRA shrink done) needs lora")
     next_args, ra_next = (x, x, x), 0
@@ -448,7 +431,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         if lora is None:
             lora_args = (x, x, x, ids_next, x)
         next_args = (a_next, nw_next if nw_next is not None else x, h_next)
-        meta.update(ROW_AT=ROW_AT, SHRINK_NEXT=True, NEXT_NORM=nw_next is not None, NEXT_RA_PAD=_pow2_at_least(ra_next, 16))
+        meta.update(SHRINK_NEXT=True, NEXT_NORM=nw_next is not None, NEXT_RA_PAD=_pow2_at_least(ra_next, 16))
     grid = (shrink_programs + n_blocks * cfg.SPLIT_K,)
     launch = triton_ops.pdl_launch(device)
     late = launch["PDL"] and delta is not None and triton_ops.LATE_WAIT and wait_delta is None
