@@ -57,8 +57,8 @@ class Recorder:
                 else:
                     sig[name] = "fp32"
             opts = {k: v for k, v in kw.items() if k in ("num_warps", "num_stages")}
-            self.launches[(tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())))] = (
-                sig, const, opts)
+            self.launches[(tuple(sorted(sig.items())), tuple(sorted((k, repr(v)) for k, v in const.items())),
+                           tuple(sorted(opts.items())))] = (sig, const, opts)
         return launch
 
 
@@ -85,7 +85,9 @@ def compile_all(recorders: dict[str, Recorder]) -> int:
             try:
                 k = triton.compile(ASTSource(rec.fn, sig, const), target=GPUTarget("cuda", 90, 32),
                                    options=dict(launch_pdl=True, **opts))
-                flags = ",".join(k for k, v in const.items() if v is True)
+                flags = ",".join([k for k, v in const.items() if v is True]
+                                 + [f"{k}={const[k]}" for k in ("BLOCK_N", "BLOCK_K", "SPLIT_K") if k in const]
+                                 + [f"{k}={v}" for k, v in opts.items()])
                 print(f"ok   {name} [{flags}] {usage(k.asm['cubin'])} {time.perf_counter() - t:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 (report every failing launch, then fail)
                 failed += 1
