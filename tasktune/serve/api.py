@@ -342,7 +342,14 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
         model = body.model or (task_adapters or {}).get(task) or (task if task in pool else engine.base_name)
         if body.guided and query.answers:
             return await predict_by_likelihood(task, model, query, body.top_k, started)
-        params = SamplingParams(max_tokens=body.max_tokens, logprobs=0)
+        grammar = None
+        if body.guided and query.grammar:  # a tagging answer: only the task's slots and spans of the input
+            try:
+                grammar = engine.grammars.ebnf(query.grammar)
+            except GrammarError as e:
+                raise APIError(422, f"cannot constrain task {task!r}'s answer to its slots ({e}); send "
+                                    '"guided": false to decode freely') from None
+        params = SamplingParams(max_tokens=body.max_tokens, logprobs=0, grammar=grammar)
         c, = await finish_all(submit_all([Request(query.prompt, resolve(model), params)]), "/v1/tasks/{task}/predict",
                               model, started)
         value, valid = query.parse(c.text)

@@ -276,7 +276,8 @@ class TaskPredictRequest(_Body):
     max_tokens: MaxTokens = 64  # causal runs
     top_k: Annotated[int, Field(ge=1, le=100)] = 5  # how many labels `top` lists
     # causal runs: a closed-set task answers with one of its labels, each scored whole after the
-    # prompt as `tasktune eval` scores them (false: free decoding, parsed)
+    # prompt as `tasktune eval` scores them, and a tagging task writes only its slot types and
+    # spans of the input words (a grammar); false: free decoding, parsed
     guided: bool = True
 
 

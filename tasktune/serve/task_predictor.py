@@ -4,7 +4,9 @@ The prompt is the task's canonical template rendered with the request's inputs (
 render.py, the same code training used), `parse` inverts the answer text (tasks/parsers.py),
 and for a closed-set task (classification, yes/no) `answers` lists every label as its
 target is written, so the API can score each one after the prompt as `tasktune eval` does
-(branch_scoring.py): an answer is then always one of the labels.
+(branch_scoring.py): an answer is then always one of the labels. For a tagging task
+`grammar` is the EBNF its answer must match (slot_grammar.py: the task's slot types, spans
+of the request's words), so a guided answer names only real slots and words.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Callable, Mapping, Protocol
 
 from tasktune.errors import TasktuneError
+from tasktune.serve.slot_grammar import slot_grammar
 from tasktune.tasks.spec import Task
 
 
@@ -24,6 +27,7 @@ class TaskQuery:
     parse: Callable[[str], tuple[Any, bool]]  # answer text -> (value, valid)
     answers: tuple[str, ...] = ()  # a closed-set task's labels as the model writes them (() = free text)
     labels: tuple[str, ...] = ()  # ... and the label each of those answers is
+    grammar: str = ""  # a tagging task's answer grammar (xgrammar EBNF; "" = none)
 
 
 class TaskPredictor(Protocol):
@@ -87,7 +91,11 @@ def task_query(task: Task, inputs: Mapping[str, Any] | str | list[str]) -> TaskQ
 
     labels = tuple(task.labels or ()) if task.kind in ("classification", "yesno") else ()
     answers = tuple(task.templates[0].target.format(target=label_text(task, label)) for label in labels)
-    return TaskQuery(prompt, parse, answers, labels)
+    grammar = ""
+    if task.kind == "tagging" and task.labels:
+        prefix, _, suffix = task.templates[0].target.format(target="\0").partition("\0")
+        grammar = slot_grammar(tuple(task.labels), list(inputs["tokens"]), prefix, suffix)
+    return TaskQuery(prompt, parse, answers, labels, grammar)
 
 
 def label_probabilities(totals: list[float]) -> list[float]:
