@@ -27,12 +27,7 @@ if triton is not None:
 
     from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, dot_acc, load_act, nth_adapter,
                                                       wait_count)
-
-    @triton.jit
-    def _prefetch(ptrs, ok):
-        """Ask L2 for the lines at ptrs (where ok): weights read after a poll arrive from L2."""
-        tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; mov.u32 $0, 0; }",
-                                  "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32, is_pure=False, pack=1)
+    from tasktune.serve.triton_lora_rows import prefetch_l2
 
     @triton.jit
     def _job(x_ptr, stride_xm, nw_ptr, a_ptr, b_ptr, h_ptr, d_ptr, cnt_ptr, ready, ready_for, bar, done,
@@ -54,12 +49,12 @@ if triton is not None:
                 slot = nth_adapter(ids_v, first, order, u)
                 for i in range(0, (NKB + W - 1) // W):
                     kb = pid + i * W
-                    _prefetch(a_ptr + tl.maximum(slot, 0).to(tl.int64) * (MODULES * R * K) + offs_ra * K + kb * BK,
-                              ra_ok & (slot >= 0) & (kb < NKB))
+                    prefetch_l2(a_ptr + tl.maximum(slot, 0).to(tl.int64) * (MODULES * R * K) + offs_ra * K + kb * BK,
+                                ra_ok & (slot >= 0) & (kb < NKB), INTERPRETED)
                 for i in range(0, (NT + W - 1) // W):
                     rows_n = (pid + i * W) * BN + tl.arange(0, BN // 4) * 4  # 4 rows of 16 ranks: a 128-byte line
-                    _prefetch(b_ptr + tl.maximum(slot, 0).to(tl.int64) * (ROWS * R) + rows_n * R,
-                              (rows_n < ROWS) & (slot >= 0))
+                    prefetch_l2(b_ptr + tl.maximum(slot, 0).to(tl.int64) * (ROWS * R) + rows_n * R,
+                                (rows_n < ROWS) & (slot >= 0), INTERPRETED)
         wait_count(cnt_ptr + ready, ready_for, INTERPRETED)
         h = tl.zeros((RA_PAD, BLOCK_M), dtype=tl.float32)
         for i in range(0, (NKB + W - 1) // W):  # shrink: this program's K blocks (pid, pid + W, ...)

@@ -1,4 +1,4 @@
-"""Device functions of LoRA split across two launches (triton_linear.py's SHRINK_NEXT / H_ROWS).
+"""Device functions of LoRA split across two launches (triton_linear_kernel.py: SHRINK_NEXT, H_ROWS).
 
 The launch that produces a linear's input adds that linear's shrink of the columns it
 stores into a per-row h (fp32 atomics, [M, modules * r]); the kernel boundary is the only
