@@ -92,6 +92,34 @@ if triton is not None:
         tl.atomic_add(cnt_ptr, 1, sem="release")
 
     @triton.jit
+    def chunk_slots(ids_v, first, order, u0, U: tl.constexpr, RA_PAD: tl.constexpr):
+        """For rank rows q of distinct adapters u0 .. u0 + U - 1 (RA_PAD rows each): each row's
+        slot (-1 past the last adapter) and its row within the adapter."""
+        q = tl.arange(0, U * RA_PAD)
+        sel = first[None, :] & (order[None, :] == (u0 + q // RA_PAD)[:, None])
+        return tl.max(tl.where(sel, ids_v[None, :], -1), axis=1), q % RA_PAD
+
+    @triton.jit
+    def b_chunk(b_ptr, slot, jj, r, b_row0, offs_n, n_ok, stride_bs, stride_bn, stride_br, live):
+        """[BLOCK_N, U * R_MODULE] of B [slots, rows, r]: rows b_row0 + offs_n, columns the rank
+        rows (slot, jj) of chunk_slots; nothing loads where live is false."""
+        use = (slot >= 0) & (jj < r) & ((slot * 0 + live) != 0)  # (a bool vector under the interpreter too)
+        return tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
+                       + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
+
+    @triton.jit
+    def h_chunk(h_ptr, slot, jj, ids_v, offs_m, mod, r, ra, live):
+        """[U * R_MODULE, BLOCK_M]: module mod's ranks of h [M, ra] for the rank rows (slot, jj),
+        each row m keeping only its own adapter's (others 0)."""
+        rows = (slot[:, None] == ids_v[None, :]) & ((slot >= 0) & (jj < r) & ((slot * 0 + live) != 0))[:, None]
+        return tl.load(h_ptr + offs_m[None, :] * ra + mod * r + jj[:, None], mask=rows, other=0.0)
+
+    @triton.jit
+    def expand_rows(delta, b, h, col_ok, UPCAST: tl.constexpr):
+        """delta [BLOCK_N, BLOCK_M] += b (where col_ok) @ h: the expand of one module."""
+        return dot_acc(tl.where(col_ok[:, None], b, 0.0).to(b.dtype), tl.trans(h).to(b.dtype), delta, UPCAST)
+
+    @triton.jit
     def expand_chunk(delta, s_ptr, b_ptr, cnt_ptr, wait_for, ids_v, first, order, offs_m, offs_n, n_ok, b_row0, chunk,
                     r, bound1, bound2, stride_bs, stride_bn, stride_br, WAIT: tl.constexpr, MODULE: tl.constexpr,
                     MODULES: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, R_MODULE: tl.constexpr,
@@ -103,15 +131,8 @@ if triton is not None:
         loads, which do not depend on them, so their latency hides behind the wait. H_ROWS: h
         is given a row each ([M, modules * r] at s_ptr, shrink_rows), not by the shrink programs."""
         KC: tl.constexpr = UC * R_MODULE
-        kk = tl.arange(0, KC)
-        jj = kk % R_MODULE
-        u = chunk * UC + kk // R_MODULE  # [KC] each rank row's distinct adapter
-        sel = first[None, :] & (order[None, :] == u[:, None])  # [KC, BLOCK_M]
-        slot = tl.max(tl.where(sel, ids_v[None, :], -1), axis=1)  # [KC], -1 past the last
-        use = (slot >= 0) & (jj < r)
-        rows = (slot[:, None] == ids_v[None, :]) & use[:, None]  # [KC, BLOCK_M]: row m uses it
-        b = tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
-                    + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
+        slot, jj = chunk_slots(ids_v, first, order, chunk * UC, UC, R_MODULE)
+        b = b_chunk(b_ptr, slot, jj, r, b_row0, offs_n, n_ok, stride_bs, stride_bn, stride_br, True)
         if WAIT:  # until the shrink programs (lower ids, so scheduled first) are done
             wait_count(cnt_ptr, wait_for, UPCAST)
         module = (offs_n >= bound1).to(tl.int32) + (offs_n >= bound2).to(tl.int32)
@@ -123,15 +144,16 @@ if triton is not None:
                 mod = MODULE
                 col_ok = n_ok
             if tl.sum(col_ok.to(tl.int32)) > 0:
-                h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
-                if H_ROWS:  # row m's ranks of its own adapter (the mask keeps only those)
-                    h += tl.load(s_ptr + offs_m[None, :] * (MODULES * r) + mod * r + jj[:, None], mask=rows, other=0.0)
-                else:
+                if H_ROWS:
+                    h = h_chunk(s_ptr, slot, jj, ids_v, offs_m, mod, r, MODULES * r, True)
+                else:  # the shrink programs' S parts, [part, row, distinct adapter u, rank row]
+                    u = chunk * UC + tl.arange(0, KC) // R_MODULE
+                    rows = (slot[:, None] == ids_v[None, :]) & ((slot >= 0) & (jj < r))[:, None]
+                    h = tl.zeros((KC, BLOCK_M), dtype=tl.float32)
                     for p in tl.static_range(S):
                         h += tl.load(s_ptr + ((p * BLOCK_M + offs_m[None, :]) * BLOCK_M + u[:, None]) * RA_PAD
                                      + mod * r + jj[:, None], mask=rows, other=0.0, cache_modifier=".cg")
-                bj = b if MODULE >= 0 else tl.where(col_ok[:, None], b, 0.0).to(b.dtype)
-                delta = dot_acc(bj, tl.trans(h).to(b.dtype), delta, UPCAST)
+                delta = expand_rows(delta, b, h, col_ok, UPCAST)
         return delta
 
     @triton.jit

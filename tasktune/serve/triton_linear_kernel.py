@@ -9,8 +9,8 @@ if triton is not None:
 
     from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_chunk, expand_delta, k_partial,
                                                       nth_adapter, wait_count)
-    from tasktune.serve.triton_lora_rows import (a_chunk, b_chunk, chunk_slots, expand_rows, h_chunk, prefetch_l2,
-                                                  shrink_rows)
+    from tasktune.serve.triton_linear_blocks import b_chunk, chunk_slots, expand_rows, h_chunk
+    from tasktune.serve.triton_lora_rows import a_chunk, prefetch_l2, shrink_rows
 
     @triton.jit(do_not_specialize=["wait_for"])  # one kernel for every target: a new one may load mid-chain
     def _decode_linear(

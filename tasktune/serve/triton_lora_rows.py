@@ -14,7 +14,7 @@ from tasktune.lora.triton_ops import triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import dot_acc
+    from tasktune.serve.triton_linear_blocks import chunk_slots, dot_acc
 
     @triton.jit
     def prefetch_l2(ptrs, ok, INTERPRETED: tl.constexpr):
@@ -23,14 +23,6 @@ if triton is not None:
             tl.inline_asm_elementwise("{ .reg .pred p; setp.ne.b32 p, $2, 0; @p prefetch.global.L2 [$1]; "
                                       "mov.u32 $0, 0; }", "=r,l,r", [ptrs, ok.to(tl.int32)], dtype=tl.int32,
                                       is_pure=False, pack=1)
-
-    @triton.jit
-    def chunk_slots(ids_v, first, order, u0, U: tl.constexpr, RA_PAD: tl.constexpr):
-        """For rank rows q of distinct adapters u0 .. u0 + U - 1 (RA_PAD rows each): each row's
-        slot (-1 past the last adapter) and its row within the adapter."""
-        q = tl.arange(0, U * RA_PAD)
-        sel = first[None, :] & (order[None, :] == (u0 + q // RA_PAD)[:, None])
-        return tl.max(tl.where(sel, ids_v[None, :], -1), axis=1), q % RA_PAD
 
     @triton.jit
     def a_chunk(a_ptr, slot, jj, ra, K, offs_k, k_ok):
@@ -69,23 +61,3 @@ if triton is not None:
         offs_a = tl.arange(0, RA_PAD)
         tl.atomic_add(h_ptr + offs_m[None, :] * ra + offs_a[:, None], h,
                       mask=(offs_a < ra)[:, None] & (m_ok & (ids_v >= 0))[None, :], sem="relaxed")
-
-    @triton.jit
-    def b_chunk(b_ptr, slot, jj, r, b_row0, offs_n, n_ok, stride_bs, stride_bn, stride_br, live):
-        """[BLOCK_N, U * R_MODULE] of B [slots, rows, r]: rows b_row0 + offs_n, columns the rank
-        rows (slot, jj) of chunk_slots; nothing loads where live is false."""
-        use = (slot >= 0) & (jj < r) & ((slot * 0 + live) != 0)  # (a bool vector under the interpreter too)
-        return tl.load(b_ptr + tl.maximum(slot, 0).to(tl.int64)[None, :] * stride_bs + jj[None, :] * stride_br
-                       + (b_row0 + offs_n)[:, None] * stride_bn, mask=n_ok[:, None] & use[None, :], other=0.0)
-
-    @triton.jit
-    def h_chunk(h_ptr, slot, jj, ids_v, offs_m, mod, r, ra, live):
-        """[U * R_MODULE, BLOCK_M]: module mod's ranks of h [M, ra] for the rank rows (slot, jj),
-        each row m keeping only its own adapter's (others 0)."""
-        rows = (slot[:, None] == ids_v[None, :]) & ((slot >= 0) & (jj < r) & ((slot * 0 + live) != 0))[:, None]
-        return tl.load(h_ptr + offs_m[None, :] * ra + mod * r + jj[:, None], mask=rows, other=0.0)
-
-    @triton.jit
-    def expand_rows(delta, b, h, col_ok, UPCAST: tl.constexpr):
-        """delta [BLOCK_N, BLOCK_M] += b (where col_ok) @ h: the expand of one module."""
-        return dot_acc(tl.where(col_ok[:, None], b, 0.0).to(b.dtype), tl.trans(h).to(b.dtype), delta, UPCAST)

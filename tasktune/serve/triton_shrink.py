@@ -16,8 +16,8 @@ from tasktune.lora.triton_ops import _pow2_at_least, triton
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import distinct_adapters
-    from tasktune.serve.triton_lora_rows import a_chunk, chunk_slots, shrink_rows
+    from tasktune.serve.triton_linear_blocks import chunk_slots, distinct_adapters
+    from tasktune.serve.triton_lora_rows import a_chunk, shrink_rows
 
     @triton.jit
     def _shrink_rows_kernel(x_ptr, a_ptr, nw_ptr, ids_ptr, h_ptr, M, stride_xm, K, ra,
