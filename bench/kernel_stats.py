@@ -6,7 +6,8 @@ expand launch it replaced (bench/README.md, session 8); spills or a register cou
 leaves one program an SM are the first suspects, and they are read here in seconds.
 
 Work: the four linears of a Qwen2.5-0.5B layer at 32 rows through `decode_linear`, without
-adapters, with a precomputed delta and with in-launch LoRA (4 distinct adapters); the
+adapters, with a precomputed delta, with in-launch LoRA (4 distinct adapters) and with the
+split LoRA (`h=`, and `h=` with `shrink_next=`); the
 BGMV pair (`lora_delta`, 32) for each; decode attention unsplit and split. (Reads Triton's
 per-device kernel caches, `JITFunction.device_caches`: an internal of Triton 3.x.)
 
@@ -79,11 +80,19 @@ def main() -> None:
         bounds = tuple(itertools.accumulate(widths))[:-1]
         ids4, ids32 = torch.arange(M, device=device) % 4, torch.arange(M, device=device) % slots
         delta = lora_delta(x, A, B, scaling, ids4, bounds, norm)
+        h = torch.zeros(M, A.shape[1], device=device)  # the split LoRA (bench/README.md "Split LoRA")
+        ra_next = {"o": 32, "gate_up": 16, "down": 48}.get(name, 16)
+        nxt = (rand(slots, ra_next, N, scale=N ** -0.5), rand(N) if has_res else None, ids4,
+               torch.zeros(M, ra_next, device=device))
         cases = {
             "base": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu),
             "delta": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu, delta=delta),
             "lora_in_launch": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
                                                          lora=(A, B, scaling, ids4), bounds=bounds),
+            "split_expand": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
+                                                       lora=(A, B, scaling, ids4), bounds=bounds, h=h),
+            "split_both": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
+                                                     lora=(A, B, scaling, ids4), bounds=bounds, h=h, shrink_next=nxt),
         }
         for case, call in cases.items():
             for facts in _new_variants(tlin._decode_linear, call):
