@@ -41,9 +41,9 @@ A third way, not the decoder's (decode_layers_bench.py times it; bench/README.md
 LoRA"): `h` and `shrink_next` split LoRA at the kernel boundary. The launch that produces a
 linear's input adds that linear's shrink of the columns it stores into a per-row h (fp32
 atomics; triton_lora_rows.py), and the linear, given h, only expands: no launch between
-linears and no in-kernel wait. At the served shapes these kernels run out of registers
-(255 a thread, and up to 1.5 KB of spills a thread; without LoRA 138-255 and none). The
-chain measured slower than the BGMV pair.
+linears and no in-kernel wait. The chain measured slower than the BGMV pair; compiled
+for sm_90 by Triton 3.9 (not the device's 3.6), these launches use 255 registers a thread
+and spill up to 1.5 KB a thread, where the linears without LoRA do not spill.
 
 Rounding follows the eager decoder where it can: the projection (with bias and LoRA) is
 rounded before silu * up and before the residual add; RMSNorm rounds x * weight instead of
