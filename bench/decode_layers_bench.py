@@ -43,7 +43,7 @@ def main() -> None:
     args, device = kernel_bench_args(__doc__, options)
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
     from tasktune.serve import triton_linear
-    from tasktune.serve.triton_linear import decode_linear
+    from tasktune.serve.triton_linear import decode_linear, linear_config
     from tasktune.serve.triton_shrink import lora_shrink_rows
 
     D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
@@ -91,13 +91,15 @@ def main() -> None:
 
         return chain(lin)
 
-    def chained(ids, epilogues: bool = True, launches: bool = True):
+    def chained(ids, epilogues: bool = True, launches: bool = True, warps: int = 0):
         """Each linear's shrink in the epilogue of the launch that makes its input (shrink_next=),
         the linear itself only expanding (h=): no launch between the linears of a layer. o's
         shrink is a launch of its own (lora_shrink_rows: in the decoder attention makes o's
         input), as is the first qkv's. One memset of every h a chain. epilogues / launches
-        False: without the epilogue shrinks / the shrink launches (timing only, wrong sums)."""
+        False: without the epilogue shrinks / the shrink launches (timing only, wrong sums).
+        warps: the linears' warps a program (0: linear_config's; 8 spills less, compile_sm90)."""
         names = ("qkv", "o", "gate_up", "down")
+        nk = {"qkv": (Q + 2 * KV, D), "o": (D, Q), "gate_up": (I, D), "down": (D, I)}
         ra = {n: AB[0][n][0].shape[1] for n in names}
         flat = torch.zeros(layers * M * sum(ra.values()), device=device)
         views, at = [], 0
@@ -108,7 +110,8 @@ def main() -> None:
                 at += M * ra[n]
 
         def lora(i, n):
-            return dict(lora=(*AB[i][n], scaling, ids), bounds=bounds[n], h=views[i][n])
+            return dict(lora=(*AB[i][n], scaling, ids), bounds=bounds[n], h=views[i][n],
+                        config=linear_config(M, *nk[n], num_warps=warps) if warps else None)
 
         def fn():
             flat.zero_()
@@ -259,6 +262,10 @@ def main() -> None:
                                                                 replays) / layers * 1e6
             c["chained_expand_only_us_per_layer"] = timed_graph(chained(ids, False, False), device,
                                                                 replays) / layers * 1e6
+            c["chained_w8_us_per_layer"] = timed_graph(chained(ids, warps=8), device, replays) / layers * 1e6
+            c["max_rel_err_chained_w8_vs_eager"] = err(chained(ids, warps=8)())
+            print(f"{case}: shrink in the producer's epilogue, 8 warps {c['chained_w8_us_per_layer']:.1f} us a layer "
+                  f"(max rel err {c['max_rel_err_chained_w8_vs_eager']:.1e})", flush=True)
             print(f"{case}: shrink in the producer's epilogue {c['chained_us_per_layer']:.1f} us a layer (without "
                   f"the shrink launches {c['chained_no_launches_us_per_layer']:.1f}, the linears' expand alone "
                   f"{c['chained_expand_only_us_per_layer']:.1f}); max rel err against eager "
