@@ -1,10 +1,12 @@
 """Load test of the HTTP server: many greedy requests over many adapters, checked for exactness.
 
-Starts `tasktune.serve.api` with uvicorn on 127.0.0.1 (the tiny test Llama unless --model
-is given), sends --requests completions over --adapters adapters at --concurrency with
-httpx.AsyncClient, and checks every answer against the engine's answer to the same
-request run alone (computed once per distinct prompt/adapter). Reports lost requests,
-errors, mismatches, p50/p99 latency and throughput; writes JSON to --out.
+Starts the server as a user does, `tasktune serve ADAPTER_DIR... --base MODEL --port P`, in
+a process of its own on 127.0.0.1 (the tiny test Llama unless --model is given), sends
+--requests completions over --adapters adapters at --concurrency with httpx.AsyncClient,
+and checks every answer against an engine in this process answering the same request
+alone (once per distinct prompt/adapter). Reports lost requests, errors, mismatches,
+p50/p99 latency and throughput, and from the server's /metrics its adapter disk loads and
+decode steps launched ahead; writes JSON to --out.
 
     .venv/bin/python bench/serve_load.py --requests 2000
 """
@@ -17,9 +19,13 @@ import json
 import os
 import platform
 import random
+import re
+import shutil
+import signal
+import socket
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
@@ -30,9 +36,7 @@ sys.path.insert(0, str(REPO))
 
 import httpx  # noqa: E402
 import torch  # noqa: E402
-import uvicorn  # noqa: E402
 
-from tasktune.serve.api import create_app  # noqa: E402
 from tasktune.serve.engine import Engine, Request  # noqa: E402
 from tasktune.serve.sampling import SamplingParams  # noqa: E402
 
@@ -76,15 +80,43 @@ def make_adapters(base_dir: Path, root: Path, n: int, rank: int = 4) -> list[str
     return names
 
 
-def start_server(app) -> tuple[uvicorn.Server, threading.Thread, int]:
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning", access_log=False))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    for _ in range(600):
-        if server.started:
-            return server, thread, server.servers[0].sockets[0].getsockname()[1]
-        time.sleep(0.05)
-    raise RuntimeError("server did not start within 30 s")
+def start_server(model: Path, adapters: list[Path], args, log: Path) -> tuple[subprocess.Popen, int]:
+    """`tasktune serve` on a free port, its output into `log`; returns once /health answers."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    exe = shutil.which("tasktune", path=str(Path(sys.executable).parent)) or shutil.which("tasktune")
+    if exe is None:
+        raise SystemExit("serve_load: no `tasktune` command (pip install -e .)")
+    cmd = [exe, "serve", *map(str, adapters), "--base", str(model), "--port", str(port), "--device", args.device,
+           "--max-num-seqs", str(args.max_running), "--max-loras", str(args.max_resident), "--max-lora-rank", "16",
+           "--max-model-len", "256", "--max-waiting", str(args.concurrency * 2)]
+    proc = subprocess.Popen(cmd, stdout=log.open("w"), stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"serve_load: `tasktune serve` exited ({proc.returncode}):\n{log.read_text()[-3000:]}")
+        try:
+            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
+                return proc, port
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    proc.kill()
+    raise SystemExit(f"serve_load: the server did not answer /health within 300 s:\n{log.read_text()[-3000:]}")
+
+
+def server_counts(port: int) -> dict:
+    """The server's adapter disk loads and decode steps launched ahead (used, wasted), from /metrics."""
+    text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=30).text
+
+    def value(name: str) -> int:
+        m = re.search(rf"^{re.escape(name)} (\S+)$", text, re.M)
+        return int(float(m.group(1))) if m else 0
+
+    return {"disk_loads": value("tasktune_adapter_disk_loads"),
+            "ahead_used": value('tasktune_decode_steps_ahead{outcome="used"}'),
+            "ahead_wasted": value('tasktune_decode_steps_ahead{outcome="wasted"}')}
 
 
 async def load(port: int, jobs: list[tuple[str, str]], refs: dict, args) -> dict:
@@ -177,25 +209,31 @@ def main() -> None:
         refs[key] = c.text
     ref_s = time.monotonic() - t0
 
-    ahead0 = (engine.decode_step.ahead_used, engine.decode_step.ahead_wasted)
-    app = create_app(engine)
-    server, thread, port = start_server(app)
+    del engine  # the references are done: the server is another process
+    t0 = time.monotonic()
+    proc, port = start_server(model, [root / n for n in names], args, work / "server.log")
+    start_s = time.monotonic() - t0
     try:
+        before = server_counts(port)
         result = asyncio.run(load(port, jobs, refs, args))
+        after = server_counts(port)
     finally:
-        server.should_exit = True
-        thread.join(timeout=30)
-        app.state.runner.stop()
+        proc.send_signal(signal.SIGINT)
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
     result = {
         "bench": "serve_load", "device": args.device, "host": platform.node(), "cpus": os.cpu_count(),
         "torch": torch.__version__, "model": str(args.model or "tiny-llama (tests/tiny_models.py)"),
         "requests": args.requests, "adapters": len(names), "concurrency": args.concurrency,
         "max_tokens": args.max_tokens, "max_running": args.max_running, "max_resident": args.max_resident,
         "distinct_requests": len(refs), "setup_s": round(setup_s, 1), "reference_s": round(ref_s, 1),
-        "adapter_disk_loads": engine.pool.loads,
+        "server": "tasktune serve (a process of its own)", "server_start_s": round(start_s, 1),
+        "adapter_disk_loads": after["disk_loads"],
         # greedy decode steps launched one ahead during the load: taken, or discarded (the batch changed)
-        "steps_ahead_used": engine.decode_step.ahead_used - ahead0[0],
-        "steps_ahead_wasted": engine.decode_step.ahead_wasted - ahead0[1], **result,
+        "steps_ahead_used": after["ahead_used"] - before["ahead_used"],
+        "steps_ahead_wasted": after["ahead_wasted"] - before["ahead_wasted"], **result,
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")

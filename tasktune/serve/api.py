@@ -66,7 +66,8 @@ def create_app(engine: Engine | EncoderEngine, pool: AdapterPool | None = None, 
     runner = AsyncEngine(engine, torch_thread)
     predictor = tasks or registry_predictor
     metrics = Metrics(lambda: len(engine.scheduler.waiting), lambda: len(engine.scheduler.running),
-                      lambda: len(pool.resident()))
+                      lambda: len(pool.resident()), lambda: pool.loads,
+                      lambda: (engine.decode_step.ahead_used, engine.decode_step.ahead_wasted))
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
