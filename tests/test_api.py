@@ -377,23 +377,3 @@ def test_guided_choice_and_guided_task_answers(client, engine):
                          ({"guided_choice": []}, "guided_choice"), ({"guided_choice": [""]}, "guided_choice")):
         bad = client.post("/v1/completions", json={**body, **extra}, headers=KEY)
         assert bad.status_code in (400, 422) and words in bad.json()["error"]["message"], bad.text
-
-
-def test_tokenize_detokenize_and_model_lengths(client, engine):
-    """vLLM's /tokenize and /detokenize round-trip through the engine's tokenizer; model
-    cards carry max_model_len."""
-    out = client.post("/tokenize", json={"model": "task-1", "prompt": "turn on the lights"}, headers=KEY).json()
-    ids = engine.tokenizer.encode("turn on the lights")
-    assert out == {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
-    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=KEY).json()
-    assert chat["tokens"] == engine.tokenizer.encode("user: hi\nassistant:")
-    back = client.post("/detokenize", json={"tokens": ids}, headers=KEY).json()
-    assert back["prompt"] == engine.tokenizer.decode(ids)
-    for url, body, status in (("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
-                              ("/tokenize", {}, 400), ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
-                              ("/detokenize", {"tokens": [10**6]}, 400), ("/detokenize", {"tokens": []}, 422)):
-        bad = client.post(url, json=body, headers=KEY)
-        assert bad.status_code == status, (url, body, bad.text)
-    assert client.post("/tokenize", json={"prompt": "a"}).status_code == 401  # behind the API key too
-    cards = client.get("/v1/models", headers=KEY).json()["data"]
-    assert all(c["max_model_len"] == engine.max_len for c in cards)

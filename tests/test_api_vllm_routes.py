@@ -1,6 +1,6 @@
 """vLLM's own routes beside the OpenAI ones: dynamic LoRA loading (/v1/load_lora_adapter,
-/v1/unload_lora_adapter, with vLLM's bodies and plain-text answers), /version, and vLLM's
-sampling options include_stop_str_in_output and truncate_prompt_tokens."""
+/v1/unload_lora_adapter, with vLLM's bodies and plain-text answers), /version, /tokenize and
+/detokenize, and vLLM's sampling options include_stop_str_in_output and truncate_prompt_tokens."""
 
 from __future__ import annotations
 
@@ -79,3 +79,23 @@ def test_truncate_prompt_tokens(client, engine):
     assert r.status_code == 400 and "echo" in r.json()["error"]["message"]
     chat = {"model": "task-1", "messages": [{"role": "user", "content": prompt}], "max_tokens": 2, "truncate_prompt_tokens": 2}
     assert client.post("/v1/chat/completions", json=chat, headers=KEY).json()["usage"]["prompt_tokens"] == 2
+
+
+def test_tokenize_detokenize_and_model_lengths(client, engine):
+    """vLLM's /tokenize and /detokenize round-trip through the engine's tokenizer; model
+    cards carry max_model_len."""
+    out = client.post("/tokenize", json={"model": "task-1", "prompt": "turn on the lights"}, headers=KEY).json()
+    ids = engine.tokenizer.encode("turn on the lights")
+    assert out == {"tokens": ids, "count": len(ids), "max_model_len": engine.max_len}
+    chat = client.post("/tokenize", json={"messages": [{"role": "user", "content": "hi"}]}, headers=KEY).json()
+    assert chat["tokens"] == engine.tokenizer.encode("user: hi\nassistant:")
+    back = client.post("/detokenize", json={"tokens": ids}, headers=KEY).json()
+    assert back["prompt"] == engine.tokenizer.decode(ids)
+    for url, body, status in (("/tokenize", {"prompt": "a", "messages": [{"role": "user", "content": "b"}]}, 400),
+                              ("/tokenize", {}, 400), ("/tokenize", {"model": "nope", "prompt": "a"}, 404),
+                              ("/detokenize", {"tokens": [10**6]}, 400), ("/detokenize", {"tokens": []}, 422)):
+        bad = client.post(url, json=body, headers=KEY)
+        assert bad.status_code == status, (url, body, bad.text)
+    assert client.post("/tokenize", json={"prompt": "a"}).status_code == 401  # behind the API key too
+    cards = client.get("/v1/models", headers=KEY).json()["data"]
+    assert all(c["max_model_len"] == engine.max_len for c in cards)
