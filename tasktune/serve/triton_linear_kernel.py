@@ -204,8 +204,8 @@ if triton is not None:
             out = (out.to(tl.float32) + res.to(tl.float32)).to(y_ptr.dtype.element_ty)
         tl.store(y_ptr + offs_m[None, :] * stride_ym + offs_n[:, None], out, mask=ok)
         if SHRINK_NEXT:  # the next linear's LoRA shrink over these columns of its input
-            shrink_rows(hn_ptr, an_ptr, na, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N, ra_next,
-                        NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
+            shrink_rows(hn_ptr, an_ptr, na, nslot, nwn_ptr, out, offs_n, n_ok, ids_v, first, order, offs_m, m_ok, N,
+                        ra_next, NEXT_RA_PAD, BLOCK_M, SHRINK_U, NEXT_NORM, UPCAST)
         if SIGNAL:
             arrive(sig_ptr, pid, UPCAST)
         if LORA and not H_ROWS:

@@ -40,20 +40,20 @@ if triton is not None:
         return tl.sum(tl.reshape(p, (U, RA_PAD, BLOCK_M)), axis=0)
 
     @triton.jit
-    def shrink_rows(h_ptr, a_ptr, a0, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra,
+    def shrink_rows(h_ptr, a_ptr, a0, slot0, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra,
                     RA_PAD: tl.constexpr, BLOCK_M: tl.constexpr, U: tl.constexpr, NORM: tl.constexpr,
                     UPCAST: tl.constexpr):
         """h[m, :ra] += A[slot of row m][:, offs_k] @ act[:, m], fp32 atomics (rows without an
         adapter add nothing): a K part of a LoRA shrink, from the act tile ([len(offs_k),
-        BLOCK_M]) a program holds. a0: the first U distinct adapters' tile (a_chunk of u0 = 0,
-        loaded early by the caller); more adapters load here, U at a time. A: [slots, ra, K];
+        BLOCK_M]) a program holds. a0, slot0: the first U distinct adapters' tile and its rows'
+        slots (chunk_slots and a_chunk of u0 = 0, loaded early by the caller); more adapters
+        load here, U at a time. A: [slots, ra, K];
         NORM: act times the RMSNorm weight at offs_k, rounded as load_act rounds it (the
         1 / rms comes later, in the linear that reads h)."""
         if NORM:
             nw = tl.load(nw_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
             act = (act.to(tl.float32) * nw[:, None]).to(act.dtype)
-        slot, _ = chunk_slots(ids_v, first, order, 0, U, RA_PAD)
-        h = shrink_chunk(a0, act, slot, ids_v, U, RA_PAD, BLOCK_M, UPCAST)
+        h = shrink_chunk(a0, act, slot0, ids_v, U, RA_PAD, BLOCK_M, UPCAST)
         for u0 in range(U, tl.sum(first.to(tl.int32)), U):
             slot, jj = chunk_slots(ids_v, first, order, u0, U, RA_PAD)
             ptrs, ok = a_chunk(a_ptr, slot, jj, ra, K, offs_k, k_ok)

@@ -38,7 +38,7 @@ if triton is not None:
                 tl.extra.cuda.gdc_launch_dependents()
         act = tl.load(x_ptr + offs_m[None, :] * stride_xm + offs_k[:, None], mask=k_ok[:, None] & m_ok[None, :],
                       other=0.0)  # [BLOCK_K, BLOCK_M]
-        shrink_rows(h_ptr, a_ptr, a0, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra, RA_PAD,
+        shrink_rows(h_ptr, a_ptr, a0, slot, nw_ptr, act, offs_k, k_ok, ids_v, first, order, offs_m, m_ok, K, ra, RA_PAD,
                     BLOCK_M, U, NORM, UPCAST)
         if PDL and not EARLY:
             tl.extra.cuda.gdc_launch_dependents()
@@ -59,6 +59,7 @@ def lora_shrink_rows(x: torch.Tensor, A: torch.Tensor, ids: torch.Tensor, h: tor
     launch = triton_ops.pdl_launch(x.device)
     _shrink_rows_kernel[(triton.cdiv(K, block_k),)](
         x, A, norm_weight if norm_weight is not None else x, ids, h, M, x.stride(0), K, ra,
-        BLOCK_M=_pow2_at_least(M, 16), BLOCK_K=block_k, RA_PAD=_pow2_at_least(ra, 16), U=4, NORM=norm_weight is not None,
+        BLOCK_M=_pow2_at_least(M, 16), BLOCK_K=block_k, RA_PAD=_pow2_at_least(ra, 16), U=4,
+        NORM=norm_weight is not None,
         UPCAST=x.device.type != "cuda", num_warps=4, **launch)
     return h
