@@ -26,14 +26,11 @@ def slot_grammar(slot_types: tuple[str, ...] | list[str], tokens: list[str], pre
     input words `tokens` and the task's slot types."""
     if not slot_types:
         raise ValueError("a tagging task without slot types has nothing to constrain")
-    lines = [f"root ::= {_literal(prefix)} body {_literal(suffix)}" if prefix or suffix else "root ::= body",
-             'body ::= "none" | pair ("; " pair)*',
-             'pair ::= slot ": " value',
+    root = f"root ::= {_literal(prefix)} body {_literal(suffix)}" if prefix or suffix else "root ::= body"
+    if not tokens:  # no words, no spans
+        return f'{root}\nbody ::= "none"\n'
+    lines = [root, 'body ::= "none" | pair ("; " pair)*', 'pair ::= slot ": " value',
              "slot ::= " + " | ".join(_literal(s) for s in dict.fromkeys(slot_types))]
-    if not tokens:
-        lines[1] = 'body ::= "none"'
-        lines = lines[:2]
-        return "\n".join(lines) + "\n"
     n = len(tokens)
     lines.append("value ::= " + " | ".join(f"v{i}" for i in range(n)))
     for i, word in enumerate(tokens):
