@@ -91,7 +91,8 @@ def compile_all(recorders: dict[str, Recorder]) -> int:
                 print(f"ok   {name} [{flags}] {usage(k.asm['cubin'])} {time.perf_counter() - t:.1f} s", flush=True)
             except Exception as e:  # noqa: BLE001 (report every failing launch, then fail)
                 failed += 1
-                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}", flush=True)
+                cause = f" (caused by {type(e.__cause__).__name__}: {str(e.__cause__)[:1000]})" if e.__cause__ else ""
+                print(f"FAIL {name}: {type(e).__name__}: {str(e)[:2000]}{cause}", flush=True)
     return failed
 
 

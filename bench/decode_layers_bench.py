@@ -37,16 +37,18 @@ def main() -> None:
         ap.add_argument("--worker", type=int, nargs="*", default=None,
                         help="also time the persistent LoRA worker (bench/lora_worker.py), GPU, 4 adapters: "
                              "its program counts (default 16)")
+        ap.add_argument("--few-only", action="store_true",
+                        help="only the base and a4 cases' default and few-adapter paths (quick device runs)")
         ap.add_argument("--per-linear", action="store_true",
                         help="only time each linear alone (24 launches a graph) with the split LoRA's pieces, 4 adapters")
 
     args, device = kernel_bench_args(__doc__, options)
     from tasktune.lora.triton_ops import lora_apply_, lora_delta
     from tasktune.serve import triton_linear
-    from tasktune.serve.triton_linear import decode_linear, linear_config
+    from tasktune.serve.triton_linear import decode_linear, few_adapters, linear_config
     from tasktune.serve.triton_shrink import lora_shrink_rows
 
-    D, Q, KV, I, layers, replays = (64, 64, 16, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
+    D, Q, KV, I, layers, replays = (64, 64, 64, 128, 2, 1) if args.smoke else (896, 896, 128, 4864, 24, 50)
     M, r, slots, dt = 32, 16, 32, torch.bfloat16
     g = torch.Generator().manual_seed(0)
 
@@ -79,10 +81,14 @@ def main() -> None:
             return x
         return fn
 
-    def fused(ids, delta: bool = False):
+    def fused(ids, delta: bool = False, few: bool = False, config=None):
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the delta holds the norm's 1 / rms
+        tables = few_adapters(ids) if few else None
 
         def lin(i, n, x, **kw):
+            if few:  # LoRA of <= 4 adapters inside the launch (triton_lora_few.py)
+                return decode_linear(x, W[i][n], lora=(*AB[i][n], scaling, ids), bounds=bounds[n], few=tables,
+                                     config=config(n) if config else None, **kw)
             if delta and ids is not None:  # the decoder's default: the BGMV pair's delta, then the launch
                 d = lora_delta(x, *AB[i][n], scaling, ids, bounds[n], kw.get("norm"), rms=rms)
                 return decode_linear(x, W[i][n], delta=d, delta_rms=rms, bounds=bounds[n], **kw)
@@ -143,6 +149,7 @@ def main() -> None:
                "gate_up": dict(norm=(norms[0][1], 1e-6), swiglu=True), "down": dict(residual=x0)}
         nxt = {"qkv": None, "o": ("gate_up", norms[0][1]), "gate_up": ("down", None), "down": ("qkv", norms[0][0])}
         h = {n: torch.zeros(M, AB[0][n][0].shape[1], device=device) for n in AB[0]}
+        tables = few_adapters(ids)
         out = {}
         for n, x in x_in.items():
             kw = dict(kws[n], **({"bias": bias[0]} if n == "qkv" else {}))
@@ -161,6 +168,7 @@ def main() -> None:
                 return timed_graph(fn, device, replays) / layers * 1e6
 
             out[n] = {"base": graph(lambda i: {}), "default": graph(None, delta=True),
+                      "few": graph(lambda i: dict(lora(i), few=tables)),
                       "expand": graph(lambda i: dict(lora(i), h=h[n]))}
             if nn is not None:  # (qkv's output goes to attention)
                 out[n].update(shrink_next=graph(nx), both=graph(lambda i: dict(lora(i), h=h[n], **nx(i))))
@@ -244,7 +252,10 @@ def main() -> None:
         result["per_linear_a4_us"] = per_linear(cases["a4"])
         write_json(result, "decode_layers_per_linear.json", [args.out])
         return
+    nk = {"qkv": (Q + 2 * KV, D), "o": (D, Q), "gate_up": (I, D), "down": (D, I)}
     for case, ids in cases.items():
+        if args.few_only and case == "a32":
+            continue
         e_out = eager(ids)()
         err = lambda out: ((out.float() - e_out.float()).abs().max() / e_out.float().abs().max()).item()  # noqa: E731
         c = {"delta_us_per_layer": timed_graph(fused(ids, delta=True), device, replays) / layers * 1e6,
@@ -255,7 +266,20 @@ def main() -> None:
                  "max_rel_err_side_joined_vs_eager": err(streamed(ids, False)())}
                 if args.streams and device.type == "cuda" and ids is not None else {}),
              "max_rel_err_delta_vs_eager": err(fused(ids, delta=True)()), "max_rel_err_fused_vs_eager": err(fused(ids)())}
-        if ids is not None:
+        if case == "a4":
+            c["few_us_per_layer"] = timed_graph(fused(ids, few=True), device, replays) / layers * 1e6
+            c["max_rel_err_few_vs_eager"] = err(fused(ids, few=True)())
+            lcfg = lambda n: linear_config(M, *nk[n], lora=True)  # noqa: E731  (N blocks of 64, 4 splits)
+            c["few_lora_config_us_per_layer"] = timed_graph(fused(ids, few=True, config=lcfg), device,
+                                                            replays) / layers * 1e6
+            triton_linear.FEW_GATHER = False
+            c["few_all_ranks_us_per_layer"] = timed_graph(fused(ids, few=True), device, replays) / layers * 1e6
+            triton_linear.FEW_GATHER = True
+            print(f"{case}: LoRA of the few adapters, h of all four loaded {c['few_all_ranks_us_per_layer']:.1f}")
+            print(f"{case}: LoRA of the few adapters in the launch {c['few_us_per_layer']:.1f} us a layer "
+                  f"(max rel err {c['max_rel_err_few_vs_eager']:.1e}); every linear in 64-row blocks and 4 splits "
+                  f"{c['few_lora_config_us_per_layer']:.1f}", flush=True)
+        if ids is not None and not args.few_only:
             c["chained_us_per_layer"] = timed_graph(chained(ids), device, replays) / layers * 1e6
             c["max_rel_err_chained_vs_eager"] = err(chained(ids)())
             c["chained_no_launches_us_per_layer"] = timed_graph(chained(ids, launches=False), device,
@@ -280,7 +304,7 @@ def main() -> None:
               f"{c['fused_us_per_layer']:.1f}, cuBLAS + eager {c['eager_us_per_layer']:.1f}; max rel err against "
               f"eager {c['max_rel_err_delta_vs_eager']:.1e}, {c['max_rel_err_fused_vs_eager']:.1e}", flush=True)
     results = REPO / "bench" / "results" if device.type == "cuda" else None  # a smoke run keeps the GPU's
-    write_json(result, "decode_layers_bench.json", [args.out, results])
+    write_json(result, "decode_layers_few.json" if args.few_only else "decode_layers_bench.json", [args.out, results])
     print(f"\nfour linears a layer, chained, {result['device']} (us a layer):")
     print(f"{'case':<6}{'delta+fused':>12}{'LoRA in fused':>14}{'shrink before':>14}{'cuBLAS+eager':>14}")
     for case, c in result["cases"].items():

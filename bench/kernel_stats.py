@@ -80,6 +80,7 @@ def main() -> None:
         bounds = tuple(itertools.accumulate(widths))[:-1]
         ids4, ids32 = torch.arange(M, device=device) % 4, torch.arange(M, device=device) % slots
         delta = lora_delta(x, A, B, scaling, ids4, bounds, norm)
+        few = tlin.few_adapters(ids4)  # LoRA of <= 4 adapters in the launch (triton_lora_few.py)
         h = torch.zeros(M, A.shape[1], device=device)  # the split LoRA (bench/README.md "Split LoRA")
         ra_next = {"o": 32, "gate_up": 16, "down": 48}.get(name, 16)
         nxt = (rand(slots, ra_next, N, scale=N ** -0.5), rand(N) if has_res else None, ids4,
@@ -93,6 +94,8 @@ def main() -> None:
                                                        lora=(A, B, scaling, ids4), bounds=bounds, h=h),
             "split_both": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
                                                      lora=(A, B, scaling, ids4), bounds=bounds, h=h, shrink_next=nxt),
+            "few": lambda: tlin.decode_linear(x, W, bias, res, norm=norm, swiglu=swiglu,
+                                              lora=(A, B, scaling, ids4), bounds=bounds, few=few),
         }
         for case, call in cases.items():
             for facts in _new_variants(tlin._decode_linear, call):

@@ -115,13 +115,15 @@ KERNELS = "" if triton_ops.available("cpu") else "the Triton kernels need TRITON
     pytest.param("compiled+kernels", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+linears", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
     pytest.param("compiled+kernels+fused", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
+    pytest.param("kernels+few", marks=pytest.mark.skipif(bool(KERNELS), reason=KERNELS)),
 ])
 def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, reference, variant, monkeypatch):
     """What the GPU runs, on the CPU: the decode step's LoRA and attention through the Triton
     kernels (one LoRA launch pair per fused linear; under the interpreter; +linears: each
     linear with its norm, activation and residual as one triton_linear launch, as a GPU runs
     batches of up to 64, the pair's LoRA delta added inside it; +fused: LoRA inside that
-    launch too) and/or every block through torch.compile (aot_eager: no C compiler needed)
+    launch too; +few: LoRA inside it for steps of at most 4 adapters, as a GPU runs them)
+    and/or every block through torch.compile (aot_eager: no C compiler needed)
     -> the same greedy tokens."""
     eng = Engine.from_pretrained(tiny_llama, adapter_root=adapter_root, max_resident=4, max_rank=8,
                                  max_running=6, max_waiting=64, max_len=128)
@@ -135,12 +137,14 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
         apply = triton_ops.lora_apply_
         monkeypatch.setattr(triton_ops, "lora_apply_", lambda *a, **k: launches.append(a[6]) or apply(*a, **k))
     fused = []
-    if "fused" in variant or "linears" in variant:
+    if "fused" in variant or "linears" in variant or "few" in variant:
         eng.model.linear_kernel = True
         eng.pool.stacks.fused_linears = "fused" in variant  # LoRA inside them too (off by default: slower on an H200)
+        eng.pool.stacks.few_linears = "few" in variant  # ... for steps of <= 4 adapters (on by default)
         linear = triton_linear.decode_linear
         monkeypatch.setattr(triton_linear, "decode_linear", lambda *a, **k: fused.append(
-            (k["swiglu"], k["lora"] is not None, k["delta"] is not None)) or linear(*a, **k))
+            (k["swiglu"], k["lora"] is not None and k.get("few") is None, k["delta"] is not None,
+             k.get("few") is not None)) or linear(*a, **k))
     if "compiled" in variant:
         torch._dynamo.reset()
         torch._dynamo.utils.counters.clear()
@@ -148,10 +152,13 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     run_mixed(eng, reference, short=True)
     if "fused" in variant:  # every decode step: 4 launches a layer (gate_up with silu * up); none of the pair
         assert not launches and len(fused) % 4 == 0 and len(fused) > 0
-        assert [sw for sw, _, _ in fused[:4]] == [False, False, True, False] and any(lo for _, lo, _ in fused)
+        assert [sw for sw, *_ in fused[:4]] == [False, False, True, False] and any(lo for _, lo, *_ in fused)
+    elif "few" in variant:  # max_resident 4: every step with adapters has at most 4, all inside the launches
+        assert not launches and len(fused) % 4 == 0 and not any(lo or d for _, lo, d, _ in fused)
+        assert sum(f for *_, f in fused) > 0
     elif "linears" in variant:  # the same 4 launches, each after its pair when the step has adapters
-        assert len(fused) % 4 == 0 and not any(lo for _, lo, _ in fused)
-        with_delta = sum(d for _, _, d in fused)
+        assert len(fused) % 4 == 0 and not any(lo for _, lo, *_ in fused)
+        with_delta = sum(d for _, _, d, _ in fused)
         assert with_delta > 0 and len(launches) == with_delta and [len(b) for b in launches[:4]] == [2, 0, 1, 0]
     elif "kernels" in variant:  # 4 per layer and decode step: fused qkv (2 bounds), o, fused gate_up (1), down
         assert len(launches) % 4 == 0 and len(launches) > 0

@@ -1,7 +1,10 @@
 """The decode step, bucketed, and on a GPU replayed from CUDA graphs (gpt-fast, vLLM).
 
 A decode step in the decode layout (`Decoder.decode`) has the shape (B, L, use_lora):
-rows = KV slots 0..B-1, L cached positions attended. B is rounded up to a batch bucket
+rows = KV slots 0..B-1, L cached positions attended; use_lora is False, True, or FEW_LORA
+for a step of at most triton_lora_few.FEW distinct adapters through the fused linears,
+whose LoRA then runs inside their launches (the adapters' slots and each row's index among
+them are a fourth small input, `_few`). B is rounded up to a batch bucket
 and L to a multiple of `CONTEXT_STEP`, so a handful of graphs cover every step. Replaying
 one costs the host a copy of three small integer rows and one launch, instead of the
 ~1,200 kernel launches of an eager step that kept the GPU idle most of the time.
@@ -28,6 +31,10 @@ from tasktune.serve.grammar import DeviceMasks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 from tasktune.serve.step_ahead import AheadStep, JoiningRows
+from tasktune.serve.triton_linear import MAX_ROWS
+from tasktune.serve.triton_lora_few import FEW
+
+FEW_LORA = 2  # use_lora of a step whose LoRA runs inside the fused linears (at most FEW adapters)
 from tasktune.serve.triton_sample import SamplingTable, sample_rows
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
@@ -75,6 +82,7 @@ class DecodeStep:
         n = cache.num_slots
         self.inputs = torch.zeros(3, n, dtype=torch.long, device=device)  # tokens, positions, adapter ids
         self._active = torch.zeros(n, dtype=torch.long, device=device)  # 1 on rows of running sequences
+        self._few = torch.full((FEW + n,), -1, dtype=torch.int32, device=device)  # FEW_LORA: slots, then rows'
         self.graphs: dict[tuple[int, int, bool], tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor]]] = {}
         self._pool = None
         self._ahead: AheadStep | None = None  # the step launched ahead by `greedy`
@@ -232,8 +240,8 @@ class DecodeStep:
             self.inputs[1:].index_copy_(1, index, rows)
             self._active.index_fill_(0, index, 1)
         self._rows_on = set(slots)
-        self._last_use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
         B = batch_bucket(max(slots) + 1, self.cache.num_slots)
+        self._last_use_lora = self._lora_mode(B, slots, lora_ids)
         logits, argmax = self._run(B, context_bucket(max(positions) + 1, self.cache.max_len), self._last_use_lora)
         self._draw(logits, argmax, sampled)
         gens = [self._gens[s] for s in slots]
@@ -256,7 +264,7 @@ class DecodeStep:
         cache = self.cache
         B = batch_bucket(max(slots) + 1, cache.num_slots)
         L = context_bucket(max(positions) + 1, cache.max_len)
-        use_lora = self.lora is not None and any(a >= 0 for a in lora_ids)
+        use_lora = self._lora_mode(B, slots, lora_ids)
         rows = [[0] * B, [cache.max_len - 1] * B, [-1] * B, [0] * B]
         for s, t, p, a in zip(slots, tokens, positions, lora_ids):
             rows[0][s], rows[1][s], rows[2][s], rows[3][s] = t, p, a, 1
@@ -266,6 +274,24 @@ class DecodeStep:
         self._rows_on = set(slots)
         self._last_use_lora = use_lora
         return self._run(B, L, use_lora)
+
+    def few_lora(self) -> bool:
+        """Whether steps of at most FEW distinct adapters run their LoRA inside the fused linears."""
+        return self.lora is not None and self.lora.few_linears and self.model.linear_kernel
+
+    def _lora_mode(self, B: int, slots: list[int], lora_ids: list[int]) -> int | bool:
+        """The step's use_lora (False, True or FEW_LORA); for FEW_LORA, `_few` set for its rows."""
+        distinct = list(dict.fromkeys(a for a in lora_ids if a >= 0)) if self.lora is not None else []
+        if not distinct:
+            return False
+        if len(distinct) > FEW or B > MAX_ROWS or not self.few_lora():
+            return True
+        rows = [-1] * B
+        for s, a in zip(slots, lora_ids):
+            rows[s] = distinct.index(a) if a >= 0 else -1
+        staged = torch.tensor(distinct + [-1] * (FEW - len(distinct)) + rows, dtype=torch.int32)
+        self._few[:FEW + B].copy_(staged, non_blocking=True)
+        return FEW_LORA
 
     def _draw(self, logits: torch.Tensor, argmax: torch.Tensor, slots: Collection[int]) -> None:
         """The sampled rows' tokens of a step just run, written over its argmax and over the
@@ -334,7 +360,8 @@ class DecodeStep:
         sequences) are already the inputs of the step after it, for `greedy`'s step ahead
         (a launch that recomputes or samples rewrites them first)."""
         tokens, positions, ids = self.inputs[0, :B], self.inputs[1, :B], self.inputs[2, :B]
-        x = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, use_lora, head=False)
+        few = (self._few[:FEW], self._few[FEW:FEW + B]) if use_lora == FEW_LORA else None
+        x = self.model.decode(tokens, positions, ids, L, self.cache, self.lora, bool(use_lora), head=False, few=few)
         return greedy_tail(self.model, x, (tokens, positions, self._active[:B]))
 
     def _capture(self, B: int, L: int, use_lora: bool):
@@ -351,8 +378,9 @@ class DecodeStep:
         batches = [b for b in BATCH_BUCKETS if b < top] + [top]
         contexts = sorted({context_bucket(n, self.cache.max_len)
                            for n in range(CONTEXT_STEP, self.cache.max_len + CONTEXT_STEP, CONTEXT_STEP)})
-        lora = (False, True) if self.lora is not None else (False,)
-        return [(B, L, use_lora) for B in batches for L in contexts for use_lora in lora]
+        lora = ((False, True) + ((FEW_LORA,) if self.few_lora() else ())) if self.lora is not None else (False,)
+        return [(B, L, use_lora) for B in batches for L in contexts for use_lora in lora
+                if use_lora != FEW_LORA or B <= MAX_ROWS]
 
     def warmup(self, max_rows: int, tick: Callable[[], object] = lambda: None) -> int:
         """Capture every bucket of `shapes`, so no request pays for a capture (tick() after

@@ -188,7 +188,8 @@ class Block(nn.Module):
         linear's rows' LoRA deltas come from the BGMV pair (`lora.triton_ops.lora_delta`, the
         norm's weight inside its shrink) and join the projection in the fused launch's
         epilogue, before the 1 / rms that scales both (triton_linear.DELTA_BEFORE_RMS), or
-        (`LoraStacks.fused_linears`) the fused launch computes them itself."""
+        the fused launch computes them itself: for a step of at most FEW distinct adapters
+        (`batch.few`, triton_lora_few.py), or always (`LoraStacks.fused_linears`)."""
         a, m = self.self_attn, self.mlp
         rms = not triton_linear.DELTA_BEFORE_RMS  # whether the BGMV shrink applies a norm's 1 / rms itself
 
@@ -196,19 +197,22 @@ class Block(nn.Module):
                 swiglu: bool = False) -> torch.Tensor:
             layer: nn.Linear = getattr(parent, name)
             nw = norm.weight if norm is not None else None
-            A = B = scaling = ids = delta = None
+            A = B = scaling = ids = delta = few = None
             bounds: list[int] = []
             ab = (stacks.fused if name in self.parts else stacks.weights).get(name) \
                 if stacks is not None and batch.use_lora else None
             if ab is not None:
                 (A, B), scaling, ids = ab, lora.scaling, batch.lora_ids
                 bounds = [start for _, start, _ in self.parts[name][1:]] if name in self.parts else []
-                if not lora.fused_linears:
+                if batch.few is not None and triton_linear.few_fits(*layer.weight.shape, bounds, swiglu):
+                    few = batch.few  # at most FEW adapters: LoRA inside the launch (triton_lora_few.py)
+                elif not lora.fused_linears:
                     delta = torch.ops.tasktune.bgmv_delta(x_in, A.contiguous(), B, scaling, ids, bounds, nw,
                                                           self.cfg.rms_norm_eps, rms)
                     A = B = scaling = ids = None
             return torch.ops.tasktune.decode_linear(x_in, layer.weight, layer.bias, residual, nw, self.cfg.rms_norm_eps,
-                                                    swiglu, A, B, scaling, ids, bounds, delta, rms)
+                                                    swiglu, A, B, scaling, ids, bounds, delta, rms,
+                                                    *(few if few is not None else (None, None)))
 
         qkv = lin(a, "qkv_proj", x, self.input_layernorm)
         o = self.attend_decode(qkv, batch, kv)
@@ -323,11 +327,12 @@ class Decoder(nn.Module):
         return logits.float() if float_logits else logits
 
     def decode(self, tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-               cache: KVCache, lora: LoraStacks | None, use_lora: bool, head: bool = True) -> torch.Tensor:
+               cache: KVCache, lora: LoraStacks | None, use_lora: bool, head: bool = True,
+               few: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
         """One decode step in the decode layout (`decode_batch`) -> logits [B, vocab] in the
         model's dtype (a greedy step takes their argmax: casting all B x vocab of them to
         float32 first is a copy it does not need; DecodeStep casts the rows it returns), or
         with head=False the rows before the final norm (DecodeStep's tail: cuda_graphs.greedy_tail).
         Only device work after the rope table exists, so it can be captured in a CUDA graph."""
         return self(decode_batch(tokens, positions, lora_ids, context, use_lora, self.attention_kernel,
-                                 self.linear_kernel), cache, lora, float_logits=False, head=head)
+                                 self.linear_kernel, few), cache, lora, float_logits=False, head=head)

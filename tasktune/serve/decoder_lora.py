@@ -53,6 +53,9 @@ class LoraStacks:
     # them, each row's h from a shrink launch before: 13,473 / 11,294 against the pair's
     # delta at 19,146 / 18,282 in the same run; removed.)
     fused_linears: bool = False
+    # ... except in a step of at most triton_lora_few.FEW distinct adapters, whose LoRA runs
+    # inside the fused launches as triton_lora_few.py says (DecodeStep's FEW_LORA graphs)
+    few_linears: bool = True
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property

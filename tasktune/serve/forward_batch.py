@@ -43,6 +43,9 @@ class Batch:
     rope: tuple[torch.Tensor, torch.Tensor] | None = None  # ... which rotates q, k itself with these tables
     plan: SegmentPlan | None = None  # rows of each distinct adapter, built on the host (no sync)
     lora_rows: tuple[torch.Tensor, ...] | None = None  # decode: ops.gather_rows, once per forward
+    # decode with the fused linears and at most triton_lora_few.FEW distinct adapters: (their
+    # slots int32 [FEW], each row's index among them int32 [B]): LoRA inside the launches
+    few: tuple[torch.Tensor, torch.Tensor] | None = None
     active: torch.Tensor | None = None  # prefill: the distinct adapters of the batch [k] ...
     active_ids: torch.Tensor | None = None  # ... and each token's index among them [N] (-1: none)
     lora_mask: torch.Tensor | None = None  # prefill: adapter_column_mask of active_ids, once per forward
@@ -141,10 +144,12 @@ def _rows(n: int, device: torch.device) -> torch.Tensor:
 
 
 def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.Tensor, context: int,
-                 use_lora: bool, attention_kernel: bool = False, linear_kernel: bool = False) -> Batch:
+                 use_lora: bool, attention_kernel: bool = False, linear_kernel: bool = False,
+                 few: tuple[torch.Tensor, torch.Tensor] | None = None) -> Batch:
     """The decode layout from device tensors only (capturable): tokens, positions,
     lora_ids: [B], row b = KV slot b; attention covers cache positions [0, context).
-    linear_kernel: fused linears where they apply (with the attention kernel, B <= MAX_ROWS)."""
+    linear_kernel: fused linears where they apply (with the attention kernel, B <= MAX_ROWS);
+    few: their LoRA inside the launches (Batch.few; with linear_kernel only)."""
     B, device = tokens.shape[0], tokens.device
     rows = _rows(B, device)
     mask = None if attention_kernel else \
@@ -152,7 +157,8 @@ def decode_batch(tokens: torch.Tensor, positions: torch.Tensor, lora_ids: torch.
     return Batch(tokens=tokens, positions=positions, lora_ids=lora_ids, token_slots=rows, slots=rows,
                  pad_index=rows, valid=rows, mask=mask, last=None, use_lora=use_lora,
                  shape=(B, 1, context), decode=True, attention_kernel=attention_kernel,
-                 linear_kernel=linear_kernel and attention_kernel and B <= MAX_ROWS)
+                 linear_kernel=linear_kernel and attention_kernel and B <= MAX_ROWS,
+                 few=few if linear_kernel and attention_kernel and B <= MAX_ROWS and use_lora else None)
 
 
 @functools.lru_cache(maxsize=None)

@@ -60,8 +60,9 @@ import torch
 
 from tasktune.lora import triton_ops
 from tasktune.lora.triton_ops import _pow2_at_least, available, counter_buffer, sm_count, triton
+from tasktune.serve.triton_lora_few import FEW
 
-__all__ = ["available", "decode_linear", "MAX_ROWS"]
+__all__ = ["available", "decode_linear", "few_adapters", "MAX_ROWS"]
 
 MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 # The decoder's BGMV deltas for a normed linear leave out the 1 / rms, which this kernel then
@@ -69,6 +70,7 @@ MAX_ROWS = 64  # decode buckets above this run cuBLAS + the LoRA kernel pair
 # the shrink scales each part, session 10)
 DELTA_BEFORE_RMS = True
 MAX_RANK = 64
+FEW_GATHER = True  # few=: each row loads only its own adapter's ranks of h (triton_lora_few.few_expand)
 SMALL = 1_000_000  # weight elements below which a linear runs unsplit in 16-column blocks (linear_config)
 COUNTERS = 4096  # int32 counters per device: N blocks + 2 per launch
 EXPAND_RANKS = 256  # LoRA expand: rank rows (distinct adapters x rank) per tensor-core product,
@@ -129,8 +131,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                   config: LinearConfig | None = None, out: torch.Tensor | None = None,
                   signal: torch.Tensor | None = None, wait_delta: tuple[torch.Tensor, int] | None = None,
                   h: torch.Tensor | None = None,
-                  shrink_next: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None
-                  ) -> torch.Tensor:
+                  shrink_next: tuple[torch.Tensor, torch.Tensor | None, torch.Tensor, torch.Tensor] | None = None,
+                  few: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """RMSNorm?(x) @ weight^T + bias + LoRA, then silu(gate) * up (swiglu), + residual ->
     [M, N] in x's dtype, in one launch.
 
@@ -152,7 +154,11 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     the launch only expands. shrink_next = (A [slots, ra, N] of the linear that reads this
     output, its RMSNorm weight [N] or None, ids [M], h [M, ra] fp32): this launch's epilogue
     adds that linear's shrink of its stored columns into h (zeroed before; atomics, so the
-    sum's order, and its last bits, vary)."""
+    sum's order, and its last bits, vary).
+    few = (slots int32 [FEW], row_u int32 [M]) with lora: the batch uses at most FEW distinct
+    adapters, slots their pool slots (-1 unused) and row_u each row's index into slots (-1:
+    none; `few_adapters` makes both from ids); LoRA runs inside the launch as
+    triton_lora_few.py says (lora's ids are not read)."""
     M = x.shape[0]
     rows, K = weight.shape
     N = rows // 2 if swiglu else rows
@@ -170,7 +176,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
                               or lora is not None):
         raise ValueError(f"delta {tuple(delta.shape)} {delta.dtype} for output {(M, rows)} (float32, not with lora)")
     device = x.device
-    cfg = config or linear_config(M, N, K, lora is not None and h is None, elem=max(2, x.element_size()))
+    cfg = config or linear_config(M, N, K, lora is not None and h is None and few is None,
+                                  elem=max(2, x.element_size()))
     y = out if out is not None else torch.empty(M, N, dtype=x.dtype, device=device)
     if y.shape != (M, N) or y.dtype != x.dtype or y.stride(1) != 1:
         raise ValueError(f"out {tuple(y.shape)} {y.dtype} for output {(M, N)} {x.dtype}")
@@ -210,8 +217,27 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
                     SHRINK_BLOCK_K=shrink_block_k, UC=max(1, min(EXPAND_RANKS, EXPAND_TILE // cfg.BLOCK_N) // r_module),
                     H_ROWS=h is not None)
-    elif h is not None:
-        raise ValueError("h (a LoRA shrink done) needs lora")
+    elif h is not None or few is not None:
+        raise ValueError("h (a LoRA shrink done) and few need lora")
+    few_args = (x, x)
+    if few is not None:
+        slots, row_u = few
+        if (h is not None or shrink_next is not None or slots.shape != (FEW,) or row_u.shape != (M,)
+                or slots.dtype != torch.int32 or row_u.dtype != torch.int32
+                or (not swiglu and any(b % cfg.BLOCK_N for b in bounds))):
+            raise ValueError(f"few: slots {tuple(slots.shape)} {slots.dtype}, row_u {tuple(row_u.shape)} "
+                             f"{row_u.dtype} (int32 [{FEW}], [{M}]); module bounds {tuple(bounds)} on "
+                             f"{cfg.BLOCK_N}-row blocks; not with h or shrink_next")
+        blocks_k = triton.cdiv(K, cfg.BLOCK_K)
+        few_s = min(4, blocks_k)
+        few_ks = triton.cdiv(blocks_k, few_s) * cfg.BLOCK_K
+        few_s = triton.cdiv(K, few_ks)
+        shrink_programs = modules * few_s
+        hp = torch.empty(few_s * modules * FEW * meta["R_MODULE"] * cfg.BLOCK_M, dtype=torch.float32, device=device)
+        lora_args = (*lora_args[:4], hp)
+        few_args = (slots, row_u)
+        meta.update(LORA=False, FEW=True, FEWN=FEW, FEW_S=few_s, FEW_KS=few_ks, NB_PAD=_pow2_at_least(n_blocks, 16),
+                    FEW_GATHER=FEW_GATHER)
     next_args, ra_next = (x, x, x), 0
     if shrink_next is not None:
         a_next, nw_next, ids_next, h_next = shrink_next
@@ -233,7 +259,7 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         x, weight, bias if bias is not None else x, norm[0] if norm is not None else x,
         residual if residual is not None else x, y, ws, counters, *lora_args, delta if delta is not None else ws,
         signal if signal is not None else counters, wait_delta[0] if wait_delta else counters,
-        wait_delta[1] if wait_delta else 0, *next_args, ra_next,
+        wait_delta[1] if wait_delta else 0, *next_args, ra_next, *few_args,
         M, x.stride(0), y.stride(0), residual.stride(0) if residual is not None else 0,
         delta.stride(0) if delta is not None else 0, r, b1, b2,
         norm[1] if norm is not None else 0.0, *strides, N=N, K=K,
@@ -246,17 +272,37 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
     return y
 
 
+def few_fits(rows: int, K: int, bounds: list[int] | tuple[int, ...], swiglu: bool, m: int = MAX_ROWS) -> bool:
+    """Whether decode_linear takes `few` for this linear: its module bounds fall on N block edges."""
+    cfg = linear_config(m, rows // 2 if swiglu else rows, K)
+    return swiglu or all(b % cfg.BLOCK_N == 0 for b in bounds)
+
+
+def few_adapters(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots int32 [FEW], row_u int32 [M]) of decode_linear's `few` for rows using pool slots
+    ids (-1: no adapter): the distinct slots in order of first use, -1 after the last, and
+    each row's index among them. Raises ValueError past FEW distinct adapters."""
+    distinct = [s for s in dict.fromkeys(ids.tolist()) if s >= 0]
+    if len(distinct) > FEW:
+        raise ValueError(f"{len(distinct)} distinct adapters: few takes at most {FEW}")
+    slots = torch.tensor(distinct + [-1] * (FEW - len(distinct)), dtype=torch.int32)
+    row_u = torch.tensor([distinct.index(s) if s >= 0 else -1 for s in ids.tolist()], dtype=torch.int32)
+    return slots.to(ids.device), row_u.to(ids.device)
+
+
 @torch.library.custom_op("tasktune::decode_linear", mutates_args=())
 def decode_linear_op(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, residual: torch.Tensor | None,
                      norm_weight: torch.Tensor | None, eps: float, swiglu: bool, A: torch.Tensor | None,
                      B: torch.Tensor | None, scaling: torch.Tensor | None, ids: torch.Tensor | None,
-                     bounds: list[int], delta: torch.Tensor | None = None, delta_rms: bool = True) -> torch.Tensor:
+                     bounds: list[int], delta: torch.Tensor | None = None, delta_rms: bool = True,
+                     few_slots: torch.Tensor | None = None, few_rows: torch.Tensor | None = None) -> torch.Tensor:
     """`decode_linear` as an operator torch.compile keeps whole (the decoder calls this one)."""
     return decode_linear(x, weight, bias, residual, norm=None if norm_weight is None else (norm_weight, eps),
                          swiglu=swiglu, lora=None if A is None else (A, B, scaling, ids), bounds=tuple(bounds),
-                         delta=delta, delta_rms=delta_rms)
+                         delta=delta, delta_rms=delta_rms, few=None if few_slots is None else (few_slots, few_rows))
 
 
 @decode_linear_op.register_fake
-def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, delta_rms=True):
+def _(x, weight, bias, residual, norm_weight, eps, swiglu, A, B, scaling, ids, bounds, delta=None, delta_rms=True,
+      few_slots=None, few_rows=None):
     return x.new_empty(x.shape[0], weight.shape[0] // 2 if swiglu else weight.shape[0])

@@ -8,14 +8,16 @@ if triton is not None:
     import triton.language as tl
 
     from tasktune.serve.triton_linear_blocks import (arrive, distinct_adapters, expand_chunk, expand_delta, k_partial,
-                                                      nth_adapter, wait_count)
+                                                      load_acquire, nth_adapter, wait_count)
     from tasktune.serve.triton_linear_blocks import b_chunk, chunk_slots, expand_rows, h_chunk
+    from tasktune.serve.triton_lora_few import few_expand, few_rank_rows, few_shrink
     from tasktune.serve.triton_lora_rows import a_chunk, prefetch_l2, shrink_rows
 
     @triton.jit(do_not_specialize=["wait_for"])  # one kernel for every target: a new one may load mid-chain
     def _decode_linear(
         x_ptr, w_ptr, bias_ptr, nw_ptr, res_ptr, y_ptr, ws_ptr, cnt_ptr,
         a_ptr, b_ptr, scale_ptr, ids_ptr, s_ptr, d_ptr, sig_ptr, wait_ptr, wait_for, an_ptr, nwn_ptr, hn_ptr, ra_next,
+        fs_ptr, fr_ptr,
         M, stride_xm, stride_ym, stride_rm, stride_dm, r, bound1, bound2, eps, stride_bs, stride_bn, stride_br,
         N: tl.constexpr, K: tl.constexpr,
         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
@@ -32,11 +34,22 @@ if triton is not None:
         NEXT_NORM: tl.constexpr = False, NEXT_RA_PAD: tl.constexpr = 16,  # ... of RMSNorm(output) (weight nwn_ptr)
         SHRINK_U: tl.constexpr = 4,  # ... its distinct adapters a tensor-core product
         ROW_U: tl.constexpr = 4,  # H_ROWS: the distinct adapters whose B and h load early (more: after the GEMM)
+        FEW: tl.constexpr = False,  # LoRA of <= FEWN adapters (slots at fs_ptr, each row's index at fr_ptr):
+        FEWN: tl.constexpr = 4, FEW_S: tl.constexpr = 1, FEW_KS: tl.constexpr = 16,  # triton_lora_few.py
+        NB_PAD: tl.constexpr = 16,  # ... (N blocks, padded to a power of two)
+        FEW_GATHER: tl.constexpr = True,  # ... each row's own ranks of h loaded (else all FEWN adapters')
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
         offs_m = tl.arange(0, BLOCK_M)
         m_ok = offs_m < M
+        if FEW:
+            if pid < MODULES * FEW_S:  # shrink programs (module, part of K)
+                few_shrink(pid, a_ptr, x_ptr, nw_ptr, s_ptr, cnt_ptr, fs_ptr, offs_m, m_ok, stride_xm, r, n_blocks,
+                           K, MODULES, FEW_S, R_MODULE, FEWN, BLOCK_M, BLOCK_K, FEW_KS, NB_PAD, NORM, PDL, EARLY,
+                           UPCAST)
+                return
+            pid -= MODULES * FEW_S
         if LORA and not H_ROWS:
             if pid < BLOCK_M * S:  # shrink programs (u, part): h[part, rows of adapter u, u] = A[slot u] @ act(x)
                 u = pid // S
@@ -78,6 +91,16 @@ if triton is not None:
             else:  # (a row's BLOCK_N columns: one 128-byte line at 64 bf16)
                 prefetch_l2(an_ptr + tl.maximum(nslot, 0).to(tl.int64) * ra_next * N + njj * N + block * BLOCK_N,
                             (nslot >= 0) & (njj < ra_next) & (split == 0), UPCAST)
+        if FEW:  # step inputs (not the previous kernel's output): before the wait
+            fslot, fjj, fok = few_rank_rows(fs_ptr, r, R_MODULE, FEWN)
+            fscale = tl.load(scale_ptr + tl.maximum(fslot, 0), mask=fok, other=0.0).to(tl.float32)
+            frow = tl.load(fr_ptr + offs_m, mask=m_ok, other=-1)
+            frs = tl.load(scale_ptr + tl.maximum(tl.load(fs_ptr + tl.maximum(frow, 0)), 0), mask=frow >= 0,
+                          other=0.0).to(tl.float32)
+            if SWIGLU:
+                fmod = 0
+            else:  # (the host checks that the module bounds fall on N block edges)
+                fmod = (block * BLOCK_N >= bound1).to(tl.int32) + (block * BLOCK_N >= bound2).to(tl.int32)
         if PDL and not LATE:  # launched early (programmatic dependent launch)
             tl.extra.cuda.gdc_wait()  # the previous kernel's output is ready after this
             if EARLY:
@@ -150,7 +173,12 @@ if triton is not None:
             if NORM:
                 tl.store(ws_ptr + SS_AT + (block * SPLIT_K + split) * BLOCK_M + offs_m, ss)
             arrived = tl.atomic_add(cnt_ptr + block, 1, sem="acq_rel")
-            if arrived != SPLIT_K - 1:
+            if FEW:  # the splits count 1 each, the shrink parts 1 << 16 each
+                if arrived % 65536 != SPLIT_K - 1:
+                    return
+                while arrived // 65536 < MODULES * FEW_S:  # (rare: the shrink programs started first)
+                    arrived = load_acquire(cnt_ptr + block, UPCAST)
+            elif arrived != SPLIT_K - 1:
                 return
             if SHRINK_NEXT:  # the storing split: its A rows from L2 (prefetched), beside the partials' loads
                 na = tl.load(na_ptrs, mask=na_ok, other=0.0)
@@ -169,6 +197,17 @@ if triton is not None:
             tl.store(cnt_ptr + block, 0)
         elif LORA and not H_ROWS:  # (H_ROWS: no shrink programs, no counts)
             done = tl.atomic_add(cnt_ptr + n_blocks + 1, 1, sem="acq_rel")
+        elif FEW:  # one program an N block: only the shrink parts count
+            wait_count(cnt_ptr + block, MODULES * FEW_S * 65536, UPCAST)
+            tl.store(cnt_ptr + block, 0)
+        if FEW:  # the expand: one more K step of the accumulator(s)
+            acc = few_expand(acc, s_ptr, b_ptr, fslot, fjj, fok, fscale, frow, frs, offs_m, offs_n, n_ok, 0, fmod,
+                             stride_bs, stride_bn, stride_br, MODULES, FEW_S, R_MODULE, FEWN, BLOCK_M, FEW_GATHER,
+                             UPCAST)
+            if SWIGLU:
+                acc_u = few_expand(acc_u, s_ptr, b_ptr, fslot, fjj, fok, fscale, frow, frs, offs_m, offs_n, n_ok, N,
+                                   1, stride_bs, stride_bn, stride_br, MODULES, FEW_S, R_MODULE, FEWN, BLOCK_M,
+                                   FEW_GATHER, UPCAST)
         if NORM:  # RMSNorm(x) @ W^T = (x * weight) @ W^T / rms(x), per row (LoRA's shrink read the same x * weight)
             rstd = 1.0 / tl.sqrt(ss / K + eps)
             if DELTA_RMS or not HAS_DELTA:  # else once the delta has joined
