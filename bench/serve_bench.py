@@ -241,13 +241,22 @@ def main() -> None:
     cases = {
         "base": [None] * batch,
         f"a{n_few}": [names[i % n_few] for i in range(batch)],
+        # the same through the BGMV pair's delta, as before LoRA of <= 4 adapters ran inside the fused linears
+        f"a{n_few}_pair": [names[i % n_few] for i in range(batch)],
         f"a{n_adapters}": [names[i % n_adapters] for i in range(batch)],
     }
+    stacks = engine.pool.stacks
+
+    def few_linears(name: str) -> None:  # (the engine's default: on)
+        if stacks is not None:
+            stacks.few_linears = not name.endswith("_pair")
     result["cases"] = {}
     # warm-up: every case once with a few tokens (allocator, cuBLAS handles, adapter loads)
-    for adapters in cases.values():
+    for name, adapters in cases.items():
+        few_linears(name)
         run_engine(engine, prompts, adapters, min(4, new_tokens), device)
     for name, adapters in cases.items():
+        few_linears(name)
         runs = [run_engine(engine, prompts, adapters, new_tokens, device) for _ in range(repeats)]
         runs.sort(key=lambda x: x["decode_tok_s"])
         med = runs[len(runs) // 2]
@@ -261,7 +270,7 @@ def main() -> None:
                   "repeat_tokens_identical": all(x["tokens"] == runs[0]["tokens"] for x in runs)})
         if engine.decode_step.use_graphs:  # the device's own step, no host between replays
             key = (batch_bucket(batch, engine.cache.num_slots), context_bucket(prompt_len + new_tokens, engine.cache.max_len))
-            c["graph_replay_step_s"] = graph_replay_s(engine, *key, distinct > 0)
+            c["graph_replay_step_s"] = graph_replay_s(engine, *key, engine.decode_step._last_use_lora)
         if args.gc_compare:  # the same runs with Python's startup heap frozen (gc.freeze), or unfrozen if it was
             frozen = gc.get_freeze_count() > 0
             gc.unfreeze() if frozen else (gc.collect(), gc.freeze())
