@@ -37,7 +37,7 @@ if triton is not None:
         FEW: tl.constexpr = False,  # LoRA of <= FEWN adapters (slots at fs_ptr, each row's index at fr_ptr):
         FEWN: tl.constexpr = 4, FEW_S: tl.constexpr = 1, FEW_KS: tl.constexpr = 16,  # triton_lora_few.py
         NB_PAD: tl.constexpr = 16,  # ... (N blocks, padded to a power of two)
-        FEW_GATHER: tl.constexpr = True,  # ... each row's own ranks of h loaded (else all FEWN adapters')
+        FEW_GATHER: tl.constexpr = False,  # ... each row's own ranks of h loaded (else all FEWN adapters')
     ):
         pid = tl.program_id(0)
         n_blocks: tl.constexpr = (N + BLOCK_N - 1) // BLOCK_N
