@@ -241,15 +241,15 @@ def main() -> None:
     cases = {
         "base": [None] * batch,
         f"a{n_few}": [names[i % n_few] for i in range(batch)],
-        # the same through the BGMV pair's delta, as before LoRA of <= 4 adapters ran inside the fused linears
-        f"a{n_few}_pair": [names[i % n_few] for i in range(batch)],
+        # the same with LoRA inside the fused linears (LoraStacks.few_linears; the engine's default: the BGMV pair)
+        f"a{n_few}_inlaunch": [names[i % n_few] for i in range(batch)],
         f"a{n_adapters}": [names[i % n_adapters] for i in range(batch)],
     }
     stacks = engine.pool.stacks
 
-    def few_linears(name: str) -> None:  # (the engine's default: on)
+    def few_linears(name: str) -> None:
         if stacks is not None:
-            stacks.few_linears = not name.endswith("_pair")
+            stacks.few_linears = name.endswith("_inlaunch")
     result["cases"] = {}
     # warm-up: every case once with a few tokens (allocator, cuBLAS handles, adapter loads)
     for name, adapters in cases.items():

@@ -140,7 +140,7 @@ def test_gpu_decode_paths_match_hf_peft_on_the_cpu(tiny_llama, adapter_root, ref
     if "fused" in variant or "linears" in variant or "few" in variant:
         eng.model.linear_kernel = True
         eng.pool.stacks.fused_linears = "fused" in variant  # LoRA inside them too (off by default: slower on an H200)
-        eng.pool.stacks.few_linears = "few" in variant  # ... for steps of <= 4 adapters (on by default)
+        eng.pool.stacks.few_linears = "few" in variant  # ... for steps of <= 4 adapters (off by default)
         linear = triton_linear.decode_linear
         monkeypatch.setattr(triton_linear, "decode_linear", lambda *a, **k: fused.append(
             (k["swiglu"], k["lora"] is not None and k.get("few") is None, k["delta"] is not None,

@@ -53,9 +53,11 @@ class LoraStacks:
     # them, each row's h from a shrink launch before: 13,473 / 11,294 against the pair's
     # delta at 19,146 / 18,282 in the same run; removed.)
     fused_linears: bool = False
-    # ... except in a step of at most triton_lora_few.FEW distinct adapters, whose LoRA runs
-    # inside the fused launches as triton_lora_few.py says (DecodeStep's FEW_LORA graphs)
-    few_linears: bool = True
+    # ... or only in a step of at most triton_lora_few.FEW distinct adapters, as triton_lora_few.py
+    # says (DecodeStep's FEW_LORA graphs). Off: in the serve bench's decode step (H200, session
+    # 25) 26,323 tok/s at 4 adapters against 26,531 through the BGMV pair in the same run,
+    # though the layers bench had it 1-4 us a layer ahead (bench/README.md "LoRA of a few adapters")
+    few_linears: bool = False
     _layers: dict = field(default_factory=dict, repr=False)
 
     @property
