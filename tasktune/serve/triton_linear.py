@@ -45,6 +45,11 @@ linears and no in-kernel wait. The chain measured slower than the BGMV pair; com
 for sm_90 by Triton 3.9 (not the device's 3.6), these launches use 255 registers a thread
 and spill up to 1.5 KB a thread, where the linears without LoRA do not spill.
 
+A fourth, `few` (triton_lora_few.py), for a step of at most 4 distinct adapters: shrink
+programs beside the GEMM programs, and the expand as one more K step of each N block's last
+split, so no LoRA tile lives across the GEMM. It beat the BGMV pair in the layers bench but
+not in the serve bench's decode step (bench/README.md), so the decoder leaves it off.
+
 Rounding follows the eager decoder where it can: the projection (with bias and LoRA) is
 rounded before silu * up and before the residual add; RMSNorm rounds x * weight instead of
 eager's normalised x (a different, not a larger, error).
