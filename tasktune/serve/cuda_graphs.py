@@ -33,11 +33,10 @@ from tasktune.serve.sampling import logprob_table
 from tasktune.serve.step_ahead import AheadStep, JoiningRows
 from tasktune.serve.triton_linear import MAX_ROWS
 from tasktune.serve.triton_lora_few import FEW
-
-FEW_LORA = 2  # use_lora of a step whose LoRA runs inside the fused linears (at most FEW adapters)
 from tasktune.serve.triton_sample import SamplingTable, sample_rows
 
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32, 48, 64, 96, 128, 192, 256)
+FEW_LORA = 2  # use_lora of a step whose LoRA runs inside the fused linears (at most FEW adapters)
 CONTEXT_STEP = 128
 FUSED_HEAD = True  # greedy_tail in one launch where the decode linears are fused (off: a serve bench variant)
 

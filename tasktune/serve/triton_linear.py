@@ -215,8 +215,8 @@ def decode_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
         shrink_k = triton.cdiv(triton.cdiv(K, splits), shrink_block_k) * shrink_block_k
         S = triton.cdiv(K, shrink_k) if h is None else 1
         shrink_programs = cfg.BLOCK_M * S if h is None else 0
-        s = h if h is not None else torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad, dtype=torch.float32,
-                                                device=device)
+        s = h if h is not None or few is not None else torch.empty(S * cfg.BLOCK_M * cfg.BLOCK_M * ra_pad,
+                                                                   dtype=torch.float32, device=device)
         lora_args, strides = (A, B, scaling, ids, s), (B.stride(0), B.stride(1), B.stride(2))
         r_module = _pow2_at_least(r, 16)
         meta = dict(LORA=True, R_MODULE=r_module, RA_PAD=ra_pad, MODULES=modules, S=S, SHRINK_K=shrink_k,
