@@ -26,7 +26,7 @@ step() {  # step NAME SECONDS COMMAND...
 }
 
 want() { [[ " ${STEPS:-kernel_tests serve train ddp} " == *" $1 "* ]]; }  # STEPS: which steps run, in this order
-KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_linear.py tests/test_triton_attention.py tests/test_triton_argmax.py tests/test_triton_lm_head.py tests/test_lora_worker.py tests/test_triton_shrink_chain.py tests/test_decode_step.py tests/test_graphed_step.py tests/test_train_loop.py}
+KERNEL_TESTS=${KERNEL_TESTS:-tests/test_triton_ops.py tests/test_triton_linear.py tests/test_triton_attention.py tests/test_triton_argmax.py tests/test_triton_lm_head.py tests/test_lora_worker.py tests/test_triton_shrink_chain.py tests/test_triton_lora_few.py tests/test_decode_step.py tests/test_graphed_step.py tests/test_train_loop.py}
 want kernel_tests && step kernel_tests "${KERNEL_TESTS_S:-150}" python3 -m pytest -q -p no:cacheprovider -rs $KERNEL_TESTS
 want stats && step stats "${STATS_S:-120}" python3 bench/kernel_stats.py --out "$OUT/stats"
 if want ncu; then  # Nsight Compute on one fused linear launch each (TASKTUNE_PDL=0: one kernel alone)
