@@ -45,9 +45,10 @@ import torch  # noqa: E402
 
 from common import LORA_TARGETS as TARGETS, copy_bandwidth, device_name, free, fx, model_facts, qwen_config, sync, versions  # noqa: E402
 from serve_setup import adapter_bytes, kv_bytes, make_base_and_adapters, model_read_bytes  # noqa: E402
-from serve_timing import StepClock, graph_replay_s, host_profile, profile_decode_step, profile_last_step, summarise  # noqa: E402
+from serve_timing import (StepClock, graph_replay_s, host_profile, print_summary, profile_decode_step,  # noqa: E402
+                          profile_last_step, summarise)
 from serve_staggered import report, staggered_case  # noqa: E402
-from serve_variants import guided_answers, main_path, switch, variant_table  # noqa: E402
+from serve_variants import guided_answers, lora_in_launch, main_path, switch, variant_table  # noqa: E402
 
 DESIGN_PEFT = {"no_adapter": 1379, "one_adapter": 394, "8_adapters": 98, "32_adapters": 26}  # ../shared/DESIGN.md, H100
 
@@ -241,22 +242,16 @@ def main() -> None:
     cases = {
         "base": [None] * batch,
         f"a{n_few}": [names[i % n_few] for i in range(batch)],
-        # the same with LoRA inside the fused linears (LoraStacks.few_linears; the engine's default: the BGMV pair)
-        f"a{n_few}_inlaunch": [names[i % n_few] for i in range(batch)],
+        f"a{n_few}_inlaunch": [names[i % n_few] for i in range(batch)],  # serve_variants.lora_in_launch
         f"a{n_adapters}": [names[i % n_adapters] for i in range(batch)],
     }
-    stacks = engine.pool.stacks
-
-    def few_linears(name: str) -> None:
-        if stacks is not None:
-            stacks.few_linears = name.endswith("_inlaunch")
     result["cases"] = {}
     # warm-up: every case once with a few tokens (allocator, cuBLAS handles, adapter loads)
     for name, adapters in cases.items():
-        few_linears(name)
+        lora_in_launch(engine, name)
         run_engine(engine, prompts, adapters, min(4, new_tokens), device)
     for name, adapters in cases.items():
-        few_linears(name)
+        lora_in_launch(engine, name)
         runs = [run_engine(engine, prompts, adapters, new_tokens, device) for _ in range(repeats)]
         runs.sort(key=lambda x: x["decode_tok_s"])
         med = runs[len(runs) // 2]
@@ -391,18 +386,7 @@ def main() -> None:
     save()
     tmp.cleanup()
 
-    print()
-    print(f"serve bench on {result['device']}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, "
-          f"copy bw {bw['bytes_per_s'] / 1e12:.2f} TB/s")
-    print(f"{'case':<10}{'decode tok/s':>14}{'e2e tok/s':>12}{'step ms':>10}{'roof tok/s':>12}{'% roof':>8}")
-    for name, c in cs.items():
-        print(f"{name:<10}{c['decode_tok_s']:>14.0f}{c['e2e_tok_s']:>12.0f}{c['decode_step_median_s'] * 1e3:>10.2f}"
-              f"{c['roofline_tok_s']:>12.0f}{100 * c['pct_roofline']:>7.1f}%")
-    if peft_dec:
-        p = result["peft_a32"]
-        print(f"{'peft a' + str(n_adapters):<10}{peft_dec:>14.1f}{p['e2e_tok_s']:>12.1f}{1e3 * batch / peft_dec:>10.1f}")
-    for k, v in result["ratios"].items():
-        print(f"  {k}: {fx(v['value'], '.3f')} (target {v['target']}: {'met' if v['met'] else 'MISSED' if v['met'] is not None else 'n/a'})")
+    print_summary(result, batch, prompt_len, new_tokens, bw["bytes_per_s"], n_adapters)
 
 
 if __name__ == "__main__":

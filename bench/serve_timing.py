@@ -194,3 +194,24 @@ def profile_decode_step(engine, prompts, adapters, device, temperature: float = 
     while engine.has_work:
         engine.step()
     return kernel_summary(prof, wall, first=FIRST_KERNELS)
+
+
+def print_summary(result: dict, batch: int, prompt_len: int, new_tokens: int, bytes_per_s: float,
+                  n_adapters: int) -> None:
+    """The serve bench's closing table: each case's rates against its roofline, PEFT, the ratios."""
+    from common import fx
+
+    print()
+    print(f"serve bench on {result['device']}: batch {batch}, prompt {prompt_len}, {new_tokens} new tokens, "
+          f"copy bw {bytes_per_s / 1e12:.2f} TB/s")
+    print(f"{'case':<12}{'decode tok/s':>14}{'e2e tok/s':>12}{'step ms':>10}{'roof tok/s':>12}{'% roof':>8}")
+    for name, c in result["cases"].items():
+        print(f"{name:<12}{c['decode_tok_s']:>14.0f}{c['e2e_tok_s']:>12.0f}{c['decode_step_median_s'] * 1e3:>10.2f}"
+              f"{c['roofline_tok_s']:>12.0f}{100 * c['pct_roofline']:>7.1f}%")
+    peft_dec = result.get("peft_a32", {}).get("decode_tok_s")
+    if peft_dec:
+        p = result["peft_a32"]
+        print(f"{'peft a' + str(n_adapters):<12}{peft_dec:>14.1f}{p['e2e_tok_s']:>12.1f}{1e3 * batch / peft_dec:>10.1f}")
+    for k, v in result["ratios"].items():
+        met = "met" if v["met"] else "MISSED" if v["met"] is not None else "n/a"
+        print(f"  {k}: {fx(v['value'], '.3f')} (target {v['target']}: {met})")

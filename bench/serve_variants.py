@@ -113,3 +113,10 @@ def guided_answers(tokens: list[list[int]], vocab: int, decoys: int = 3) -> list
     g = torch.Generator().manual_seed(0)
     fakes = [tuple(torch.randint(3, vocab, (len(tokens[0]),), generator=g).tolist()) for _ in range(decoys)]
     return [(tuple(t), *fakes) for t in tokens]
+
+
+def lora_in_launch(engine, case: str) -> None:
+    """LoRA of at most 4 adapters inside the fused linears (LoraStacks.few_linears) for the
+    serve bench's case `a<n>_inlaunch`, else the engine's default, the BGMV pair's delta."""
+    if engine.pool.stacks is not None:
+        engine.pool.stacks.few_linears = case.endswith("_inlaunch")
