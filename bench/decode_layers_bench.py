@@ -64,6 +64,7 @@ def main() -> None:
     AB = [{n: (rand(slots, len(w) * r, k, scale=k ** -0.5), rand(slots, rows, r, scale=0.1))
            for n, (rows, k, w) in shapes.items()} for _ in range(layers)]
     bounds = {n: tuple(sum(w[:i + 1]) for i in range(len(w) - 1)) for n, (_, _, w) in shapes.items()}
+    nk = {"qkv": (Q + 2 * KV, D), "o": (D, Q), "gate_up": (I, D), "down": (D, I)}  # linear_config's (N, K)
     scaling = torch.full((slots,), 2.0, device=device)
     x0 = rand(M, D)
     cases = {"base": None, "a4": torch.arange(M, device=device) % 4, "a32": torch.arange(M, device=device) % slots}
@@ -105,7 +106,6 @@ def main() -> None:
         False: without the epilogue shrinks / the shrink launches (timing only, wrong sums).
         warps: the linears' warps a program (0: linear_config's; 8 spills less, compile_sm90)."""
         names = ("qkv", "o", "gate_up", "down")
-        nk = {"qkv": (Q + 2 * KV, D), "o": (D, Q), "gate_up": (I, D), "down": (D, I)}
         ra = {n: AB[0][n][0].shape[1] for n in names}
         flat = torch.zeros(layers * M * sum(ra.values()), device=device)
         views, at = [], 0
@@ -252,7 +252,6 @@ def main() -> None:
         result["per_linear_a4_us"] = per_linear(cases["a4"])
         write_json(result, "decode_layers_per_linear.json", [args.out])
         return
-    nk = {"qkv": (Q + 2 * KV, D), "o": (D, Q), "gate_up": (I, D), "down": (D, I)}
     for case, ids in cases.items():
         if args.few_only and case == "a32":
             continue
@@ -272,10 +271,12 @@ def main() -> None:
             lcfg = lambda n: linear_config(M, *nk[n], lora=True)  # noqa: E731  (N blocks of 64, 4 splits)
             c["few_lora_config_us_per_layer"] = timed_graph(fused(ids, few=True, config=lcfg), device,
                                                             replays) / layers * 1e6
-            triton_linear.FEW_GATHER = False
-            c["few_all_ranks_us_per_layer"] = timed_graph(fused(ids, few=True), device, replays) / layers * 1e6
-            triton_linear.FEW_GATHER = True
-            print(f"{case}: LoRA of the few adapters, h of all four loaded {c['few_all_ranks_us_per_layer']:.1f}")
+            gather, triton_linear.FEW_GATHER = triton_linear.FEW_GATHER, not triton_linear.FEW_GATHER
+            c[f"few_gather_{triton_linear.FEW_GATHER}_us_per_layer"] = timed_graph(fused(ids, few=True), device,
+                                                                                 replays) / layers * 1e6
+            triton_linear.FEW_GATHER = gather
+            print(f"{case}: LoRA of the few adapters, FEW_GATHER {not gather} "
+                  f"{c[f'few_gather_{not gather}_us_per_layer']:.1f} us a layer")
             print(f"{case}: LoRA of the few adapters in the launch {c['few_us_per_layer']:.1f} us a layer "
                   f"(max rel err {c['max_rel_err_few_vs_eager']:.1e}); every linear in 64-row blocks and 4 splits "
                   f"{c['few_lora_config_us_per_layer']:.1f}", flush=True)
