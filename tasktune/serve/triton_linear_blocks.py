@@ -82,13 +82,18 @@ if triton is not None:
             seen = load_acquire(cnt_ptr, INTERPRETED)
 
     @triton.jit
-    def arrive(cnt_ptr, pid, INTERPRETED: tl.constexpr):
-        """Add one to the counter at cnt_ptr after every thread's stores of this program
-        (a fence, a barrier, then one release add); pid: any scalar (the fence's operand)."""
+    def stores_visible(pid, INTERPRETED: tl.constexpr):
+        """Every thread's stores of this program made visible to the device (a fence, then a
+        barrier), before a release add tells others to read them; pid: any scalar (the fence's operand)."""
         if not INTERPRETED:  # (no PTX under the interpreter, whose programs run one at a time)
             tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
                                       is_pure=False, pack=1)
         tl.debug_barrier()
+
+    @triton.jit
+    def arrive(cnt_ptr, pid, INTERPRETED: tl.constexpr):
+        """Add one to the counter at cnt_ptr after every thread's stores of this program."""
+        stores_visible(pid, INTERPRETED)
         tl.atomic_add(cnt_ptr, 1, sem="release")
 
     @triton.jit

@@ -24,7 +24,7 @@ FEW = 4  # distinct adapters a FEW launch takes (the host gives their slots and 
 if triton is not None:
     import triton.language as tl
 
-    from tasktune.serve.triton_linear_blocks import dot_acc, k_partial
+    from tasktune.serve.triton_linear_blocks import dot_acc, k_partial, stores_visible
 
     @triton.jit
     def few_rank_rows(slots_ptr, r, R_MODULE: tl.constexpr, FEWN: tl.constexpr):
@@ -56,10 +56,7 @@ if triton is not None:
                          BLOCK_M, BLOCK_K, KS, NORM, UPCAST)
         q = tl.arange(0, FEWN * R_MODULE)
         tl.store(hp_ptr + ((part * MODULES + g) * FEWN * R_MODULE + q[:, None]) * BLOCK_M + offs_m[None, :], h)
-        if not UPCAST:  # (no PTX under the interpreter, whose programs run one at a time in order)
-            tl.inline_asm_elementwise("fence.acq_rel.gpu; mov.u32 $0, $1;", "=r,r", [pid], dtype=tl.int32,
-                                      is_pure=False, pack=1)
-        tl.debug_barrier()
+        stores_visible(pid, UPCAST)
         nb = tl.arange(0, NB_PAD)
         tl.atomic_add(cnt_ptr + nb, 65536, mask=nb < n_blocks, sem="release")
 
