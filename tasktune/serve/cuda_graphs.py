@@ -31,7 +31,7 @@ from tasktune.serve.grammar import DeviceMasks
 from tasktune.serve.kv_cache import KVCache
 from tasktune.serve.sampling import logprob_table
 from tasktune.serve.step_ahead import AheadStep, JoiningRows
-from tasktune.serve.triton_linear import MAX_ROWS
+from tasktune.serve.triton_linear import MAX_ROWS, few_table
 from tasktune.serve.triton_lora_few import FEW
 from tasktune.serve.triton_sample import SamplingTable, sample_rows
 
@@ -280,16 +280,15 @@ class DecodeStep:
 
     def _lora_mode(self, B: int, slots: list[int], lora_ids: list[int]) -> int | bool:
         """The step's use_lora (False, True or FEW_LORA); for FEW_LORA, `_few` set for its rows."""
-        distinct = list(dict.fromkeys(a for a in lora_ids if a >= 0)) if self.lora is not None else []
+        distinct = {a for a in lora_ids if a >= 0} if self.lora is not None else set()
         if not distinct:
             return False
         if len(distinct) > FEW or B > MAX_ROWS or not self.few_lora():
             return True
-        rows = [-1] * B
+        ids = [-1] * B
         for s, a in zip(slots, lora_ids):
-            rows[s] = distinct.index(a) if a >= 0 else -1
-        staged = torch.tensor(distinct + [-1] * (FEW - len(distinct)) + rows, dtype=torch.int32)
-        self._few[:FEW + B].copy_(staged, non_blocking=True)
+            ids[s] = a
+        self._few[:FEW + B].copy_(torch.tensor(few_table(ids), dtype=torch.int32), non_blocking=True)
         return FEW_LORA
 
     def _draw(self, logits: torch.Tensor, argmax: torch.Tensor, slots: Collection[int]) -> None:

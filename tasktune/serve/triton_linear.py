@@ -283,16 +283,20 @@ def few_fits(rows: int, K: int, bounds: list[int] | tuple[int, ...], swiglu: boo
     return swiglu or all(b % cfg.BLOCK_N == 0 for b in bounds)
 
 
-def few_adapters(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(slots int32 [FEW], row_u int32 [M]) of decode_linear's `few` for rows using pool slots
-    ids (-1: no adapter): the distinct slots in order of first use, -1 after the last, and
-    each row's index among them. Raises ValueError past FEW distinct adapters."""
-    distinct = [s for s in dict.fromkeys(ids.tolist()) if s >= 0]
+def few_table(ids: list[int]) -> list[int]:
+    """decode_linear's `few` for rows using pool slots ids (-1: no adapter), as one list: the
+    distinct slots in order of first use, -1 after the last (FEW), then each row's index among
+    them (-1: none). Raises ValueError past FEW distinct adapters."""
+    distinct = [s for s in dict.fromkeys(ids) if s >= 0]
     if len(distinct) > FEW:
         raise ValueError(f"{len(distinct)} distinct adapters: few takes at most {FEW}")
-    slots = torch.tensor(distinct + [-1] * (FEW - len(distinct)), dtype=torch.int32)
-    row_u = torch.tensor([distinct.index(s) if s >= 0 else -1 for s in ids.tolist()], dtype=torch.int32)
-    return slots.to(ids.device), row_u.to(ids.device)
+    return distinct + [-1] * (FEW - len(distinct)) + [distinct.index(s) if s >= 0 else -1 for s in ids]
+
+
+def few_adapters(ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(slots int32 [FEW], row_u int32 [M]) of decode_linear's `few` for ids [M] (`few_table`)."""
+    table = torch.tensor(few_table(ids.tolist()), dtype=torch.int32).to(ids.device)
+    return table[:FEW], table[FEW:]
 
 
 @torch.library.custom_op("tasktune::decode_linear", mutates_args=())
